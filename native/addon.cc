@@ -1,0 +1,12 @@
+// qsd-ts native addon: the exports table only; each area registers its own functions.
+#include <napi.h>
+#include "fuse_device.h"
+#include "block_io.h"
+
+static Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  qsd::InitFuseDevice(env, exports);
+  qsd::InitBlockIo(env, exports);
+  return exports;
+}
+
+NODE_API_MODULE(qsd_native, Init)

@@ -1,0 +1,145 @@
+// A block node at run time: one driver state plus the generic checks QEMU's block layer does.
+// The same class serves the main thread (the graph's nodes) and replicas in iothreads.
+import { constants as osConstants } from 'node:os';
+import type { BlockDriver, BlockStatus, PreallocMode, WriteFlags, ZeroFlags } from './driver.js';
+
+const { EIO, EPERM, EINVAL, ENOTSUP } = osConstants.errno;
+
+/** An I/O error with a positive errno, as FUSE and NBD need it. Never thrown for QMP misuse. */
+export class BlockIoError extends Error {
+  constructor(readonly errno: number, message?: string) {
+    super(message ?? `I/O error (errno ${errno})`);
+    this.name = 'BlockIoError';
+  }
+}
+
+/** QEMU's BDRV_REQUEST_MAX_BYTES: the largest single request (INT_MAX rounded down to 512). */
+export const BDRV_REQUEST_MAX_BYTES = 0x7ffffe00;
+
+export interface BlockNodeInit {
+  nodeName: string;
+  driver: BlockDriver;
+  readOnly: boolean;
+  /** Validated blockdev options this node was opened with. */
+  options: Record<string, any>;
+  children?: Map<string, BlockNode>;
+  isReplica?: boolean;
+}
+
+export class BlockNode {
+  readonly nodeName: string;
+  readonly driver: BlockDriver;
+  readonly options: Record<string, any>;
+  readonly children: Map<string, BlockNode>;
+  readonly isReplica: boolean;
+  readOnly: boolean;
+  /** The driver's per-node state; set once open()/openReplica() returned. */
+  state: any = undefined;
+
+  constructor(init: BlockNodeInit) {
+    this.nodeName = init.nodeName;
+    this.driver = init.driver;
+    this.readOnly = init.readOnly;
+    this.options = init.options;
+    this.children = init.children ?? new Map();
+    this.isReplica = init.isReplica ?? false;
+  }
+
+  /** The 'file' child of a format node. */
+  get file(): BlockNode | undefined {
+    return this.children.get('file');
+  }
+
+  get backing(): BlockNode | undefined {
+    return this.children.get('backing');
+  }
+
+  getLength(): number {
+    return this.driver.getLength(this.state);
+  }
+
+  requestAlignment(): number {
+    return this.driver.requestAlignment?.(this.state) ?? 1;
+  }
+
+  optimalTransfer(): number {
+    return this.driver.optimalTransfer?.(this.state) ?? 0;
+  }
+
+  async getAllocatedFileSize(): Promise<number | undefined> {
+    return this.driver.getAllocatedFileSize?.(this.state);
+  }
+
+  private checkRange(offset: number, bytes: number): void {
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(bytes) || offset < 0 || bytes < 0) {
+      throw new BlockIoError(EIO, 'request out of range');
+    }
+    if (bytes > BDRV_REQUEST_MAX_BYTES) throw new BlockIoError(EIO, 'request too large');
+    if (offset + bytes > this.getLength()) throw new BlockIoError(EIO, 'request beyond end of node');
+  }
+
+  private checkWritable(): void {
+    if (this.readOnly) throw new BlockIoError(EPERM, `node '${this.nodeName}' is read-only`);
+  }
+
+  async read(offset: number, buf: Buffer): Promise<void> {
+    this.checkRange(offset, buf.length);
+    if (buf.length === 0) return;
+    return this.driver.read(this.state, offset, buf);
+  }
+
+  async write(offset: number, buf: Buffer, flags: WriteFlags = {}): Promise<void> {
+    this.checkWritable();
+    this.checkRange(offset, buf.length);
+    if (!this.driver.write) throw new BlockIoError(EPERM, `driver '${this.driver.name}' is read-only`);
+    if (buf.length === 0) return;
+    return this.driver.write(this.state, offset, buf, flags);
+  }
+
+  async writeZeroes(offset: number, bytes: number, flags: ZeroFlags = {}): Promise<void> {
+    this.checkWritable();
+    this.checkRange(offset, bytes);
+    if (bytes === 0) return;
+    if (this.driver.writeZeroes) return this.driver.writeZeroes(this.state, offset, bytes, flags);
+    if (flags.noFallback) throw new BlockIoError(ENOTSUP, 'write zeroes not supported');
+    if (!this.driver.write) throw new BlockIoError(EPERM, `driver '${this.driver.name}' is read-only`);
+    // Bounded bounce buffer: the fallback must not allocate the whole range at once.
+    const chunk = Buffer.alloc(Math.min(bytes, 1 << 20));
+    for (let done = 0; done < bytes; done += chunk.length) {
+      const n = Math.min(chunk.length, bytes - done);
+      await this.driver.write(this.state, offset + done, chunk.subarray(0, n), { fua: flags.fua });
+    }
+  }
+
+  async discard(offset: number, bytes: number): Promise<void> {
+    this.checkWritable();
+    this.checkRange(offset, bytes);
+    if (bytes === 0 || !this.driver.discard) return;
+    return this.driver.discard(this.state, offset, bytes);
+  }
+
+  async flush(): Promise<void> {
+    if (this.driver.flush) await this.driver.flush(this.state);
+  }
+
+  async truncate(size: number, exact = true, prealloc: PreallocMode = 'off'): Promise<void> {
+    this.checkWritable();
+    if (!Number.isSafeInteger(size) || size < 0) throw new BlockIoError(EINVAL, 'invalid size');
+    if (!this.driver.truncate) throw new BlockIoError(ENOTSUP, `driver '${this.driver.name}' cannot resize`);
+    return this.driver.truncate(this.state, size, exact, prealloc);
+  }
+
+  /**
+   * bdrv_block_status for [offset, offset+bytes). At or beyond EOF: pnum 0.
+   * Drivers without blockStatus report everything as allocated data.
+   */
+  async blockStatus(offset: number, bytes: number): Promise<BlockStatus> {
+    const length = this.getLength();
+    if (offset >= length) return { pnum: 0, data: false, zero: false, allocated: false };
+    const n = Math.min(bytes, length - offset);
+    if (!this.driver.blockStatus) return { pnum: n, data: true, zero: false, allocated: true, depth: 1 };
+    const st = await this.driver.blockStatus(this.state, offset, n);
+    if (st.pnum > n) st.pnum = n;
+    return st;
+  }
+}

@@ -1,0 +1,124 @@
+// The only file that loads the native addon; everything else imports these typed functions.
+// Native calls throw an Error carrying .errno (positive) and .syscall on failure, unless a
+// function says it returns -errno (the hot-path ones, where throwing would cost too much).
+import { createRequire } from 'node:module';
+import { fileURLToPath } from 'node:url';
+import path from 'node:path';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const require = createRequire(import.meta.url);
+
+/** A non-blocking /dev/fuse queue fd polled by the calling thread's own libuv loop. */
+export interface FuseChannel {
+  /** Read one request into buf: its length, 0 when none is pending (EAGAIN), or -errno (ENODEV: unmounted). */
+  read(buf: Buffer): number;
+  /**
+   * Read up to bufs.length requests, one per buffer, in one crossing. lengths[i] receives the
+   * length of the request in bufs[i]. Returns how many were read (0: none pending), or -errno if
+   * the first read failed.
+   */
+  readMany(bufs: Buffer[], lengths: Int32Array): number;
+  /** Write one reply: buf[0, length). Returns bytes written or -errno. */
+  write(buf: Buffer, length: number): number;
+  /** Write one reply gathered from several buffers (writev). Returns bytes written or -errno. */
+  writev(bufs: Buffer[]): number;
+  /** Stop polling (the loop no longer wakes for this fd) without closing it. */
+  pause(): void;
+  /** Poll again after pause(). */
+  resume(): void;
+  /** Stop polling and release the poll handle; closes the fd if the channel owns it. Idempotent. */
+  close(): void;
+}
+
+export interface FuseChannelConstructor {
+  /**
+   * Start polling fd (made O_NONBLOCK) in the current thread's loop. onReadable runs in this
+   * thread whenever the fd is readable; it should read until 0 or pause(). ownsFd: close() closes fd.
+   */
+  new (fd: number, ownsFd: boolean, onReadable: () => void): FuseChannel;
+}
+
+/** An io_uring owned by the calling thread; completions are reaped in that thread's loop. */
+export interface IoRing {
+  /**
+   * Queue a read/write of buf at offset on fd; tag identifies it in completions. Submitted in one
+   * batch just before the loop next blocks (or by submit()). Returns 0, or -EBUSY if the ring is full.
+   */
+  read(fd: number, buf: Buffer, offset: number, tag: number): number;
+  write(fd: number, buf: Buffer, offset: number, tag: number): number;
+  /** Queue fsync (datasync: fdatasync semantics). */
+  fsync(fd: number, datasync: boolean, tag: number): number;
+  /** Queue fallocate(fd, mode, offset, len). */
+  fallocate(fd: number, mode: number, offset: number, length: number, tag: number): number;
+  /** Submit what is queued now. Returns the number submitted or -errno. */
+  submit(): number;
+  /** Requests queued or in flight. */
+  readonly pending: number;
+  /** Stop polling and destroy the ring; pending requests complete with -ECANCELED first. Idempotent. */
+  close(): void;
+}
+
+export interface IoRingConstructor {
+  /**
+   * entries: ring size. onComplete(count) runs in this thread after completions were reaped:
+   * tags[i] and results[i] (bytes or -errno) for i < count, valid until the callback returns.
+   */
+  new (entries: number, onComplete: (count: number, tags: Int32Array, results: Int32Array) => void): IoRing;
+}
+
+export interface NativeAddon {
+  // ---- FUSE device (native/fuse_device.cc) ----
+  /** open("/dev/fuse", O_RDWR | O_CLOEXEC). */
+  fuseOpen(): number;
+  /** mount(2): source, target, filesystem type ("fuse"), MS_* flags, option string with fd=… */
+  mount(source: string, target: string, fstype: string, flags: number, data: string): void;
+  /** umount2(target, flags). */
+  umount(target: string, flags: number): void;
+  /**
+   * Mount through the setuid fusermount3 (unprivileged users): runs
+   * `fusermount3 -o <options> -- <mountpoint>` with _FUSE_COMMFD and receives the /dev/fuse fd.
+   */
+  fusermountMount(mountpoint: string, options: string): number;
+  /** New queue fd: open("/dev/fuse", O_RDWR|O_CLOEXEC|O_NONBLOCK) + ioctl(FUSE_DEV_IOC_CLONE, srcFd). */
+  fuseCloneFd(srcFd: number): number;
+  FuseChannel: FuseChannelConstructor;
+  /** MS_* and MNT_* constants needed for mount()/umount(). */
+  constants: Record<string, number>;
+
+  // ---- block I/O (native/block_io.cc) ----
+  IoRing: IoRingConstructor;
+  /** pread(2) into buf; returns bytes read (short at EOF). Throws on error. */
+  pread(fd: number, buf: Buffer, offset: number): number;
+  /** pwrite(2) of buf; returns bytes written. Throws on error. */
+  pwrite(fd: number, buf: Buffer, offset: number): number;
+  /** fallocate(2); throws on error (errno EOPNOTSUPP where the file system lacks the mode). */
+  fallocate(fd: number, mode: number, offset: number, length: number): void;
+  /** lseek(2) with SEEK_DATA/SEEK_HOLE etc.; returns the offset, or -errno (ENXIO past the data). */
+  lseek(fd: number, offset: number, whence: number): number;
+  /** fdatasync(2); throws on error. */
+  fdatasync(fd: number): void;
+  /** Size of a block device (BLKGETSIZE64); throws on error. */
+  blockDeviceSize(fd: number): number;
+  /** A Buffer of size bytes whose address is a multiple of alignment (for O_DIRECT). Zero-filled. */
+  allocAligned(size: number, alignment: number): Buffer;
+  /** FALLOC_FL_*, SEEK_DATA/SEEK_HOLE, O_DIRECT. */
+  ioConstants: Record<string, number>;
+}
+
+function load(): NativeAddon {
+  const candidates = [
+    path.join(here, '../../build/Release/qsd_native.node'),
+    path.join(here, '../../build/Debug/qsd_native.node'),
+  ];
+  let lastError: unknown;
+  for (const file of candidates) {
+    try {
+      return require(file) as NativeAddon;
+    } catch (err) {
+      lastError = err;
+    }
+  }
+  throw new Error(`qsd-ts: cannot load the native addon (run 'npm ci' or 'npm run build'): ${String(lastError)}`);
+}
+
+export const native: NativeAddon = load();
