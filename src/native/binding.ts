@@ -42,7 +42,8 @@ export interface FuseChannelConstructor {
 export interface IoRing {
   /**
    * Queue a read/write of buf at offset on fd; tag identifies it in completions. Submitted in one
-   * batch just before the loop next blocks (or by submit()). Returns 0, or -EBUSY if the ring is full.
+   * batch just before the loop next blocks (or by submit()). Returns 0, or -EBUSY if the ring is full,
+   * -EBADF once closed, -EINVAL for a negative offset. The caller keeps buf alive until completion.
    */
   read(fd: number, buf: Buffer, offset: number, tag: number): number;
   write(fd: number, buf: Buffer, offset: number, tag: number): number;
@@ -93,6 +94,11 @@ export interface NativeAddon {
   pwrite(fd: number, buf: Buffer, offset: number): number;
   /** fallocate(2); throws on error (errno EOPNOTSUPP where the file system lacks the mode). */
   fallocate(fd: number, mode: number, offset: number, length: number): void;
+  /**
+   * fallocate(2) on the libuv threadpool (aio=threads: Node's fs has no fallocate and a large
+   * preallocation must not stall the loop). callback(errno) runs in this thread, 0 on success.
+   */
+  fallocateAsync(fd: number, mode: number, offset: number, length: number, callback: (errno: number) => void): void;
   /** lseek(2) with SEEK_DATA/SEEK_HOLE etc.; returns the offset, or -errno (ENXIO past the data). */
   lseek(fd: number, offset: number, whence: number): number;
   /** fdatasync(2); throws on error. */
