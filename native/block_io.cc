@@ -66,6 +66,9 @@ bool ArgBuffer(napi_env env, napi_value v, uint8_t** data, size_t* len) {
   return true;
 }
 
+// free() as a uv_close_cb: same ABI (one pointer argument, no result).
+uv_close_cb FreeHandle() { return reinterpret_cast<uv_close_cb>(reinterpret_cast<void (*)()>(&free)); }
+
 class IoRing : public Napi::ObjectWrap<IoRing> {
  public:
   static Napi::Function Define(Napi::Env env) {
@@ -120,12 +123,13 @@ class IoRing : public Napi::ObjectWrap<IoRing> {
       return;
     }
 
-    poll_ = new uv_poll_t;
+    poll_ = static_cast<uv_poll_t*>(malloc(sizeof(uv_poll_t)));
+    prepare_ = static_cast<uv_prepare_t*>(malloc(sizeof(uv_prepare_t)));
+    if (!poll_ || !prepare_) abort();
     uv_poll_init(loop, poll_, efd_);
     poll_->data = this;
     uv_poll_start(poll_, UV_READABLE, OnPoll);
     uv_unref(reinterpret_cast<uv_handle_t*>(poll_));  // idle ring: don't keep the loop alive
-    prepare_ = new uv_prepare_t;
     uv_prepare_init(loop, prepare_);
     prepare_->data = this;
 
@@ -313,11 +317,17 @@ class IoRing : public Napi::ObjectWrap<IoRing> {
       if (n == 0) return;
       // MakeCallback, not Call: promise continuations queued by onComplete must run before
       // the loop goes back to sleep.
-      onComplete_.MakeCallback(self, {Napi::Number::New(env, n), tagsRef_.Value(), resultsRef_.Value()},
-                               *asyncCtx_);
-      if (env.IsExceptionPending()) {
-        Napi::Error e = env.GetAndClearPendingException();
-        napi_fatal_exception(env_, e.Value());
+      // Raw Node-API: the C++ wrapper aborts the process when the call fails, and it does fail
+      // in a worker being terminated (its loop still runs once while JS can no longer run).
+      napi_value argv[3] = {Napi::Number::New(env, n), tagsRef_.Value(), resultsRef_.Value()};
+      napi_value result;
+      if (napi_make_callback(env_, *asyncCtx_, self, onComplete_.Value(), 3, argv, &result) != napi_ok) {
+        bool pending = false;
+        napi_value err;
+        if (napi_is_exception_pending(env_, &pending) == napi_ok && pending &&
+            napi_get_and_clear_last_exception(env_, &err) == napi_ok) {
+          napi_fatal_exception(env_, err);  // onComplete threw: an uncaught exception, as for any callback
+        }
       }
       if (!open_) return;
       if (n < cap_ && io_uring_cq_ready(&ring_) == 0 && !io_uring_cq_has_overflow(&ring_)) return;
@@ -360,10 +370,11 @@ class IoRing : public Napi::ObjectWrap<IoRing> {
     io_uring_queue_exit(&ring_);
     uv_poll_stop(poll_);
     ::close(efd_);
-    uv_close(reinterpret_cast<uv_handle_t*>(poll_), [](uv_handle_t* h) { delete reinterpret_cast<uv_poll_t*>(h); });
     uv_prepare_stop(prepare_);
-    uv_close(reinterpret_cast<uv_handle_t*>(prepare_),
-             [](uv_handle_t* h) { delete reinterpret_cast<uv_prepare_t*>(h); });
+    // The close callbacks run on a later loop turn: for a worker, after Node has dlclose()d
+    // this addon. So the callback must not be code of ours: libc's free() stays mapped.
+    uv_close(reinterpret_cast<uv_handle_t*>(poll_), FreeHandle());
+    uv_close(reinterpret_cast<uv_handle_t*>(prepare_), FreeHandle());
     poll_ = nullptr;
     prepare_ = nullptr;
     if (!inCleanupHook) napi_remove_env_cleanup_hook(env_, CleanupHook, this);
