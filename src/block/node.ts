@@ -70,27 +70,48 @@ export class BlockNode {
     return this.driver.getAllocatedFileSize?.(this.state);
   }
 
-  private checkRange(offset: number, bytes: number): void {
+  /** QEMU's bdrv_check_request: sane numbers, not the node's length. */
+  private checkRequest(offset: number, bytes: number): void {
     if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(bytes) || offset < 0 || bytes < 0) {
       throw new BlockIoError(EIO, 'request out of range');
     }
     if (bytes > BDRV_REQUEST_MAX_BYTES) throw new BlockIoError(EIO, 'request too large');
+  }
+
+  /** checkRequest plus the node's length (discard). */
+  private checkRange(offset: number, bytes: number): void {
+    this.checkRequest(offset, bytes);
     if (offset + bytes > this.getLength()) throw new BlockIoError(EIO, 'request beyond end of node');
+  }
+
+  /** discard=unmap was given: discards and MAY_UNMAP zero writes may deallocate. */
+  get unmapAllowed(): boolean {
+    return this.options.discard === 'unmap';
   }
 
   private checkWritable(): void {
     if (this.readOnly) throw new BlockIoError(EPERM, `node '${this.nodeName}' is read-only`);
   }
 
+  /**
+   * Read buf.length bytes at offset. As in QEMU's block layer (not its BlockBackend), the part of
+   * a request beyond the end of the node reads as zeroes: format drivers rely on it for their
+   * file child. Exports clamp to the length themselves.
+   */
   async read(offset: number, buf: Buffer): Promise<void> {
-    this.checkRange(offset, buf.length);
+    this.checkRequest(offset, buf.length);
     if (buf.length === 0) return;
-    return this.driver.read(this.state, offset, buf);
+    const length = this.getLength();
+    if (offset + buf.length <= length) return this.driver.read(this.state, offset, buf);
+    const inside = Math.max(0, length - offset);
+    buf.fill(0, inside);
+    if (inside > 0) await this.driver.read(this.state, offset, buf.subarray(0, inside));
   }
 
+  /** Write buf at offset. Writes beyond the end grow protocol nodes (a format driver allocating). */
   async write(offset: number, buf: Buffer, flags: WriteFlags = {}): Promise<void> {
     this.checkWritable();
-    this.checkRange(offset, buf.length);
+    this.checkRequest(offset, buf.length);
     if (!this.driver.write) throw new BlockIoError(EPERM, `driver '${this.driver.name}' is read-only`);
     if (buf.length === 0) return;
     return this.driver.write(this.state, offset, buf, flags);
@@ -98,7 +119,9 @@ export class BlockNode {
 
   async writeZeroes(offset: number, bytes: number, flags: ZeroFlags = {}): Promise<void> {
     this.checkWritable();
-    this.checkRange(offset, bytes);
+    this.checkRequest(offset, bytes);
+    // QEMU drops MAY_UNMAP unless the node was opened with discard=unmap.
+    if (flags.mayUnmap && !this.unmapAllowed) flags = { ...flags, mayUnmap: false };
     if (bytes === 0) return;
     if (this.driver.writeZeroes) return this.driver.writeZeroes(this.state, offset, bytes, flags);
     if (flags.noFallback) throw new BlockIoError(ENOTSUP, 'write zeroes not supported');
@@ -111,10 +134,11 @@ export class BlockNode {
     }
   }
 
+  /** Advisory: ignored unless the node was opened with discard=unmap (QEMU's BDRV_O_UNMAP). */
   async discard(offset: number, bytes: number): Promise<void> {
     this.checkWritable();
     this.checkRange(offset, bytes);
-    if (bytes === 0 || !this.driver.discard) return;
+    if (bytes === 0 || !this.driver.discard || !this.unmapAllowed) return;
     return this.driver.discard(this.state, offset, bytes);
   }
 
@@ -125,7 +149,7 @@ export class BlockNode {
   async truncate(size: number, exact = true, prealloc: PreallocMode = 'off'): Promise<void> {
     this.checkWritable();
     if (!Number.isSafeInteger(size) || size < 0) throw new BlockIoError(EINVAL, 'invalid size');
-    if (!this.driver.truncate) throw new BlockIoError(ENOTSUP, `driver '${this.driver.name}' cannot resize`);
+    if (!this.driver.truncate) throw new BlockIoError(ENOTSUP, 'Image format driver does not support resize');
     return this.driver.truncate(this.state, size, exact, prealloc);
   }
 

@@ -1,0 +1,246 @@
+// file and host_device: nodes backed by a regular file or block device (QEMU's file-posix).
+import fs from 'node:fs';
+import { constants as osConstants } from 'node:os';
+import type { BlockDriver, BlockStatus, DriverImageInfo, PreallocMode } from './driver.js';
+import { BlockIoError } from './node.js';
+import { genericError } from '../qapi/errors.js';
+import { fileIo, type AioMode, type FileIo } from './aio.js';
+import { native } from '../native/binding.js';
+import { errnoOf, strerror } from '../util/errno.js';
+
+const { EINVAL, ENOTSUP, EOPNOTSUPP } = osConstants.errno;
+const FALLOC_FL_KEEP_SIZE = 0x01;
+const FALLOC_FL_PUNCH_HOLE = 0x02;
+const FALLOC_FL_ZERO_RANGE = 0x10;
+const SEEK_DATA = 3;
+const SEEK_HOLE = 4;
+/** Alignment assumed for O_DIRECT: safe for 512- and 4096-byte logical blocks. */
+const DIRECT_ALIGNMENT = 4096;
+
+interface FileDescription {
+  fd: number;
+  filename: string;
+  direct: boolean;
+  aio: AioMode;
+  isBlockDevice: boolean;
+  /** Float64Array[0] over this buffer: the current length, shared by every context. */
+  lengthCell: SharedArrayBuffer;
+}
+
+interface FileState extends FileDescription {
+  length: Float64Array;
+  io: FileIo;
+  isReplica: boolean;
+  /** fallocate modes that returned EOPNOTSUPP: don't ask again (like QEMU's has_write_zeroes). */
+  noZeroRange: boolean;
+  noPunchHole: boolean;
+}
+
+function makeState(desc: FileDescription, isReplica: boolean): FileState {
+  return {
+    ...desc,
+    length: new Float64Array(desc.lengthCell),
+    io: fileIo(desc.aio),
+    isReplica,
+    noZeroRange: false,
+    noPunchHole: false,
+  };
+}
+
+function currentSize(fd: number, isBlockDevice: boolean): number {
+  return isBlockDevice ? native.blockDeviceSize(fd) : fs.fstatSync(fd).size;
+}
+
+function isAligned(...values: number[]): boolean {
+  return values.every((v) => v % DIRECT_ALIGNMENT === 0);
+}
+
+/** Aligned bounce for O_DIRECT requests whose offset or length is not block aligned. */
+async function bouncedRead(state: FileState, offset: number, buf: Buffer): Promise<void> {
+  const start = offset - (offset % DIRECT_ALIGNMENT);
+  const end = Math.ceil((offset + buf.length) / DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT;
+  const bounce = native.allocAligned(end - start, DIRECT_ALIGNMENT);
+  const n = await state.io.read(state.fd, bounce, start);
+  bounce.fill(0, Math.max(0, n));
+  bounce.copy(buf, 0, offset - start, offset - start + buf.length);
+}
+
+async function bouncedWrite(state: FileState, offset: number, buf: Buffer): Promise<void> {
+  const start = offset - (offset % DIRECT_ALIGNMENT);
+  const end = Math.ceil((offset + buf.length) / DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT;
+  const bounce = native.allocAligned(end - start, DIRECT_ALIGNMENT);
+  // Read-modify-write of the partial blocks at both ends.
+  const n = await state.io.read(state.fd, bounce, start);
+  bounce.fill(0, Math.max(0, n));
+  buf.copy(bounce, offset - start);
+  await state.io.write(state.fd, bounce, start);
+  // The bounce may have extended the file past the request's end: restore the true length.
+  const wanted = Math.max(state.length[0], offset + buf.length);
+  if (!state.isBlockDevice && end > wanted) fs.ftruncateSync(state.fd, wanted);
+}
+
+async function readInto(state: FileState, offset: number, buf: Buffer): Promise<void> {
+  if (state.direct && !isAligned(offset, buf.length)) return bouncedRead(state, offset, buf);
+  let done = 0;
+  while (done < buf.length) {
+    const n = await state.io.read(state.fd, done ? buf.subarray(done) : buf, offset + done);
+    if (n <= 0) {
+      buf.fill(0, done); // Past the end of a file that shrank underneath us: zeroes, as QEMU.
+      return;
+    }
+    done += n;
+  }
+}
+
+function growLength(state: FileState, end: number): void {
+  if (end > state.length[0]) state.length[0] = end;
+}
+
+function makeFileDriver(name: 'file' | 'host_device'): BlockDriver<FileState> {
+  return {
+    name,
+    isProtocol: true,
+    async open(node, options) {
+      const filename: string = options.filename;
+      const direct = options.cache?.direct ?? false;
+      const aio: AioMode = options.aio ?? 'threads';
+      if (aio === 'native' && !direct) {
+        throw genericError('aio=native was specified, but it requires cache.direct=on, which was not specified.');
+      }
+      let flags = (node.readOnly ? fs.constants.O_RDONLY : fs.constants.O_RDWR) | fs.constants.O_CLOEXEC;
+      if (direct) flags |= fs.constants.O_DIRECT;
+      let fd: number;
+      try {
+        fd = fs.openSync(filename, flags);
+      } catch (err) {
+        const code = (err as NodeJS.ErrnoException).code;
+        // auto-read-only: fall back to read-only when the file cannot be opened for writing.
+        if (!node.readOnly && node.options['auto-read-only'] && (code === 'EACCES' || code === 'EROFS' || code === 'EPERM')) {
+          node.readOnly = true;
+          return this.open(node, options);
+        }
+        throw genericError(`Could not open '${filename}': ${strerror(err)}`);
+      }
+      const st = fs.fstatSync(fd);
+      if (st.isDirectory()) {
+        fs.closeSync(fd);
+        throw genericError(`Could not open '${filename}': Is a directory`);
+      }
+      const isBlockDevice = st.isBlockDevice();
+      const lengthCell = new SharedArrayBuffer(8);
+      new Float64Array(lengthCell)[0] = currentSize(fd, isBlockDevice);
+      return makeState({ fd, filename, direct, aio, isBlockDevice, lengthCell }, false);
+    },
+    async close(state) {
+      fs.closeSync(state.fd);
+    },
+    describe(state): FileDescription {
+      const { fd, filename, direct, aio, isBlockDevice, lengthCell } = state;
+      return { fd, filename, direct, aio, isBlockDevice, lengthCell };
+    },
+    openReplica: (_node, description) => makeState(description as FileDescription, true),
+    closeReplica() {},
+    getLength: (state) => state.length[0],
+    refreshLength(state) {
+      state.length[0] = currentSize(state.fd, state.isBlockDevice);
+    },
+    async getAllocatedFileSize(state) {
+      if (state.isBlockDevice) return undefined;
+      return fs.fstatSync(state.fd).blocks * 512;
+    },
+    requestAlignment: (state) => (state.direct ? DIRECT_ALIGNMENT : 1),
+    read: (state, offset, buf) => readInto(state, offset, buf),
+    async write(state, offset, buf, flags) {
+      if (state.direct && !isAligned(offset, buf.length)) {
+        await bouncedWrite(state, offset, buf);
+      } else {
+        await state.io.write(state.fd, buf, offset);
+      }
+      growLength(state, offset + buf.length);
+      if (flags.fua) await state.io.fdatasync(state.fd);
+    },
+    async writeZeroes(state, offset, bytes, flags) {
+      if (flags.mayUnmap && !state.noPunchHole && !state.isBlockDevice) {
+        try {
+          if (offset + bytes > state.length[0]) {
+            // PUNCH_HOLE needs KEEP_SIZE: extend first so the zeroes are inside the file.
+            fs.ftruncateSync(state.fd, offset + bytes);
+            growLength(state, offset + bytes);
+          }
+          await state.io.fallocate(state.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, bytes);
+          return;
+        } catch (err) {
+          if (errnoOf(err) !== EOPNOTSUPP && errnoOf(err) !== ENOTSUP) throw err;
+          state.noPunchHole = true;
+        }
+      }
+      if (!state.noZeroRange && !state.isBlockDevice) {
+        try {
+          await state.io.fallocate(state.fd, FALLOC_FL_ZERO_RANGE, offset, bytes);
+          growLength(state, offset + bytes);
+          return;
+        } catch (err) {
+          if (errnoOf(err) !== EOPNOTSUPP && errnoOf(err) !== ENOTSUP) throw err;
+          state.noZeroRange = true;
+        }
+      }
+      if (flags.noFallback) throw new BlockIoError(ENOTSUP, 'write zeroes not supported');
+      const chunk = native.allocAligned(Math.min(bytes, 1 << 20), DIRECT_ALIGNMENT);
+      for (let done = 0; done < bytes; done += chunk.length) {
+        const n = Math.min(chunk.length, bytes - done);
+        await this.write!(state, offset + done, chunk.subarray(0, n), {});
+      }
+    },
+    async discard(state, offset, bytes) {
+      if (state.isBlockDevice || state.noPunchHole) return;
+      try {
+        await state.io.fallocate(state.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, bytes);
+      } catch (err) {
+        // Discard is advisory: a file system without hole punching just keeps the data.
+        if (errnoOf(err) !== EOPNOTSUPP && errnoOf(err) !== ENOTSUP) throw err;
+        state.noPunchHole = true;
+      }
+    },
+    async flush(state) {
+      await state.io.fdatasync(state.fd);
+    },
+    async truncate(state, size, _exact, prealloc: PreallocMode) {
+      if (state.isBlockDevice) {
+        if (size > state.length[0]) throw new BlockIoError(EINVAL, 'cannot grow a block device');
+        return;
+      }
+      const old = state.length[0];
+      try {
+        fs.ftruncateSync(state.fd, size);
+        if (size > old && (prealloc === 'falloc' || prealloc === 'full')) {
+          await state.io.fallocate(state.fd, 0, old, size - old);
+        }
+      } catch (err) {
+        throw new BlockIoError(errnoOf(err), `Failed to resize the file: ${strerror(err)}`);
+      }
+      state.length[0] = size;
+    },
+    async blockStatus(state, offset, bytes): Promise<BlockStatus> {
+      // SEEK_DATA/SEEK_HOLE as QEMU's find_allocation: a hole reads as zeroes, the rest is data.
+      const data = native.lseek(state.fd, offset, SEEK_DATA);
+      if (data === offset) {
+        const hole = native.lseek(state.fd, offset, SEEK_HOLE);
+        const end = hole > offset ? Math.min(hole, offset + bytes) : offset + bytes;
+        return { pnum: end - offset, data: true, zero: false, allocated: true, depth: 1, offset };
+      }
+      if (data > offset || data === -osConstants.errno.ENXIO) {
+        // In a hole up to `data`, or up to EOF when there is no more data.
+        const end = data > offset ? Math.min(data, offset + bytes) : offset + bytes;
+        return { pnum: end - offset, data: false, zero: true, allocated: true, depth: 1, offset };
+      }
+      // lseek not supported here: everything is data.
+      return { pnum: bytes, data: true, zero: false, allocated: true, depth: 1, offset };
+    },
+    imageInfo(): DriverImageInfo {
+      return { 'dirty-flag': false };
+    },
+  };
+}
+
+export const fileDriver = makeFileDriver('file');
+export const hostDeviceDriver = makeFileDriver('host_device');

@@ -1,0 +1,317 @@
+// The block node graph (main thread only): node names, parent/child edges, permissions, and
+// opening/closing node trees for blockdev-add and blockdev-del.
+import path from 'node:path';
+import { BlockNode } from './node.js';
+import { findBlockDriver } from './registry.js';
+import { genericError } from '../qapi/errors.js';
+
+/** QEMU's BLK_PERM_* as names (they appear in conflict messages). */
+export type Permission = 'consistent read' | 'write' | 'write unchanged' | 'resize';
+const ALL_PERMS: readonly Permission[] = ['consistent read', 'write', 'write unchanged', 'resize'];
+
+/** Someone using a node: a parent node through a child role, or a block backend (export, job). */
+export interface NodeUser {
+  /** For conflict messages: the parent's node name or the backend's description. */
+  readonly name: string;
+  /** 'file', 'backing', or 'root' for backends. */
+  readonly role: string;
+  readonly perms: ReadonlySet<Permission>;
+  readonly shared: ReadonlySet<Permission>;
+  /** A parent node edge (as opposed to an export or job). */
+  readonly parent?: GraphEntry;
+}
+
+export interface GraphEntry {
+  readonly node: BlockNode;
+  /** Created by blockdev-add / --blockdev at top level (QEMU's monitor_list): deletable by name. */
+  monitorOwned: boolean;
+  readonly users: Set<NodeUser>;
+}
+
+/** Options that belong to every node and do not make its filename a json: one. */
+const BASE_OPTIONS = new Set([
+  'driver', 'node-name', 'discard', 'cache', 'read-only', 'auto-read-only', 'force-share', 'detect-zeroes',
+]);
+
+/** QEMU's id_wellformed(): a letter first, then letters, digits, '-', '.', '_'. */
+export function idWellformed(id: string): boolean {
+  return /^[A-Za-z][A-Za-z0-9._-]*$/.test(id);
+}
+
+function permsFor(readOnly: boolean, resize: boolean): Set<Permission> {
+  const perms = new Set<Permission>(['consistent read']);
+  if (!readOnly) perms.add('write');
+  if (resize && !readOnly) perms.add('resize');
+  return perms;
+}
+
+/** What a format parent lets others do to its file child (bdrv_default_perms_for_storage). */
+const FORMAT_SHARED: ReadonlySet<Permission> = new Set(['consistent read', 'write unchanged']);
+const SHARE_ALL: ReadonlySet<Permission> = new Set(ALL_PERMS);
+
+export class BlockGraph {
+  /** Every node with its name, newest first as QEMU lists them. */
+  private readonly entries = new Map<string, GraphEntry>();
+  private generatedIds = 0;
+
+  /** Hook for format drivers that name their own backing file (qcow2): called before open(). */
+  backingResolver?: (node: { driver: string; file: BlockNode }) => Promise<{ backingFile?: string; backingFormat?: string }>;
+
+  lookup(nodeName: string): BlockNode | undefined {
+    return this.entries.get(nodeName)?.node;
+  }
+
+  entry(nodeName: string): GraphEntry | undefined {
+    return this.entries.get(nodeName);
+  }
+
+  /** Nodes newest first (query-named-block-nodes order). */
+  list(): GraphEntry[] {
+    return [...this.entries.values()].reverse();
+  }
+
+  /** QEMU's bdrv_lookup_bs(NULL, name) message. */
+  require(nodeName: string): BlockNode {
+    const node = this.lookup(nodeName);
+    if (!node) throw genericError(`Cannot find device='' nor node-name='${nodeName}'`);
+    return node;
+  }
+
+  /** QEMU's id_generate(ID_BLOCK): "#block" + counter + two random digits. */
+  private generateNodeName(): string {
+    for (;;) {
+      const name = `#block${this.generatedIds++}${String(Math.floor(Math.random() * 100)).padStart(2, '0')}`;
+      if (!this.entries.has(name)) return name;
+    }
+  }
+
+  /** blockdev-add: open a tree of nodes from validated BlockdevOptions. */
+  async add(options: Record<string, any>): Promise<BlockNode> {
+    if (options['node-name'] === undefined) throw genericError("'node-name' must be specified for the root node");
+    const entry = await this.openTree(options, { readOnly: false });
+    entry.monitorOwned = true;
+    return entry.node;
+  }
+
+  private async openTree(
+    options: Record<string, any>,
+    inherited: { readOnly: boolean; baseDir?: string },
+  ): Promise<GraphEntry> {
+    const driver = findBlockDriver(options.driver);
+    if (!driver) throw genericError(`Unknown driver '${options.driver}'`);
+    let nodeName: string | undefined = options['node-name'];
+    if (nodeName !== undefined) {
+      if (!idWellformed(nodeName)) throw genericError(`Invalid node-name: '${nodeName}'`);
+      if (this.entries.has(nodeName)) throw genericError(`Duplicate nodes with node-name='${nodeName}'`);
+    }
+    const readOnly = options['read-only'] ?? inherited.readOnly;
+    const children = new Map<string, BlockNode>();
+    const opened: GraphEntry[] = [];
+    const edges: Array<{ role: string; entry: GraphEntry }> = [];
+    try {
+      if (!driver.isProtocol) {
+        const fileRef = options.file;
+        if (fileRef === undefined) throw genericError('A block device must be specified for "file"');
+        const file = await this.resolveRef(fileRef, { readOnly }, opened);
+        edges.push({ role: 'file', entry: file });
+        children.set('file', file.node);
+        await this.openBacking(options, file, readOnly, children, edges, opened);
+      }
+      if (nodeName === undefined) nodeName = this.generateNodeName();
+      // Children are named before their parent: QEMU lists the parent first (newest first).
+      if (this.entries.has(nodeName)) throw genericError(`Duplicate nodes with node-name='${nodeName}'`);
+      const node = new BlockNode({ nodeName, driver, readOnly, options, children });
+      for (const { role, entry } of edges) this.checkNewUser(entry, this.parentUser(node, role, readOnly));
+      node.state = await driver.open(node, options);
+      const entry: GraphEntry = { node, monitorOwned: false, users: new Set() };
+      for (const { role, entry: child } of edges) child.users.add(this.parentUser(node, role, node.readOnly, entry));
+      this.entries.set(nodeName, entry);
+      return entry;
+    } catch (err) {
+      // Undo implicitly created children (newest first), leave referenced nodes alone.
+      for (const child of opened.reverse()) await this.closeEntry(child);
+      throw err;
+    }
+  }
+
+  private parentUser(node: BlockNode, role: string, readOnly: boolean, parent?: GraphEntry): NodeUser {
+    // A format node writes and resizes its file; a backing file is only read.
+    const writes = role === 'file' && !readOnly;
+    return {
+      name: node.nodeName,
+      role,
+      perms: permsFor(!writes, writes),
+      shared: role === 'file' ? FORMAT_SHARED : SHARE_ALL,
+      parent,
+    };
+  }
+
+  private async openBacking(
+    options: Record<string, any>,
+    file: GraphEntry,
+    _readOnly: boolean,
+    children: Map<string, BlockNode>,
+    edges: Array<{ role: string; entry: GraphEntry }>,
+    opened: GraphEntry[],
+  ): Promise<void> {
+    if (!('backing' in options) && !this.backingResolver) return;
+    const ref = options.backing;
+    if (ref === null) return;
+    let backing: GraphEntry | undefined;
+    if (ref !== undefined) {
+      backing = await this.resolveRef(ref, { readOnly: true }, opened);
+    } else if (this.backingResolver) {
+      const info = await this.backingResolver({ driver: options.driver, file: file.node });
+      if (!info.backingFile) return;
+      const fileName: string = file.node.options.filename ?? '';
+      const resolved = path.isAbsolute(info.backingFile) || info.backingFile.includes('://')
+        ? info.backingFile
+        : path.join(path.dirname(fileName), info.backingFile);
+      const fmt = info.backingFormat ?? 'raw';
+      backing = await this.openTree(
+        { driver: fmt, 'read-only': true, file: { driver: 'file', filename: resolved, 'read-only': true } },
+        { readOnly: true },
+      );
+      opened.push(backing);
+    }
+    if (backing) {
+      edges.push({ role: 'backing', entry: backing });
+      children.set('backing', backing.node);
+    }
+  }
+
+  /** A BlockdevRef: a node name to reference, or options for an implicitly created node. */
+  private async resolveRef(
+    ref: string | Record<string, any>,
+    inherited: { readOnly: boolean },
+    opened: GraphEntry[],
+  ): Promise<GraphEntry> {
+    if (typeof ref === 'string') {
+      const entry = this.entries.get(ref);
+      if (!entry) throw genericError(`Cannot find device='' nor node-name='${ref}'`);
+      return entry;
+    }
+    const child = await this.openTree(ref, inherited);
+    opened.push(child);
+    return child;
+  }
+
+  /** Check a new user against the node's current users, with QEMU's conflict message. */
+  checkNewUser(entry: GraphEntry, user: NodeUser): void {
+    for (const other of entry.users) {
+      for (const perm of user.perms) {
+        if (!other.shared.has(perm)) {
+          throw genericError(
+            `Conflicts with use by ${other.name} as '${other.role}', which does not allow '${perm}' on ${entry.node.nodeName}`,
+          );
+        }
+      }
+      for (const perm of other.perms) {
+        if (!user.shared.has(perm)) {
+          throw genericError(
+            `Conflicts with use by ${other.name} as '${other.role}', which uses '${perm}' on ${entry.node.nodeName}`,
+          );
+        }
+      }
+    }
+  }
+
+  /** Attach a block backend (export, job) to a node after checking permissions. */
+  attachBackend(node: BlockNode, name: string, perms: Permission[], shared: readonly Permission[] = ALL_PERMS): NodeUser {
+    const entry = this.entries.get(node.nodeName);
+    if (!entry) throw genericError(`Cannot find device='' nor node-name='${node.nodeName}'`);
+    const user: NodeUser = { name, role: 'root', perms: new Set(perms), shared: new Set(shared) };
+    this.checkNewUser(entry, user);
+    entry.users.add(user);
+    return user;
+  }
+
+  detachBackend(node: BlockNode, user: NodeUser): void {
+    this.entries.get(node.nodeName)?.users.delete(user);
+  }
+
+  /** Does a backend (export, job) use this node? */
+  hasBackend(nodeName: string): boolean {
+    const entry = this.entries.get(nodeName);
+    return !!entry && [...entry.users].some((u) => !u.parent);
+  }
+
+  /** blockdev-del, with QEMU's checks in QEMU's order. */
+  async del(nodeName: string): Promise<void> {
+    const entry = this.entries.get(nodeName);
+    if (!entry) throw genericError(`Failed to find node with node-name='${nodeName}'`);
+    if (this.hasBackend(nodeName)) throw genericError(`Node ${nodeName} is in use`);
+    if (!entry.monitorOwned) throw genericError(`Node ${nodeName} is not owned by the monitor`);
+    if (entry.users.size > 0) throw genericError(`Block device ${nodeName} is in use`);
+    await this.closeEntry(entry);
+  }
+
+  /** Close a node and every implicitly created child no one else uses. */
+  private async closeEntry(entry: GraphEntry): Promise<void> {
+    this.entries.delete(entry.node.nodeName);
+    try {
+      await entry.node.driver.close(entry.node.state);
+    } finally {
+      for (const child of entry.node.children.values()) {
+        const childEntry = this.entries.get(child.nodeName);
+        if (!childEntry) continue;
+        for (const user of childEntry.users) if (user.parent === entry) childEntry.users.delete(user);
+        if (!childEntry.monitorOwned && childEntry.users.size === 0) await this.closeEntry(childEntry);
+      }
+    }
+  }
+
+  /** Close everything at exit: parents before children. */
+  async closeAll(): Promise<void> {
+    for (const entry of this.list()) {
+      if (!this.entries.has(entry.node.nodeName)) continue;
+      const hasParent = [...entry.users].some((u) => u.parent);
+      if (!hasParent) await this.closeEntry(entry).catch(() => undefined);
+    }
+    for (const entry of this.list()) await this.closeEntry(entry).catch(() => undefined);
+  }
+
+  /** The parents (transitively) of a node, the node included. */
+  ancestors(node: BlockNode): Set<BlockNode> {
+    const out = new Set<BlockNode>([node]);
+    const visit = (n: BlockNode) => {
+      const entry = this.entries.get(n.nodeName);
+      if (!entry) return;
+      for (const user of entry.users) {
+        if (user.parent && !out.has(user.parent.node)) {
+          out.add(user.parent.node);
+          visit(user.parent.node);
+        }
+      }
+    };
+    visit(node);
+    return out;
+  }
+
+  /** QEMU's bdrv_refresh_filename, simplified: a plain name when options add nothing, else json:. */
+  static fullOptions(node: BlockNode): Record<string, unknown> {
+    const out: Record<string, unknown> = { driver: node.driver.name };
+    for (const [key, value] of Object.entries(node.options)) {
+      if (BASE_OPTIONS.has(key) || key === 'file' || key === 'backing') continue;
+      out[key] = value;
+    }
+    const file = node.file;
+    if (file) out.file = BlockGraph.fullOptions(file);
+    return out;
+  }
+}
+
+/** The `file`/`filename` string QEMU shows for a node. */
+export function nodeFilename(node: BlockNode, toJson: (value: unknown) => string): string {
+  const driver = node.driver.name;
+  if (driver === 'file' || driver === 'host_device') return node.options.filename;
+  const extra = Object.keys(node.options).filter(
+    (k) => !BASE_OPTIONS.has(k) && k !== 'file' && k !== 'backing' && k !== 'latency-ns',
+  );
+  if (node.driver.isProtocol) {
+    if (extra.length === 0) return `${driver}://`;
+  } else if (extra.length === 0 && node.file) {
+    return nodeFilename(node.file, toJson);
+  }
+  return `json:${toJson(BlockGraph.fullOptions(node))}`;
+}

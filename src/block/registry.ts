@@ -1,0 +1,11 @@
+// Block driver registry: adding a driver = its own file + one line here + its schema branch.
+import type { BlockDriver } from './driver.js';
+import { fileDriver, hostDeviceDriver } from './file.js';
+import { nullAioDriver, nullCoDriver } from './null.js';
+import { rawDriver } from './raw.js';
+
+export const blockDrivers: readonly BlockDriver[] = [fileDriver, hostDeviceDriver, nullCoDriver, nullAioDriver, rawDriver];
+
+export function findBlockDriver(name: string): BlockDriver | undefined {
+  return blockDrivers.find((d) => d.name === name);
+}

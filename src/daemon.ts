@@ -1,0 +1,69 @@
+// The daemon's state: graph, exports, iothreads, chardevs and monitors, and the orderly shutdown.
+import { BlockGraph } from './block/graph.js';
+import { ExportManager } from './exports/manager.js';
+import { IoThread } from './iothread/iothread.js';
+import type { Chardev } from './qmp/server.js';
+import type { Monitor } from './qmp/connection.js';
+import { makeEvent } from './qmp/events.js';
+import type { CommandHandler } from './qmp/commands/types.js';
+import { allCommands } from './qmp/commands/index.js';
+import { log } from './log.js';
+import { PACKAGE_VERSION, QEMU_VERSION } from './version.js';
+
+export class Daemon {
+  readonly programName = 'qsd-ts';
+  readonly graph = new BlockGraph();
+  readonly exports: ExportManager;
+  /** User-creatable objects by id, in creation order (qom-list /objects). */
+  readonly objects = new Map<string, IoThread>();
+  readonly chardevs = new Map<string, Chardev>();
+  readonly monitors = new Set<Monitor>();
+  readonly commands: Record<string, CommandHandler> = allCommands;
+  /** Set by quit and signals; the main loop winds down once the current command answered. */
+  exitRequested = false;
+  private shuttingDown?: Promise<void>;
+  /** Called once everything is closed (main.ts removes the pidfile and exits). */
+  onExit: (code: number) => void = (code) => process.exit(code);
+
+  constructor() {
+    this.exports = new ExportManager({
+      graph: this.graph,
+      iothread: (id) => this.objects.get(id),
+      emitEvent: (name, data) => this.emitEvent(name, data),
+    });
+  }
+
+  version() {
+    return { qemu: QEMU_VERSION, package: `qsd-ts ${PACKAGE_VERSION}` };
+  }
+
+  emitEvent(name: string, data?: Record<string, unknown>): void {
+    const ev = makeEvent(name, data);
+    for (const monitor of this.monitors) monitor.sendEvent(ev);
+  }
+
+  /** quit / SIGTERM: close exports first (their events go out before quit's reply), then exit. */
+  async closeExports(): Promise<void> {
+    this.exitRequested = true;
+    await this.exports.closeAll();
+  }
+
+  /** Finish shutting down; idempotent. */
+  requestExit(): Promise<void> {
+    this.exitRequested = true;
+    this.shuttingDown ??= this.shutdown();
+    return this.shuttingDown;
+  }
+
+  private async shutdown(): Promise<void> {
+    try {
+      await this.exports.closeAll();
+      await this.graph.closeAll();
+      for (const iothread of this.objects.values()) await iothread.stop();
+      for (const chardev of this.chardevs.values()) await chardev.close();
+    } catch (err) {
+      log.error({ err }, 'error during shutdown');
+    }
+    this.onExit(0);
+  }
+}

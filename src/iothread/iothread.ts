@@ -1,0 +1,99 @@
+// IOThreads (`--object iothread,id=…`): each is a worker thread with its own event loop, seen from
+// the main thread as an IoContext that export queues can be started in.
+import { Worker } from 'node:worker_threads';
+import type { BlockNode } from '../block/node.js';
+import type { IoContext, QueueHandle, QueueStats } from './context.js';
+import { describeNode, isReplicable } from './replica.js';
+import { mainContext } from './main-context.js';
+import type { WorkerReply, WorkerRequest } from './worker.js';
+import { log } from '../log.js';
+
+// Under tsx (tests) the sources are .ts; the installed daemon runs the compiled .js.
+const workerUrl = new URL(import.meta.url.endsWith('.ts') ? './worker.ts' : './worker.js', import.meta.url);
+
+/** The properties QEMU's iothread object has (qom-list shows them). */
+export interface IoThreadProperties {
+  'poll-max-ns'?: number;
+  'poll-grow'?: number;
+  'poll-shrink'?: number;
+  'aio-max-batch'?: number;
+  'thread-pool-min'?: number;
+  'thread-pool-max'?: number;
+}
+
+let nextQueueId = 1;
+
+class WorkerQueueHandle implements QueueHandle {
+  constructor(readonly context: IoThread, private readonly queueId: number) {}
+  async drainBegin(): Promise<void> {
+    await this.context.request({ op: 'drain-begin', queueId: this.queueId });
+  }
+  async drainEnd(): Promise<void> {
+    await this.context.request({ op: 'drain-end', queueId: this.queueId });
+  }
+  async stop(): Promise<void> {
+    await this.context.request({ op: 'stop', queueId: this.queueId });
+    this.context.queueCount--;
+  }
+  async stats(): Promise<QueueStats> {
+    return (await this.context.request({ op: 'stats', queueId: this.queueId })) as QueueStats;
+  }
+}
+
+export class IoThread implements IoContext {
+  readonly iothreadId: string;
+  private readonly worker: Worker;
+  private readonly pending = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void }>();
+  private nextReqId = 1;
+  private exited: Promise<number>;
+  /** Queues currently hosted; a used iothread cannot be deleted. */
+  queueCount = 0;
+
+  constructor(readonly id: string, readonly properties: IoThreadProperties = {}) {
+    this.iothreadId = id;
+    this.worker = new Worker(workerUrl, { name: `iothread ${id}` });
+    this.worker.on('message', (reply: WorkerReply) => {
+      const waiter = this.pending.get(reply.reqId);
+      if (!waiter) return;
+      this.pending.delete(reply.reqId);
+      if (reply.ok) waiter.resolve(reply.result);
+      else waiter.reject(new Error(reply.error));
+    });
+    this.exited = new Promise((resolve) => this.worker.once('exit', resolve));
+    this.worker.on('error', (err) => log.error({ iothread: id, err }, 'iothread failed'));
+    // An idle iothread must not keep the daemon alive by itself.
+    this.worker.unref();
+  }
+
+  get name(): string {
+    return this.id;
+  }
+
+  request(req: WorkerRequest): Promise<unknown> {
+    const reqId = this.nextReqId++;
+    return new Promise((resolve, reject) => {
+      this.pending.set(reqId, { resolve, reject });
+      this.worker.postMessage({ ...req, reqId });
+    });
+  }
+
+  async startQueue(kind: string, node: BlockNode, params: unknown): Promise<QueueHandle> {
+    if (!isReplicable(node)) {
+      // A driver without replicas (qcow2 for now) is served from the main loop instead.
+      log.warn({ iothread: this.id, node: node.nodeName }, 'node cannot be served from an iothread; using the main loop');
+      return mainContext.startQueue(kind, node, params);
+    }
+    const queueId = nextQueueId++;
+    await this.request({ op: 'start-queue', queueId, kind, node: describeNode(node), params });
+    this.queueCount++;
+    return new WorkerQueueHandle(this, queueId);
+  }
+
+  /** Stop the thread; every queue must have been stopped before. */
+  async stop(): Promise<void> {
+    await this.request({ op: 'exit' }).catch(() => undefined);
+    const timer = setTimeout(() => void this.worker.terminate(), 2000);
+    await this.exited;
+    clearTimeout(timer);
+  }
+}

@@ -1,0 +1,64 @@
+// Describing a node's driver stack in the main thread and rebuilding it in another context.
+import { BlockNode } from '../block/node.js';
+import { findBlockDriver } from '../block/registry.js';
+
+/** A structured-cloneable description of a node and its children, for another context. */
+export interface NodeDescription {
+  nodeName: string;
+  driver: string;
+  readOnly: boolean;
+  options: Record<string, any>;
+  /** driver.describe(state) */
+  state: unknown;
+  children: Array<[role: string, child: NodeDescription]>;
+}
+
+/** Can every node of this stack be served from another thread? */
+export function isReplicable(node: BlockNode): boolean {
+  if (!node.driver.describe || !node.driver.openReplica) return false;
+  for (const child of node.children.values()) if (!isReplicable(child)) return false;
+  return true;
+}
+
+export function describeNode(node: BlockNode): NodeDescription {
+  return {
+    nodeName: node.nodeName,
+    driver: node.driver.name,
+    readOnly: node.readOnly,
+    options: node.options,
+    state: node.driver.describe!(node.state),
+    children: [...node.children].map(([role, child]) => [role, describeNode(child)]),
+  };
+}
+
+/** Replicas of one context, shared between the queues that serve the same nodes. */
+export class ReplicaSet {
+  private readonly nodes = new Map<string, { node: BlockNode; refs: number }>();
+
+  acquire(desc: NodeDescription): BlockNode {
+    const existing = this.nodes.get(desc.nodeName);
+    if (existing) {
+      existing.refs++;
+      return existing.node;
+    }
+    const driver = findBlockDriver(desc.driver);
+    if (!driver?.openReplica) throw new Error(`driver '${desc.driver}' cannot run in an iothread`);
+    const children = new Map<string, BlockNode>();
+    for (const [role, child] of desc.children) children.set(role, this.acquire(child));
+    const node = new BlockNode({
+      nodeName: desc.nodeName, driver, readOnly: desc.readOnly, options: desc.options, children, isReplica: true,
+    });
+    node.state = driver.openReplica(node, desc.state);
+    this.nodes.set(desc.nodeName, { node, refs: 1 });
+    return node;
+  }
+
+  release(node: BlockNode): void {
+    const entry = this.nodes.get(node.nodeName);
+    if (!entry || entry.node !== node) return;
+    if (--entry.refs > 0) return;
+    this.nodes.delete(node.nodeName);
+    node.driver.closeReplica?.(node.state);
+    for (const child of node.children.values()) this.release(child);
+  }
+}

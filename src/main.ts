@@ -1,0 +1,288 @@
+// qsd-ts entry point: qemu-storage-daemon's command line, processed in order, then the main loop.
+// Every option goes through the same validators and handlers as the matching QMP command.
+import fs from 'node:fs';
+import { spawn } from 'node:child_process';
+import { Daemon } from './daemon.js';
+import { Chardev, type ChardevOptions } from './qmp/server.js';
+import { QmpError } from './qapi/errors.js';
+import { validateType } from './qapi/schema.js';
+import { parseKeyval, isJsonArgument } from './cli/keyval.js';
+import { parseQemuOpts } from './cli/qemu-opts.js';
+import { parseQmpJson } from './qmp/json.js';
+import { objectAdd } from './qmp/commands/qom.js';
+import { nbdServerStart } from './nbd/server.js';
+import { unmountAllFuseExports } from './exports/fuse.js';
+import { helpText, versionText } from './cli/help.js';
+import { log, setLogLevel } from './log.js';
+import { strerror } from './util/errno.js';
+
+const PROGRAM = 'qsd-ts';
+/** Set in the child of --daemonize: the parent waits for our "ready" message. */
+const DAEMONIZED_ENV = 'QSD_TS_DAEMONIZED';
+
+interface CliOption {
+  /** Long name without dashes, e.g. 'blockdev'. */
+  name: string;
+  /** As the user typed it, for error messages ("--block"). */
+  spelled: string;
+  value?: string;
+}
+
+const LONG_OPTIONS: Record<string, boolean> = {
+  blockdev: true, chardev: true, daemonize: false, export: true, help: false, monitor: true,
+  'nbd-server': true, object: true, pidfile: true, trace: true, version: false,
+};
+const SHORT_OPTIONS: Record<string, { name: string; arg: boolean }> = {
+  h: { name: 'help', arg: false }, T: { name: 'trace', arg: true }, V: { name: 'version', arg: false },
+};
+
+class CliError extends Error {}
+
+function fail(message: string): never {
+  throw new CliError(message);
+}
+
+/** getopt_long semantics: --name=value, --name value, unambiguous prefixes, -h/-V/-T. */
+function parseArgv(argv: string[]): CliOption[] {
+  const out: CliOption[] = [];
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i];
+    if (arg.startsWith('--') && arg.length > 2) {
+      const eq = arg.indexOf('=');
+      const typed = eq >= 0 ? arg.slice(2, eq) : arg.slice(2);
+      const exact = Object.hasOwn(LONG_OPTIONS, typed) ? [typed] : [];
+      const matches = exact.length ? exact : Object.keys(LONG_OPTIONS).filter((n) => n.startsWith(typed));
+      if (matches.length === 0) fail(`unrecognized option '--${typed}'`);
+      if (matches.length > 1) fail(`option '--${typed}' is ambiguous; possibilities: ${matches.map((m) => `'--${m}'`).join(' ')}`);
+      const name = matches[0];
+      const spelled = `--${typed}`;
+      if (LONG_OPTIONS[name]) {
+        let value: string;
+        if (eq >= 0) value = arg.slice(eq + 1);
+        else if (i + 1 < argv.length) value = argv[++i];
+        else fail(`option '--${name}' requires an argument`);
+        out.push({ name, spelled, value });
+      } else {
+        if (eq >= 0) fail(`option '--${name}' doesn't allow an argument`);
+        out.push({ name, spelled });
+      }
+    } else if (arg.startsWith('-') && arg.length > 1 && arg !== '--') {
+      for (let j = 1; j < arg.length; j++) {
+        const opt = SHORT_OPTIONS[arg[j]];
+        if (!opt) fail(`invalid option -- '${arg[j]}'`);
+        if (opt.arg) {
+          let value = arg.slice(j + 1);
+          if (!value) {
+            if (i + 1 >= argv.length) fail(`option requires an argument -- '${arg[j]}'`);
+            value = argv[++i];
+          }
+          out.push({ name: opt.name, spelled: `-${arg[j]}`, value });
+          break;
+        }
+        out.push({ name: opt.name, spelled: `-${arg[j]}` });
+      }
+    } else {
+      fail(`${arg}: Unexpected argument`);
+    }
+  }
+  return out;
+}
+
+/** --blockdev/--export/--object/...: JSON when it starts with '{', else keyval with an implied key. */
+function parseStructured(text: string, impliedKey?: string): { value: unknown; keyval: boolean } {
+  if (isJsonArgument(text)) return { value: parseQmpJson(text), keyval: false };
+  return { value: parseKeyval(text, impliedKey), keyval: true };
+}
+
+function validated(typeName: string, text: string, impliedKey?: string): Record<string, any> {
+  const { value, keyval } = parseStructured(text, impliedKey);
+  return validateType(typeName, value, { keyval });
+}
+
+function chardevOptions(text: string): ChardevOptions {
+  const parsed = parseQemuOpts(text, 'backend');
+  const opts = parsed.options as Record<string, string | boolean | undefined>;
+  const id = parsed.id ?? (opts.id as string | undefined);
+  if (!id) fail('chardev: no id specified');
+  const backend = opts.backend;
+  const bool = (v: string | boolean | undefined, dflt: boolean) => {
+    if (v === undefined) return dflt;
+    if (typeof v === 'boolean') return v;
+    if (['on', 'yes', 'true', 'y'].includes(v)) return true;
+    if (['off', 'no', 'false', 'n'].includes(v)) return false;
+    fail(`Parameter '${String(v)}' expects 'on' or 'off'`);
+  };
+  if (backend === 'stdio') return { backend: 'stdio', id };
+  if (backend === 'socket') {
+    const path = opts.path as string | undefined;
+    const host = opts.host as string | undefined;
+    const port = opts.port as string | undefined;
+    if (path === undefined && port === undefined) fail('Unable to parse FD number ');
+    return { backend: 'socket', id, path, host, port, server: bool(opts.server, false), wait: bool(opts.wait, true) };
+  }
+  fail(`'${String(backend)}' is not a valid char driver name`);
+}
+
+async function processOption(daemon: Daemon, opt: CliOption): Promise<void> {
+  const value = opt.value ?? '';
+  switch (opt.name) {
+    case 'blockdev':
+      await daemon.graph.add(validated('BlockdevOptions', value, 'driver'));
+      break;
+    case 'object':
+      objectAdd(daemon, validated('ObjectOptions', value, 'qom-type'));
+      break;
+    case 'chardev': {
+      const options = chardevOptions(value);
+      if (daemon.chardevs.has(options.id)) fail(`attempt to add duplicate property '${options.id}' to object (type 'container')`);
+      const chardev = new Chardev(daemon, options);
+      await chardev.open();
+      daemon.chardevs.set(options.id, chardev);
+      break;
+    }
+    case 'monitor': {
+      const mon = validated('MonitorOptions', value, 'chardev');
+      const chardev = daemon.chardevs.get(mon.chardev);
+      if (!chardev) fail(`chardev "${mon.chardev}" not found`);
+      if (mon.mode === 'readline') fail('Only QMP is supported');
+      const pretty = mon.pretty ?? false;
+      if (chardev.options.backend === 'stdio') chardev.attachStdio(pretty);
+      else chardev.monitorConfig = { pretty };
+      await chardev.waitForClientIfRequested();
+      break;
+    }
+    case 'export':
+      await daemon.exports.add(validated('BlockExportOptions', value, 'type'));
+      break;
+    case 'nbd-server':
+      await nbdServerStart(validated('NbdServerOptions', value) as any);
+      break;
+    case 'trace':
+      setLogLevel('trace');
+      break;
+  }
+}
+
+function writePidfile(path: string): void {
+  try {
+    fs.writeFileSync(path, `${process.pid}\n`, { mode: 0o644 });
+  } catch (err) {
+    fail(`cannot create PID file: Could not create '${path}': ${strerror(err)}`);
+  }
+}
+
+/** --daemonize: run a detached copy of ourselves and exit once it reports a complete startup. */
+function daemonize(argv: string[]): void {
+  const child = spawn(process.execPath, [...process.execArgv, ...process.argv.slice(1, 2), ...argv], {
+    detached: true,
+    stdio: ['ignore', 'ignore', 'pipe', 'ipc'],
+    env: { ...process.env, [DAEMONIZED_ENV]: '1' },
+  });
+  child.stderr!.pipe(process.stderr);
+  child.on('message', (msg) => {
+    if (msg === 'ready') {
+      child.stderr!.unpipe();
+      child.stderr!.destroy();
+      child.disconnect();
+      child.unref();
+      process.exit(0);
+    }
+  });
+  child.on('exit', (code) => process.exit(code ?? 1));
+}
+
+export async function main(argv: string[]): Promise<void> {
+  let options: CliOption[];
+  try {
+    options = parseArgv(argv);
+  } catch (err) {
+    process.stderr.write(`${PROGRAM}: ${(err as Error).message}\n`);
+    process.exit(1);
+  }
+  // First pass, as QEMU: help, version and daemonizing before anything is created.
+  for (const opt of options) {
+    if (opt.name === 'help') {
+      process.stdout.write(helpText(PROGRAM));
+      process.exit(0);
+    }
+    if (opt.name === 'version') {
+      process.stdout.write(versionText(PROGRAM));
+      process.exit(0);
+    }
+  }
+  const pidfile = options.filter((o) => o.name === 'pidfile').pop()?.value;
+  const isDaemonChild = process.env[DAEMONIZED_ENV] === '1';
+  if (options.some((o) => o.name === 'daemonize') && !isDaemonChild) {
+    daemonize(argv);
+    return;
+  }
+  if (isDaemonChild) process.stderr.on('error', () => undefined);
+
+  const daemon = new Daemon();
+  let pidfileWritten = false;
+  daemon.onExit = (code) => {
+    if (pidfileWritten && pidfile) fs.rmSync(pidfile, { force: true });
+    process.exit(code);
+  };
+  installSignalHandlers(daemon);
+
+  for (const opt of options) {
+    if (opt.name === 'pidfile' || opt.name === 'daemonize') continue;
+    try {
+      await processOption(daemon, opt);
+    } catch (err) {
+      const prefix = `${PROGRAM}: ${opt.spelled} ${opt.value ?? ''}: `;
+      if (err instanceof QmpError) {
+        process.stderr.write(`${prefix}${err.message}\n${err.hint ?? ''}`);
+      } else if (err instanceof CliError) {
+        process.stderr.write(`${prefix}${err.message}\n`);
+      } else {
+        process.stderr.write(`${prefix}${(err as Error).message ?? String(err)}\n`);
+        log.error({ err }, 'unexpected error while processing the command line');
+      }
+      await shutdownAfterStartupFailure(daemon);
+      process.exit(1);
+    }
+  }
+  // QEMU writes the pidfile once exports and servers exist, before serving.
+  if (pidfile) {
+    try {
+      writePidfile(pidfile);
+      pidfileWritten = true;
+    } catch (err) {
+      process.stderr.write(`${PROGRAM}: ${(err as Error).message}\n`);
+      await shutdownAfterStartupFailure(daemon);
+      process.exit(1);
+    }
+  }
+  if (isDaemonChild && process.send) {
+    process.send('ready');
+    process.disconnect?.();
+  }
+}
+
+/** Startup failed half way: undo what exists (mounts above all), then the caller exits 1. */
+async function shutdownAfterStartupFailure(daemon: Daemon): Promise<void> {
+  daemon.onExit = () => undefined;
+  await daemon.requestExit().catch(() => undefined);
+}
+
+function installSignalHandlers(daemon: Daemon): void {
+  for (const signal of ['SIGTERM', 'SIGINT', 'SIGHUP'] as const) {
+    process.on(signal, () => void daemon.requestExit());
+  }
+  // A bug must not leave a stale FUSE mount behind.
+  process.on('uncaughtException', (err) => {
+    process.stderr.write(`${PROGRAM}: internal error: ${err.stack ?? err.message}\n`);
+    try {
+      unmountAllFuseExports();
+    } finally {
+      process.exit(1);
+    }
+  });
+}
+
+// Run when started as a program (bin/qsd-ts), not when imported by tests.
+if (process.argv[1] && import.meta.url === new URL(`file://${fs.realpathSync(process.argv[1])}`).href) {
+  void main(process.argv.slice(2));
+}

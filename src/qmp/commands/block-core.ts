@@ -1,0 +1,103 @@
+// Commands of QEMU's block-core.json: node management and queries.
+import type { CommandHandler } from './types.js';
+import { genericError, QmpError } from '../../qapi/errors.js';
+import { nodeFilename } from '../../block/graph.js';
+import type { BlockNode } from '../../block/node.js';
+import { BlockIoError } from '../../block/node.js';
+import { formatQmpJson } from '../json.js';
+import { qdictOrder } from '../qdict-order.js';
+import { strerror } from '../../util/errno.js';
+
+const jsonFilename = (value: unknown) => formatQmpJson(qdictOrder(value));
+
+/** ImageInfo for one node (and, unless flat, its backing chain as backing-image). */
+async function imageInfo(node: BlockNode, flat: boolean): Promise<Record<string, unknown>> {
+  const drv = node.driver.imageInfo?.(node.state) ?? {};
+  const allocated = (await node.getAllocatedFileSize()) ?? (node.file ? await node.file.getAllocatedFileSize() : 0) ?? 0;
+  const info: Record<string, unknown> = {
+    filename: nodeFilename(node, jsonFilename),
+    format: node.driver.name,
+  };
+  if (drv['dirty-flag'] !== undefined) info['dirty-flag'] = drv['dirty-flag'];
+  info['actual-size'] = allocated;
+  info['virtual-size'] = node.getLength();
+  if (drv['cluster-size'] !== undefined) info['cluster-size'] = drv['cluster-size'];
+  if (drv['backing-filename'] !== undefined) info['backing-filename'] = drv['backing-filename'];
+  if (drv['full-backing-filename'] !== undefined) info['full-backing-filename'] = drv['full-backing-filename'];
+  if (drv['backing-filename-format'] !== undefined) info['backing-filename-format'] = drv['backing-filename-format'];
+  const backing = node.backing;
+  if (backing && !flat) info['backing-image'] = await imageInfo(backing, flat);
+  if (drv['format-specific'] !== undefined) info['format-specific'] = drv['format-specific'];
+  return info;
+}
+
+function backingDepth(node: BlockNode): number {
+  let depth = 0;
+  for (let n = node.backing; n; n = n.backing) depth++;
+  return depth;
+}
+
+async function blockDeviceInfo(node: BlockNode, flat: boolean): Promise<Record<string, unknown>> {
+  const drv = node.driver.imageInfo?.(node.state) ?? {};
+  const info: Record<string, unknown> = {
+    file: nodeFilename(node, jsonFilename),
+    'node-name': node.nodeName,
+    ro: node.readOnly,
+    drv: node.driver.name,
+  };
+  if (drv['backing-filename'] !== undefined) info.backing_file = drv['backing-filename'];
+  Object.assign(info, {
+    backing_file_depth: backingDepth(node),
+    encrypted: false,
+    detect_zeroes: node.options['detect-zeroes'] ?? 'off',
+    bps: 0, bps_rd: 0, bps_wr: 0, iops: 0, iops_rd: 0, iops_wr: 0,
+    image: await imageInfo(node, flat),
+    write_threshold: 0,
+    cache: {
+      writeback: true,
+      direct: node.options.cache?.direct ?? false,
+      'no-flush': node.options.cache?.['no-flush'] ?? false,
+    },
+  });
+  return info;
+}
+
+export const blockCoreCommands: Record<string, CommandHandler> = {
+  async 'blockdev-add'(args, { daemon }) {
+    await daemon.graph.add(args);
+    return {};
+  },
+  async 'blockdev-del'(args: { 'node-name': string }, { daemon }) {
+    await daemon.graph.del(args['node-name']);
+    return {};
+  },
+  async 'query-named-block-nodes'(args: { flat?: boolean }, { daemon }) {
+    const out = [];
+    for (const entry of daemon.graph.list()) out.push(await blockDeviceInfo(entry.node, args.flat ?? false));
+    return out;
+  },
+  // QSD has no named BlockBackends (exports' are anonymous): nothing to list.
+  'query-block': () => [],
+  async block_resize(args: { device?: string; 'node-name'?: string; size: number }, { daemon }) {
+    const { device, 'node-name': nodeName, size } = args;
+    const node = nodeName !== undefined ? daemon.graph.lookup(nodeName) : undefined;
+    if (!node) throw genericError(`Cannot find device='${device ?? ''}' nor node-name='${nodeName ?? ''}'`);
+    if (Number(size) < 0) throw genericError("Parameter 'size' expects a >0 size");
+    if (node.readOnly) throw genericError('Block node is read-only');
+    const user = daemon.graph.attachBackend(node, 'block_resize', ['resize']);
+    try {
+      await daemon.exports.drained(node, async () => {
+        try {
+          await node.truncate(Number(size), false, 'off');
+        } catch (err) {
+          if (err instanceof BlockIoError) throw genericError(err.message);
+          throw new QmpError('GenericError', `Could not resize file: ${strerror(err)}`);
+        }
+      });
+    } finally {
+      daemon.graph.detachBackend(node, user);
+    }
+    return {};
+  },
+};
+

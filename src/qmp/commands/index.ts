@@ -1,0 +1,13 @@
+// Every command handler, one table per schema file.
+import type { CommandHandler } from './types.js';
+import { controlCommands } from './control.js';
+import { blockCoreCommands } from './block-core.js';
+import { blockExportCommands } from './block-export.js';
+import { qomCommands } from './qom.js';
+
+export const allCommands: Record<string, CommandHandler> = {
+  ...controlCommands,
+  ...blockCoreCommands,
+  ...blockExportCommands,
+  ...qomCommands,
+};
