@@ -1,0 +1,40 @@
+// Opens a qcow2 image on a file child: reads the header, L1 and refcount tables into a Qcow2Image.
+import type { BlockNode } from '../node.js';
+import { genericError } from '../../qapi/errors.js';
+import { INCOMPAT_CORRUPT, OFF_AUTOCLEAR, readHeader } from './header.js';
+import { Qcow2Image } from './image.js';
+
+export interface OpenOptions {
+  readOnly: boolean;
+  /** Discards from the guest punch holes in the file (pass-discard-request). */
+  passDiscard: boolean;
+}
+
+export async function openImage(file: BlockNode, backing: BlockNode | undefined, opts: OpenOptions): Promise<Qcow2Image> {
+  const h = await readHeader(file);
+  const cs = 2 ** h.clusterBits;
+  if (!opts.readOnly && (Number(h.incompatible & 0xffn) & INCOMPAT_CORRUPT)) {
+    throw genericError('qcow2: Image is corrupt; cannot be opened read/write');
+  }
+  const l2Entries = cs / ((Number(h.incompatible & 0xffn) & 0x10) ? 16 : 8);
+  if (h.l1Size < Math.ceil(h.size / (l2Entries * cs))) throw genericError('L1 table is too small');
+  if (h.l1Size > 0 && (h.l1TableOffset % cs !== 0)) throw genericError('Invalid L1 table offset');
+  if (h.refcountTableOffset % cs !== 0) throw genericError('Invalid reference count table offset');
+  const l1 = Buffer.alloc(h.l1Size * 8);
+  if (l1.length > 0) await readPadded(file, h.l1TableOffset, l1);
+  const rt = Buffer.alloc(h.refcountTableClusters * cs);
+  if (rt.length > 0) await readPadded(file, h.refcountTableOffset, rt);
+  if (!opts.readOnly && h.version >= 3 && h.autoclear !== 0n) {
+    // We keep no bitmaps in sync: clearing the autoclear bits tells others they are stale.
+    h.autoclear = 0n;
+    await file.write(OFF_AUTOCLEAR, Buffer.alloc(8));
+    await file.flush();
+  }
+  return new Qcow2Image(file, backing, h, l1, rt, opts.passDiscard);
+}
+
+/** Reads a table that may extend past the end of the file (the rest reads as zeroes). */
+async function readPadded(file: BlockNode, offset: number, buf: Buffer): Promise<void> {
+  const avail = Math.max(0, Math.min(buf.length, file.getLength() - offset));
+  if (avail > 0) await file.read(offset, buf.subarray(0, avail));
+}
