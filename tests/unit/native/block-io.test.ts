@@ -272,6 +272,48 @@ describe('native block I/O', function () {
       assert.throws(() => new native.IoRing(1 << 20, () => {}), (e: any) => e.errno === EINVAL && e.syscall === 'io_uring_setup');
     });
 
+    it('close() from inside onComplete delivers the rest on fresh arrays', async () => {
+      const fd = open('close-inside');
+      native.pwrite(fd, pattern(65536, 4), 0);
+      const seen: number[] = [];
+      let ring: any;
+      let outer: Int32Array | undefined;
+      let nested = false;
+      await new Promise<void>((resolve) => {
+        ring = new native.IoRing(64, (count, tags) => {
+          if (!outer) {
+            outer = tags;
+            const first = tags[0];
+            for (let t = 100; t < 108; t++) ring.read(fd, Buffer.alloc(4096), 0, t);
+            ring.close(); // the 8 just queued complete inside this call
+            assert.equal(tags[0], first, 'outer arrays untouched by the nested delivery');
+            for (let i = 0; i < count; i++) seen.push(tags[i]);
+            resolve();
+          } else {
+            nested = tags !== outer;
+            for (let i = 0; i < count; i++) seen.push(tags[i]);
+          }
+        });
+        ring.read(fd, Buffer.alloc(4096), 0, 1);
+      });
+      assert.ok(nested);
+      assert.deepEqual(seen.sort((a, b) => a - b), [1, 100, 101, 102, 103, 104, 105, 106, 107]);
+      assert.equal(ring.pending, 0);
+    });
+
+    it('an exception thrown by onComplete is an uncaught exception, like any callback', () => {
+      const child = spawnSync(
+        process.execPath,
+        ['-e', `const n = require(${JSON.stringify(addonPath)}); const fs = require('fs');
+          const fd = fs.openSync(process.execPath, 'r');
+          const r = new n.IoRing(8, () => { throw new Error('boom from onComplete'); });
+          r.read(fd, Buffer.alloc(16), 0, 1);`],
+        { encoding: 'utf8', timeout: 10_000 },
+      );
+      assert.equal(child.status, 1);
+      assert.match(child.stderr, /boom from onComplete/);
+    });
+
     it('completes in a worker_thread, on that thread, and the worker exits with a ring open', async () => {
       const file = path.join(dir, 'worker');
       fs.writeFileSync(file, pattern(65536, 7));
