@@ -1,0 +1,626 @@
+// One FUSE queue: reads requests from one /dev/fuse fd, serves them through a BlockNode, replies on that fd.
+//
+// It runs entirely in the thread that calls startFuseQueue() (the main loop or an iothread): the fd is
+// polled by that thread's loop, requests are parsed and dispatched in JS there, and the block I/O they
+// cause is issued there. Semantics follow QEMU's multi-threaded FUSE export (v3/v4 series); the few
+// places where we deliberately differ say so.
+import { constants as osConstants } from 'node:os';
+import { BDRV_REQUEST_MAX_BYTES, BlockIoError, type BlockNode } from '../block/node.js';
+import type { WriteFlags } from '../block/driver.js';
+import type { LocalQueue, QueueStats } from '../iothread/context.js';
+import { native, type FuseChannel } from '../native/binding.js';
+import * as abi from './fuse-abi.js';
+
+const { EACCES, EINVAL, EIO, ENOENT, ENOSYS, ENOTSUP, ENXIO, EOPNOTSUPP, EPERM, EROFS, ENODEV } = osConstants.errno;
+
+/**
+ * Largest WRITE we accept (INIT max_write). 128 KiB is the kernel's default request size (32 pages),
+ * twice QEMU's 64 KiB. Every request slot must hold max_write + 80 bytes (or the kernel's read()
+ * fails with EINVAL), so slots x max_write is this queue's buffer memory: 64 slots x 132 KiB ≈ 8.5 MiB.
+ * Larger requests would only save kernel-side splitting, which costs little next to a round trip.
+ */
+export const FUSE_MAX_WRITE_BYTES = 128 * 1024;
+/** INIT max_pages: reads and writes are split by the kernel into at most this many pages. */
+export const FUSE_MAX_PAGES = FUSE_MAX_WRITE_BYTES / 4096;
+/** QEMU's FUSE_MAX_READ_BYTES: the mount's max_read; a READ asking for more gets EINVAL. */
+export const FUSE_MAX_READ_BYTES = 1024 * 1024;
+/** Default number of request slots per queue (requests in flight before the queue stops reading). */
+export const FUSE_DEFAULT_QUEUE_SLOTS = 64;
+
+// Slot layout: one aligned allocation per slot. The request is read at ALIGN - 80 so a WRITE payload
+// starts at ALIGN; a READ reply's header sits at ALIGN - 16 so its data starts at ALIGN. Both are
+// 4096-aligned for O_DIRECT backing files. A request is fully parsed before its reply is written.
+const ALIGN = 4096;
+const DATA_CAPACITY = FUSE_MAX_WRITE_BYTES;
+// Headroom for extension headers the kernel may append (security context, supplementary groups).
+const SLACK = 4096;
+const SLOT_BYTES = ALIGN + DATA_CAPACITY + SLACK;
+const REQ_START = ALIGN - abi.WRITE_DATA_OFFSET;
+const REPLY_START = ALIGN - abi.OUT_HEADER_SIZE;
+/** Largest READ we can answer from one slot (the kernel never asks for more than max_pages). */
+const READ_CAPACITY = DATA_CAPACITY;
+/** How many requests one wake-up reads at most before yielding to the loop. */
+const READ_BATCH = 16;
+/** dispatch() result for requests that get no reply (FORGET, BATCH_FORGET). */
+const NO_REPLY = 0x7fffffff;
+
+// ---- Export-wide state shared by all queues of one export (any thread) ----
+/** Int32 indices into the shared state. */
+export const FUSE_STATE_MODE = 0;
+export const FUSE_STATE_UID = 1;
+export const FUSE_STATE_GID = 2;
+/** 1 once a protocol violation halted the export: no queue reads requests any more. */
+export const FUSE_STATE_HALTED = 3;
+const FUSE_STATE_INTS = 16; // one 64-byte cache line
+
+/** The SharedArrayBuffer for FuseQueueParams.shared: st_mode (S_IFREG|perm), uid, gid, halted. */
+export function createFuseSharedState(mode: number, uid: number, gid: number): SharedArrayBuffer {
+  const sab = new SharedArrayBuffer(FUSE_STATE_INTS * 4);
+  const s = new Int32Array(sab);
+  s[FUSE_STATE_MODE] = mode;
+  s[FUSE_STATE_UID] = uid | 0;
+  s[FUSE_STATE_GID] = gid | 0;
+  return sab;
+}
+
+/** Start parameters of one queue; structured-cloneable (sent to iothreads as is). */
+export interface FuseQueueParams {
+  /** The /dev/fuse fd this queue reads (queue 0: the mounted fd, others: FUSE_DEV_IOC_CLONE). */
+  fd: number;
+  /** stop() closes fd. false when the export closes its fds itself after stopping every queue. */
+  ownsFd: boolean;
+  /** Export id, for log messages. */
+  exportId: string;
+  /** Clients may write (export option 'writable'). */
+  writable: boolean;
+  /** Writes past EOF grow the node (option 'growable'). */
+  growable: boolean;
+  /** Mounted with allow_other: chmod may set group/other bits, chown is allowed. */
+  allowOther: boolean;
+  /** Every write is FUA (option 'writethrough'). */
+  writethrough: boolean;
+  /** createFuseSharedState(): mode, uid, gid and the halted flag, shared by the export's queues. */
+  shared: SharedArrayBuffer;
+  /** Request slots (max requests in flight on this queue); default FUSE_DEFAULT_QUEUE_SLOTS. */
+  slots?: number;
+}
+
+interface Slot {
+  readonly index: number;
+  /** The request as read from the device (starts ALIGN - 80 into the slot). */
+  readonly req: Buffer;
+  /** The reply: out header at 0, payload at 16 (starts ALIGN - 16 into the slot). */
+  readonly reply: Buffer;
+  uniqueLo: number;
+  uniqueHi: number;
+}
+
+const WRITE_PLAIN: WriteFlags = {};
+const WRITE_FUA: WriteFlags = { fua: true };
+const ZERO_UNMAP = { mayUnmap: true, noFallback: true };
+const ZERO_PLAIN = {};
+
+function u64(buf: Buffer, off: number): number {
+  // Exact up to 2^53; larger values are beyond any node length anyway.
+  return buf.readUInt32LE(off) + buf.readUInt32LE(off + 4) * 0x100000000;
+}
+
+function putU64(buf: Buffer, off: number, v: number): void {
+  buf.writeUInt32LE(v % 0x100000000, off);
+  buf.writeUInt32LE(Math.floor(v / 0x100000000), off + 4);
+}
+
+/** A positive errno for a failed block request: BlockIoError's (and native errors') errno, else EIO. */
+function errnoOf(err: unknown): number {
+  const e = (err as { errno?: unknown } | null)?.errno;
+  if ((err instanceof BlockIoError || err instanceof Error) && typeof e === 'number' && Number.isInteger(e) && e > 0) {
+    return e;
+  }
+  return EIO;
+}
+
+function describeErrno(errno: number): string {
+  const name = Object.entries(osConstants.errno).find(([, v]) => v === errno)?.[0];
+  return name ?? `errno ${errno}`;
+}
+
+class FuseQueue implements LocalQueue {
+  private readonly channel: FuseChannel;
+  private readonly state: Int32Array;
+  private readonly slots: Slot[] = [];
+  /** Indices of free slots (a stack). */
+  private readonly free: number[] = [];
+  private readonly readBufs: Buffer[] = [];
+  private readonly lengths = new Int32Array(READ_BATCH);
+  private readonly batch = new Int32Array(READ_BATCH);
+  private readonly writeFlags: WriteFlags;
+  private inFlight = 0;
+  private served = 0;
+  private polling = true;
+  private drained = false;
+  private stopped = false;
+  /** The fd is unusable (unmounted, read error) or the export halted: never read again. */
+  private dead = false;
+  private writeErrorLogged = false;
+  private drainWaiters: Array<() => void> = [];
+  private growChain: Promise<void> = Promise.resolve();
+  private stopPromise: Promise<void> | undefined;
+
+  constructor(
+    private readonly node: BlockNode,
+    private readonly params: FuseQueueParams,
+  ) {
+    this.state = new Int32Array(params.shared);
+    this.writeFlags = params.writethrough ? WRITE_FUA : WRITE_PLAIN;
+    const count = params.slots ?? FUSE_DEFAULT_QUEUE_SLOTS;
+    for (let i = 0; i < count; i++) {
+      const mem = native.allocAligned(SLOT_BYTES, ALIGN);
+      this.slots.push({
+        index: i,
+        req: mem.subarray(REQ_START),
+        reply: mem.subarray(REPLY_START),
+        uniqueLo: 0,
+        uniqueHi: 0,
+      });
+      this.free.push(count - 1 - i);
+    }
+    this.channel = new native.FuseChannel(params.fd, params.ownsFd, this.onReadable);
+  }
+
+  // ---- LocalQueue ----
+
+  drainBegin(): Promise<void> {
+    this.drained = true;
+    this.updatePolling();
+    if (this.inFlight === 0) return Promise.resolve();
+    return new Promise((resolve) => this.drainWaiters.push(resolve));
+  }
+
+  drainEnd(): void {
+    if (this.stopped) return;
+    this.drained = false;
+    this.updatePolling();
+  }
+
+  stop(): Promise<void> {
+    this.stopPromise ??= this.drainBegin().then(() => {
+      this.stopped = true;
+      this.polling = false;
+      this.channel.close();
+    });
+    return this.stopPromise;
+  }
+
+  stats(): QueueStats {
+    return { served: this.served, inFlight: this.inFlight };
+  }
+
+  // ---- request loop ----
+
+  private updatePolling(): void {
+    const want = !this.drained && !this.stopped && !this.dead && this.free.length > 0;
+    if (want === this.polling) return;
+    this.polling = want;
+    if (want) this.channel.resume();
+    else this.channel.pause();
+  }
+
+  /** The fd is readable: take as many requests as are pending and slots allow. */
+  private readonly onReadable = (): void => {
+    if (Atomics.load(this.state, FUSE_STATE_HALTED) !== 0) this.dead = true;
+    while (!this.drained && !this.stopped && !this.dead && this.free.length > 0) {
+      const want = Math.min(this.free.length, READ_BATCH);
+      const rb = this.readBufs;
+      rb.length = want;
+      for (let i = 0; i < want; i++) rb[i] = this.slots[this.free[this.free.length - 1 - i]!]!.req;
+      const n = this.channel.readMany(rb, this.lengths);
+      if (n <= 0) {
+        if (n < 0) this.readFailed(-n);
+        break;
+      }
+      // Take every slot first: a request finishing synchronously pushes its slot back.
+      for (let i = 0; i < n; i++) this.batch[i] = this.free.pop()!;
+      this.inFlight += n;
+      for (let i = 0; i < n; i++) this.process(this.slots[this.batch[i]!]!, this.lengths[i]!);
+      if (n < want) break;
+    }
+    this.updatePolling();
+  };
+
+  private readFailed(errno: number): void {
+    this.dead = true;
+    // ENODEV: the file system was unmounted or the connection aborted; nothing to report.
+    if (errno !== ENODEV) {
+      console.error(`Export '${this.params.exportId}': Failed to read from FUSE device: ${describeErrno(errno)}`);
+    }
+  }
+
+  /** A protocol violation: the kernel and we disagree, so no later request can be trusted. */
+  private halt(message: string): void {
+    this.dead = true;
+    if (Atomics.compareExchange(this.state, FUSE_STATE_HALTED, 0, 1) === 0) {
+      console.error(`Export '${this.params.exportId}': ${message}; cannot trust subsequent requests, halting the export`);
+    }
+  }
+
+  private process(slot: Slot, n: number): void {
+    const req = slot.req;
+    if (n < abi.IN_HEADER_SIZE) {
+      this.halt(`Incomplete read from FUSE device, expected at least ${abi.IN_HEADER_SIZE} bytes, read ${n} bytes`);
+      this.release(slot);
+      return;
+    }
+    const len = req.readUInt32LE(abi.IN_LEN);
+    if (len !== n) {
+      this.halt(`Number of bytes read from FUSE device does not match request size, expected ${len} bytes, read ${n} bytes`);
+      this.release(slot);
+      return;
+    }
+    slot.uniqueLo = req.readUInt32LE(abi.IN_UNIQUE);
+    slot.uniqueHi = req.readUInt32LE(abi.IN_UNIQUE + 4);
+    let r: number | Promise<number>;
+    try {
+      r = this.dispatch(slot, req.readUInt32LE(abi.IN_OPCODE), len);
+    } catch (err) {
+      r = -errnoOf(err);
+    }
+    if (typeof r === 'number') this.finish(slot, r);
+    else this.finishAsync(slot, r);
+  }
+
+  private async finishAsync(slot: Slot, p: Promise<number>): Promise<void> {
+    let r: number;
+    try {
+      r = await p;
+    } catch (err) {
+      r = -errnoOf(err);
+    }
+    this.finish(slot, r);
+  }
+
+  /** The one place that writes replies: r = payload bytes already in slot.reply[16..], or -errno. */
+  private finish(slot: Slot, r: number): void {
+    if (r !== NO_REPLY && !this.stopped) {
+      const reply = slot.reply;
+      let error = 0;
+      let len = abi.OUT_HEADER_SIZE;
+      if (r < 0) error = r > -512 ? r : -EIO; // the kernel only accepts errors in (-512, 0]
+      else len += r;
+      reply.writeUInt32LE(len, abi.OUT_LEN);
+      reply.writeInt32LE(error, abi.OUT_ERROR);
+      reply.writeUInt32LE(slot.uniqueLo, abi.OUT_UNIQUE);
+      reply.writeUInt32LE(slot.uniqueHi, abi.OUT_UNIQUE + 4);
+      const w = this.channel.write(reply, len);
+      // ENOENT: the request was interrupted and the kernel forgot it; that is not an error.
+      if (w < 0 && w !== -ENOENT && w !== -ENODEV && !this.writeErrorLogged) {
+        this.writeErrorLogged = true;
+        console.error(`Export '${this.params.exportId}': Failed to write to FUSE device: ${describeErrno(-w)}`);
+      }
+    }
+    this.served++;
+    this.release(slot);
+  }
+
+  private release(slot: Slot): void {
+    this.free.push(slot.index);
+    this.inFlight--;
+    if (this.inFlight === 0 && this.drainWaiters.length > 0) {
+      const waiters = this.drainWaiters;
+      this.drainWaiters = [];
+      for (const w of waiters) w();
+    }
+    if (!this.polling) this.updatePolling();
+  }
+
+  // ---- dispatch: each handler returns the reply payload length (payload in slot.reply at 16) or -errno ----
+
+  private dispatch(slot: Slot, opcode: number, len: number): number | Promise<number> {
+    let opHeader: number;
+    switch (opcode) {
+      case abi.FUSE_INIT: opHeader = abi.INIT_IN_COMPAT_SIZE; break;
+      case abi.FUSE_OPEN: opHeader = abi.OPEN_IN_SIZE; break;
+      case abi.FUSE_SETATTR: opHeader = abi.SETATTR_IN_SIZE; break;
+      case abi.FUSE_READ: opHeader = abi.READ_IN_SIZE; break;
+      case abi.FUSE_WRITE: opHeader = abi.WRITE_IN_SIZE; break;
+      case abi.FUSE_FALLOCATE: opHeader = abi.FALLOCATE_IN_SIZE; break;
+      case abi.FUSE_LSEEK: opHeader = abi.LSEEK_IN_SIZE; break;
+      case abi.FUSE_DESTROY:
+      case abi.FUSE_STATFS:
+      case abi.FUSE_RELEASE:
+      case abi.FUSE_LOOKUP:
+      case abi.FUSE_FORGET:
+      case abi.FUSE_BATCH_FORGET:
+      case abi.FUSE_GETATTR:
+      case abi.FUSE_FSYNC:
+      case abi.FUSE_FLUSH:
+        opHeader = 0;
+        break;
+      default:
+        return -ENOSYS;
+    }
+    if (len < abi.IN_HEADER_SIZE + opHeader) {
+      console.error(`FUSE request truncated, expected ${abi.IN_HEADER_SIZE + opHeader} bytes, read ${len} bytes`);
+      return -EINVAL;
+    }
+    const req = slot.req;
+    const p = abi.IN_HEADER_SIZE;
+    switch (opcode) {
+      case abi.FUSE_INIT:
+        return this.fuseInit(slot);
+      case abi.FUSE_OPEN:
+        return this.fuseOpen(slot);
+      case abi.FUSE_RELEASE:
+      case abi.FUSE_DESTROY:
+        return 0;
+      case abi.FUSE_LOOKUP:
+        return -ENOENT; // There is no node but the root node.
+      case abi.FUSE_FORGET:
+      case abi.FUSE_BATCH_FORGET:
+        return NO_REPLY;
+      case abi.FUSE_GETATTR:
+        return this.fuseGetattr(slot);
+      case abi.FUSE_SETATTR:
+        return this.fuseSetattr(
+          slot,
+          req.readUInt32LE(p + abi.SETATTR_VALID),
+          req.readUInt32LE(p + abi.SETATTR_MODE),
+          req.readUInt32LE(p + abi.SETATTR_UID),
+          req.readUInt32LE(p + abi.SETATTR_GID),
+          u64(req, p + abi.SETATTR_SIZE),
+        );
+      case abi.FUSE_READ:
+        return this.fuseRead(slot, u64(req, p + abi.RW_IN_OFFSET), req.readUInt32LE(p + abi.RW_IN_SIZE));
+      case abi.FUSE_WRITE: {
+        const size = req.readUInt32LE(p + abi.RW_IN_SIZE);
+        if (len < abi.WRITE_DATA_OFFSET + size) {
+          console.error(`FUSE request truncated, expected ${abi.WRITE_DATA_OFFSET + size} bytes, read ${len} bytes`);
+          return -EINVAL;
+        }
+        return this.fuseWrite(slot, req.readUInt32LE(p + abi.RW_IN_OFFSET), req.readUInt32LE(p + abi.RW_IN_OFFSET + 4), size);
+      }
+      case abi.FUSE_FALLOCATE:
+        return this.fuseFallocate(
+          u64(req, p + abi.FALLOCATE_OFFSET),
+          u64(req, p + abi.FALLOCATE_LENGTH),
+          req.readUInt32LE(p + abi.FALLOCATE_MODE),
+        );
+      case abi.FUSE_FSYNC:
+      case abi.FUSE_FLUSH:
+        return this.fuseFsync();
+      case abi.FUSE_LSEEK:
+        return this.fuseLseek(slot, u64(req, p + abi.LSEEK_IN_OFFSET), req.readUInt32LE(p + abi.LSEEK_IN_WHENCE));
+      case abi.FUSE_STATFS:
+        return this.fuseStatfs(slot);
+      default:
+        return -ENOSYS;
+    }
+  }
+
+  private fuseInit(slot: Slot): number {
+    const req = slot.req;
+    const p = abi.IN_HEADER_SIZE;
+    const major = req.readUInt32LE(p + abi.INIT_IN_MAJOR);
+    const minor = req.readUInt32LE(p + abi.INIT_IN_MINOR);
+    if (major !== abi.FUSE_KERNEL_VERSION) {
+      console.error(`FUSE major version mismatch: We have ${abi.FUSE_KERNEL_VERSION}, but kernel has ${major}`);
+      return -EINVAL;
+    }
+    if (minor < abi.FUSE_MIN_MINOR_VERSION) {
+      console.error(`FUSE minor version too old: We have ${abi.FUSE_KERNEL_MINOR_VERSION}, but kernel has ${minor}`);
+      return -EINVAL;
+    }
+    const offered = req.readUInt32LE(p + abi.INIT_IN_FLAGS);
+    // QEMU's ASYNC_READ|ASYNC_DIO; MAX_PAGES for max_pages below; ATOMIC_O_TRUNC so that open(O_TRUNC)
+    // reaches us as an open flag we ignore instead of a SETATTR that would truncate the image. That
+    // is what QEMU 7.2 does (observed); QEMU's newer series truncates, e.g. on a plain `dd of=export`.
+    const flags =
+      offered & (abi.FUSE_ASYNC_READ | abi.FUSE_ASYNC_DIO | abi.FUSE_MAX_PAGES | abi.FUSE_ATOMIC_O_TRUNC);
+    const outMinor = Math.min(abi.FUSE_KERNEL_MINOR_VERSION, minor);
+    const o = slot.reply;
+    const b = abi.OUT_HEADER_SIZE;
+    o.fill(0, b, b + abi.INIT_OUT_SIZE);
+    o.writeUInt32LE(abi.FUSE_KERNEL_VERSION, b + abi.INIT_OUT_MAJOR);
+    o.writeUInt32LE(outMinor, b + abi.INIT_OUT_MINOR);
+    o.writeUInt32LE(req.readUInt32LE(p + abi.INIT_IN_MAX_READAHEAD), b + abi.INIT_OUT_MAX_READAHEAD);
+    o.writeUInt32LE(flags >>> 0, b + abi.INIT_OUT_FLAGS);
+    // Effectively unlimited async requests: the kernel caps them (max_user_bgreq) for non-root.
+    o.writeUInt16LE(0xffff, b + abi.INIT_OUT_MAX_BACKGROUND);
+    o.writeUInt16LE(Math.floor((0xffff * 3) / 4), b + abi.INIT_OUT_CONGESTION_THRESHOLD);
+    o.writeUInt32LE(FUSE_MAX_WRITE_BYTES, b + abi.INIT_OUT_MAX_WRITE);
+    o.writeUInt32LE(1, b + abi.INIT_OUT_TIME_GRAN);
+    o.writeUInt16LE(FUSE_MAX_PAGES, b + abi.INIT_OUT_MAX_PAGES);
+    return outMinor < 23 ? abi.FUSE_COMPAT_22_INIT_OUT_SIZE : abi.INIT_OUT_SIZE;
+  }
+
+  private fuseOpen(slot: Slot): number {
+    const o = slot.reply;
+    const b = abi.OUT_HEADER_SIZE;
+    o.fill(0, b, b + abi.OPEN_OUT_SIZE);
+    // direct_io: the export shows the node as it is, no page cache in between (QEMU's choice).
+    o.writeUInt32LE(abi.FOPEN_DIRECT_IO | abi.FOPEN_PARALLEL_DIRECT_WRITES, b + abi.OPEN_OUT_OPEN_FLAGS);
+    return abi.OPEN_OUT_SIZE;
+  }
+
+  private async fuseGetattr(slot: Slot): Promise<number> {
+    const node = this.node;
+    const length = node.getLength();
+    const allocated = await node.getAllocatedFileSize();
+    const blocks = Math.ceil((allocated !== undefined && allocated > 0 ? allocated : length) / 512);
+    const now = Date.now();
+    const sec = Math.floor(now / 1000);
+    const nsec = (now % 1000) * 1000000;
+    const o = slot.reply;
+    const b = abi.OUT_HEADER_SIZE;
+    const a = b + abi.ATTR_OUT_ATTR;
+    o.fill(0, b, b + abi.ATTR_OUT_SIZE);
+    putU64(o, b + abi.ATTR_OUT_ATTR_VALID, 1);
+    putU64(o, a + abi.ATTR_INO, abi.FUSE_ROOT_ID);
+    putU64(o, a + abi.ATTR_SIZE, length);
+    putU64(o, a + abi.ATTR_BLOCKS, blocks);
+    putU64(o, a + abi.ATTR_ATIME, sec);
+    putU64(o, a + abi.ATTR_MTIME, sec);
+    putU64(o, a + abi.ATTR_CTIME, sec);
+    o.writeUInt32LE(nsec, a + abi.ATTR_ATIMENSEC);
+    o.writeUInt32LE(nsec, a + abi.ATTR_MTIMENSEC);
+    o.writeUInt32LE(nsec, a + abi.ATTR_CTIMENSEC);
+    o.writeUInt32LE(Atomics.load(this.state, FUSE_STATE_MODE) >>> 0, a + abi.ATTR_MODE);
+    o.writeUInt32LE(1, a + abi.ATTR_NLINK);
+    o.writeUInt32LE(Atomics.load(this.state, FUSE_STATE_UID) >>> 0, a + abi.ATTR_UID);
+    o.writeUInt32LE(Atomics.load(this.state, FUSE_STATE_GID) >>> 0, a + abi.ATTR_GID);
+    o.writeUInt32LE(node.requestAlignment(), a + abi.ATTR_BLKSIZE);
+    return abi.ATTR_OUT_SIZE;
+  }
+
+  private async fuseSetattr(slot: Slot, valid: number, mode: number, uid: number, gid: number, size: number): Promise<number> {
+    const { writable, allowOther } = this.params;
+    // FH, LOCKOWNER and KILL_SUIDGID come with ftruncate()/writes and can be ignored safely.
+    let supported = abi.FATTR_SIZE | abi.FATTR_MODE | abi.FATTR_FH | abi.FATTR_LOCKOWNER | abi.FATTR_KILL_SUIDGID;
+    if (allowOther) supported |= abi.FATTR_UID | abi.FATTR_GID;
+    if (valid & ~supported) return -ENOTSUP;
+    if (valid & abi.FATTR_MODE) {
+      // Without allow_other nobody but the owner can access the export: group/other bits would lie.
+      if (!allowOther && mode & (abi.S_IRWXG | abi.S_IRWXO)) return -EPERM;
+      if (!writable && mode & (abi.S_IWUSR | abi.S_IWGRP | abi.S_IWOTH)) return -EROFS;
+    }
+    if (valid & abi.FATTR_SIZE) {
+      if (!writable) return -EACCES;
+      await this.node.truncate(size, true, 'off');
+    }
+    if (valid & abi.FATTR_MODE) Atomics.store(this.state, FUSE_STATE_MODE, (mode & 0o7777) | abi.S_IFREG);
+    if (valid & abi.FATTR_UID) Atomics.store(this.state, FUSE_STATE_UID, uid | 0);
+    if (valid & abi.FATTR_GID) Atomics.store(this.state, FUSE_STATE_GID, gid | 0);
+    return this.fuseGetattr(slot);
+  }
+
+  private async fuseRead(slot: Slot, offset: number, size: number): Promise<number> {
+    if (size > FUSE_MAX_READ_BYTES || size > READ_CAPACITY) return -EINVAL;
+    const length = this.node.getLength();
+    if (offset >= length) return 0;
+    // The kernel expects short reads at EOF: clamp, don't fail.
+    const n = Math.min(size, length - offset);
+    await this.node.read(offset, slot.reply.subarray(abi.OUT_HEADER_SIZE, abi.OUT_HEADER_SIZE + n));
+    return n;
+  }
+
+  private async fuseWrite(slot: Slot, offLo: number, offHi: number, size: number): Promise<number> {
+    if (size > FUSE_MAX_WRITE_BYTES) return -EINVAL;
+    if (!this.params.writable) return -EACCES;
+    // offset + size must not overflow 64 bits.
+    if (offHi === 0xffffffff && offLo + size > 0xffffffff) return -EINVAL;
+    const offset = offLo + offHi * 0x100000000;
+    const length = this.node.getLength();
+    if (offset + size > length) {
+      if (this.params.growable) {
+        await this.grow(offset + size);
+      } else if (offset >= length) {
+        size = 0; // reaches the writer as ENOSPC
+      } else {
+        size = length - offset;
+      }
+    }
+    if (size > 0) {
+      const data = slot.req.subarray(abi.WRITE_DATA_OFFSET, abi.WRITE_DATA_OFFSET + size);
+      await this.node.write(offset, data, this.writeFlags);
+    }
+    const o = slot.reply;
+    o.writeUInt32LE(size, abi.OUT_HEADER_SIZE + abi.WRITE_OUT_SIZE_FIELD);
+    o.writeUInt32LE(0, abi.OUT_HEADER_SIZE + 4);
+    return abi.WRITE_OUT_SIZE;
+  }
+
+  /** Grow the node to at least `end`; growths on this queue run one at a time so none shrinks another's. */
+  private grow(end: number): Promise<void> {
+    const p = this.growChain.then(async () => {
+      if (this.node.getLength() < end) await this.node.truncate(end, true, 'off');
+    });
+    this.growChain = p.catch(() => undefined);
+    return p;
+  }
+
+  private async fuseFallocate(offset: number, length: number, mode: number): Promise<number> {
+    if (!this.params.writable) return -EACCES;
+    const node = this.node;
+    const blkLen = node.getLength();
+    if (mode & abi.FALLOC_FL_KEEP_SIZE) length = Math.min(length, blkLen - offset);
+    if (mode === 0) {
+      // We can only allocate at EOF, by growing.
+      if (offset < blkLen) return -EOPNOTSUPP;
+      if (offset > blkLen) await node.truncate(offset, true, 'off');
+      await node.truncate(offset + length, true, 'falloc');
+      return 0;
+    }
+    if (mode & abi.FALLOC_FL_PUNCH_HOLE) {
+      if (!(mode & abi.FALLOC_FL_KEEP_SIZE)) return -EINVAL;
+      // Beyond EOF the clamped length is <= 0: nothing to punch (QEMU would fail with EIO here).
+      try {
+        for (; length > 0; ) {
+          const n = Math.min(length, BDRV_REQUEST_MAX_BYTES);
+          await node.writeZeroes(offset, n, ZERO_UNMAP);
+          offset += n;
+          length -= n;
+        }
+      } catch (err) {
+        // fallocate(2) reports unsupported modes as EOPNOTSUPP.
+        const e = errnoOf(err);
+        return e === ENOTSUP ? -EOPNOTSUPP : -e;
+      }
+      return 0;
+    }
+    if (mode & abi.FALLOC_FL_ZERO_RANGE) {
+      if (!(mode & abi.FALLOC_FL_KEEP_SIZE) && offset + length > blkLen) {
+        // The grown part reads as zeroes already; the zeroing below covers the rest.
+        await node.truncate(offset + length, false, 'off');
+      }
+      for (; length > 0; ) {
+        const n = Math.min(length, BDRV_REQUEST_MAX_BYTES);
+        await node.writeZeroes(offset, n, ZERO_PLAIN);
+        offset += n;
+        length -= n;
+      }
+      return 0;
+    }
+    return -EOPNOTSUPP;
+  }
+
+  private async fuseFsync(): Promise<number> {
+    await this.node.flush();
+    return 0;
+  }
+
+  private async fuseLseek(slot: Slot, offset: number, whence: number): Promise<number> {
+    if (whence !== abi.SEEK_DATA && whence !== abi.SEEK_HOLE) return -EINVAL;
+    const node = this.node;
+    for (;;) {
+      const st = await node.blockStatus(offset, Number.MAX_SAFE_INTEGER);
+      if (st.pnum === 0) {
+        const blkLen = node.getLength();
+        if (offset < blkLen) return -ENXIO; // no progress before EOF: don't loop forever
+        // At EOF: SEEK_HOLE finds the implicit hole at EOF itself; past EOF nothing is found.
+        if (offset > blkLen || whence === abi.SEEK_DATA) return -ENXIO;
+        break;
+      }
+      if (st.data ? whence === abi.SEEK_DATA : whence === abi.SEEK_HOLE) break;
+      offset += st.pnum;
+    }
+    putU64(slot.reply, abi.OUT_HEADER_SIZE, offset);
+    return abi.LSEEK_OUT_SIZE;
+  }
+
+  private fuseStatfs(slot: Slot): number {
+    const o = slot.reply;
+    const b = abi.OUT_HEADER_SIZE;
+    o.fill(0, b, b + abi.STATFS_OUT_SIZE);
+    const bsize = Math.max(512, this.node.optimalTransfer() || this.node.requestAlignment());
+    o.writeUInt32LE(bsize, b + abi.KSTATFS_BSIZE);
+    o.writeUInt32LE(255, b + abi.KSTATFS_NAMELEN);
+    return abi.STATFS_OUT_SIZE;
+  }
+}
+
+/**
+ * Start serving one FUSE queue in the calling thread (main loop or an iothread; it does not care).
+ * `node` is this context's node. Reading starts immediately; see LocalQueue for drain/stop.
+ */
+export function startFuseQueue(node: BlockNode, params: FuseQueueParams): LocalQueue {
+  return new FuseQueue(node, params);
+}
