@@ -1,6 +1,6 @@
 // iotests library: launches the daemon under test ($QSD), speaks QMP, logs filtered output, cleans up.
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, readFileSync, realpathSync, rmSync, writeFileSync, appendFileSync, existsSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, realpathSync, rmSync, writeFileSync, appendFileSync, existsSync } from 'node:fs';
 import { connect, createServer, type Socket } from 'node:net';
 import { basename, dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -388,12 +388,17 @@ export class Daemon {
 
   /**
    * Connects to a QMP unix socket (retrying until it exists), reads the greeting and, unless
-   * told otherwise, negotiates capabilities. Rejects if the daemon exits first.
+   * told otherwise, negotiates capabilities. Rejects if the daemon exits first (unless
+   * `daemonized`: then the process that serves QMP is not the one spawned).
    */
-  async connect(path = this.qmpSocketPath, opts: { negotiate?: boolean; timeoutMs?: number } = {}): Promise<void> {
+  async connect(
+    path = this.qmpSocketPath,
+    opts: { negotiate?: boolean; timeoutMs?: number; daemonized?: boolean } = {},
+  ): Promise<void> {
     const deadline = Date.now() + (opts.timeoutMs ?? 15000);
     for (;;) {
-      if (this.hasExited) {
+      // With --daemonize the spawned parent exits once startup is complete; its child serves QMP.
+      if (this.hasExited && !opts.daemonized) {
         throw new Error(`daemon exited (status ${this.exitCode}, signal ${this.exitSignal}) before QMP was ready:\n${this.stderr}`);
       }
       try {
@@ -606,13 +611,39 @@ function pidBelongsToTest(pid: number): boolean {
   }
 }
 
+/**
+ * Processes whose command line names this test's unique TEST_DIR (e.g. a --daemonize child,
+ * which leaves our process tree), other than this test process itself.
+ */
+function testProcesses(): number[] {
+  let entries: string[] = [];
+  try { entries = readdirSync('/proc'); } catch { return []; }
+  return entries.filter((e) => /^[0-9]+$/.test(e)).map(Number)
+    .filter((pid) => pid !== process.pid && pidBelongsToTest(pid));
+}
+
+/** Waits until a process (not necessarily our child) no longer exists; false on timeout. */
+export async function waitPidGone(pid: number, timeoutMs = 15000): Promise<boolean> {
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    try {
+      const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+      if (/^\d+ \(.*\) Z/.test(stat)) return true;
+    } catch {
+      return true;
+    }
+    await sleep(20);
+  }
+  return false;
+}
+
 let cleanedUp = false;
 /** Synchronous last-resort teardown: kill daemons, unmount, remove TEST_DIR. Runs at exit. */
 function cleanupSync(): void {
   if (cleanedUp) return;
   cleanedUp = true;
   for (const d of daemons) { try { d.proc.kill('SIGKILL'); } catch { /* gone */ } }
-  for (const pid of extraPids) {
+  for (const pid of [...extraPids, ...testProcesses()]) {
     if (pidBelongsToTest(pid)) { try { process.kill(pid, 'SIGKILL'); } catch { /* gone */ } }
   }
   unmountAll();

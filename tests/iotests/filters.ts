@@ -23,7 +23,8 @@ export function makeTestDirFilter(...dirs: string[]): TextFilter {
  * Only the value is replaced, so `"timestamp": "TIMESTAMP"` stays valid JSON.
  */
 export const filterTimestamp: TextFilter = (text) =>
-  text.replace(/\{\s*"seconds":\s*-?\d+,\s*"microseconds":\s*-?\d+\s*\}/g, '"TIMESTAMP"');
+  text.replace(
+    /\{\s*"(?:seconds|microseconds)":\s*-?\d+,\s*"(?:seconds|microseconds)":\s*-?\d+\s*\}/g, '"TIMESTAMP"');
 
 /**
  * Version details: the QMP `{"micro": N, "minor": N, "major": N}` triple (any key order),
