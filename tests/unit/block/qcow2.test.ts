@@ -446,4 +446,58 @@ describe('qcow2 driver', function () {
       }
     });
   });
+
+  describe('block status and dirty images', () => {
+    it('blockStatus walks like qemu-img map', async () => {
+      const base = p('m.qcow2');
+      const top = p('mt.qcow2');
+      sh('qemu-img', ['create', '-f', 'qcow2', base, '4M']);
+      sh('qemu-io', ['-c', 'write -P 1 0 128k', '-c', 'write -z 256k 64k', '-c', 'write -P 2 1M 64k', base]);
+      sh('qemu-img', ['create', '-f', 'qcow2', '-b', base, '-F', 'qcow2', top]);
+      sh('qemu-io', ['-c', 'write -P 3 64k 64k', top]);
+      const b = await qcow2Node(base, { readOnly: true });
+      const t = await qcow2Node(top, { readOnly: true, backing: b });
+      try {
+        for (const [n, img] of [[b, base], [t, top]] as const) {
+          const mine: Array<Record<string, unknown>> = [];
+          for (let off = 0; off < n.getLength();) {
+            const st = await n.blockStatus(off, n.getLength() - off);
+            const e: Record<string, unknown> = { start: off, length: st.pnum, present: st.allocated || (st.depth ?? 0) > 0, zero: st.zero, data: st.data };
+            if (st.data && st.offset !== undefined) e['offset'] = st.offset;
+            const last = mine[mine.length - 1];
+            if (last && last['present'] === e['present'] && last['zero'] === e['zero'] && last['data'] === e['data'] &&
+              (e['offset'] === undefined ? last['offset'] === undefined : last['offset'] === (e['offset'] as number) - (last['length'] as number))) {
+              last['length'] = (last['length'] as number) + st.pnum;
+            } else mine.push(e);
+            off += st.pnum;
+          }
+          const theirs = (JSON.parse(sh('qemu-img', ['map', '--output=json', img])) as Array<Record<string, unknown>>)
+            .map(({ depth: _d, ...rest }) => rest);
+          assert.deepEqual(mine, theirs, img);
+        }
+      } finally { await closeNode(t); await closeNode(b); }
+    });
+
+    it('a dirty lazy-refcount image opens read-write and stays consistent', async () => {
+      const img = p('dirty.qcow2');
+      sh('qemu-img', ['create', '-f', 'qcow2', '-o', 'lazy_refcounts=on', img, '8M']);
+      sh('qemu-io', ['-c', 'write -P 1 0 1M', img]);
+      const fd = fs.openSync(img, 'r+');
+      fs.writeSync(fd, Buffer.from([0, 0, 0, 0, 0, 0, 0, 1]), 0, 8, 72);
+      fs.closeSync(fd);
+      const n = await qcow2Node(img);
+      try {
+        assert.equal(n.driver.imageInfo!(n.state)['dirty-flag'], true);
+        await n.write(3 << 20, Buffer.alloc(200_000, 9));
+        await n.write(100, Buffer.alloc(100, 8));
+      } finally { await closeNode(n); }
+      const exp = Buffer.alloc(8 << 20);
+      exp.fill(1, 0, 1 << 20);
+      exp.fill(8, 100, 200);
+      exp.fill(9, 3 << 20, (3 << 20) + 200_000);
+      assert.deepEqual(rawOf(img), exp);
+      sh('qemu-img', ['check', '-r', 'all', img]);
+      checkNoLeaks(img);
+    });
+  });
 });
