@@ -559,7 +559,8 @@ export class Qcow2Image {
     const end = offset + bytes;
     const c0 = Math.ceil(offset / cs);
     const c1 = end === this.size ? Math.ceil(end / cs) : Math.floor(end / cs);
-    if (c0 >= c1) return;
+    // v2 has no zero flag: discarding would expose the backing file's data, so QEMU doesn't.
+    if (c0 >= c1 || (this.version < 3 && this.backing !== undefined)) return;
     await this.editClusters(c0, c1, () => false, (buf, i) => {
       const hi = buf.readUInt32BE(i);
       const allocated = (hi & HI_COMPRESSED) !== 0 || tableOffset(buf, i / 8) !== 0;
