@@ -197,6 +197,20 @@ Napi::Value FuseCloneFd(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, fd);
 }
 
+// A connected AF_UNIX SOCK_SEQPACKET pair (both non-blocking): it keeps message boundaries like
+// /dev/fuse, so tests can play the kernel's side of a queue.
+Napi::Value SeqpacketPair(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int sv[2];
+  if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, sv) < 0) {
+    return ThrowErrno(env, errno, "socketpair");
+  }
+  Napi::Array a = Napi::Array::New(env, 2);
+  a.Set(0u, Napi::Number::New(env, sv[0]));
+  a.Set(1u, Napi::Number::New(env, sv[1]));
+  return a;
+}
+
 // One /dev/fuse fd polled by the libuv loop of the env (thread) that created it.
 class FuseChannel : public Napi::ObjectWrap<FuseChannel> {
  public:
@@ -442,6 +456,7 @@ void InitFuseDevice(Napi::Env env, Napi::Object exports) {
   exports.Set("umount", Napi::Function::New<Umount>(env, "umount"));
   exports.Set("fusermountMount", Napi::Function::New<FusermountMount>(env, "fusermountMount"));
   exports.Set("fuseCloneFd", Napi::Function::New<FuseCloneFd>(env, "fuseCloneFd"));
+  exports.Set("seqpacketPair", Napi::Function::New<SeqpacketPair>(env, "seqpacketPair"));
   exports.Set("FuseChannel", FuseChannel::Init(env));
 
   Napi::Object c = Napi::Object::New(env);

@@ -83,6 +83,11 @@ export interface NativeAddon {
   /** New queue fd: open("/dev/fuse", O_RDWR|O_CLOEXEC|O_NONBLOCK) + ioctl(FUSE_DEV_IOC_CLONE, srcFd). */
   fuseCloneFd(srcFd: number): number;
   FuseChannel: FuseChannelConstructor;
+  /**
+   * socketpair(AF_UNIX, SOCK_SEQPACKET|SOCK_NONBLOCK|SOCK_CLOEXEC): keeps message boundaries like
+   * /dev/fuse, so tests can stand in for the kernel on a FuseChannel. Throws on error.
+   */
+  seqpacketPair(): [number, number];
   /** MS_* and MNT_* constants needed for mount()/umount(). */
   constants: Record<string, number>;
 
