@@ -32,6 +32,15 @@ export interface Run {
   desc?: bigint;
 }
 
+/** A run of guest clusters an allocating write owns (marked busy). */
+interface AllocPlan {
+  c0: number;
+  count: number;
+  /** Bytes of the request this run covers. */
+  bytes: number;
+  busy: Busy;
+}
+
 /** Per guest cluster in-flight allocation (see index.ts): waiters get the promise. */
 interface Busy {
   promise: Promise<void>;
@@ -61,6 +70,14 @@ export class Qcow2Image {
   private lastCompressed = -1;
   private readonly lastCompressedBuf: Buffer;
   readonly dirty: boolean;
+  /**
+   * Direct I/O epochs: reads and in-place writes look a mapping up without the lock and then touch
+   * the host cluster; a cluster freed meanwhile must not be reused before they finish. Each such
+   * I/O counts itself in the current epoch; applying frees bumps the epoch and waits for older ones.
+   */
+  private epoch = 0;
+  private readonly epochCount = new Map<number, number>();
+  private epochWaiter: (() => void) | undefined;
 
   constructor(
     readonly file: BlockNode,
@@ -109,6 +126,37 @@ export class Qcow2Image {
     return l1i < this.l1.length / 8 ? tableOffset(this.l1, l1i) : 0;
   }
 
+  private enter(): number {
+    const e = this.epoch;
+    this.epochCount.set(e, (this.epochCount.get(e) ?? 0) + 1);
+    return e;
+  }
+
+  private leave(e: number): void {
+    const n = this.epochCount.get(e)! - 1;
+    if (n > 0) {
+      this.epochCount.set(e, n);
+      return;
+    }
+    this.epochCount.delete(e);
+    const w = this.epochWaiter;
+    if (w !== undefined && e < this.epoch) {
+      this.epochWaiter = undefined;
+      w();
+    }
+  }
+
+  /** Starts a new epoch and waits until every direct I/O of earlier epochs completed. */
+  private async drainEpochs(): Promise<void> {
+    const cur = ++this.epoch;
+    for (;;) {
+      let older = false;
+      for (const e of this.epochCount.keys()) if (e < cur) older = true;
+      if (!older) return;
+      await new Promise<void>((r) => (this.epochWaiter = r));
+    }
+  }
+
   // ---------------------------------------------------------------- mapping
 
   /** The mapping of [offset, offset+max) up to the first change of kind (within one L2 table). */
@@ -124,43 +172,54 @@ export class Qcow2Image {
     return this.scan(t.buf, offset, limit);
   }
 
-  /** Classifies the (sub)cluster at `pos` of table `buf`; returns [kind, host of pos, end of unit]. */
-  private unit(buf: Buffer, pos: number): [Kind, number, number] {
+  /** unit()'s other results (scratch fields: unit() is synchronous, so no one else sees them). */
+  private uHost = 0;
+  private uEnd = 0;
+
+  /** Classifies the (sub)cluster at `pos` of table `buf`; sets uHost (host of pos) and uEnd. */
+  private unit(buf: Buffer, pos: number): Kind {
     const cs = this.cs;
     const ci = Math.floor(pos / cs);
     const i = (ci % this.l2Entries) * this.entryBytes;
     const hi = buf.readUInt32BE(i);
     const lo = buf.readUInt32BE(i + 4);
     const clusterStart = ci * cs;
-    if (hi & HI_COMPRESSED) return [Kind.Compressed, 0, clusterStart + cs];
+    this.uHost = 0;
+    this.uEnd = clusterStart + cs;
+    if (hi & HI_COMPRESSED) return Kind.Compressed;
     const host = (hi & 0x00ffffff) * 4294967296 + ((lo & 0xfffffe00) >>> 0);
     if (this.ext) {
       const zeroBits = buf.readUInt32BE(i + 8);
       const allocBits = buf.readUInt32BE(i + 12);
       const sc = Math.floor((pos - clusterStart) / this.subcluster);
-      const scEnd = clusterStart + (sc + 1) * this.subcluster;
-      if ((zeroBits >>> sc) & 1) return [Kind.Zero, 0, scEnd];
-      if ((allocBits >>> sc) & 1 && host !== 0) return [Kind.Data, host + (pos - clusterStart), scEnd];
-      return [Kind.Unalloc, 0, scEnd];
+      this.uEnd = clusterStart + (sc + 1) * this.subcluster;
+      if ((zeroBits >>> sc) & 1) return Kind.Zero;
+      if ((allocBits >>> sc) & 1 && host !== 0) {
+        this.uHost = host + (pos - clusterStart);
+        return Kind.Data;
+      }
+      return Kind.Unalloc;
     }
-    if (this.version >= 3 && lo & LO_ZERO) return [Kind.Zero, 0, clusterStart + cs];
-    if (host === 0) return [Kind.Unalloc, 0, clusterStart + cs];
-    return [Kind.Data, host + (pos - clusterStart), clusterStart + cs];
+    if (this.version >= 3 && lo & LO_ZERO) return Kind.Zero;
+    if (host === 0) return Kind.Unalloc;
+    this.uHost = host + (pos - clusterStart);
+    return Kind.Data;
   }
 
   private scan(buf: Buffer, offset: number, limit: number): Run {
-    const [kind, host, end0] = this.unit(buf, offset);
+    const kind = this.unit(buf, offset);
+    const host = this.uHost;
     if (kind === Kind.Compressed) {
       const ci = Math.floor(offset / this.cs);
       const desc = buf.readBigUInt64BE((ci % this.l2Entries) * this.entryBytes);
-      return { kind, host: 0, pnum: Math.min(end0, limit) - offset, desc };
+      return { kind, host: 0, pnum: Math.min(this.uEnd, limit) - offset, desc };
     }
-    let end = end0;
+    let end = this.uEnd;
     while (end < limit) {
-      const [k, hst, e] = this.unit(buf, end);
+      const k = this.unit(buf, end);
       if (k !== kind) break;
-      if (kind === Kind.Data && hst !== host + (end - offset)) break;
-      end = e;
+      if (kind === Kind.Data && this.uHost !== host + (end - offset)) break;
+      end = this.uEnd;
     }
     return { kind, host, pnum: Math.min(end, limit) - offset };
   }
@@ -190,6 +249,15 @@ export class Qcow2Image {
 
   /** Reads guest data through the current mapping without waiting for in-flight allocations. */
   async readRaw(offset: number, buf: Buffer): Promise<void> {
+    const e = this.enter();
+    try {
+      await this.readMapped(offset, buf);
+    } finally {
+      this.leave(e);
+    }
+  }
+
+  private async readMapped(offset: number, buf: Buffer): Promise<void> {
     let pos = 0;
     while (pos < buf.length) {
       const r = await this.lookup(offset + pos, buf.length - pos);
@@ -315,39 +383,58 @@ export class Qcow2Image {
         await waiting.promise;
         continue;
       }
-      const l1i = Math.floor(ci / this.l2Entries);
-      const tableEnd = (l1i + 1) * this.l2Entries * cs;
-      const limit = Math.min(offset + data.length, tableEnd);
-      const l2off = this.l2OffsetFor(l1i);
-      const t = l2off !== 0 ? await this.l2Cache.get(l2off) : undefined;
-      // From here to markBusy: synchronous, so no one else plans the same clusters.
-      if (this.busy.has(ci) || this.l2OffsetFor(l1i) !== (t?.offset ?? 0)) continue;
-      const lastCi = Math.floor((limit - 1) / cs);
-      if (t !== undefined && this.inPlace(t.buf, (ci % this.l2Entries) * this.entryBytes)) {
-        const i0 = (ci % this.l2Entries) * this.entryBytes;
-        const host0 = tableOffset(t.buf, i0 / 8);
-        let c = ci + 1;
-        while (c <= lastCi && !this.busy.has(c)) {
-          const i = (c % this.l2Entries) * this.entryBytes;
-          if (!this.inPlace(t.buf, i) || tableOffset(t.buf, i / 8) !== host0 + (c - ci) * cs) break;
-          c++;
-        }
-        const n = Math.min(limit, c * cs) - off;
-        await this.file.write(host0 + (off - ci * cs), data.subarray(pos, pos + n));
-        pos += n;
+      const ep = this.enter();
+      let plan: number | AllocPlan;
+      try {
+        plan = await this.planWrite(offset, data, pos);
+      } finally {
+        this.leave(ep);
+      }
+      if (typeof plan === 'number') {
+        if (plan > 0) pos += plan;
         continue;
       }
-      let c = ci + 1;
-      while (c <= lastCi && !this.busy.has(c) && (t === undefined || !this.inPlace(t.buf, (c % this.l2Entries) * this.entryBytes))) c++;
-      const n = Math.min(limit, c * cs) - off;
-      const b = this.markBusy(ci, c - ci);
+      const { c0, count, bytes: n, busy: b } = plan;
       try {
-        await this.allocWrite(off, data.subarray(pos, pos + n), ci, c - ci);
+        await this.allocWrite(off, data.subarray(pos, pos + n), c0, count);
       } finally {
-        this.clearBusy(ci, c - ci, b);
+        this.clearBusy(c0, count, b);
       }
       pos += n;
     }
+  }
+
+  /**
+   * Plans the write at data[pos..]: writes the in-place part if the first cluster allows it and
+   * returns the bytes written; -1 to retry (the mapping changed while the table loaded); else marks
+   * the run of clusters needing allocation busy (synchronously after the table lookup, so no other
+   * writer plans them too) and returns that plan.
+   */
+  private async planWrite(offset: number, data: Buffer, pos: number): Promise<number | AllocPlan> {
+    const cs = this.cs;
+    const off = offset + pos;
+    const ci = Math.floor(off / cs);
+    const l1i = Math.floor(ci / this.l2Entries);
+    const limit = Math.min(offset + data.length, (l1i + 1) * this.l2Entries * cs);
+    const l2off = this.l2OffsetFor(l1i);
+    const t = l2off !== 0 ? await this.l2Cache.get(l2off) : undefined;
+    if (this.busy.has(ci) || this.l2OffsetFor(l1i) !== (t?.offset ?? 0)) return -1;
+    const lastCi = Math.floor((limit - 1) / cs);
+    if (t === undefined || !this.inPlace(t.buf, (ci % this.l2Entries) * this.entryBytes)) {
+      let c = ci + 1;
+      while (c <= lastCi && !this.busy.has(c) && (t === undefined || !this.inPlace(t.buf, (c % this.l2Entries) * this.entryBytes))) c++;
+      return { c0: ci, count: c - ci, bytes: Math.min(limit, c * cs) - off, busy: this.markBusy(ci, c - ci) };
+    }
+    const host0 = tableOffset(t.buf, ((ci % this.l2Entries) * this.entryBytes) / 8);
+    let c = ci + 1;
+    while (c <= lastCi && !this.busy.has(c)) {
+      const i = (c % this.l2Entries) * this.entryBytes;
+      if (!this.inPlace(t.buf, i) || tableOffset(t.buf, i / 8) !== host0 + (c - ci) * cs) break;
+      c++;
+    }
+    const n = Math.min(limit, c * cs) - off;
+    await this.file.write(host0 + (off - ci * cs), data.subarray(pos, pos + n));
+    return n;
   }
 
   /** Writes `data` into `n` fresh clusters starting at guest cluster `c0`, COW-ing head and tail. */
@@ -455,6 +542,7 @@ export class Qcow2Image {
       const punch = this.pendingPunch;
       this.pendingFree = [];
       this.pendingPunch = [];
+      await this.drainEpochs();
       const punches: number[] = [];
       for (let k = 0; k < frees.length; k++) {
         const c = frees[k]!;

@@ -221,22 +221,26 @@ export class Refcounts {
     let start = this.freeHint;
     if (atEnd) start = Math.max(start, Math.ceil(this.file.getLength() / this.cs));
     let run = 0;
-    for (let c = start; ; c++) {
+    let c = start;
+    for (;;) {
       const idx = Math.floor(c / this.perBlock);
+      const blockEnd = (idx + 1) * this.perBlock;
       const bo = this.blockOffset(idx);
       if (bo === 0) {
         // A missing block: its whole range is free.
-        const blockEnd = (idx + 1) * this.perBlock;
         if (run + (blockEnd - c) >= n) return c - run;
         run += blockEnd - c;
-        c = blockEnd - 1;
+        c = blockEnd;
         continue;
       }
       const t = await this.cache.get(bo);
-      if (this.readEntry(t.buf, c % this.perBlock) === 0) {
-        if (++run >= n) return c - run + 1;
-      } else {
-        run = 0;
+      // Scan the rest of this block synchronously.
+      for (; c < blockEnd; c++) {
+        if (this.readEntry(t.buf, c % this.perBlock) === 0) {
+          if (++run >= n) return c - run + 1;
+        } else {
+          run = 0;
+        }
       }
     }
   }
