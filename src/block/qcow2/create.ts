@@ -28,19 +28,23 @@ export async function qcow2Create(file: BlockNode, opts: Qcow2CreateOptions): Pr
     'refcount-bits': refcountBits = 16, 'backing-file': backingFile, 'backing-fmt': backingFmt,
     'extended-l2': extL2 = false, preallocation = 'off',
   } = opts;
+  // Checks in QEMU's order (verified against qemu-storage-daemon 7.2 blockdev-create).
+  if (!Number.isSafeInteger(size) || size < 0) throw genericError("Parameter 'size' expects a size");
+  if (size % 512 !== 0) throw genericError('Image size must be a multiple of 512 bytes');
+  if (extL2 && version === 'v2') {
+    throw genericError('Extended L2 entries are only supported with compatibility level 1.1 and above (use version=v3 or greater)');
+  }
   if (!isPow2(cs) || cs < 512 || cs > 2 * 1024 * 1024) {
     throw genericError('Cluster size must be a power of two between 512 and 2048k');
   }
-  if (extL2) {
-    if (version === 'v2') {
-      throw genericError('Extended L2 entries are only supported with compatibility level 1.1 and above (use version=v3 or greater)');
-    }
-    if (cs < 16384) throw genericError('Extended L2 entries are only supported with cluster sizes of at least 16384 bytes');
+  if (extL2 && cs < 16384) {
+    throw genericError('Extended L2 entries are only supported with cluster sizes of at least 16384 bytes');
   }
-  if (!Number.isSafeInteger(size) || size < 0) throw genericError("Parameter 'size' expects a size");
-  const l2Entries = cs / (extL2 ? 16 : 8);
-  if (Math.ceil(size / (l2Entries * cs)) > QCOW_MAX_L1_SIZE / 8) {
-    throw genericError("The image size is too large for file format 'qcow2' (try using a larger cluster size)");
+  if (backingFile !== undefined && preallocation !== 'off' && !extL2) {
+    throw genericError('Backing file and preallocation can only be used at the same time if extended_l2 is on');
+  }
+  if (backingFmt !== undefined && backingFile === undefined) {
+    throw genericError('Backing format cannot be used without backing file');
   }
   if (version === 'v2' && lazy) {
     throw genericError('Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)');
@@ -52,11 +56,10 @@ export async function qcow2Create(file: BlockNode, opts: Qcow2CreateOptions): Pr
     throw genericError('Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)');
   }
   const refcountOrder = Math.log2(refcountBits);
-  if (backingFile !== undefined && preallocation !== 'off' && !extL2) {
-    throw genericError('Backing file and preallocation can only be used at the same time if extended_l2 is on');
-  }
-  if (backingFmt !== undefined && backingFile === undefined) {
-    throw genericError('Backing format cannot be used without backing file');
+  const l2Entries = cs / (extL2 ? 16 : 8);
+  if (Math.ceil(size / (l2Entries * cs)) > QCOW_MAX_L1_SIZE / 8) {
+    // blockdev-create fails in the resize that follows the format step.
+    throw genericError('Could not resize image: Failed to grow the L1 table: File too large');
   }
 
   // Cluster 0: header and extensions; cluster 1: refcount table; cluster 2: its first block.

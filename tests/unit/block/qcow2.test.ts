@@ -431,7 +431,7 @@ describe('qcow2 driver', function () {
       checkNoLeaks(withBacking);
     });
 
-    it('validates like qemu-img create', async () => {
+    it('validates like blockdev-create (order checked on qemu-storage-daemon 7.2)', async () => {
       const cases: Array<[Parameters<typeof qcow2Create>[1], string]> = [
         [{ size: 1 << 20, 'cluster-size': 1000 }, 'Cluster size must be a power of two between 512 and 2048k'],
         [{ size: 1 << 20, 'cluster-size': 4 << 20 }, 'Cluster size must be a power of two between 512 and 2048k'],
@@ -443,7 +443,13 @@ describe('qcow2 driver', function () {
         [{ size: 1 << 20, 'extended-l2': true, 'cluster-size': 8192 }, 'Extended L2 entries are only supported with cluster sizes of at least 16384 bytes'],
         [{ size: 1 << 20, 'backing-fmt': 'raw' }, 'Backing format cannot be used without backing file'],
         [{ size: 1 << 20, 'backing-file': 'x', preallocation: 'metadata' }, 'Backing file and preallocation can only be used at the same time if extended_l2 is on'],
-        [{ size: 2 ** 52 }, "The image size is too large for file format 'qcow2' (try using a larger cluster size)"],
+        [{ size: 2 ** 52 }, "Could not resize image: Failed to grow the L1 table: File too large"],
+        [{ size: 1000 }, 'Image size must be a multiple of 512 bytes'],
+        [{ size: 1000, 'cluster-size': 1000 }, 'Image size must be a multiple of 512 bytes'],
+        [{ size: 1 << 20, 'cluster-size': 1000, version: 'v2', 'lazy-refcounts': true }, 'Cluster size must be a power of two between 512 and 2048k'],
+        [{ size: 1 << 20, version: 'v2', 'lazy-refcounts': true, 'refcount-bits': 3 }, 'Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)'],
+        [{ size: 1 << 20, 'refcount-bits': 3, 'backing-fmt': 'raw' }, 'Backing format cannot be used without backing file'],
+        [{ size: 1 << 20, 'backing-file': 'x', preallocation: 'metadata', version: 'v2', 'lazy-refcounts': true }, 'Backing file and preallocation can only be used at the same time if extended_l2 is on'],
       ];
       for (const [opts, msg] of cases) {
         await assert.rejects(create('bad.qcow2', opts), (e: Error) => e instanceof QmpError && e.message === msg);
