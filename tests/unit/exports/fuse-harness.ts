@@ -5,7 +5,10 @@ import os from 'node:os';
 import path from 'node:path';
 import { BlockIoError, BlockNode } from '../../../src/block/node.js';
 import type { BlockDriver, BlockStatus } from '../../../src/block/driver.js';
-import type { IoContext, QueueHandle } from '../../../src/iothread/context.js';
+import { Worker } from 'node:worker_threads';
+import { createRequire } from 'node:module';
+import { pathToFileURL } from 'node:url';
+import type { IoContext, QueueHandle, QueueStats } from '../../../src/iothread/context.js';
 import type { ExportCommon } from '../../../src/exports/export.js';
 import { fuseExportDriver, type FuseExport, type FuseExportOptions } from '../../../src/exports/fuse.js';
 import { startFuseQueue } from '../../../src/exports/fuse-queue.js';
@@ -125,6 +128,50 @@ export function mainTestContext(): IoContext {
   return ctx;
 }
 
+/**
+ * A context per call: each queue runs in its own worker thread (fuse-worker.ts) on its own replica
+ * of a test-file node over `image`, as an iothread would run it.
+ */
+export function workerTestContext(image: string, name: string): IoContext {
+  const ctx: IoContext = {
+    name,
+    iothreadId: name,
+    async startQueue(_kind: string, _node: BlockNode, params: any): Promise<QueueHandle> {
+      // Node 20 workers do not inherit the TS loader: register tsx in the worker, then load the body.
+      const worker = new Worker(
+        `import(${JSON.stringify(pathToFileURL(createRequire(import.meta.url).resolve('tsx/esm/api').replace(/\.cjs$/, '.mjs')).href)}).then((m) => { m.register(); ` +
+          `return import(${JSON.stringify(new URL('./fuse-worker.ts', import.meta.url).href)}); })`,
+        { eval: true, workerData: { image, params } },
+      );
+      const waiters = new Map<number, (v: unknown) => void>();
+      let nextId = 1;
+      worker.on('message', (m: { id: number; result: unknown }) => waiters.get(m.id)?.(m.result));
+      const exited = new Promise((resolve) => worker.once('exit', resolve));
+      await new Promise<void>((resolve, reject) => {
+        waiters.set(0, () => resolve());
+        worker.once('error', reject);
+      });
+      const call = (op: string) =>
+        new Promise<any>((resolve) => {
+          const id = nextId++;
+          waiters.set(id, resolve);
+          worker.postMessage({ op, id });
+        });
+      return {
+        context: ctx,
+        drainBegin: () => call('drain-begin'),
+        drainEnd: () => call('drain-end'),
+        stop: async () => {
+          await call('stop');
+          await exited;
+        },
+        stats: () => call('stats') as Promise<QueueStats>,
+      };
+    },
+  };
+  return ctx;
+}
+
 export interface RunResult {
   code: number;
   stdout: string;
@@ -158,7 +205,14 @@ export class FuseFixture {
   }
 
   async export(
-    opts: Partial<FuseExportOptions> & { writable?: boolean; queues?: number; writethrough?: boolean; readOnlyNode?: boolean } = {},
+    opts: Partial<FuseExportOptions> & {
+      writable?: boolean;
+      queues?: number;
+      writethrough?: boolean;
+      readOnlyNode?: boolean;
+      /** Serve each queue in its own worker thread instead of the main loop. */
+      workers?: boolean;
+    } = {},
   ): Promise<FuseExport> {
     this.node ??= await openTestNode(this.image, opts.readOnlyNode);
     const ctx = mainTestContext();
@@ -168,7 +222,7 @@ export class FuseFixture {
       node: this.node,
       writable: opts.writable ?? false,
       writethrough: opts.writethrough ?? false,
-      contexts: Array.from({ length: opts.queues ?? 1 }, () => ctx),
+      contexts: Array.from({ length: opts.queues ?? 1 }, (_, i) => (opts.workers ? workerTestContext(this.image, `io${i}`) : ctx)),
       multithread: (opts.queues ?? 1) > 1,
     };
     const exp = await fuseExportDriver.create(common, {
