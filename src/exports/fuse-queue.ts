@@ -9,6 +9,7 @@ import { BDRV_REQUEST_MAX_BYTES, BlockIoError, type BlockNode } from '../block/n
 import type { WriteFlags } from '../block/driver.js';
 import type { LocalQueue, QueueStats } from '../iothread/context.js';
 import { native, type FuseChannel } from '../native/binding.js';
+import { strerror } from '../util/errno.js';
 import * as abi from './fuse-abi.js';
 
 const { EACCES, EINVAL, EIO, ENOENT, ENOSYS, ENOTSUP, ENXIO, EOPNOTSUPP, EPERM, EROFS, ENODEV } = osConstants.errno;
@@ -119,11 +120,6 @@ function errnoOf(err: unknown): number {
   return EIO;
 }
 
-function describeErrno(errno: number): string {
-  const name = Object.entries(osConstants.errno).find(([, v]) => v === errno)?.[0];
-  return name ?? `errno ${errno}`;
-}
-
 class FuseQueue implements LocalQueue {
   private readonly channel: FuseChannel;
   private readonly state: Int32Array;
@@ -231,7 +227,7 @@ class FuseQueue implements LocalQueue {
     this.dead = true;
     // ENODEV: the file system was unmounted or the connection aborted; nothing to report.
     if (errno !== ENODEV) {
-      console.error(`Export '${this.params.exportId}': Failed to read from FUSE device: ${describeErrno(errno)}`);
+      console.error(`Export '${this.params.exportId}': Failed to read from FUSE device: ${strerror(errno)}`);
     }
   }
 
@@ -294,7 +290,7 @@ class FuseQueue implements LocalQueue {
       // ENOENT: the request was interrupted and the kernel forgot it; that is not an error.
       if (w < 0 && w !== -ENOENT && w !== -ENODEV && !this.writeErrorLogged) {
         this.writeErrorLogged = true;
-        console.error(`Export '${this.params.exportId}': Failed to write to FUSE device: ${describeErrno(-w)}`);
+        console.error(`Export '${this.params.exportId}': Failed to write to FUSE device: ${strerror(-w)}`);
       }
     }
     this.served++;
