@@ -667,6 +667,9 @@ export class Qcow2Image {
   // ---------------------------------------------------------------- resize
 
   async truncate(newSize: number): Promise<void> {
+    // QEMU's qcow2 refusals, with its messages (block_resize shows them).
+    if (this.h.nbSnapshots > 0) throw new BlockIoError(ENOTSUP, "Can't resize an image which has snapshots");
+    if (newSize % 512 !== 0) throw new BlockIoError(osConstants.errno.EINVAL, 'The new size must be a multiple of 512');
     await this.waitBusy(0, Math.max(this.size, 1));
     const old = this.size;
     if (newSize < old) {
@@ -681,7 +684,7 @@ export class Qcow2Image {
     }
     await this.meta.run(async () => {
       const l1Need = Math.ceil(newSize / (this.l2Entries * this.cs));
-      if (l1Need > QCOW_MAX_L1_SIZE / 8) throw new BlockIoError(EFBIG, 'File too large');
+      if (l1Need > QCOW_MAX_L1_SIZE / 8) throw new BlockIoError(EFBIG, 'Failed to grow the L1 table: File too large');
       if (l1Need > this.l1.length / 8) await this.growL1(l1Need);
       // Make the size change durable after everything it depends on.
       await this.flushLocked();

@@ -28,7 +28,7 @@ import { openImage } from './open.js';
 export { qcow2BackingInfo } from './header.js';
 export { qcow2Create, type Qcow2CreateOptions } from './create.js';
 
-const { ENOTSUP } = osConstants.errno;
+const { EINVAL } = osConstants.errno;
 
 /** Per-node state of the qcow2 driver. */
 export interface Qcow2State {
@@ -99,7 +99,10 @@ export const qcow2Driver: BlockDriver<Qcow2State> = {
   },
 
   async truncate(state, size, _exact, prealloc: PreallocMode) {
-    if (prealloc !== 'off') throw new BlockIoError(ENOTSUP, `Unsupported preallocation mode '${prealloc}'`);
+    if (prealloc !== 'off' && size < state.img.size) {
+      throw new BlockIoError(EINVAL, "Preallocation can't be used for shrinking an image");
+    }
+    // Growing with preallocation: qcow2 stays sparse; the new range reads as zeroes either way.
     await state.img.truncate(size);
   },
 

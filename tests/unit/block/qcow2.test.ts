@@ -510,4 +510,49 @@ describe('qcow2 driver', function () {
       checkNoLeaks(img);
     });
   });
+
+  describe('snapshots and resize', () => {
+    it('writes over an internal snapshot copy on write (L2 tables and data)', async () => {
+      const img = p('snap.qcow2');
+      sh('qemu-img', ['create', '-f', 'qcow2', img, '4M']);
+      sh('qemu-io', ['-c', 'write -P 0x10 0 2M', img]);
+      sh('qemu-img', ['snapshot', '-c', 's1', img]);
+      const n = await qcow2Node(img);
+      try {
+        await n.write(1000, Buffer.alloc(70_000, 0x20));
+        await n.write(3 << 20, Buffer.alloc(4096, 0x30));
+        await assert.rejects(n.truncate(8 << 20), /Can't resize an image which has snapshots/);
+      } finally { await closeNode(n); }
+      checkNoLeaks(img);
+      const now = Buffer.alloc(4 << 20);
+      now.fill(0x10, 0, 2 << 20);
+      now.fill(0x20, 1000, 71_000);
+      now.fill(0x30, 3 << 20, (3 << 20) + 4096);
+      assert.deepEqual(rawOf(img), now);
+      sh('qemu-img', ['snapshot', '-a', 's1', img]);
+      const then = Buffer.alloc(4 << 20);
+      then.fill(0x10, 0, 2 << 20);
+      assert.deepEqual(rawOf(img), then);
+      checkNoLeaks(img);
+    });
+
+    it('refuses resizes as QEMU does; grows and shrinks otherwise', async () => {
+      const img = p('rs.qcow2');
+      sh('qemu-img', ['create', '-f', 'qcow2', img, '1M']);
+      sh('qemu-io', ['-c', 'write -P 0x10 0 1M', img]);
+      const n = await qcow2Node(img);
+      try {
+        await assert.rejects(n.truncate(1000), { message: 'The new size must be a multiple of 512' });
+        await assert.rejects(n.truncate(2 ** 52), { message: 'Failed to grow the L1 table: File too large' });
+        await n.truncate(1000 * 512);
+        await n.truncate(10 * 2 ** 30);
+        assert.equal(n.getLength(), 10 * 2 ** 30);
+        const tail = Buffer.alloc(4096, 1);
+        await n.read(1000 * 512, tail);
+        assert.deepEqual(tail, Buffer.alloc(4096));
+      } finally { await closeNode(n); }
+      checkNoLeaks(img);
+      assert.equal(JSON.parse(sh('qemu-img', ['info', '--output=json', img]))['virtual-size'], 10 * 2 ** 30);
+    });
+  });
 });
