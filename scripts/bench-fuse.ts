@@ -275,7 +275,7 @@ function runFio(cell: Cell, filename: string, o: Options): Promise<number> {
   const args = [
     `--name=${cell.rw}`, `--filename=${filename}`, '--direct=1', `--rw=${cell.rw}`, `--bs=${BS}`,
     `--ioengine=${cell.engine}`, `--iodepth=${cell.iodepth}`, `--numjobs=${cell.numjobs}`,
-    '--time_based', `--runtime=${o.runtime - RAMP_SECONDS}`, `--ramp_time=${RAMP_SECONDS}`,
+    '--time_based', `--runtime=${Math.round((o.runtime - RAMP_SECONDS) * 1000)}ms`, `--ramp_time=${RAMP_SECONDS * 1000}ms`,
     // Never lay out, extend or truncate the mounted file; it already has the node's size.
     '--fallocate=none', '--create_on_open=0', '--allow_file_create=0',
     '--randrepeat=0', '--output-format=json',
@@ -467,7 +467,7 @@ async function main(): Promise<void> {
               }
               const rss = peakRssKiB(d.child.pid);
               if (rss != null) results.rss.set(t, Math.max(results.rss.get(t) ?? 0, rss));
-              if (d.exited) results.notes.push(`${t} (${node}) died during ${cell.name}: ${gist(d.output)}`);
+              if (d.exited && !interrupted) results.notes.push(`${t} (${node}) died during ${cell.name}: ${gist(d.output)}`);
             }
           }
         } finally {
