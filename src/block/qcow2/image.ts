@@ -603,11 +603,17 @@ export class Qcow2Image {
     const c0 = Math.ceil(offset / cs);
     // The last partial cluster at the end of the image counts as whole.
     const c1 = end === this.size ? Math.ceil(end / cs) : Math.floor(end / cs);
-    if (this.version < 3 || c0 >= c1) {
+    // v2 has no zero flag: without a backing file an unallocated cluster reads as zeroes.
+    if (c0 >= c1 || (this.version < 3 && this.backing !== undefined)) {
       await this.zeroSlow(offset, end);
       return;
     }
     if (offset < c0 * cs) await this.zeroSlow(offset, c0 * cs);
+    if (this.version < 3) {
+      await this.clearClusters(c0, c1);
+      if (c1 * cs < end) await this.zeroSlow(c1 * cs, end);
+      return;
+    }
     await this.editClusters(c0, c1, () => this.backing !== undefined, (buf, i) => {
       const hi = buf.readUInt32BE(i);
       const keep = !mayUnmap && (hi & HI_COPIED) !== 0 && !(hi & HI_COMPRESSED) && tableOffset(buf, i / 8) !== 0;
@@ -649,6 +655,11 @@ export class Qcow2Image {
     const c1 = end === this.size ? Math.ceil(end / cs) : Math.floor(end / cs);
     // v2 has no zero flag: discarding would expose the backing file's data, so QEMU doesn't.
     if (c0 >= c1 || (this.version < 3 && this.backing !== undefined)) return;
+    await this.clearClusters(c0, c1);
+  }
+
+  /** Deallocates whole clusters so that they read as zeroes (zero flag, or unallocated without backing). */
+  private async clearClusters(c0: number, c1: number): Promise<void> {
     await this.editClusters(c0, c1, () => false, (buf, i) => {
       const hi = buf.readUInt32BE(i);
       const allocated = (hi & HI_COMPRESSED) !== 0 || tableOffset(buf, i / 8) !== 0;
