@@ -1,0 +1,127 @@
+// NBD export type: makes one block node reachable by name through the NBD server.
+import type { BlockNode } from '../block/node.js';
+import { genericError } from '../qapi/errors.js';
+import type { NbdConnection } from '../nbd/connection.js';
+import { nbdAddExport, nbdFindExport, nbdRemoveExport, type NbdServedExport } from '../nbd/export-table.js';
+import { NBD_MAX_STRING_SIZE } from '../nbd/nbd-abi.js';
+import { nbdServerRunning } from '../nbd/server.js';
+import type { BlockExport, BlockExportDriver, ExportCommon } from './export.js';
+
+export class NbdExport implements BlockExport, NbdServedExport {
+  readonly connections = new Set<NbdConnection>();
+  drained = false;
+  private goneWaiters: (() => void)[] = [];
+
+  constructor(
+    readonly common: ExportCommon,
+    readonly name: string,
+    readonly description: string | undefined,
+    readonly allocationDepth: boolean,
+  ) {}
+
+  get node(): BlockNode {
+    return this.common.node;
+  }
+
+  get writable(): boolean {
+    return this.common.writable;
+  }
+
+  get writethrough(): boolean {
+    return this.common.writethrough;
+  }
+
+  clientCount(): number {
+    return this.connections.size;
+  }
+
+  connectionGone(): void {
+    if (this.connections.size === 0) {
+      const w = this.goneWaiters;
+      this.goneWaiters = [];
+      for (const f of w) f();
+    }
+  }
+
+  /** Resolves once every connection on this export is closed and idle. */
+  allClosed(): Promise<void> {
+    if (this.connections.size === 0) return Promise.resolve();
+    return new Promise((resolve) => this.goneWaiters.push(resolve));
+  }
+}
+
+export const nbdExportDriver: BlockExportDriver<NbdExport> = {
+  type: 'nbd',
+  supportsMultithread: false,
+  displayName: 'NBD',
+
+  async create(common: ExportCommon, options: Record<string, any>): Promise<NbdExport> {
+    if (!nbdServerRunning()) throw genericError('NBD server not running');
+    const name: string = options.name ?? common.nodeName;
+    const description: string | undefined = options.description;
+    if (Buffer.byteLength(name) > NBD_MAX_STRING_SIZE) throw genericError(`export name '${name}' too long`);
+    if (description !== undefined && Buffer.byteLength(description) > NBD_MAX_STRING_SIZE) {
+      throw genericError(`description '${description}' too long`);
+    }
+    if (nbdFindExport(name)) throw genericError(`NBD server already has export named '${name}'`);
+    const bitmaps: (string | { node: string; name: string })[] = options.bitmaps ?? [];
+    if (bitmaps.length > 0) {
+      // Dirty bitmaps do not exist in qsd-ts yet, so any bitmap named here is unknown.
+      const b = bitmaps[0];
+      throw genericError(`Bitmap '${typeof b === 'string' ? b : b.name}' is not found`);
+    }
+    const exp = new NbdExport(common, name, description, options['allocation-depth'] === true);
+    nbdAddExport(exp);
+    return exp;
+  },
+
+  requestShutdown(exp: NbdExport): void {
+    nbdRemoveExport(exp);
+    for (const c of exp.connections) c.close();
+  },
+
+  async delete(exp: NbdExport): Promise<void> {
+    nbdRemoveExport(exp);
+    for (const c of exp.connections) c.close();
+    await exp.allClosed();
+  },
+
+  async drainBegin(exp: NbdExport): Promise<void> {
+    exp.drained = true;
+    await Promise.all([...exp.connections].map((c) => c.waitIdle()));
+  },
+
+  async drainEnd(exp: NbdExport): Promise<void> {
+    exp.drained = false;
+    for (const c of exp.connections) c.kick();
+  },
+};
+
+/** Arguments of the deprecated nbd-server-add. */
+export interface NbdServerAddOptions {
+  device: string;
+  name?: string;
+  description?: string;
+  writable?: boolean;
+  bitmap?: string;
+}
+
+/**
+ * nbd-server-add → block-export-add options: the export id is the NBD name, which defaults to
+ * the device (verified on QEMU 7.2: query-block-exports lists the name as the id).
+ */
+export function nbdServerAddOptionsToExport(args: NbdServerAddOptions): Record<string, any> {
+  const { device, name = device, description, writable = false, bitmap } = args;
+  const out: Record<string, any> = { type: 'nbd', id: name, 'node-name': device, name, writable };
+  if (description !== undefined) out.description = description;
+  if (bitmap !== undefined) out.bitmaps = [bitmap];
+  return out;
+}
+
+/**
+ * nbd-server-remove → block-export-del arguments. The command layer must first check that the
+ * server runs ("NBD server not running") and that an existing export with that id has type nbd.
+ */
+export function nbdServerRemoveToExportDel(args: { name: string; mode?: 'safe' | 'hard' }): { id: string; mode?: 'safe' | 'hard' } {
+  return args.mode === undefined ? { id: args.name } : { id: args.name, mode: args.mode };
+}

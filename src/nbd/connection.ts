@@ -1,0 +1,824 @@
+// One NBD client connection: fixed-newstyle handshake, then concurrent request serving.
+import type { Socket } from 'node:net';
+import * as abi from './nbd-abi.js';
+import { nbdFindExport, nbdListExports, type NbdServedExport } from './export-table.js';
+
+/** What the server provides to its connections. */
+export interface NbdConnectionHost {
+  /** Seconds the client may take until it is in transmission; 0 = no limit. */
+  readonly handshakeMaxSeconds: number;
+  /** The socket is closed and no request is in flight any more. */
+  connectionClosed(conn: NbdConnection): void;
+}
+
+/** Requests served at once per connection; reading pauses beyond that. */
+const MAX_IN_FLIGHT = 16;
+/** Payload bytes in flight per connection before reading pauses (one request may always run). */
+const IN_FLIGHT_BYTES = 64 * 1024 * 1024;
+/** Longest option payload we buffer; larger known options get NBD_REP_ERR_TOO_BIG. */
+const OPT_DATA_MAX = 64 * 1024;
+/** Sparse READ replies use at most this many chunks; the rest goes out as one data chunk. */
+const MAX_CHUNKS = 64;
+/** Extents per meta context in one NBD_CMD_BLOCK_STATUS reply. */
+const MAX_EXTENTS = 8192;
+/** Reply headers live in front of the data, so header + data leave in one write. */
+const DATA_OFF = MAX_CHUNKS * 32;
+/** Request buffers up to this size are kept for reuse; bigger ones are dropped after use. */
+const KEEP_BUF = DATA_OFF + 2 * 1024 * 1024 + 8 * MAX_EXTENTS * 2 + 64;
+const MIN_BUF = DATA_OFF + 64 * 1024;
+
+/** One request in flight; buffers are allocated once and reused. */
+class Slot {
+  buf = Buffer.allocUnsafe(MIN_BUF);
+  readonly handle = Buffer.alloc(8);
+  type = 0;
+  flags = 0;
+  offset = 0;
+  len = 0;
+  /** Admitted payload bytes (for the in-flight byte budget). */
+  charged = 0;
+  readonly chunkStart = new Float64Array(MAX_CHUNKS);
+  readonly chunkLen = new Float64Array(MAX_CHUNKS);
+  readonly chunkZero = new Uint8Array(MAX_CHUNKS);
+  msg = '';
+
+  ensure(bytes: number): void {
+    if (this.buf.length < bytes) this.buf = Buffer.allocUnsafe(bytes);
+  }
+}
+
+type Phase = 'client-flags' | 'opt-header' | 'opt-data' | 'req-header' | 'write-payload' | 'stalled' | 'done';
+
+export class NbdConnection {
+  /** The export chosen by NBD_OPT_GO / NBD_OPT_EXPORT_NAME; undefined during the handshake. */
+  exp: NbdServedExport | undefined;
+
+  private phase: Phase = 'client-flags';
+  private readonly hdr = Buffer.alloc(abi.NBD_REQUEST_SIZE);
+  private target: Buffer = this.hdr;
+  private targetOff = 0;
+  private need = 4;
+  private fill = 0;
+  private skip = 0;
+  private afterSkip: (() => void) | undefined;
+  private pending: Buffer | null = null;
+  private pendingPos = 0;
+  private paused = false;
+
+  private noZeroes = false;
+  private structured = false;
+  private metaExport: NbdServedExport | undefined;
+  private metaBase = false;
+  private metaDepth = false;
+  private option = 0;
+
+  private readonly slots: Slot[] = [];
+  private readonly freeSlots: Slot[] = [];
+  private current: Slot | undefined;
+  private inFlight = 0;
+  private inFlightBytes = 0;
+  private idleWaiters: (() => void)[] = [];
+
+  private closing = false;
+  private socketClosed = false;
+  private finished = false;
+  private handshakeTimer: NodeJS.Timeout | undefined;
+
+  constructor(private readonly socket: Socket, private readonly host: NbdConnectionHost) {
+    socket.setNoDelay(true);
+    socket.on('data', (chunk: Buffer) => this.onData(chunk));
+    socket.on('error', () => this.close());
+    socket.on('close', () => {
+      this.socketClosed = true;
+      this.closing = true;
+      this.clearHandshakeTimer();
+      this.maybeFinish();
+    });
+  }
+
+  /** Send the greeting and start the handshake clock. */
+  start(): void {
+    if (this.host.handshakeMaxSeconds > 0) {
+      this.handshakeTimer = setTimeout(() => this.close(), this.host.handshakeMaxSeconds * 1000);
+      this.handshakeTimer.unref();
+    }
+    const g = Buffer.alloc(18);
+    g.writeBigUInt64BE(abi.NBD_INIT_MAGIC, 0);
+    g.writeBigUInt64BE(abi.NBD_OPTS_MAGIC, 8);
+    g.writeUInt16BE(abi.NBD_FLAG_FIXED_NEWSTYLE | abi.NBD_FLAG_NO_ZEROES, 16);
+    this.socket.write(g);
+  }
+
+  /** Requests not yet answered. */
+  get requestsInFlight(): number {
+    return this.inFlight;
+  }
+
+  /** Disconnect now; requests in flight finish but their replies are dropped. */
+  close(): void {
+    this.closing = true;
+    this.phase = 'done';
+    this.clearHandshakeTimer();
+    if (!this.socket.destroyed) this.socket.destroy();
+  }
+
+  /** Resolves when no request is in flight (drained sections). */
+  waitIdle(): Promise<void> {
+    if (this.inFlight === 0) return Promise.resolve();
+    return new Promise((resolve) => this.idleWaiters.push(resolve));
+  }
+
+  /** Take requests again after a drained section. */
+  kick(): void {
+    this.resumeReading();
+  }
+
+  // ---------------------------------------------------------------- input framing
+
+  private onData(chunk: Buffer): void {
+    if (this.closing) return;
+    if (this.pending && this.pendingPos < this.pending.length) {
+      // Only reachable if data arrived while we meant to be paused; keep order.
+      this.pending = Buffer.concat([this.pending.subarray(this.pendingPos), chunk]);
+    } else {
+      this.pending = chunk;
+    }
+    this.pendingPos = 0;
+    this.pump();
+  }
+
+  private blocked(): boolean {
+    if (this.phase === 'stalled') return true;
+    if (this.phase !== 'req-header' || this.fill !== 0) return false;
+    return this.inFlight >= MAX_IN_FLIGHT || this.exp!.drained;
+  }
+
+  private pump(): void {
+    while (!this.closing && this.pending !== null && this.pendingPos < this.pending.length) {
+      if (this.blocked()) {
+        if (!this.paused) {
+          this.paused = true;
+          this.socket.pause();
+        }
+        return;
+      }
+      const c = this.pending;
+      const avail = c.length - this.pendingPos;
+      if (this.skip > 0) {
+        const n = Math.min(this.skip, avail);
+        this.skip -= n;
+        this.pendingPos += n;
+        if (this.skip === 0) this.afterSkip!();
+        continue;
+      }
+      const n = Math.min(this.need - this.fill, avail);
+      c.copy(this.target, this.targetOff + this.fill, this.pendingPos, this.pendingPos + n);
+      this.fill += n;
+      this.pendingPos += n;
+      if (this.fill === this.need) {
+        this.fill = 0;
+        this.onFilled();
+      }
+    }
+    if (this.pending !== null && this.pendingPos >= this.pending.length) this.pending = null;
+  }
+
+  private resumeReading(): void {
+    if (this.closing) return;
+    if (this.pending !== null) this.pump();
+    if (this.paused && !this.blocked() && !this.closing) {
+      this.paused = false;
+      this.socket.resume();
+    }
+  }
+
+  private expect(phase: Phase, target: Buffer, off: number, n: number): void {
+    this.phase = phase;
+    this.target = target;
+    this.targetOff = off;
+    this.need = n;
+    this.fill = 0;
+    if (n === 0) this.onFilled();
+  }
+
+  private onFilled(): void {
+    switch (this.phase) {
+      case 'client-flags': return this.onClientFlags();
+      case 'opt-header': return this.onOptionHeader();
+      case 'opt-data': return this.onOption(this.option, this.target);
+      case 'req-header': return this.onRequestHeader();
+      case 'write-payload': return this.dispatch(this.current!);
+      default:
+    }
+  }
+
+  // ---------------------------------------------------------------- handshake
+
+  private onClientFlags(): void {
+    const flags = this.hdr.readUInt32BE(0);
+    // Unknown client flags: the protocol says the server must disconnect.
+    if (flags & ~(abi.NBD_FLAG_C_FIXED_NEWSTYLE | abi.NBD_FLAG_C_NO_ZEROES)) return this.close();
+    this.noZeroes = (flags & abi.NBD_FLAG_C_NO_ZEROES) !== 0;
+    this.expect('opt-header', this.hdr, 0, abi.NBD_OPT_HEADER_SIZE);
+  }
+
+  private onOptionHeader(): void {
+    if (this.hdr.readBigUInt64BE(0) !== abi.NBD_OPTS_MAGIC) return this.close();
+    const opt = this.hdr.readUInt32BE(8);
+    const length = this.hdr.readUInt32BE(12);
+    this.option = opt;
+    if (length > abi.NBD_MAX_BUFFER_SIZE) return this.close();
+    const known = opt >= abi.NBD_OPT_EXPORT_NAME && opt <= abi.NBD_OPT_SET_META_CONTEXT && opt !== abi.NBD_OPT_PEEK_EXPORT;
+    if (known && length <= OPT_DATA_MAX) {
+      this.expect('opt-data', Buffer.allocUnsafe(length), 0, length);
+      return;
+    }
+    if (opt === abi.NBD_OPT_EXPORT_NAME) return this.close(); // no error reply exists for it
+    // Skip the payload without buffering it, then answer.
+    this.phase = 'opt-data';
+    this.afterSkip = () => {
+      this.afterSkip = undefined;
+      if (known) this.optError(opt, abi.NBD_REP_ERR_TOO_BIG, `option '${abi.nbdOptName(opt)}' is too long`);
+      else this.optUnsupported(opt);
+      if (!this.closing) this.expect('opt-header', this.hdr, 0, abi.NBD_OPT_HEADER_SIZE);
+    };
+    this.skip = length;
+    if (length === 0) this.afterSkip();
+  }
+
+  private optReply(opt: number, type: number, data?: Buffer): void {
+    const h = Buffer.alloc(20);
+    h.writeBigUInt64BE(abi.NBD_REP_MAGIC, 0);
+    h.writeUInt32BE(opt >>> 0, 8);
+    h.writeUInt32BE(type >>> 0, 12);
+    h.writeUInt32BE(data ? data.length : 0, 16);
+    this.socket.write(data ? Buffer.concat([h, data]) : h);
+  }
+
+  private optError(opt: number, type: number, msg: string): void {
+    this.optReply(opt, type, Buffer.from(msg, 'utf8'));
+  }
+
+  private optUnsupported(opt: number): void {
+    this.optError(opt, abi.NBD_REP_ERR_UNSUP, `Unsupported option ${opt >>> 0} (${abi.nbdOptName(opt)})`);
+  }
+
+  private onOption(opt: number, data: Buffer): void {
+    this.expect('opt-header', this.hdr, 0, abi.NBD_OPT_HEADER_SIZE);
+    switch (opt) {
+      case abi.NBD_OPT_EXPORT_NAME: return this.optExportName(data);
+      case abi.NBD_OPT_ABORT:
+        this.optReply(opt, abi.NBD_REP_ACK);
+        return this.closeGracefully();
+      case abi.NBD_OPT_LIST: return this.optList(data);
+      case abi.NBD_OPT_STARTTLS:
+        if (data.length) return this.optZeroLength(opt);
+        return this.optError(opt, abi.NBD_REP_ERR_POLICY, 'TLS not configured');
+      case abi.NBD_OPT_INFO:
+      case abi.NBD_OPT_GO: return this.optInfo(opt, data);
+      case abi.NBD_OPT_STRUCTURED_REPLY:
+        if (data.length) return this.optZeroLength(opt);
+        if (this.structured) return this.optError(opt, abi.NBD_REP_ERR_INVALID, 'structured reply already negotiated');
+        this.structured = true;
+        return this.optReply(opt, abi.NBD_REP_ACK);
+      case abi.NBD_OPT_LIST_META_CONTEXT:
+      case abi.NBD_OPT_SET_META_CONTEXT: return this.optMetaContext(opt, data);
+      default: return this.optUnsupported(opt);
+    }
+  }
+
+  private optZeroLength(opt: number): void {
+    this.optError(opt, abi.NBD_REP_ERR_INVALID, `option '${abi.nbdOptName(opt)}' should have zero length`);
+  }
+
+  private optList(data: Buffer): void {
+    if (data.length) return this.optZeroLength(abi.NBD_OPT_LIST);
+    for (const exp of nbdListExports()) {
+      const name = Buffer.from(exp.name, 'utf8');
+      const desc = Buffer.from(exp.description ?? '', 'utf8');
+      const d = Buffer.alloc(4 + name.length + desc.length);
+      d.writeUInt32BE(name.length, 0);
+      name.copy(d, 4);
+      desc.copy(d, 4 + name.length);
+      this.optReply(abi.NBD_OPT_LIST, abi.NBD_REP_SERVER, d);
+    }
+    this.optReply(abi.NBD_OPT_LIST, abi.NBD_REP_ACK);
+  }
+
+  private transmissionFlags(exp: NbdServedExport): number {
+    // QEMU advertises MULTI_CONN on every export: all connections share one backend, so a
+    // flush on one covers writes completed on another.
+    let f = abi.NBD_FLAG_HAS_FLAGS | abi.NBD_FLAG_SEND_FLUSH | abi.NBD_FLAG_SEND_FUA |
+      abi.NBD_FLAG_SEND_CACHE | abi.NBD_FLAG_CAN_MULTI_CONN;
+    if (exp.writable) f |= abi.NBD_FLAG_SEND_TRIM | abi.NBD_FLAG_SEND_WRITE_ZEROES | abi.NBD_FLAG_SEND_FAST_ZERO;
+    else f |= abi.NBD_FLAG_READ_ONLY;
+    if (this.structured) f |= abi.NBD_FLAG_SEND_DF;
+    return f;
+  }
+
+  private optExportName(data: Buffer): void {
+    const exp = data.length <= abi.NBD_MAX_STRING_SIZE ? nbdFindExport(data.toString('utf8')) : undefined;
+    if (!exp) return this.close(); // the protocol's only answer to an unknown name
+    const r = Buffer.alloc(this.noZeroes ? 10 : 134);
+    r.writeBigUInt64BE(BigInt(exp.node.getLength()), 0);
+    r.writeUInt16BE(this.transmissionFlags(exp), 8);
+    this.socket.write(r);
+    this.enterTransmission(exp);
+  }
+
+  private optInfo(opt: number, data: Buffer): void {
+    const invalid = () => this.optError(opt, abi.NBD_REP_ERR_INVALID, `Invalid length for option '${abi.nbdOptName(opt)}'`);
+    if (data.length < 6) return invalid();
+    const nameLen = data.readUInt32BE(0);
+    if (nameLen > data.length - 6) return invalid();
+    if (nameLen > abi.NBD_MAX_STRING_SIZE) {
+      return this.optError(opt, abi.NBD_REP_ERR_INVALID, 'export name too long');
+    }
+    const name = data.toString('utf8', 4, 4 + nameLen);
+    const n = data.readUInt16BE(4 + nameLen);
+    if (data.length !== 4 + nameLen + 2 + 2 * n) return invalid();
+    let sendName = false;
+    let sendDesc = false;
+    let blockSize = false;
+    for (let i = 0; i < n; i++) {
+      switch (data.readUInt16BE(6 + nameLen + 2 * i)) {
+        case abi.NBD_INFO_NAME: sendName = true; break;
+        case abi.NBD_INFO_DESCRIPTION: sendDesc = true; break;
+        case abi.NBD_INFO_BLOCK_SIZE: blockSize = true; break;
+        default:
+      }
+    }
+    const exp = nbdFindExport(name);
+    if (!exp) return this.optError(opt, abi.NBD_REP_ERR_UNKNOWN, `export '${name}' not present`);
+    const info = (type: number, payload: Buffer) => {
+      const d = Buffer.alloc(2 + payload.length);
+      d.writeUInt16BE(type, 0);
+      payload.copy(d, 2);
+      this.optReply(opt, abi.NBD_REP_INFO, d);
+    };
+    if (sendName) info(abi.NBD_INFO_NAME, Buffer.from(exp.name, 'utf8'));
+    if (sendDesc && exp.description !== undefined) info(abi.NBD_INFO_DESCRIPTION, Buffer.from(exp.description, 'utf8'));
+    // Block sizes go out even unrequested; the minimum is only raised for clients that asked
+    // (or only look), since others may send unaligned requests.
+    const align = Math.max(1, exp.node.requestAlignment());
+    const min = opt === abi.NBD_OPT_INFO || blockSize ? align : 1;
+    const sizes = Buffer.alloc(12);
+    sizes.writeUInt32BE(min, 0);
+    sizes.writeUInt32BE(Math.max(4096, min), 4);
+    sizes.writeUInt32BE(abi.NBD_MAX_BUFFER_SIZE, 8);
+    info(abi.NBD_INFO_BLOCK_SIZE, sizes);
+    if (opt === abi.NBD_OPT_GO && align > 1 && !blockSize) {
+      return this.optError(opt, abi.NBD_REP_ERR_BLOCK_SIZE_REQD, 'request NBD_INFO_BLOCK_SIZE to use this export');
+    }
+    const e = Buffer.alloc(10);
+    e.writeBigUInt64BE(BigInt(exp.node.getLength()), 0);
+    e.writeUInt16BE(this.transmissionFlags(exp), 8);
+    info(abi.NBD_INFO_EXPORT, e);
+    this.optReply(opt, abi.NBD_REP_ACK);
+    if (opt === abi.NBD_OPT_GO) this.enterTransmission(exp);
+  }
+
+  private optMetaContext(opt: number, data: Buffer): void {
+    const list = opt === abi.NBD_OPT_LIST_META_CONTEXT;
+    if (!list && !this.structured) {
+      return this.optError(opt, abi.NBD_REP_ERR_INVALID,
+        `request option '${abi.nbdOptName(opt)}' when structured reply is not negotiated`);
+    }
+    const invalid = () => this.optError(opt, abi.NBD_REP_ERR_INVALID, `Invalid length for option '${abi.nbdOptName(opt)}'`);
+    if (data.length < 8) return invalid();
+    const nameLen = data.readUInt32BE(0);
+    if (nameLen > data.length - 8 || nameLen > abi.NBD_MAX_STRING_SIZE) return invalid();
+    const name = data.toString('utf8', 4, 4 + nameLen);
+    let pos = 4 + nameLen;
+    const nq = data.readUInt32BE(pos);
+    pos += 4;
+    const queries: string[] = [];
+    for (let i = 0; i < nq; i++) {
+      if (pos + 4 > data.length) return invalid();
+      const ql = data.readUInt32BE(pos);
+      pos += 4;
+      if (ql > data.length - pos) return invalid();
+      queries.push(data.toString('utf8', pos, pos + ql));
+      pos += ql;
+    }
+    if (pos !== data.length) return invalid();
+    const exp = nbdFindExport(name);
+    if (!exp) return this.optError(opt, abi.NBD_REP_ERR_UNKNOWN, `export '${name}' not present`);
+    let base = false;
+    let depth = false;
+    if (list && nq === 0) {
+      base = true;
+      depth = exp.allocationDepth;
+    }
+    for (const q of queries) {
+      if (q === 'base:allocation' || (list && q === 'base:')) base = true;
+      if (exp.allocationDepth && (q === 'qemu:allocation-depth' || (list && q === 'qemu:'))) depth = true;
+    }
+    const send = (id: number, ctx: string) => {
+      const s = Buffer.from(ctx, 'utf8');
+      const d = Buffer.alloc(4 + s.length);
+      d.writeUInt32BE(list ? 0 : id, 0);
+      s.copy(d, 4);
+      this.optReply(opt, abi.NBD_REP_META_CONTEXT, d);
+    };
+    if (base) send(abi.NBD_META_ID_BASE_ALLOCATION, 'base:allocation');
+    if (depth) send(abi.NBD_META_ID_ALLOCATION_DEPTH, 'qemu:allocation-depth');
+    if (!list) {
+      this.metaExport = exp;
+      this.metaBase = base;
+      this.metaDepth = depth;
+    }
+    this.optReply(opt, abi.NBD_REP_ACK);
+  }
+
+  private enterTransmission(exp: NbdServedExport): void {
+    if (this.metaExport !== exp) {
+      this.metaBase = false;
+      this.metaDepth = false;
+    }
+    this.clearHandshakeTimer();
+    this.exp = exp;
+    exp.connections.add(this);
+    this.expect('req-header', this.hdr, 0, abi.NBD_REQUEST_SIZE);
+  }
+
+  private clearHandshakeTimer(): void {
+    if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
+    this.handshakeTimer = undefined;
+  }
+
+  // ---------------------------------------------------------------- transmission
+
+  private takeSlot(): Slot {
+    const s = this.freeSlots.pop();
+    if (s) return s;
+    const n = new Slot();
+    this.slots.push(n);
+    return n;
+  }
+
+  private onRequestHeader(): void {
+    const h = this.hdr;
+    if (h.readUInt32BE(0) !== abi.NBD_REQUEST_MAGIC) return this.close();
+    const type = h.readUInt16BE(6);
+    if (type === abi.NBD_CMD_DISC) return this.closeGracefully();
+    const s = this.takeSlot();
+    s.flags = h.readUInt16BE(4);
+    s.type = type;
+    h.copy(s.handle, 0, 8, 16);
+    const hi = h.readUInt32BE(16);
+    // Offsets beyond 2^53 cannot be valid; keep them out of range without BigInt.
+    s.offset = hi >= 0x200000 ? Number.MAX_SAFE_INTEGER : hi * 0x100000000 + h.readUInt32BE(20);
+    s.len = h.readUInt32BE(24);
+    s.charged = 0;
+    this.inFlight++;
+    if ((type === abi.NBD_CMD_READ || type === abi.NBD_CMD_WRITE) && s.len > abi.NBD_MAX_BUFFER_SIZE) {
+      s.msg = `len (${s.len}) is larger than max len (${abi.NBD_MAX_BUFFER_SIZE})`;
+      if (type === abi.NBD_CMD_WRITE) {
+        // The payload cannot be skipped safely: answer, then hang up.
+        this.closeGracefully();
+        this.reply(s, abi.NBD_EINVAL, 0);
+        return;
+      }
+      this.reply(s, abi.NBD_EINVAL, 0);
+      this.expect('req-header', this.hdr, 0, abi.NBD_REQUEST_SIZE);
+      return;
+    }
+    this.current = s;
+    if (type === abi.NBD_CMD_READ || type === abi.NBD_CMD_WRITE) {
+      if (this.inFlightBytes > 0 && this.inFlightBytes + s.len > IN_FLIGHT_BYTES) {
+        this.phase = 'stalled'; // admitted by complete() once bytes are released
+        return;
+      }
+    }
+    this.admit(s);
+  }
+
+  private admit(s: Slot): void {
+    if (s.type === abi.NBD_CMD_READ || s.type === abi.NBD_CMD_WRITE) {
+      s.charged = s.len;
+      this.inFlightBytes += s.len;
+      s.ensure(DATA_OFF + s.len);
+    }
+    if (s.type === abi.NBD_CMD_WRITE) this.expect('write-payload', s.buf, DATA_OFF, s.len);
+    else this.dispatch(s);
+  }
+
+  private dispatch(s: Slot): void {
+    this.current = undefined;
+    this.expect('req-header', this.hdr, 0, abi.NBD_REQUEST_SIZE);
+    const err = this.validate(s);
+    if (err) {
+      this.reply(s, err, 0);
+      return;
+    }
+    this.serve(s).then(
+      (dataLen) => { if (dataLen >= 0) this.reply(s, 0, dataLen); },
+      (e: { errno?: number; message?: string }) => {
+        s.msg = e?.message ?? 'I/O error';
+        this.reply(s, abi.nbdErrno(e?.errno ?? 5), 0);
+      },
+    );
+  }
+
+  /** QEMU's request checks, in its order; sets s.msg on failure. */
+  private validate(s: Slot): number {
+    const exp = this.exp!;
+    const t = s.type;
+    if (t > abi.NBD_CMD_BLOCK_STATUS) {
+      s.msg = `invalid request type (${t}) received`;
+      return abi.NBD_EINVAL;
+    }
+    const writes = t === abi.NBD_CMD_WRITE || t === abi.NBD_CMD_WRITE_ZEROES || t === abi.NBD_CMD_TRIM;
+    if (writes && !exp.writable) {
+      s.msg = 'Export is read-only';
+      return abi.NBD_EPERM;
+    }
+    const size = exp.node.getLength();
+    if (s.offset > size || s.len > size - s.offset) {
+      s.msg = `operation past EOF; From: ${s.offset}, Len: ${s.len}, Size: ${size}`;
+      return t === abi.NBD_CMD_WRITE || t === abi.NBD_CMD_WRITE_ZEROES ? abi.NBD_ENOSPC : abi.NBD_EINVAL;
+    }
+    let valid = abi.NBD_CMD_FLAG_FUA;
+    if (t === abi.NBD_CMD_READ && this.structured) valid |= abi.NBD_CMD_FLAG_DF;
+    else if (t === abi.NBD_CMD_WRITE_ZEROES) valid |= abi.NBD_CMD_FLAG_NO_HOLE | abi.NBD_CMD_FLAG_FAST_ZERO;
+    else if (t === abi.NBD_CMD_BLOCK_STATUS) valid |= abi.NBD_CMD_FLAG_REQ_ONE;
+    if (s.flags & ~valid) {
+      s.msg = `unsupported flags for command (got 0x${s.flags.toString(16)})`;
+      return abi.NBD_EINVAL;
+    }
+    if (t === abi.NBD_CMD_BLOCK_STATUS) {
+      if (s.len === 0) {
+        s.msg = 'need non-zero length';
+        return abi.NBD_EINVAL;
+      }
+      if (!this.structured || (!this.metaBase && !this.metaDepth)) {
+        s.msg = 'CMD_BLOCK_STATUS not negotiated';
+        return abi.NBD_EINVAL;
+      }
+    }
+    return 0;
+  }
+
+  /**
+   * Run one request. Returns the byte count of a plain data reply (READ), 0 for "no data",
+   * or -1 when the reply was already sent (structured multi-chunk replies).
+   */
+  private async serve(s: Slot): Promise<number> {
+    const exp = this.exp!;
+    const node = exp.node;
+    const fua = (s.flags & abi.NBD_CMD_FLAG_FUA) !== 0 || exp.writethrough;
+    switch (s.type) {
+      case abi.NBD_CMD_READ:
+        if (this.structured && !(s.flags & abi.NBD_CMD_FLAG_DF) && s.len > 0) return this.sparseRead(s);
+        await node.read(s.offset, s.buf.subarray(DATA_OFF, DATA_OFF + s.len));
+        return s.len;
+      case abi.NBD_CMD_WRITE:
+        await node.write(s.offset, s.buf.subarray(DATA_OFF, DATA_OFF + s.len));
+        if (fua) await node.flush();
+        return 0;
+      case abi.NBD_CMD_WRITE_ZEROES:
+        await node.writeZeroes(s.offset, s.len, {
+          mayUnmap: !(s.flags & abi.NBD_CMD_FLAG_NO_HOLE),
+          noFallback: (s.flags & abi.NBD_CMD_FLAG_FAST_ZERO) !== 0,
+        });
+        if (fua) await node.flush();
+        return 0;
+      case abi.NBD_CMD_TRIM:
+        await node.discard(s.offset, s.len);
+        if (fua) await node.flush();
+        return 0;
+      case abi.NBD_CMD_FLUSH:
+        await node.flush();
+        return 0;
+      case abi.NBD_CMD_CACHE:
+        return 0; // advisory; every read goes to the node anyway
+      case abi.NBD_CMD_BLOCK_STATUS:
+        return this.blockStatus(s);
+      default:
+        throw Object.assign(new Error('invalid request type'), { errno: 22 });
+    }
+  }
+
+  private async sparseRead(s: Slot): Promise<number> {
+    const node = this.exp!.node;
+    let n = 0;
+    let pos = 0;
+    while (pos < s.len) {
+      let p: number;
+      let zero: boolean;
+      if (n === MAX_CHUNKS - 1 && !(n > 0 && s.chunkZero[n - 1] === 0)) {
+        p = s.len - pos; // last free chunk: send the rest as data
+        zero = false;
+      } else {
+        const st = await node.blockStatus(s.offset + pos, s.len - pos);
+        p = st.pnum > 0 ? Math.min(st.pnum, s.len - pos) : s.len - pos;
+        zero = st.zero;
+        if (n === MAX_CHUNKS - 1 && zero) {
+          p = s.len - pos;
+          zero = false;
+        }
+      }
+      if (n > 0 && (s.chunkZero[n - 1] === 1) === zero) {
+        s.chunkLen[n - 1] += p;
+      } else {
+        s.chunkStart[n] = pos;
+        s.chunkLen[n] = p;
+        s.chunkZero[n] = zero ? 1 : 0;
+        n++;
+      }
+      pos += p;
+    }
+    for (let i = 0; i < n; i++) {
+      if (s.chunkZero[i]) continue;
+      const at = DATA_OFF + s.chunkStart[i];
+      await node.read(s.offset + s.chunkStart[i], s.buf.subarray(at, at + s.chunkLen[i]));
+    }
+    if (this.closing && this.socketClosed) {
+      this.complete(s, true);
+      return -1;
+    }
+    const sock = this.socket;
+    sock.cork();
+    for (let i = 0; i < n; i++) {
+      const h = i * 32;
+      const last = i === n - 1;
+      const start = s.chunkStart[i];
+      const len = s.chunkLen[i];
+      const off = s.offset + start;
+      if (s.chunkZero[i]) {
+        this.chunkHeader(s, h, last ? abi.NBD_REPLY_FLAG_DONE : 0, abi.NBD_REPLY_TYPE_OFFSET_HOLE, 12);
+        writeU64(s.buf, h + 20, off);
+        s.buf.writeUInt32BE(len, h + 28);
+        sock.write(s.buf.subarray(h, h + 32), last ? this.releaser(s) : undefined);
+      } else {
+        this.chunkHeader(s, h, last ? abi.NBD_REPLY_FLAG_DONE : 0, abi.NBD_REPLY_TYPE_OFFSET_DATA, 8 + len);
+        writeU64(s.buf, h + 20, off);
+        sock.write(s.buf.subarray(h, h + 28));
+        const at = DATA_OFF + start;
+        sock.write(s.buf.subarray(at, at + len), last ? this.releaser(s) : undefined);
+      }
+    }
+    sock.uncork();
+    this.complete(s, false);
+    return -1;
+  }
+
+  private async blockStatus(s: Slot): Promise<number> {
+    const node = this.exp!.node;
+    const maxExtents = s.flags & abi.NBD_CMD_FLAG_REQ_ONE ? 1 : MAX_EXTENTS;
+    s.ensure(DATA_OFF + 2 * (24 + 8 * MAX_EXTENTS));
+    const parts: number[] = [];
+    let at = DATA_OFF;
+    for (let ctx = 0; ctx < 2; ctx++) {
+      if (ctx === 0 ? !this.metaBase : !this.metaDepth) continue;
+      const start = at;
+      s.buf.writeUInt32BE(ctx === 0 ? abi.NBD_META_ID_BASE_ALLOCATION : abi.NBD_META_ID_ALLOCATION_DEPTH, start + 20);
+      let count = 0;
+      let pos = 0;
+      let prev = -1;
+      let e = start + 24;
+      while (pos < s.len) {
+        const st = await node.blockStatus(s.offset + pos, s.len - pos);
+        const p = st.pnum > 0 ? Math.min(st.pnum, s.len - pos) : s.len - pos;
+        const v = ctx === 0
+          ? (st.data ? 0 : abi.NBD_STATE_HOLE) | (st.zero ? abi.NBD_STATE_ZERO : 0)
+          : st.depth ?? (st.allocated ? 1 : 0);
+        if (v === prev) {
+          s.buf.writeUInt32BE(s.buf.readUInt32BE(e - 8) + p, e - 8);
+        } else {
+          if (count === maxExtents) break;
+          s.buf.writeUInt32BE(p, e);
+          s.buf.writeUInt32BE(v, e + 4);
+          e += 8;
+          count++;
+          prev = v;
+        }
+        pos += p;
+      }
+      parts.push(start, e);
+      at = e;
+    }
+    if (this.closing && this.socketClosed) {
+      this.complete(s, true);
+      return -1;
+    }
+    const sock = this.socket;
+    sock.cork();
+    for (let i = 0; i < parts.length; i += 2) {
+      const last = i === parts.length - 2;
+      const start = parts[i];
+      const end = parts[i + 1];
+      this.chunkHeader(s, start, last ? abi.NBD_REPLY_FLAG_DONE : 0, abi.NBD_REPLY_TYPE_BLOCK_STATUS, end - start - 20);
+      sock.write(s.buf.subarray(start, end), last ? this.releaser(s) : undefined);
+    }
+    sock.uncork();
+    this.complete(s, false);
+    return -1;
+  }
+
+  private chunkHeader(s: Slot, at: number, flags: number, type: number, length: number): void {
+    const b = s.buf;
+    b.writeUInt32BE(abi.NBD_STRUCTURED_REPLY_MAGIC, at);
+    b.writeUInt16BE(flags, at + 4);
+    b.writeUInt16BE(type, at + 6);
+    s.handle.copy(b, at + 8);
+    b.writeUInt32BE(length, at + 16);
+  }
+
+  /** Send the single reply of a request: data (READ), success or error. */
+  private reply(s: Slot, err: number, dataLen: number): void {
+    if (this.socketClosed) return this.complete(s, true);
+    const b = s.buf;
+    let from: number;
+    let to = DATA_OFF;
+    if (!this.structured) {
+      from = DATA_OFF - abi.NBD_SIMPLE_REPLY_SIZE;
+      b.writeUInt32BE(abi.NBD_SIMPLE_REPLY_MAGIC, from);
+      b.writeUInt32BE(err, from + 4);
+      s.handle.copy(b, from + 8);
+      if (!err) to += dataLen;
+    } else if (err) {
+      // ERROR chunk: error, message length, message (in the header area; it is free here).
+      const msg = s.msg.length > 1024 ? s.msg.slice(0, 1024) : s.msg;
+      from = 0;
+      const ml = b.write(msg, 26, 'utf8');
+      this.chunkHeader(s, 0, abi.NBD_REPLY_FLAG_DONE, abi.NBD_REPLY_TYPE_ERROR, 6 + ml);
+      b.writeUInt32BE(err, 20);
+      b.writeUInt16BE(ml, 24);
+      to = 26 + ml;
+    } else if (s.type === abi.NBD_CMD_READ && dataLen > 0) {
+      from = DATA_OFF - 28;
+      this.chunkHeader(s, from, abi.NBD_REPLY_FLAG_DONE, abi.NBD_REPLY_TYPE_OFFSET_DATA, 8 + dataLen);
+      writeU64(b, from + 20, s.offset);
+      to += dataLen;
+    } else {
+      from = DATA_OFF - abi.NBD_CHUNK_HEADER_SIZE;
+      this.chunkHeader(s, from, abi.NBD_REPLY_FLAG_DONE, abi.NBD_REPLY_TYPE_NONE, 0);
+    }
+    this.socket.write(b.subarray(from, to), this.releaser(s));
+    this.complete(s, false);
+  }
+
+  private releaser(s: Slot): () => void {
+    // One closure per reply is the price of knowing when the socket is done with the buffer.
+    return () => this.release(s);
+  }
+
+  /** The request's work is over (its reply is queued or dropped). */
+  private complete(s: Slot, releaseNow: boolean): void {
+    this.inFlight--;
+    this.inFlightBytes -= s.charged;
+    s.charged = 0;
+    if (releaseNow || this.socketClosed) this.release(s);
+    if (this.inFlight === 0 && this.idleWaiters.length) {
+      const w = this.idleWaiters;
+      this.idleWaiters = [];
+      for (const f of w) f();
+    }
+    if (this.closing) {
+      if (this.inFlight === 0 && !this.socketClosed) {
+        this.socket.end();
+      }
+      this.maybeFinish();
+      return;
+    }
+    if (this.phase === 'stalled' && (this.inFlightBytes === 0 || this.inFlightBytes + this.current!.len <= IN_FLIGHT_BYTES)) {
+      this.admit(this.current!);
+    }
+    this.resumeReading();
+  }
+
+  private release(s: Slot): void {
+    if (this.freeSlots.includes(s)) return;
+    if (s.buf.length > KEEP_BUF) s.buf = Buffer.allocUnsafe(MIN_BUF);
+    this.freeSlots.push(s);
+  }
+
+  /** Stop reading; finish requests in flight, send their replies, then close. */
+  private closeGracefully(): void {
+    this.closing = true;
+    this.phase = 'done';
+    this.clearHandshakeTimer();
+    if (this.inFlight === 0) this.socket.end();
+    this.socket.once('finish', () => this.socket.destroy());
+  }
+
+  private maybeFinish(): void {
+    if (this.finished || !this.socketClosed || this.inFlight > 0) return;
+    this.finished = true;
+    for (const f of this.idleWaiters) f();
+    this.idleWaiters = [];
+    const exp = this.exp;
+    if (exp) {
+      exp.connections.delete(this);
+      exp.connectionGone(this);
+    }
+    this.host.connectionClosed(this);
+  }
+}
+
+function writeU64(b: Buffer, at: number, v: number): void {
+  b.writeUInt32BE(Math.floor(v / 0x100000000), at);
+  b.writeUInt32BE(v >>> 0, at + 4);
+}
