@@ -526,6 +526,16 @@ Napi::Value Fdatasync(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// lockf(fd, F_TLOCK, 0): the pidfile lock QEMU takes; held until the fd is closed or we exit.
+Napi::Value TryLockFile(const Napi::CallbackInfo& info) {
+  int32_t fd;
+  if (info.Length() < 1 || !ArgInt32(info.Env(), info[0], &fd)) return ThrowType(info.Env(), "expected (fd)");
+  while (::lockf(fd, F_TLOCK, 0) < 0) {
+    if (errno != EINTR) return ThrowErrno(info.Env(), errno, "lockf");
+  }
+  return info.Env().Undefined();
+}
+
 Napi::Value BlockDeviceSize(const Napi::CallbackInfo& info) {
   int32_t fd;
   if (info.Length() < 1 || !ArgInt32(info.Env(), info[0], &fd)) return ThrowType(info.Env(), "expected (fd)");
@@ -578,6 +588,7 @@ void InitBlockIo(Napi::Env env, Napi::Object exports) {
   exports.Set("fallocateAsync", Napi::Function::New<FallocateAsync>(env, "fallocateAsync"));
   exports.Set("lseek", Napi::Function::New<Lseek>(env, "lseek"));
   exports.Set("fdatasync", Napi::Function::New<Fdatasync>(env, "fdatasync"));
+  exports.Set("tryLockFile", Napi::Function::New<TryLockFile>(env, "tryLockFile"));
   exports.Set("blockDeviceSize", Napi::Function::New<BlockDeviceSize>(env, "blockDeviceSize"));
   exports.Set("allocAligned", Napi::Function::New<AllocAligned>(env, "allocAligned"));
   exports.Set("ioConstants", IoConstants(env));

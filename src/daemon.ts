@@ -8,6 +8,7 @@ import { makeEvent } from './qmp/events.js';
 import type { CommandHandler } from './qmp/commands/types.js';
 import { allCommands } from './qmp/commands/index.js';
 import { log } from './log.js';
+import { JobManager } from './jobs/job.js';
 import { PACKAGE_VERSION, QEMU_VERSION } from './version.js';
 
 export class Daemon {
@@ -16,8 +17,11 @@ export class Daemon {
   readonly exports: ExportManager;
   /** User-creatable objects by id, in creation order (qom-list /objects). */
   readonly objects = new Map<string, IoThread>();
+  /** QEMU creates /objects with the first user-creatable object; it stays afterwards. */
+  objectsContainer = false;
   readonly chardevs = new Map<string, Chardev>();
   readonly monitors = new Set<Monitor>();
+  readonly jobs = new JobManager((name, data) => this.emitEvent(name, data));
   readonly commands: Record<string, CommandHandler> = allCommands;
   /** Set by quit and signals; the main loop winds down once the current command answered. */
   exitRequested = false;

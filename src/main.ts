@@ -12,9 +12,10 @@ import { parseQmpJson } from './qmp/json.js';
 import { objectAdd } from './qmp/commands/qom.js';
 import { nbdServerStart } from './nbd/server.js';
 import { unmountAllFuseExports } from './exports/fuse.js';
-import { helpText, versionText } from './cli/help.js';
+import { helpText, objectHelpText, versionText } from './cli/help.js';
 import { log, setLogLevel } from './log.js';
 import { strerror } from './util/errno.js';
+import { native } from './native/binding.js';
 
 const PROGRAM = 'qsd-ts';
 /** Set in the child of --daemonize: the parent waits for our "ready" message. */
@@ -129,9 +130,16 @@ async function processOption(daemon: Daemon, opt: CliOption): Promise<void> {
     case 'blockdev':
       await daemon.graph.add(validated('BlockdevOptions', value, 'driver'));
       break;
-    case 'object':
+    case 'object': {
+      // QEMU answers 'help' and '<type>,help' before parsing the object, then exits 0.
+      const help = /^(?:qom-type=)?([^,]*),help$/.exec(value);
+      if (value === 'help' || (help && help[1] === 'iothread')) {
+        process.stdout.write(objectHelpText(value === 'help' ? undefined : 'iothread'));
+        process.exit(0);
+      }
       objectAdd(daemon, validated('ObjectOptions', value, 'qom-type'));
       break;
+    }
     case 'chardev': {
       const options = chardevOptions(value);
       if (daemon.chardevs.has(options.id)) fail(`attempt to add duplicate property '${options.id}' to object (type 'container')`);
@@ -163,11 +171,29 @@ async function processOption(daemon: Daemon, opt: CliOption): Promise<void> {
   }
 }
 
+/**
+ * QEMU's qemu_write_pidfile: create, lock (a second daemon with the same pidfile fails), make sure
+ * the locked file is still the one at the path, then write our PID. The fd stays open (and
+ * locked) for the daemon's lifetime.
+ */
 function writePidfile(path: string): void {
+  let fd: number;
   try {
-    fs.writeFileSync(path, `${process.pid}\n`, { mode: 0o644 });
+    fd = fs.openSync(path, fs.constants.O_WRONLY | fs.constants.O_CREAT, 0o644);
   } catch (err) {
     fail(`cannot create PID file: Could not create '${path}': ${strerror(err)}`);
+  }
+  try {
+    native.tryLockFile(fd);
+    const locked = fs.fstatSync(fd);
+    const current = fs.statSync(path);
+    if (locked.ino !== current.ino || locked.dev !== current.dev) fail('cannot create PID file: Failed to lock pid file');
+    fs.ftruncateSync(fd, 0);
+    fs.writeSync(fd, `${process.pid}\n`, 0);
+  } catch (err) {
+    fs.closeSync(fd);
+    if (err instanceof CliError) throw err;
+    fail(`cannot create PID file: Cannot lock pid file: ${strerror(err)}`);
   }
 }
 
@@ -263,6 +289,7 @@ export async function main(argv: string[]): Promise<void> {
 
 /** Startup failed half way: undo what exists (mounts above all), then the caller exits 1. */
 async function shutdownAfterStartupFailure(daemon: Daemon): Promise<void> {
+  process.exitCode = 1;
   daemon.onExit = () => undefined;
   await daemon.requestExit().catch(() => undefined);
 }

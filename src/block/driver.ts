@@ -60,6 +60,8 @@ export interface BlockDriver<S = any> {
   readonly name: string;
   /** Protocol drivers (file, null-co) have no 'file' child; format drivers (raw, qcow2) do. */
   readonly isProtocol: boolean;
+  /** The 'file' child holds this format's metadata: nobody else may write or resize it. */
+  readonly metadataChild?: boolean;
   /** Format drivers: the driver probing a file child should use ('raw' never probes). */
   probe?(header: Buffer, filename: string): number;
 

@@ -1,9 +1,11 @@
 // The block node graph (main thread only): node names, parent/child edges, permissions, and
 // opening/closing node trees for blockdev-add and blockdev-del.
+import fs from 'node:fs';
 import path from 'node:path';
 import { BlockNode } from './node.js';
 import { findBlockDriver } from './registry.js';
 import { genericError } from '../qapi/errors.js';
+import { qcow2BackingInfo } from './qcow2/index.js';
 
 /** QEMU's BLK_PERM_* as names (they appear in conflict messages). */
 export type Permission = 'consistent read' | 'write' | 'write unchanged' | 'resize';
@@ -33,6 +35,22 @@ const BASE_OPTIONS = new Set([
   'driver', 'node-name', 'discard', 'cache', 'read-only', 'auto-read-only', 'force-share', 'detect-zeroes',
 ]);
 
+/** Format of an image whose header names no backing format: qcow2 by its magic, else raw. */
+function probeFormat(filename: string): string {
+  try {
+    const fd = fs.openSync(filename, 'r');
+    try {
+      const magic = Buffer.alloc(4);
+      fs.readSync(fd, magic, 0, 4, 0);
+      return magic.toString('latin1') === 'QFI\xfb' ? 'qcow2' : 'raw';
+    } finally {
+      fs.closeSync(fd);
+    }
+  } catch {
+    return 'raw'; // Opening the backing file reports the real problem.
+  }
+}
+
 /** QEMU's id_wellformed(): a letter first, then letters, digits, '-', '.', '_'. */
 export function idWellformed(id: string): boolean {
   return /^[A-Za-z][A-Za-z0-9._-]*$/.test(id);
@@ -54,8 +72,10 @@ export class BlockGraph {
   private readonly entries = new Map<string, GraphEntry>();
   private generatedIds = 0;
 
-  /** Hook for format drivers that name their own backing file (qcow2): called before open(). */
-  backingResolver?: (node: { driver: string; file: BlockNode }) => Promise<{ backingFile?: string; backingFormat?: string }>;
+  /** Where a format names its own backing file (qcow2's header): read before the node opens. */
+  private async backingResolver(node: { driver: string; file: BlockNode }): Promise<{ backingFile?: string; backingFormat?: string }> {
+    return node.driver === 'qcow2' ? qcow2BackingInfo(node.file) : {};
+  }
 
   lookup(nodeName: string): BlockNode | undefined {
     return this.entries.get(nodeName)?.node;
@@ -103,6 +123,8 @@ export class BlockGraph {
     if (nodeName !== undefined) {
       if (!idWellformed(nodeName)) throw genericError(`Invalid node-name: '${nodeName}'`);
       if (this.entries.has(nodeName)) throw genericError(`Duplicate nodes with node-name='${nodeName}'`);
+      // QEMU keeps node names in a 32-byte array.
+      if (Buffer.byteLength(nodeName) >= 32) throw genericError('Node name too long');
     }
     const readOnly = options['read-only'] ?? inherited.readOnly;
     const children = new Map<string, BlockNode>();
@@ -135,15 +157,13 @@ export class BlockGraph {
   }
 
   private parentUser(node: BlockNode, role: string, readOnly: boolean, parent?: GraphEntry): NodeUser {
-    // A format node writes and resizes its file; a backing file is only read.
-    const writes = role === 'file' && !readOnly;
-    return {
-      name: node.nodeName,
-      role,
-      perms: permsFor(!writes, writes),
-      shared: role === 'file' ? FORMAT_SHARED : SHARE_ALL,
-      parent,
-    };
+    // As QEMU: a child holding metadata (qcow2's file) is always read consistently and written by a
+    // writable parent, and nobody else may write or resize it. A data-only child (raw's file, a
+    // backing file) gets only what the parent's own users ask for, which we do not propagate.
+    if (role === 'file' && node.driver.metadataChild) {
+      return { name: node.nodeName, role, perms: permsFor(readOnly, true), shared: FORMAT_SHARED, parent };
+    }
+    return { name: node.nodeName, role, perms: new Set(), shared: SHARE_ALL, parent };
   }
 
   private async openBacking(
@@ -154,20 +174,19 @@ export class BlockGraph {
     edges: Array<{ role: string; entry: GraphEntry }>,
     opened: GraphEntry[],
   ): Promise<void> {
-    if (!('backing' in options) && !this.backingResolver) return;
     const ref = options.backing;
     if (ref === null) return;
     let backing: GraphEntry | undefined;
     if (ref !== undefined) {
       backing = await this.resolveRef(ref, { readOnly: true }, opened);
-    } else if (this.backingResolver) {
+    } else {
       const info = await this.backingResolver({ driver: options.driver, file: file.node });
       if (!info.backingFile) return;
       const fileName: string = file.node.options.filename ?? '';
       const resolved = path.isAbsolute(info.backingFile) || info.backingFile.includes('://')
         ? info.backingFile
         : path.join(path.dirname(fileName), info.backingFile);
-      const fmt = info.backingFormat ?? 'raw';
+      const fmt = info.backingFormat ?? probeFormat(resolved);
       backing = await this.openTree(
         { driver: fmt, 'read-only': true, file: { driver: 'file', filename: resolved, 'read-only': true } },
         { readOnly: true },
@@ -188,7 +207,7 @@ export class BlockGraph {
   ): Promise<GraphEntry> {
     if (typeof ref === 'string') {
       const entry = this.entries.get(ref);
-      if (!entry) throw genericError(`Cannot find device='' nor node-name='${ref}'`);
+      if (!entry) throw genericError(`Cannot find device='${ref}' nor node-name='${ref}'`);
       return entry;
     }
     const child = await this.openTree(ref, inherited);

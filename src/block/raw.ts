@@ -9,7 +9,7 @@ interface RawState {
   file: BlockNode;
   offset: number;
   /** Fixed size from the 'size' option, or undefined to follow the file. */
-  size: number | undefined;
+  size?: number;
 }
 
 function fileOf(node: BlockNode): BlockNode {

@@ -3,8 +3,9 @@ import type { BlockDriver } from './driver.js';
 import { fileDriver, hostDeviceDriver } from './file.js';
 import { nullAioDriver, nullCoDriver } from './null.js';
 import { rawDriver } from './raw.js';
+import { qcow2Driver } from './qcow2/index.js';
 
-export const blockDrivers: readonly BlockDriver[] = [fileDriver, hostDeviceDriver, nullCoDriver, nullAioDriver, rawDriver];
+export const blockDrivers: readonly BlockDriver[] = [fileDriver, hostDeviceDriver, nullCoDriver, nullAioDriver, rawDriver, qcow2Driver];
 
 export function findBlockDriver(name: string): BlockDriver | undefined {
   return blockDrivers.find((d) => d.name === name);

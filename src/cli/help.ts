@@ -49,12 +49,24 @@ QEMU storage daemon (qsd-ts)
                [,tls-creds=<id>][,tls-authz=<id>][,max-connections=<n>]
                          start an NBD server for exporting block nodes
 
-  --object iothread,id=<id>[,poll-max-ns=<ns>][,aio-max-batch=<n>]
-                         create an I/O thread (an event loop of its own)
-                         that exports can run in
+  --object help          list object types that can be added
+  --object <type>,help   list properties for the given object type
+  --object <type>[,<property>=<value>...]
+                         create a new object of type <type>, setting
+                         properties in the order they are specified. Note
+                         that the 'id' property must be set.
+                         qsd-ts has 'iothread': an event loop of its own
+                         (a worker thread) that exports can run in.
 
   --pidfile <path>       write process ID to a file after startup
 
 Environment: QSD_TS_LOG=debug|trace enables structured debug logs on stderr.
 `;
+}
+
+export function objectHelpText(type?: string): string {
+  if (type === undefined) return 'List of user creatable objects:\n  iothread\n';
+  return `${type} options:\n` +
+    ['aio-max-batch=<int>', 'poll-grow=<int>', 'poll-max-ns=<int>', 'poll-shrink=<int>', 'thread-pool-max=<int>', 'thread-pool-min=<int>']
+      .map((p) => `  ${p}\n`).join('');
 }

@@ -51,7 +51,9 @@ export class IoThread implements IoContext {
 
   constructor(readonly id: string, readonly properties: IoThreadProperties = {}) {
     this.iothreadId = id;
-    this.worker = new Worker(workerUrl, { name: `iothread ${id}` });
+    // Under tsx the worker needs the TS loader too (Node 20 does not pass --import hooks on).
+    const execArgv = workerUrl.pathname.endsWith('.ts') ? ['--import', 'tsx'] : undefined;
+    this.worker = new Worker(workerUrl, { name: `iothread ${id}`, execArgv });
     this.worker.on('message', (reply: WorkerReply) => {
       const waiter = this.pending.get(reply.reqId);
       if (!waiter) return;
@@ -60,7 +62,12 @@ export class IoThread implements IoContext {
       else waiter.reject(new Error(reply.error));
     });
     this.exited = new Promise((resolve) => this.worker.once('exit', resolve));
-    this.worker.on('error', (err) => log.error({ iothread: id, err }, 'iothread failed'));
+    // A dead thread answers nothing more: fail whatever waits on it instead of hanging.
+    void this.exited.then((code) => this.failPending(new Error(`iothread '${id}' exited (code ${code})`)));
+    this.worker.on('error', (err) => {
+      log.error({ iothread: id, err }, 'iothread failed');
+      this.failPending(err);
+    });
     // An idle iothread must not keep the daemon alive by itself.
     this.worker.unref();
   }
@@ -69,7 +76,16 @@ export class IoThread implements IoContext {
     return this.id;
   }
 
+  private dead = false;
+
+  private failPending(err: Error): void {
+    this.dead = true;
+    for (const waiter of this.pending.values()) waiter.reject(err);
+    this.pending.clear();
+  }
+
   request(req: WorkerRequest): Promise<unknown> {
+    if (this.dead) return Promise.reject(new Error(`iothread '${this.id}' is not running`));
     const reqId = this.nextReqId++;
     return new Promise((resolve, reject) => {
       this.pending.set(reqId, { resolve, reject });
@@ -91,6 +107,8 @@ export class IoThread implements IoContext {
 
   /** Stop the thread; every queue must have been stopped before. */
   async stop(): Promise<void> {
+    // Keep the loop alive until the thread is gone, or the process ends mid-shutdown.
+    this.worker.ref();
     await this.request({ op: 'exit' }).catch(() => undefined);
     const timer = setTimeout(() => void this.worker.terminate(), 2000);
     await this.exited;

@@ -108,6 +108,8 @@ export interface NativeAddon {
   lseek(fd: number, offset: number, whence: number): number;
   /** fdatasync(2); throws on error. */
   fdatasync(fd: number): void;
+  /** lockf(fd, F_TLOCK, 0): lock the whole file or throw (errno EAGAIN/EACCES when held elsewhere). */
+  tryLockFile(fd: number): void;
   /** Size of a block device (BLKGETSIZE64); throws on error. */
   blockDeviceSize(fd: number): number;
   /** A Buffer of size bytes whose address is a multiple of alignment (for O_DIRECT). Zero-filled. */

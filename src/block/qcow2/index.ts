@@ -46,6 +46,7 @@ function fullBackingName(imageFilename: string | undefined, backing: string): st
 }
 
 export const qcow2Driver: BlockDriver<Qcow2State> = {
+  metadataChild: true,
   name: 'qcow2',
   isProtocol: false,
 

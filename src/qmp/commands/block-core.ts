@@ -83,7 +83,7 @@ export const blockCoreCommands: Record<string, CommandHandler> = {
     const node = nodeName !== undefined ? daemon.graph.lookup(nodeName) : undefined;
     if (!node) throw genericError(`Cannot find device='${device ?? ''}' nor node-name='${nodeName ?? ''}'`);
     if (Number(size) < 0) throw genericError("Parameter 'size' expects a >0 size");
-    if (node.readOnly) throw genericError('Block node is read-only');
+    if (node.readOnly) throw genericError('Image is read-only');
     const user = daemon.graph.attachBackend(node, 'block_resize', ['resize']);
     try {
       await daemon.exports.drained(node, async () => {

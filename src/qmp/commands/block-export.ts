@@ -1,6 +1,8 @@
 // Commands of QEMU's block-export.json: exports of every type, and the NBD server.
 import type { CommandHandler } from './types.js';
-import { nbdServerStart, nbdServerStop, nbdServerAddOptionsToExport } from '../../nbd/server.js';
+import { nbdServerStart, nbdServerStop, nbdServerRunning, nbdServerConfigFromLegacy } from '../../nbd/server.js';
+import { nbdServerAddOptionsToExport, nbdServerRemoveToExportDel } from '../../exports/nbd.js';
+import { genericError } from '../../qapi/errors.js';
 
 export const blockExportCommands: Record<string, CommandHandler> = {
   async 'block-export-add'(args, { daemon }) {
@@ -12,23 +14,25 @@ export const blockExportCommands: Record<string, CommandHandler> = {
     return {};
   },
   'query-block-exports': (_args, { daemon }) => daemon.exports.query(),
-  async 'nbd-server-start'(args: Record<string, any>) {
-    // The legacy form boxes the address: {type, data: {...}} → the flat SocketAddress.
-    const { addr, ...rest } = args;
-    await nbdServerStart({ ...rest, addr: { type: addr.type, ...addr.data } } as any);
+  async 'nbd-server-start'(args, _ctx) {
+    await nbdServerStart(nbdServerConfigFromLegacy(args));
     return {};
   },
   async 'nbd-server-stop'(_args, { daemon }) {
-    await nbdServerStop();
-    await daemon.exports.closeAllOfType('nbd');
+    await nbdServerStop(() => daemon.exports.closeAllOfType('nbd'));
     return {};
   },
   async 'nbd-server-add'(args, { daemon }) {
+    if (!nbdServerRunning()) throw genericError('NBD server not running');
     await daemon.exports.add(nbdServerAddOptionsToExport(args));
     return {};
   },
   async 'nbd-server-remove'(args: { name: string; mode?: 'safe' | 'hard' }, { daemon }) {
-    await daemon.exports.del(args.name, args.mode);
+    if (!nbdServerRunning()) throw genericError('NBD server not running');
+    const del = nbdServerRemoveToExportDel(args);
+    const entry = daemon.exports.find(del.id);
+    if (!entry || entry.type !== 'nbd') throw genericError(`Export '${del.id}' is not found`);
+    await daemon.exports.del(del.id, del.mode);
     return {};
   },
 };

@@ -4,10 +4,12 @@ import { controlCommands } from './control.js';
 import { blockCoreCommands } from './block-core.js';
 import { blockExportCommands } from './block-export.js';
 import { qomCommands } from './qom.js';
+import { jobCommands } from './job.js';
 
 export const allCommands: Record<string, CommandHandler> = {
   ...controlCommands,
   ...blockCoreCommands,
   ...blockExportCommands,
   ...qomCommands,
+  ...jobCommands,
 };

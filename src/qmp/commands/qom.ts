@@ -21,12 +21,14 @@ export function objectAdd(daemon: Daemon, args: Record<string, any>): void {
   }
   if (type !== 'iothread') throw genericError(`Invalid parameter type for 'qom-type', expected: iothread`);
   daemon.objects.set(id, new IoThread(id, props));
+  daemon.objectsContainer = true;
 }
 
 function resolve(daemon: Daemon, path: string): { kind: 'root' | 'objects' } | { kind: 'iothread'; obj: IoThread } {
   const clean = path.replace(/\/+$/, '') || '/';
   if (clean === '/') return { kind: 'root' };
-  if (clean === '/objects') return { kind: 'objects' };
+  // QEMU creates the /objects container with the first object.
+  if (clean === '/objects' && daemon.objectsContainer) return { kind: 'objects' };
   const m = /^\/objects\/([^/]+)$/.exec(clean);
   const obj = m ? daemon.objects.get(m[1]) : undefined;
   if (obj) return { kind: 'iothread', obj };

@@ -1,0 +1,112 @@
+// Background jobs (QEMU's job.c) as far as qsd-ts has them: blockdev-create jobs with QEMU's
+// state machine, JOB_STATUS_CHANGE events, query-jobs and the job-* verbs.
+import { genericError } from '../qapi/errors.js';
+import { idWellformed } from '../block/graph.js';
+
+export type JobStatus =
+  | 'undefined' | 'created' | 'running' | 'paused' | 'ready' | 'standby' | 'waiting'
+  | 'pending' | 'aborting' | 'concluded' | 'null';
+
+export type JobVerb = 'cancel' | 'pause' | 'resume' | 'set-speed' | 'complete' | 'finalize' | 'dismiss' | 'change';
+
+/** Which verbs each state accepts (QEMU's JobVerbTable, for the verbs we implement). */
+const VERBS: Record<JobVerb, JobStatus[]> = {
+  cancel: ['created', 'running', 'paused', 'ready', 'standby', 'pending'],
+  pause: ['created', 'running', 'paused', 'ready', 'standby'],
+  resume: ['created', 'running', 'paused', 'ready', 'standby'],
+  'set-speed': ['created', 'running', 'paused', 'ready', 'standby'],
+  complete: ['ready'],
+  finalize: ['pending'],
+  dismiss: ['concluded'],
+  change: ['running', 'ready'],
+};
+
+export class Job {
+  status: JobStatus = 'undefined';
+  error?: string;
+  currentProgress = 0;
+  totalProgress = 1;
+  private cancelled = false;
+
+  constructor(
+    readonly id: string,
+    readonly type: string,
+    private readonly manager: JobManager,
+  ) {}
+
+  transition(status: JobStatus): void {
+    this.status = status;
+    this.manager.emit('JOB_STATUS_CHANGE', { id: this.id, status });
+  }
+
+  checkVerb(verb: JobVerb): void {
+    if (!VERBS[verb].includes(this.status)) {
+      throw genericError(`Job '${this.id}' in state '${this.status}' cannot accept command verb '${verb}'`);
+    }
+  }
+
+  /** Run body to completion through QEMU's states (auto-finalize, manual dismiss). */
+  async run(body: () => Promise<void>): Promise<void> {
+    this.transition('running');
+    try {
+      await body();
+      if (this.cancelled) throw new Error('Job was cancelled');
+      this.currentProgress = this.totalProgress;
+      this.transition('waiting');
+      this.transition('pending');
+    } catch (err) {
+      this.error = this.cancelled ? undefined : (err as Error).message;
+      this.transition('aborting');
+    }
+    this.transition('concluded');
+  }
+
+  cancel(): void {
+    this.checkVerb('cancel');
+    this.cancelled = true;
+  }
+
+  info(): Record<string, unknown> {
+    const out: Record<string, unknown> = {
+      id: this.id,
+      type: this.type,
+      status: this.status,
+      'current-progress': this.currentProgress,
+      'total-progress': this.totalProgress,
+    };
+    if (this.error !== undefined) out.error = this.error;
+    return out;
+  }
+}
+
+export class JobManager {
+  private readonly jobs = new Map<string, Job>();
+
+  constructor(readonly emit: (event: string, data: Record<string, unknown>) => void) {}
+
+  create(id: string, type: string): Job {
+    if (!idWellformed(id)) throw genericError(`Invalid job ID '${id}'`);
+    if (this.jobs.has(id)) throw genericError(`Job ID '${id}' already in use`);
+    const job = new Job(id, type, this);
+    this.jobs.set(id, job);
+    job.transition('created');
+    return job;
+  }
+
+  find(id: string): Job {
+    const job = this.jobs.get(id);
+    if (!job) throw genericError('Job not found');
+    return job;
+  }
+
+  dismiss(id: string): void {
+    const job = this.find(id);
+    job.checkVerb('dismiss');
+    job.transition('null');
+    this.jobs.delete(id);
+  }
+
+  list(): Job[] {
+    return [...this.jobs.values()];
+  }
+}

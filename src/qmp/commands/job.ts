@@ -1,0 +1,71 @@
+// Commands of QEMU's job.json, and blockdev-create (a job).
+import fs from 'node:fs';
+import type { CommandHandler } from './types.js';
+import { genericError } from '../../qapi/errors.js';
+import { strerror } from '../../util/errno.js';
+import { qcow2Create } from '../../block/qcow2/create.js';
+
+/** blockdev-create for the file protocol: create (or empty) the file, then size it. */
+async function createFile(opts: { filename: string; size: number; preallocation?: string }): Promise<void> {
+  let fd: number;
+  try {
+    fd = fs.openSync(opts.filename, fs.constants.O_RDWR | fs.constants.O_CREAT, 0o644);
+  } catch (err) {
+    throw genericError(`Could not create '${opts.filename}': ${strerror(err)}`);
+  }
+  try {
+    fs.ftruncateSync(fd, 0);
+    fs.ftruncateSync(fd, Number(opts.size));
+    if (opts.preallocation === 'full') {
+      const zero = Buffer.alloc(1 << 20);
+      for (let off = 0; off < opts.size; off += zero.length) {
+        fs.writeSync(fd, zero, 0, Math.min(zero.length, opts.size - off), off);
+      }
+    }
+  } catch (err) {
+    throw genericError(`Could not resize file: ${strerror(err)}`);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+export const jobCommands: Record<string, CommandHandler> = {
+  'blockdev-create'(args: { 'job-id': string; options: Record<string, any> }, { daemon }) {
+    const { 'job-id': jobId, options } = args;
+    let body: () => Promise<void>;
+    if (options.driver === 'file') {
+      body = () => createFile(options as any);
+    } else if (options.driver === 'qcow2') {
+      const ref = options.file;
+      body = async () => {
+        if (typeof ref !== 'string') throw genericError('qcow2 creation needs an existing node for "file"');
+        const file = daemon.graph.lookup(ref);
+        if (!file) throw genericError(`Cannot find device='' nor node-name='${ref}'`);
+        const { driver: _driver, file: _file, ...qcow2Options } = options;
+        await qcow2Create(file, qcow2Options as any);
+      };
+    } else {
+      throw genericError('Driver does not support blockdev-create');
+    }
+    const job = daemon.jobs.create(jobId, 'create');
+    void job.run(body);
+    return {};
+  },
+  'query-jobs': (_args, { daemon }) => daemon.jobs.list().map((job) => job.info()),
+  'job-dismiss'(args: { id: string }, { daemon }) {
+    daemon.jobs.dismiss(args.id);
+    return {};
+  },
+  'job-cancel'(args: { id: string }, { daemon }) {
+    daemon.jobs.find(args.id).cancel();
+    return {};
+  },
+  'job-finalize'(args: { id: string }, { daemon }) {
+    daemon.jobs.find(args.id).checkVerb('finalize');
+    return {};
+  },
+  'job-complete'(args: { id: string }, { daemon }) {
+    daemon.jobs.find(args.id).checkVerb('complete');
+    return {};
+  },
+};
