@@ -29,6 +29,9 @@ export class Daemon {
   /** Called once everything is closed (main.ts removes the pidfile and exits). */
   onExit: (code: number) => void = (code) => process.exit(code);
 
+  /** QEMU's daemon runs until quit or a signal, whatever else the loop has (or lacks) to do. */
+  private readonly keepAlive = setInterval(() => undefined, 1 << 30);
+
   constructor() {
     this.exports = new ExportManager({
       graph: this.graph,
@@ -68,6 +71,7 @@ export class Daemon {
     } catch (err) {
       log.error({ err }, 'error during shutdown');
     }
+    clearInterval(this.keepAlive);
     this.onExit(0);
   }
 }

@@ -68,8 +68,6 @@ export class IoThread implements IoContext {
       log.error({ iothread: id, err }, 'iothread failed');
       this.failPending(err);
     });
-    // An idle iothread must not keep the daemon alive by itself.
-    this.worker.unref();
   }
 
   get name(): string {
@@ -107,8 +105,6 @@ export class IoThread implements IoContext {
 
   /** Stop the thread; every queue must have been stopped before. */
   async stop(): Promise<void> {
-    // Keep the loop alive until the thread is gone, or the process ends mid-shutdown.
-    this.worker.ref();
     await this.request({ op: 'exit' }).catch(() => undefined);
     const timer = setTimeout(() => void this.worker.terminate(), 2000);
     await this.exited;
