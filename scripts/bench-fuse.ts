@@ -237,13 +237,19 @@ async function startDaemon(target: TargetName, node: NodeKind, env: Env): Promis
   child.stdout!.on('data', collect);
   child.stderr!.on('data', collect);
   child.on('error', (e) => { d.output += String(e); d.exited = true; });
-  child.on('exit', () => { d.exited = true; });
+  // 'close', not 'exit': only then has all of its output (a crash report, say) arrived.
+  child.on('close', () => { d.exited = true; });
   const want = node === 'null-co' ? NULL_SIZE : FILE_SIZE;
   const deadline = Date.now() + 15_000;
   while (Date.now() < deadline && !d.exited && !interrupted) {
     if (isMounted(mountpoint)) {
       // The first stat waits for FUSE_INIT; once it reports the node's size, the export serves.
-      if (fs.statSync(mountpoint).size === want) return d;
+      // ENOTCONN/ECONNABORTED: the daemon died behind its mount; the loop then sees it exit.
+      try {
+        if (fs.statSync(mountpoint).size === want) return d;
+      } catch {
+        /* retried until the deadline or the daemon's exit */
+      }
     }
     await sleep(50);
   }
