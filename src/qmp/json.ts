@@ -496,7 +496,7 @@ class IncrementalParser {
 }
 
 function latin1(b: Uint8Array, len: number): string {
-  return String.fromCharCode.apply(null, b.subarray(0, len) as unknown as number[]);
+  return Buffer.from(b.buffer, b.byteOffset, len).toString('latin1');
 }
 
 // ---------------------------------------------------------------------------------------------------------
