@@ -2,7 +2,6 @@
 // Each client of a socket gets its own Monitor (its own negotiation state).
 import { QmpJsonStreamParser, formatQmpJson } from './json.js';
 import { dispatch, type QmpResponse } from './dispatch.js';
-import { qdictOrder } from './qdict-order.js';
 import type { QmpEvent } from './events.js';
 import type { Daemon } from '../daemon.js';
 import type { CommandHandler } from './commands/types.js';
@@ -61,9 +60,9 @@ export class Monitor {
 
   private send(value: unknown): void {
     if (this.closed) return;
-    const text = formatQmpJson(qdictOrder(value), this.pretty) + '\n';
-    // QEMU's monitor turns every '\n' into "\r\n" (pretty output included).
-    this.transport.write(text.replace(/\n/g, '\r\n'));
+    // formatQmpJson prints members in QEMU's QDict order and, when pretty, ends lines in CRLF
+    // as QEMU's monitor does; every message ends in CRLF.
+    this.transport.write(formatQmpJson(value, this.pretty) + '\r\n');
     if (this.transport.pendingOutput > MAX_QUEUED_OUTPUT) this.pauseInput();
   }
 

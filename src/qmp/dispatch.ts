@@ -2,7 +2,7 @@
 // its arguments against the schema and runs the handler. Only this file builds {"error": …}.
 import { QmpError, type QmpErrorClass } from '../qapi/errors.js';
 import { hasCommand, validateCommandArgs } from '../qapi/schema.js';
-import { qdictOrder } from './qdict-order.js';
+import { qdictKeyOrder } from './json.js';
 import type { CommandContext, CommandHandler } from './commands/types.js';
 import { log } from '../log.js';
 
@@ -37,9 +37,11 @@ function checkEnvelope(request: unknown, oobEnabled: boolean): { command: string
   if (request === null || typeof request !== 'object' || Array.isArray(request)) {
     throw new QmpError('GenericError', 'QMP input must be a JSON object');
   }
-  const dict = qdictOrder(request) as Record<string, unknown>;
+  const dict = request as Record<string, unknown>;
   let execKey: string | undefined;
-  for (const [name, value] of Object.entries(dict)) {
+  // QEMU walks the request in its QDict order: with several problems, the first in that order wins.
+  for (const name of qdictKeyOrder(Object.keys(dict))) {
+    const value = dict[name];
     if (name === 'execute' || (name === 'exec-oob' && oobEnabled)) {
       if (typeof value !== 'string') throw new QmpError('GenericError', `QMP input member '${name}' must be a string`);
       if (execKey) throw new QmpError('GenericError', `QMP input member '${name}' clashes with '${execKey}'`);

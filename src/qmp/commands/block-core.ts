@@ -5,10 +5,9 @@ import { nodeFilename } from '../../block/graph.js';
 import type { BlockNode } from '../../block/node.js';
 import { BlockIoError } from '../../block/node.js';
 import { formatQmpJson } from '../json.js';
-import { qdictOrder } from '../qdict-order.js';
 import { strerror } from '../../util/errno.js';
 
-const jsonFilename = (value: unknown) => formatQmpJson(qdictOrder(value));
+const jsonFilename = (value: unknown) => formatQmpJson(value);
 
 /** ImageInfo for one node (and, unless flat, its backing chain as backing-image). */
 async function imageInfo(node: BlockNode, flat: boolean): Promise<Record<string, unknown>> {
