@@ -100,8 +100,9 @@ function validated(typeName: string, text: string, impliedKey?: string): Record<
   return validateType(typeName, value, { keyval });
 }
 
-function chardevOptions(text: string): ChardevOptions {
+function chardevOptions(text: string, warn: (message: string, hint: string) => void): ChardevOptions {
   const parsed = parseQemuOpts(text, 'backend');
+  for (const w of parsed.warnings) warn(w.message, w.hint);
   const opts = parsed.options as Record<string, string | boolean | undefined>;
   const id = parsed.id ?? (opts.id as string | undefined);
   if (!id) fail('chardev: no id specified');
@@ -141,7 +142,8 @@ async function processOption(daemon: Daemon, opt: CliOption): Promise<void> {
       break;
     }
     case 'chardev': {
-      const options = chardevOptions(value);
+      const options = chardevOptions(value, (message, hint) =>
+        process.stderr.write(`${PROGRAM}: ${opt.spelled} ${value}: warning: ${message}\n${hint}`));
       if (daemon.chardevs.has(options.id)) fail(`attempt to add duplicate property '${options.id}' to object (type 'container')`);
       const chardev = new Chardev(daemon, options);
       await chardev.open();
