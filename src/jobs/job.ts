@@ -48,10 +48,18 @@ export class Job {
   /** Run body to completion through QEMU's states (auto-finalize, manual dismiss). */
   async run(body: () => Promise<void>): Promise<void> {
     this.transition('running');
+    let failed: unknown;
     try {
       await body();
+    } catch (err) {
+      failed = err;
+    }
+    // A create job counts its one step as done whether the driver succeeded or not (QEMU's
+    // blockdev_create_run updates progress after bdrv_co_create returns either way).
+    this.currentProgress = this.totalProgress;
+    try {
+      if (failed !== undefined) throw failed;
       if (this.cancelled) throw new Error('Job was cancelled');
-      this.currentProgress = this.totalProgress;
       this.transition('waiting');
       this.transition('pending');
     } catch (err) {

@@ -5,27 +5,30 @@ import { genericError } from '../../qapi/errors.js';
 import { strerror } from '../../util/errno.js';
 import { qcow2Create } from '../../block/qcow2/create.js';
 
-/** blockdev-create for the file protocol: create (or empty) the file, then size it. */
+/**
+ * blockdev-create for the file protocol: create (or empty) the file, then size it. Asynchronous
+ * throughout, so a long preallocation does not stall QMP (job-dismiss must see 'running').
+ */
 async function createFile(opts: { filename: string; size: number; preallocation?: string }): Promise<void> {
-  let fd: number;
+  let fh: fs.promises.FileHandle;
   try {
-    fd = fs.openSync(opts.filename, fs.constants.O_RDWR | fs.constants.O_CREAT, 0o644);
+    fh = await fs.promises.open(opts.filename, fs.constants.O_RDWR | fs.constants.O_CREAT, 0o644);
   } catch (err) {
     throw genericError(`Could not create '${opts.filename}': ${strerror(err)}`);
   }
   try {
-    fs.ftruncateSync(fd, 0);
-    fs.ftruncateSync(fd, Number(opts.size));
+    await fh.truncate(0);
+    await fh.truncate(Number(opts.size));
     if (opts.preallocation === 'full') {
       const zero = Buffer.alloc(1 << 20);
       for (let off = 0; off < opts.size; off += zero.length) {
-        fs.writeSync(fd, zero, 0, Math.min(zero.length, opts.size - off), off);
+        await fh.write(zero, 0, Math.min(zero.length, opts.size - off), off);
       }
     }
   } catch (err) {
     throw genericError(`Could not resize file: ${strerror(err)}`);
   } finally {
-    fs.closeSync(fd);
+    await fh.close();
   }
 }
 
@@ -40,7 +43,8 @@ export const jobCommands: Record<string, CommandHandler> = {
       body = async () => {
         if (typeof ref !== 'string') throw genericError('qcow2 creation needs an existing node for "file"');
         const file = daemon.graph.lookup(ref);
-        if (!file) throw genericError(`Cannot find device='' nor node-name='${ref}'`);
+        // QEMU resolves a BlockdevRef as both a device and a node name.
+        if (!file) throw genericError(`Cannot find device='${ref}' nor node-name='${ref}'`);
         const { driver: _driver, file: _file, ...qcow2Options } = options;
         await qcow2Create(file, qcow2Options as any);
       };
