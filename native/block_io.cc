@@ -7,6 +7,8 @@
 // blocks.
 #include "block_io.h"
 
+#include <sys/mman.h>
+
 #include <errno.h>
 #include <fcntl.h>
 #include <liburing.h>
@@ -552,6 +554,16 @@ Napi::Value AllocAligned(const Napi::CallbackInfo& info) {
   }
   if (size < 0 || alignment <= 0 || (alignment & (alignment - 1)) != 0) {
     return ThrowErrno(info.Env(), EINVAL, "posix_memalign");
+  }
+  // Large buffers (FUSE request slots) come from anonymous mmap: zeroed by the kernel and resident
+  // only once touched, so a queue's 64 slots cost memory only for the bytes requests really use.
+  long page = sysconf(_SC_PAGESIZE);
+  if (size >= 65536 && alignment <= page) {
+    void* m = mmap(nullptr, size_t(size), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) return ThrowErrno(info.Env(), errno, "mmap");
+    size_t len = size_t(size);
+    return Napi::Buffer<uint8_t>::New(info.Env(), static_cast<uint8_t*>(m), len,
+                                      [len](Napi::Env, uint8_t* data) { munmap(data, len); });
   }
   // posix_memalign needs a multiple of sizeof(void*); a smaller power of two is implied by it.
   size_t align = size_t(alignment) < sizeof(void*) ? sizeof(void*) : size_t(alignment);
