@@ -8,7 +8,8 @@ import {
 import { openImage } from './open.js';
 
 export interface Qcow2CreateOptions {
-  size: number;
+  /** A uint64 from the schema: a number where exact, else a bigint (wrapped negatives too). */
+  size: number | bigint;
   version?: 'v2' | 'v3';
   'cluster-size'?: number;
   'lazy-refcounts'?: boolean;
@@ -24,13 +25,17 @@ const isPow2 = (n: number) => Number.isSafeInteger(n) && n > 0 && (n & (n - 1)) 
 /** Writes a new qcow2 image into `file` (which must be empty); QEMU's validation messages. */
 export async function qcow2Create(file: BlockNode, opts: Qcow2CreateOptions): Promise<void> {
   const {
-    size, version = 'v3', 'cluster-size': cs = 65536, 'lazy-refcounts': lazy = false,
+    size: rawSize, version = 'v3', 'cluster-size': cs = 65536, 'lazy-refcounts': lazy = false,
     'refcount-bits': refcountBits = 16, 'backing-file': backingFile, 'backing-fmt': backingFmt,
     'extended-l2': extL2 = false, preallocation = 'off',
   } = opts;
   // Checks in QEMU's order (verified against qemu-storage-daemon 7.2 blockdev-create).
-  if (!Number.isSafeInteger(size) || size < 0) throw genericError("Parameter 'size' expects a size");
-  if (size % 512 !== 0) throw genericError('Image size must be a multiple of 512 bytes');
+  // The schema hands over a uint64 (negative input already wrapped to 2^64 + size). Alignment
+  // is checked first; sizes past int64 are "negative" and, like sizes too large for the L1
+  // table, only fail in the resize that follows the format step.
+  const size64 = BigInt(rawSize);
+  if (size64 % 512n !== 0n) throw genericError('Image size must be a multiple of 512 bytes');
+  const size = size64 >= 1n << 63n ? -1 : size64 > BigInt(Number.MAX_SAFE_INTEGER) ? Infinity : Number(size64);
   if (extL2 && version === 'v2') {
     throw genericError('Extended L2 entries are only supported with compatibility level 1.1 and above (use version=v3 or greater)');
   }
@@ -55,9 +60,10 @@ export async function qcow2Create(file: BlockNode, opts: Qcow2CreateOptions): Pr
   if (version === 'v2' && refcountBits !== 16) {
     throw genericError('Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)');
   }
+  if (size < 0) throw genericError('Could not resize image: Image size cannot be negative');
   const refcountOrder = Math.log2(refcountBits);
   const l2Entries = cs / (extL2 ? 16 : 8);
-  if (Math.ceil(size / (l2Entries * cs)) > QCOW_MAX_L1_SIZE / 8) {
+  if (!Number.isFinite(size) || Math.ceil(size / (l2Entries * cs)) > QCOW_MAX_L1_SIZE / 8) {
     // blockdev-create fails in the resize that follows the format step.
     throw genericError('Could not resize image: Failed to grow the L1 table: File too large');
   }
