@@ -28,6 +28,11 @@ export interface GraphEntry {
   /** Created by blockdev-add / --blockdev at top level (QEMU's monitor_list): deletable by name. */
   monitorOwned: boolean;
   readonly users: Set<NodeUser>;
+  /**
+   * When QEMU would have named the node (bdrv_assign_node_name): after its file child, before
+   * its backing chain. Orders query-named-block-nodes.
+   */
+  readonly order: number;
 }
 
 /** Options that belong to every node and do not make its filename a json: one. */
@@ -71,6 +76,7 @@ export class BlockGraph {
   /** Every node with its name, newest first as QEMU lists them. */
   private readonly entries = new Map<string, GraphEntry>();
   private generatedIds = 0;
+  private nextOrder = 0;
 
   /** Where a format names its own backing file (qcow2's header): read before the node opens. */
   private async backingResolver(node: { driver: string; file: BlockNode }): Promise<{ backingFile?: string; backingFormat?: string }> {
@@ -87,7 +93,7 @@ export class BlockGraph {
 
   /** Nodes newest first (query-named-block-nodes order). */
   list(): GraphEntry[] {
-    return [...this.entries.values()].reverse();
+    return [...this.entries.values()].sort((a, b) => b.order - a.order);
   }
 
   /** QEMU's bdrv_lookup_bs(NULL, name) message. */
@@ -130,6 +136,7 @@ export class BlockGraph {
     const children = new Map<string, BlockNode>();
     const opened: GraphEntry[] = [];
     const edges: Array<{ role: string; entry: GraphEntry }> = [];
+    let order: number | undefined;
     try {
       if (!driver.isProtocol) {
         const fileRef = options.file;
@@ -137,6 +144,9 @@ export class BlockGraph {
         const file = await this.resolveRef(fileRef, { readOnly }, opened);
         edges.push({ role: 'file', entry: file });
         children.set('file', file.node);
+        // QEMU names a format node once its file is open and only then opens its backing chain,
+        // so the node lists after its backing nodes and before its file.
+        order = this.nextOrder++;
         await this.openBacking(options, file, readOnly, children, edges, opened);
       }
       if (nodeName === undefined) nodeName = this.generateNodeName();
@@ -145,7 +155,7 @@ export class BlockGraph {
       const node = new BlockNode({ nodeName, driver, readOnly, options, children });
       for (const { role, entry } of edges) this.checkNewUser(entry, this.parentUser(node, role, readOnly));
       node.state = await driver.open(node, options);
-      const entry: GraphEntry = { node, monitorOwned: false, users: new Set() };
+      const entry: GraphEntry = { node, monitorOwned: false, users: new Set(), order: order ?? this.nextOrder++ };
       for (const { role, entry: child } of edges) child.users.add(this.parentUser(node, role, node.readOnly, entry));
       this.entries.set(nodeName, entry);
       return entry;
@@ -182,10 +192,7 @@ export class BlockGraph {
     } else {
       const info = await this.backingResolver({ driver: options.driver, file: file.node });
       if (!info.backingFile) return;
-      const fileName: string = file.node.options.filename ?? '';
-      const resolved = path.isAbsolute(info.backingFile) || info.backingFile.includes('://')
-        ? info.backingFile
-        : path.join(path.dirname(fileName), info.backingFile);
+      const resolved = pathCombine(file.node.options.filename ?? '', info.backingFile);
       const fmt = info.backingFormat ?? probeFormat(resolved);
       backing = await this.openTree(
         { driver: fmt, 'read-only': true, file: { driver: 'file', filename: resolved, 'read-only': true } },
@@ -307,17 +314,55 @@ export class BlockGraph {
     return out;
   }
 
-  /** QEMU's bdrv_refresh_filename, simplified: a plain name when options add nothing, else json:. */
-  static fullOptions(node: BlockNode): Record<string, unknown> {
+  /**
+   * QEMU's bdrv_refresh_filename, simplified: a plain name when options add nothing, else json:.
+   * `backing` appears only when overridden: the backing node's options, or null for none.
+   */
+  static fullOptions(node: BlockNode, toJson?: (value: unknown) => string): Record<string, unknown> {
     const out: Record<string, unknown> = { driver: node.driver.name };
     for (const [key, value] of Object.entries(node.options)) {
       if (BASE_OPTIONS.has(key) || key === 'file' || key === 'backing') continue;
       out[key] = value;
     }
     const file = node.file;
-    if (file) out.file = BlockGraph.fullOptions(file);
+    if (file) out.file = BlockGraph.fullOptions(file, toJson);
+    if (toJson && backingOverridden(node, toJson)) {
+      const backing = node.backing;
+      out.backing = backing ? BlockGraph.fullOptions(backing, toJson) : null;
+    }
     return out;
   }
+}
+
+/**
+ * QEMU's path_combine(): a relative backing name is taken relative to the image's directory by
+ * plain concatenation (no normalization: "dir/sub/../base.raw" stays as it is, as QEMU shows it).
+ */
+export function pathCombine(imageFilename: string, backing: string): string {
+  if (path.isAbsolute(backing) || hasProtocol(backing)) return backing;
+  const slash = imageFilename.lastIndexOf('/');
+  return slash < 0 ? backing : imageFilename.slice(0, slash + 1) + backing;
+}
+
+/** QEMU's path_has_protocol(): a ':' before any '/'. */
+function hasProtocol(name: string): boolean {
+  const colon = name.indexOf(':');
+  const slash = name.indexOf('/');
+  return colon >= 0 && (slash < 0 || colon < slash);
+}
+
+/**
+ * QEMU's bdrv_backing_overridden(): the backing child is not the one the image header names
+ * (an explicit `backing` option that differs, or `backing: null` on an image that has one).
+ * A backing file opened from the header is never overridden.
+ */
+function backingOverridden(node: BlockNode, toJson: (value: unknown) => string): boolean {
+  const ref = node.options.backing;
+  if (ref === undefined) return false;
+  const headerName = node.driver.imageInfo?.(node.state)['backing-filename'];
+  const backing = node.backing;
+  if (!backing) return headerName !== undefined;
+  return headerName !== nodeFilename(backing, toJson);
 }
 
 /** The `file`/`filename` string QEMU shows for a node. */
@@ -329,8 +374,8 @@ export function nodeFilename(node: BlockNode, toJson: (value: unknown) => string
   );
   if (node.driver.isProtocol) {
     if (extra.length === 0) return `${driver}://`;
-  } else if (extra.length === 0 && node.file) {
+  } else if (extra.length === 0 && node.file && !backingOverridden(node, toJson)) {
     return nodeFilename(node.file, toJson);
   }
-  return `json:${toJson(BlockGraph.fullOptions(node))}`;
+  return `json:${toJson(BlockGraph.fullOptions(node, toJson))}`;
 }
