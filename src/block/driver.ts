@@ -62,6 +62,8 @@ export interface BlockDriver<S = any> {
   readonly isProtocol: boolean;
   /** The 'file' child holds this format's metadata: nobody else may write or resize it. */
   readonly metadataChild?: boolean;
+  /** Non-protocol drivers: the option naming the child opened as 'file' (default 'file'; blkdebug: 'image'). */
+  readonly childOption?: string;
   /** Format drivers: the driver probing a file child should use ('raw' never probes). */
   probe?(header: Buffer, filename: string): number;
 
@@ -106,6 +108,11 @@ export interface BlockDriver<S = any> {
   blockStatus?(state: S, offset: number, bytes: number): Promise<BlockStatus>;
   /** Driver part of ImageInfo. */
   imageInfo?(state: S): DriverImageInfo;
+  /**
+   * A debug event (QEMU's BlkdebugEvent name, e.g. 'read_aio') raised on this node by its parent
+   * (bdrv_debug_event). Synchronous and cheap: it runs on the I/O path. Only blkdebug listens.
+   */
+  debugEvent?(state: S, event: string): void;
   /** Re-read the length from storage after another context changed it (e.g. grew the file). */
   refreshLength?(state: S): void;
 }

@@ -139,7 +139,8 @@ export class BlockGraph {
     let order: number | undefined;
     try {
       if (!driver.isProtocol) {
-        const fileRef = options.file;
+        // blkdebug names its child 'image'; it is still the node's 'file' (primary) child.
+        const fileRef = options[driver.childOption ?? 'file'];
         if (fileRef === undefined) throw genericError('A block device must be specified for "file"');
         const file = await this.resolveRef(fileRef, { readOnly }, opened);
         edges.push({ role: 'file', entry: file });

@@ -45,6 +45,10 @@ export class BlockNode {
     this.isReplica = init.isReplica ?? false;
   }
 
+  /** Writes since this node's last successful flush (QEMU's write_gen/flushed_gen), per context. */
+  private writeGen = 0;
+  private flushedGen = 0;
+
   /** The 'file' child of a format node. */
   get file(): BlockNode | undefined {
     return this.children.get('file');
@@ -52,6 +56,11 @@ export class BlockNode {
 
   get backing(): BlockNode | undefined {
     return this.children.get('backing');
+  }
+
+  /** Raise a debug event on this node (BLKDBG_EVENT on a child): only blkdebug reacts. */
+  debugEvent(event: string): void {
+    this.driver.debugEvent?.(this.state, event);
   }
 
   getLength(): number {
@@ -114,6 +123,7 @@ export class BlockNode {
     this.checkRequest(offset, buf.length);
     if (!this.driver.write) throw new BlockIoError(EPERM, `driver '${this.driver.name}' is read-only`);
     if (buf.length === 0) return;
+    this.writeGen++;
     return this.driver.write(this.state, offset, buf, flags);
   }
 
@@ -123,6 +133,7 @@ export class BlockNode {
     // QEMU drops MAY_UNMAP unless the node was opened with discard=unmap.
     if (flags.mayUnmap && !this.unmapAllowed) flags = { ...flags, mayUnmap: false };
     if (bytes === 0) return;
+    this.writeGen++;
     if (this.driver.writeZeroes) return this.driver.writeZeroes(this.state, offset, bytes, flags);
     if (flags.noFallback) throw new BlockIoError(ENOTSUP, 'write zeroes not supported');
     if (!this.driver.write) throw new BlockIoError(EPERM, `driver '${this.driver.name}' is read-only`);
@@ -139,11 +150,21 @@ export class BlockNode {
     this.checkWritable();
     this.checkRange(offset, bytes);
     if (bytes === 0 || !this.driver.discard || !this.unmapAllowed) return;
+    this.writeGen++;
     return this.driver.discard(this.state, offset, bytes);
   }
 
   async flush(): Promise<void> {
+    // bdrv_co_flush raises these on the primary child (blkdebug's triggers); flush_to_disk only
+    // when something was written since the last successful flush.
+    const child = this.children.get('file');
+    const gen = this.writeGen;
+    if (child) {
+      child.debugEvent('flush_to_os');
+      if (gen !== this.flushedGen) child.debugEvent('flush_to_disk');
+    }
     if (this.driver.flush) await this.driver.flush(this.state);
+    this.flushedGen = gen;
   }
 
   async truncate(size: number, exact = true, prealloc: PreallocMode = 'off'): Promise<void> {

@@ -46,8 +46,14 @@ export const rawDriver: BlockDriver<RawState> = {
   getLength: (state) => state.size ?? Math.max(0, state.file.getLength() - state.offset),
   getAllocatedFileSize: (state) => state.file.getAllocatedFileSize(),
   requestAlignment: (state) => state.file.requestAlignment(),
-  read: (state, offset, buf) => state.file.read(state.offset + offset, buf),
-  write: (state, offset, buf, flags) => state.file.write(state.offset + offset, buf, flags),
+  read(state, offset, buf) {
+    state.file.debugEvent('read_aio');
+    return state.file.read(state.offset + offset, buf);
+  },
+  write(state, offset, buf, flags) {
+    state.file.debugEvent('write_aio');
+    return state.file.write(state.offset + offset, buf, flags);
+  },
   writeZeroes: (state, offset, bytes, flags) => state.file.writeZeroes(state.offset + offset, bytes, flags),
   discard: (state, offset, bytes) => state.file.discard(state.offset + offset, bytes),
   flush: (state) => state.file.flush(),

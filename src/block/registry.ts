@@ -4,8 +4,9 @@ import { fileDriver, hostDeviceDriver } from './file.js';
 import { nullAioDriver, nullCoDriver } from './null.js';
 import { rawDriver } from './raw.js';
 import { qcow2Driver } from './qcow2/index.js';
+import { blkdebugDriver } from './blkdebug.js';
 
-export const blockDrivers: readonly BlockDriver[] = [fileDriver, hostDeviceDriver, nullCoDriver, nullAioDriver, rawDriver, qcow2Driver];
+export const blockDrivers: readonly BlockDriver[] = [blkdebugDriver, fileDriver, hostDeviceDriver, nullCoDriver, nullAioDriver, rawDriver, qcow2Driver];
 
 export function findBlockDriver(name: string): BlockDriver | undefined {
   return blockDrivers.find((d) => d.name === name);
