@@ -34,6 +34,9 @@ class Slot {
   type = 0;
   flags = 0;
   offset = 0;
+  /** High 32 bits of the wire offset, to print offsets beyond 2^53 exactly. */
+  offHi = 0;
+  offLo = 0;
   len = 0;
   /** Admitted payload bytes (for the in-flight byte budget). */
   charged = 0;
@@ -288,7 +291,7 @@ export class NbdConnection {
   }
 
   private optZeroLength(opt: number): void {
-    this.optError(opt, abi.NBD_REP_ERR_INVALID, `option '${abi.nbdOptName(opt)}' should have zero length`);
+    this.optError(opt, abi.NBD_REP_ERR_INVALID, `option '${abi.nbdOptName(opt)}' has unexpected length`);
   }
 
   private optList(data: Buffer): void {
@@ -327,7 +330,7 @@ export class NbdConnection {
   }
 
   private optInfo(opt: number, data: Buffer): void {
-    const invalid = () => this.optError(opt, abi.NBD_REP_ERR_INVALID, `Invalid length for option '${abi.nbdOptName(opt)}'`);
+    const invalid = () => this.optError(opt, abi.NBD_REP_ERR_INVALID, `Inconsistent lengths in option ${abi.nbdOptName(opt)}`);
     if (data.length < 6) return invalid();
     const nameLen = data.readUInt32BE(0);
     if (nameLen > data.length - 6) return invalid();
@@ -384,7 +387,7 @@ export class NbdConnection {
       return this.optError(opt, abi.NBD_REP_ERR_INVALID,
         `request option '${abi.nbdOptName(opt)}' when structured reply is not negotiated`);
     }
-    const invalid = () => this.optError(opt, abi.NBD_REP_ERR_INVALID, `Invalid length for option '${abi.nbdOptName(opt)}'`);
+    const invalid = () => this.optError(opt, abi.NBD_REP_ERR_INVALID, `Inconsistent lengths in option ${abi.nbdOptName(opt)}`);
     if (data.length < 8) return invalid();
     const nameLen = data.readUInt32BE(0);
     if (nameLen > data.length - 8 || nameLen > abi.NBD_MAX_STRING_SIZE) return invalid();
@@ -468,12 +471,15 @@ export class NbdConnection {
     h.copy(s.handle, 0, 8, 16);
     const hi = h.readUInt32BE(16);
     // Offsets beyond 2^53 cannot be valid; keep them out of range without BigInt.
+    s.offHi = hi;
+    s.offLo = h.readUInt32BE(20);
     s.offset = hi >= 0x200000 ? Number.MAX_SAFE_INTEGER : hi * 0x100000000 + h.readUInt32BE(20);
     s.len = h.readUInt32BE(24);
     s.charged = 0;
     this.inFlight++;
     if ((type === abi.NBD_CMD_READ || type === abi.NBD_CMD_WRITE) && s.len > abi.NBD_MAX_BUFFER_SIZE) {
-      s.msg = `len (${s.len}) is larger than max len (${abi.NBD_MAX_BUFFER_SIZE})`;
+      // sic: QEMU prints a space before the parenthesis.
+      s.msg = `len (${s.len} ) is larger than max len (${abi.NBD_MAX_BUFFER_SIZE})`;
       if (type === abi.NBD_CMD_WRITE) {
         // The payload cannot be skipped safely: answer, then hang up.
         this.closeGracefully();
@@ -536,15 +542,16 @@ export class NbdConnection {
     }
     const size = exp.node.getLength();
     if (s.offset > size || s.len > size - s.offset) {
-      s.msg = `operation past EOF; From: ${s.offset}, Len: ${s.len}, Size: ${size}`;
-      return t === abi.NBD_CMD_WRITE || t === abi.NBD_CMD_WRITE_ZEROES ? abi.NBD_ENOSPC : abi.NBD_EINVAL;
+      const from = s.offHi >= 0x200000 ? (BigInt(s.offHi) << 32n) + BigInt(s.offLo) : s.offset;
+      s.msg = `operation past EOF; From: ${from}, Len: ${s.len}, Size: ${size}`;
+      return abi.NBD_EINVAL; // QEMU 7.2 answers EINVAL for writes too (verified)
     }
     let valid = abi.NBD_CMD_FLAG_FUA;
     if (t === abi.NBD_CMD_READ && this.structured) valid |= abi.NBD_CMD_FLAG_DF;
     else if (t === abi.NBD_CMD_WRITE_ZEROES) valid |= abi.NBD_CMD_FLAG_NO_HOLE | abi.NBD_CMD_FLAG_FAST_ZERO;
     else if (t === abi.NBD_CMD_BLOCK_STATUS) valid |= abi.NBD_CMD_FLAG_REQ_ONE;
     if (s.flags & ~valid) {
-      s.msg = `unsupported flags for command (got 0x${s.flags.toString(16)})`;
+      s.msg = `unsupported flags for command ${abi.nbdCmdName(t)} (got 0x${s.flags.toString(16)})`;
       return abi.NBD_EINVAL;
     }
     if (t === abi.NBD_CMD_BLOCK_STATUS) {

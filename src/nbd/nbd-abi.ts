@@ -43,13 +43,12 @@ export const NBD_OPT_LIST_META_CONTEXT = 9;
 export const NBD_OPT_SET_META_CONTEXT = 10;
 export const NBD_OPT_EXTENDED_HEADERS = 11;
 
-/** Option names as QEMU prints them in "Unsupported option" replies. */
+/** Option names as QEMU 7.2 prints them in replies (peek export and later options: "<unknown>"). */
 export function nbdOptName(opt: number): string {
   switch (opt) {
     case NBD_OPT_EXPORT_NAME: return 'export name';
     case NBD_OPT_ABORT: return 'abort';
     case NBD_OPT_LIST: return 'list';
-    case NBD_OPT_PEEK_EXPORT: return 'peek export';
     case NBD_OPT_STARTTLS: return 'starttls';
     case NBD_OPT_INFO: return 'info';
     case NBD_OPT_GO: return 'go';
@@ -121,6 +120,21 @@ export const NBD_ENOSPC = 28;
 export const NBD_EOVERFLOW = 75;
 export const NBD_ENOTSUP = 95;
 export const NBD_ESHUTDOWN = 108;
+
+/** Command names as QEMU prints them in error messages. */
+export function nbdCmdName(cmd: number): string {
+  switch (cmd) {
+    case NBD_CMD_READ: return 'read';
+    case NBD_CMD_WRITE: return 'write';
+    case NBD_CMD_DISC: return 'disconnect';
+    case NBD_CMD_FLUSH: return 'flush';
+    case NBD_CMD_TRIM: return 'trim';
+    case NBD_CMD_CACHE: return 'cache';
+    case NBD_CMD_WRITE_ZEROES: return 'write zeroes';
+    case NBD_CMD_BLOCK_STATUS: return 'block status';
+    default: return '<unknown>';
+  }
+}
 
 /** Meta context ids we hand out in NBD_OPT_SET_META_CONTEXT (QEMU's numbering). */
 export const NBD_META_ID_BASE_ALLOCATION = 0;

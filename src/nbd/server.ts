@@ -1,6 +1,6 @@
 // The process-wide NBD server (nbd-server-start / --nbd-server): listening socket and connections.
 import * as net from 'node:net';
-import { accessSync, unlinkSync } from 'node:fs';
+import { accessSync, fstatSync, unlinkSync } from 'node:fs';
 import { dirname } from 'node:path';
 import { genericError } from '../qapi/errors.js';
 import { NbdConnection, type NbdConnectionHost } from './connection.js';
@@ -86,7 +86,8 @@ class NbdServer implements NbdConnectionHost {
       case 'inet': {
         const port = Number(addr.port);
         if (!/^\d+$/.test(addr.port) || port > 65535) {
-          throw genericError(`Unable to parse port '${addr.port}'`); // service names are not resolved
+          // Service names are not resolved; QEMU's getaddrinfo() wording for an unknown one.
+          throw genericError(`address resolution failed for ${addr.host}:${addr.port}: Servname not supported for ai_socktype`);
         }
         const host = addr.host === '' ? (addr.ipv6 && !addr.ipv4 ? '::' : '0.0.0.0') : addr.host;
         try {
@@ -123,7 +124,10 @@ class NbdServer implements NbdConnectionHost {
         return;
       }
       case 'fd': {
-        if (!/^\d+$/.test(addr.str)) throw genericError(`File descriptor named '${addr.str}' has not been found`);
+        if (!/^\d+$/.test(addr.str)) throw genericError(`Unable to parse FD number ${addr.str}`);
+        let isSocket = false;
+        try { isSocket = fstatSync(Number(addr.str)).isSocket(); } catch { /* bad fd */ }
+        if (!isSocket) throw genericError(`File descriptor '${addr.str}' is not a socket`);
         try {
           await listenOn({ fd: Number(addr.str) } as net.ListenOptions);
         } catch (e) {
@@ -206,9 +210,6 @@ export async function nbdServerStart(config: NbdServerConfig): Promise<void> {
   if (config['tls-creds'] !== undefined) {
     // No TLS credential objects exist in qsd-ts, so any id is unknown (QEMU's wording).
     throw genericError(`No TLS credentials with id '${config['tls-creds']}'`);
-  }
-  if (config['tls-authz'] !== undefined) {
-    throw genericError('TLS authorization is incompatible with a non-TLS server');
   }
   starting = true;
   try {
