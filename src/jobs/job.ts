@@ -27,6 +27,11 @@ export class Job {
   currentProgress = 0;
   totalProgress = 1;
   private cancelled = false;
+  /**
+   * Set by job-pause, cleared by job-resume. Our jobs have no pause points (as QEMU's create jobs
+   * have none), so the status stays 'running' and the job still concludes, as on QEMU.
+   */
+  userPaused = false;
 
   constructor(
     readonly id: string,
@@ -67,6 +72,20 @@ export class Job {
       this.transition('aborting');
     }
     this.transition('concluded');
+  }
+
+  /** job-pause: QEMU checks the verb first, then that the user has not paused it already. */
+  pause(): void {
+    this.checkVerb('pause');
+    if (this.userPaused) throw genericError('Job is already paused');
+    this.userPaused = true;
+  }
+
+  /** job-resume: QEMU checks the user pause first, then the verb. */
+  resume(): void {
+    if (!this.userPaused) throw genericError("Can't resume a job that was not paused");
+    this.checkVerb('resume');
+    this.userPaused = false;
   }
 
   cancel(): void {

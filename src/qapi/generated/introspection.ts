@@ -10,118 +10,199 @@ export const introspection: readonly unknown[] = [
  },
  {
   "arg-type": "2",
+  "ret-type": "[3]",
+  "name": "query-blockstats",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "0",
+  "ret-type": "[4]",
+  "name": "query-block-jobs",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "5",
   "ret-type": "0",
   "name": "block_resize",
   "meta-type": "command"
  },
  {
-  "arg-type": "3",
-  "ret-type": "[4]",
+  "arg-type": "6",
+  "ret-type": "[7]",
   "name": "query-named-block-nodes",
   "meta-type": "command"
  },
  {
-  "arg-type": "5",
+  "arg-type": "0",
+  "ret-type": "8",
+  "name": "x-debug-query-block-graph",
+  "meta-type": "command",
+  "features": [
+   "unstable"
+  ]
+ },
+ {
+  "arg-type": "9",
   "name": "BLOCK_IMAGE_CORRUPTED",
   "meta-type": "event"
  },
  {
-  "arg-type": "6",
+  "arg-type": "10",
   "name": "BLOCK_IO_ERROR",
   "meta-type": "event"
  },
  {
-  "arg-type": "7",
+  "arg-type": "11",
   "name": "BLOCK_JOB_COMPLETED",
   "meta-type": "event"
  },
  {
-  "arg-type": "8",
+  "arg-type": "12",
   "name": "BLOCK_JOB_CANCELLED",
   "meta-type": "event"
  },
  {
-  "arg-type": "9",
+  "arg-type": "13",
   "name": "BLOCK_JOB_ERROR",
   "meta-type": "event"
  },
  {
-  "arg-type": "10",
+  "arg-type": "14",
   "name": "BLOCK_JOB_READY",
   "meta-type": "event"
  },
  {
-  "arg-type": "11",
+  "arg-type": "15",
   "name": "BLOCK_JOB_PENDING",
   "meta-type": "event"
  },
  {
-  "arg-type": "12",
-  "ret-type": "0",
-  "name": "blockdev-add",
-  "meta-type": "command"
- },
- {
-  "arg-type": "13",
-  "ret-type": "0",
-  "name": "blockdev-reopen",
-  "meta-type": "command"
- },
- {
-  "arg-type": "14",
-  "ret-type": "0",
-  "name": "blockdev-del",
-  "meta-type": "command"
- },
- {
-  "arg-type": "15",
-  "ret-type": "0",
-  "name": "blockdev-create",
-  "meta-type": "command"
- },
- {
   "arg-type": "16",
-  "name": "JOB_STATUS_CHANGE",
-  "meta-type": "event"
+  "ret-type": "0",
+  "name": "block-job-set-speed",
+  "meta-type": "command"
  },
  {
   "arg-type": "17",
   "ret-type": "0",
-  "name": "job-cancel",
+  "name": "block-job-cancel",
   "meta-type": "command"
  },
  {
   "arg-type": "18",
   "ret-type": "0",
-  "name": "job-complete",
+  "name": "block-job-pause",
   "meta-type": "command"
  },
  {
   "arg-type": "19",
   "ret-type": "0",
-  "name": "job-dismiss",
+  "name": "block-job-resume",
   "meta-type": "command"
  },
  {
   "arg-type": "20",
+  "ret-type": "0",
+  "name": "block-job-complete",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "21",
+  "ret-type": "0",
+  "name": "block-job-dismiss",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "22",
+  "ret-type": "0",
+  "name": "block-job-finalize",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "23",
+  "ret-type": "0",
+  "name": "block-job-change",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "24",
+  "ret-type": "0",
+  "name": "blockdev-add",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "25",
+  "ret-type": "0",
+  "name": "blockdev-reopen",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "26",
+  "ret-type": "0",
+  "name": "blockdev-del",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "27",
+  "ret-type": "0",
+  "name": "blockdev-create",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "28",
+  "name": "JOB_STATUS_CHANGE",
+  "meta-type": "event"
+ },
+ {
+  "arg-type": "29",
+  "ret-type": "0",
+  "name": "job-pause",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "30",
+  "ret-type": "0",
+  "name": "job-resume",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "31",
+  "ret-type": "0",
+  "name": "job-cancel",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "32",
+  "ret-type": "0",
+  "name": "job-complete",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "33",
+  "ret-type": "0",
+  "name": "job-dismiss",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "34",
   "ret-type": "0",
   "name": "job-finalize",
   "meta-type": "command"
  },
  {
   "arg-type": "0",
-  "ret-type": "[21]",
+  "ret-type": "[35]",
   "name": "query-jobs",
   "meta-type": "command"
  },
  {
-  "arg-type": "22",
+  "arg-type": "36",
   "ret-type": "0",
   "name": "nbd-server-start",
   "meta-type": "command"
  },
  {
-  "arg-type": "23",
+  "arg-type": "37",
   "ret-type": "0",
   "name": "nbd-server-add",
   "meta-type": "command",
@@ -130,7 +211,7 @@ export const introspection: readonly unknown[] = [
   ]
  },
  {
-  "arg-type": "24",
+  "arg-type": "38",
   "ret-type": "0",
   "name": "nbd-server-remove",
   "meta-type": "command",
@@ -145,49 +226,55 @@ export const introspection: readonly unknown[] = [
   "meta-type": "command"
  },
  {
-  "arg-type": "25",
+  "arg-type": "39",
   "ret-type": "0",
   "name": "block-export-add",
   "meta-type": "command"
  },
  {
-  "arg-type": "26",
+  "arg-type": "40",
   "ret-type": "0",
   "name": "block-export-del",
   "meta-type": "command"
  },
  {
-  "arg-type": "27",
+  "arg-type": "41",
   "name": "BLOCK_EXPORT_DELETED",
   "meta-type": "event"
  },
  {
   "arg-type": "0",
-  "ret-type": "[28]",
+  "ret-type": "[42]",
   "name": "query-block-exports",
   "meta-type": "command"
  },
  {
   "arg-type": "0",
-  "ret-type": "[29]",
+  "ret-type": "[43]",
   "name": "query-chardev",
   "meta-type": "command"
  },
  {
-  "arg-type": "30",
+  "arg-type": "0",
+  "ret-type": "[44]",
+  "name": "query-chardev-backends",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "45",
   "ret-type": "0",
   "name": "qmp_capabilities",
   "meta-type": "command"
  },
  {
   "arg-type": "0",
-  "ret-type": "31",
+  "ret-type": "46",
   "name": "query-version",
   "meta-type": "command"
  },
  {
   "arg-type": "0",
-  "ret-type": "[32]",
+  "ret-type": "[47]",
   "name": "query-commands",
   "meta-type": "command"
  },
@@ -199,30 +286,54 @@ export const introspection: readonly unknown[] = [
  },
  {
   "arg-type": "0",
-  "ret-type": "[33]",
+  "ret-type": "[48]",
   "name": "query-qmp-schema",
   "meta-type": "command"
  },
  {
-  "arg-type": "34",
-  "ret-type": "[35]",
+  "arg-type": "49",
+  "ret-type": "[50]",
   "name": "qom-list",
   "meta-type": "command"
  },
  {
-  "arg-type": "36",
+  "arg-type": "51",
+  "ret-type": "[52]",
+  "name": "qom-list-get",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "53",
   "ret-type": "any",
   "name": "qom-get",
   "meta-type": "command"
  },
  {
-  "arg-type": "37",
+  "arg-type": "54",
+  "ret-type": "0",
+  "name": "qom-set",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "55",
+  "ret-type": "[56]",
+  "name": "qom-list-types",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "57",
+  "ret-type": "[50]",
+  "name": "qom-list-properties",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "58",
   "ret-type": "0",
   "name": "object-add",
   "meta-type": "command"
  },
  {
-  "arg-type": "38",
+  "arg-type": "59",
   "ret-type": "0",
   "name": "object-del",
   "meta-type": "command"
@@ -262,7 +373,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "inserted",
-    "type": "4",
+    "type": "7",
     "default": null
    },
    {
@@ -272,11 +383,131 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "io-status",
-    "type": "39",
+    "type": "60",
     "default": null
    }
   ],
   "name": "1",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "query-nodes",
+    "type": "bool",
+    "default": null
+   }
+  ],
+  "name": "2",
+  "meta-type": "object"
+ },
+ {
+  "element-type": "3",
+  "name": "[3]",
+  "meta-type": "array"
+ },
+ {
+  "members": [
+   {
+    "name": "device",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "qdev",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "node-name",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "stats",
+    "type": "61"
+   },
+   {
+    "name": "driver-specific",
+    "type": "62",
+    "default": null
+   },
+   {
+    "name": "parent",
+    "type": "3",
+    "default": null
+   },
+   {
+    "name": "backing",
+    "type": "3",
+    "default": null
+   }
+  ],
+  "name": "3",
+  "meta-type": "object"
+ },
+ {
+  "element-type": "4",
+  "name": "[4]",
+  "meta-type": "array"
+ },
+ {
+  "members": [
+   {
+    "name": "type",
+    "type": "str"
+   },
+   {
+    "name": "device",
+    "type": "str"
+   },
+   {
+    "name": "len",
+    "type": "int"
+   },
+   {
+    "name": "offset",
+    "type": "int"
+   },
+   {
+    "name": "busy",
+    "type": "bool"
+   },
+   {
+    "name": "paused",
+    "type": "bool"
+   },
+   {
+    "name": "speed",
+    "type": "int"
+   },
+   {
+    "name": "io-status",
+    "type": "60"
+   },
+   {
+    "name": "ready",
+    "type": "bool"
+   },
+   {
+    "name": "status",
+    "type": "63"
+   },
+   {
+    "name": "auto-finalize",
+    "type": "bool"
+   },
+   {
+    "name": "auto-dismiss",
+    "type": "bool"
+   },
+   {
+    "name": "error",
+    "type": "str",
+    "default": null
+   }
+  ],
+  "name": "4",
   "meta-type": "object"
  },
  {
@@ -296,7 +527,7 @@ export const introspection: readonly unknown[] = [
     "type": "int"
    }
   ],
-  "name": "2",
+  "name": "5",
   "meta-type": "object"
  },
  {
@@ -307,12 +538,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "3",
+  "name": "6",
   "meta-type": "object"
  },
  {
-  "element-type": "4",
-  "name": "[4]",
+  "element-type": "7",
+  "name": "[7]",
   "meta-type": "array"
  },
  {
@@ -349,7 +580,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "detect_zeroes",
-    "type": "40"
+    "type": "64"
    },
    {
     "name": "bps",
@@ -377,7 +608,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "image",
-    "type": "41"
+    "type": "65"
    },
    {
     "name": "bps_max",
@@ -451,7 +682,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "cache",
-    "type": "42"
+    "type": "66"
    },
    {
     "name": "write_threshold",
@@ -459,11 +690,25 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "dirty-bitmaps",
-    "type": "[43]",
+    "type": "[67]",
     "default": null
    }
   ],
-  "name": "4",
+  "name": "7",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "nodes",
+    "type": "[68]"
+   },
+   {
+    "name": "edges",
+    "type": "[69]"
+   }
+  ],
+  "name": "8",
   "meta-type": "object"
  },
  {
@@ -496,7 +741,7 @@ export const introspection: readonly unknown[] = [
     "type": "bool"
    }
   ],
-  "name": "5",
+  "name": "9",
   "meta-type": "object"
  },
  {
@@ -512,11 +757,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "operation",
-    "type": "44"
+    "type": "70"
    },
    {
     "name": "action",
-    "type": "45"
+    "type": "71"
    },
    {
     "name": "nospace",
@@ -528,14 +773,14 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "6",
+  "name": "10",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "46"
+    "type": "72"
    },
    {
     "name": "device",
@@ -559,14 +804,14 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "7",
+  "name": "11",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "46"
+    "type": "72"
    },
    {
     "name": "device",
@@ -585,7 +830,7 @@ export const introspection: readonly unknown[] = [
     "type": "int"
    }
   ],
-  "name": "8",
+  "name": "12",
   "meta-type": "object"
  },
  {
@@ -596,21 +841,21 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "operation",
-    "type": "44"
+    "type": "70"
    },
    {
     "name": "action",
-    "type": "45"
+    "type": "71"
    }
   ],
-  "name": "9",
+  "name": "13",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "46"
+    "type": "72"
    },
    {
     "name": "device",
@@ -629,28 +874,160 @@ export const introspection: readonly unknown[] = [
     "type": "int"
    }
   ],
-  "name": "10",
+  "name": "14",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "46"
+    "type": "72"
    },
    {
     "name": "id",
     "type": "str"
    }
   ],
-  "name": "11",
+  "name": "15",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "device",
+    "type": "str"
+   },
+   {
+    "name": "speed",
+    "type": "int"
+   }
+  ],
+  "name": "16",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "device",
+    "type": "str"
+   },
+   {
+    "name": "force",
+    "type": "bool",
+    "default": null
+   }
+  ],
+  "name": "17",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "device",
+    "type": "str"
+   }
+  ],
+  "name": "18",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "device",
+    "type": "str"
+   }
+  ],
+  "name": "19",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "device",
+    "type": "str"
+   }
+  ],
+  "name": "20",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "id",
+    "type": "str"
+   }
+  ],
+  "name": "21",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "id",
+    "type": "str"
+   }
+  ],
+  "name": "22",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "id",
+    "type": "str"
+   },
+   {
+    "name": "type",
+    "type": "72"
+   }
+  ],
+  "tag": "type",
+  "variants": [
+   {
+    "case": "commit",
+    "type": "0"
+   },
+   {
+    "case": "stream",
+    "type": "0"
+   },
+   {
+    "case": "mirror",
+    "type": "73"
+   },
+   {
+    "case": "backup",
+    "type": "0"
+   },
+   {
+    "case": "create",
+    "type": "0"
+   },
+   {
+    "case": "amend",
+    "type": "0"
+   },
+   {
+    "case": "snapshot-load",
+    "type": "0"
+   },
+   {
+    "case": "snapshot-save",
+    "type": "0"
+   },
+   {
+    "case": "snapshot-delete",
+    "type": "0"
+   }
+  ],
+  "name": "23",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "driver",
-    "type": "47"
+    "type": "74"
    },
    {
     "name": "node-name",
@@ -659,12 +1036,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "discard",
-    "type": "48",
+    "type": "75",
     "default": null
    },
    {
     "name": "cache",
-    "type": "49",
+    "type": "76",
     "default": null
    },
    {
@@ -684,7 +1061,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "detect-zeroes",
-    "type": "40",
+    "type": "64",
     "default": null
    }
   ],
@@ -692,44 +1069,44 @@ export const introspection: readonly unknown[] = [
   "variants": [
    {
     "case": "blkdebug",
-    "type": "50"
+    "type": "77"
    },
    {
     "case": "file",
-    "type": "51"
+    "type": "78"
    },
    {
     "case": "host_device",
-    "type": "51"
+    "type": "78"
    },
    {
     "case": "null-aio",
-    "type": "52"
+    "type": "79"
    },
    {
     "case": "null-co",
-    "type": "52"
+    "type": "79"
    },
    {
     "case": "qcow2",
-    "type": "53"
+    "type": "80"
    },
    {
     "case": "raw",
-    "type": "54"
+    "type": "81"
    }
   ],
-  "name": "12",
+  "name": "24",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "options",
-    "type": "[12]"
+    "type": "[24]"
    }
   ],
-  "name": "13",
+  "name": "25",
   "meta-type": "object"
  },
  {
@@ -739,7 +1116,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "14",
+  "name": "26",
   "meta-type": "object"
  },
  {
@@ -750,10 +1127,10 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "options",
-    "type": "55"
+    "type": "82"
    }
   ],
-  "name": "15",
+  "name": "27",
   "meta-type": "object"
  },
  {
@@ -764,10 +1141,10 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "status",
-    "type": "56"
+    "type": "63"
    }
   ],
-  "name": "16",
+  "name": "28",
   "meta-type": "object"
  },
  {
@@ -777,7 +1154,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "17",
+  "name": "29",
   "meta-type": "object"
  },
  {
@@ -787,7 +1164,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "18",
+  "name": "30",
   "meta-type": "object"
  },
  {
@@ -797,7 +1174,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "19",
+  "name": "31",
   "meta-type": "object"
  },
  {
@@ -807,12 +1184,32 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "20",
+  "name": "32",
   "meta-type": "object"
  },
  {
-  "element-type": "21",
-  "name": "[21]",
+  "members": [
+   {
+    "name": "id",
+    "type": "str"
+   }
+  ],
+  "name": "33",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "id",
+    "type": "str"
+   }
+  ],
+  "name": "34",
+  "meta-type": "object"
+ },
+ {
+  "element-type": "35",
+  "name": "[35]",
   "meta-type": "array"
  },
  {
@@ -823,11 +1220,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "type",
-    "type": "46"
+    "type": "72"
    },
    {
     "name": "status",
-    "type": "56"
+    "type": "63"
    },
    {
     "name": "current-progress",
@@ -843,7 +1240,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "21",
+  "name": "35",
   "meta-type": "object"
  },
  {
@@ -870,10 +1267,10 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "addr",
-    "type": "57"
+    "type": "83"
    }
   ],
-  "name": "22",
+  "name": "36",
   "meta-type": "object"
  },
  {
@@ -903,7 +1300,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "23",
+  "name": "37",
   "meta-type": "object"
  },
  {
@@ -914,18 +1311,18 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "mode",
-    "type": "58",
+    "type": "84",
     "default": null
    }
   ],
-  "name": "24",
+  "name": "38",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "59"
+    "type": "85"
    },
    {
     "name": "id",
@@ -938,7 +1335,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "iothread",
-    "type": "60",
+    "type": "86",
     "default": null
    },
    {
@@ -965,14 +1362,14 @@ export const introspection: readonly unknown[] = [
   "variants": [
    {
     "case": "nbd",
-    "type": "61"
+    "type": "87"
    },
    {
     "case": "fuse",
-    "type": "62"
+    "type": "88"
    }
   ],
-  "name": "25",
+  "name": "39",
   "meta-type": "object"
  },
  {
@@ -983,11 +1380,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "mode",
-    "type": "58",
+    "type": "84",
     "default": null
    }
   ],
-  "name": "26",
+  "name": "40",
   "meta-type": "object"
  },
  {
@@ -997,12 +1394,12 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "27",
+  "name": "41",
   "meta-type": "object"
  },
  {
-  "element-type": "28",
-  "name": "[28]",
+  "element-type": "42",
+  "name": "[42]",
   "meta-type": "array"
  },
  {
@@ -1013,7 +1410,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "type",
-    "type": "59"
+    "type": "85"
    },
    {
     "name": "node-name",
@@ -1024,12 +1421,12 @@ export const introspection: readonly unknown[] = [
     "type": "bool"
    }
   ],
-  "name": "28",
+  "name": "42",
   "meta-type": "object"
  },
  {
-  "element-type": "29",
-  "name": "[29]",
+  "element-type": "43",
+  "name": "[43]",
   "meta-type": "array"
  },
  {
@@ -1047,37 +1444,12 @@ export const introspection: readonly unknown[] = [
     "type": "bool"
    }
   ],
-  "name": "29",
+  "name": "43",
   "meta-type": "object"
  },
  {
-  "members": [
-   {
-    "name": "enable",
-    "type": "[63]",
-    "default": null
-   }
-  ],
-  "name": "30",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "qemu",
-    "type": "64"
-   },
-   {
-    "name": "package",
-    "type": "str"
-   }
-  ],
-  "name": "31",
-  "meta-type": "object"
- },
- {
-  "element-type": "32",
-  "name": "[32]",
+  "element-type": "44",
+  "name": "[44]",
   "meta-type": "array"
  },
  {
@@ -1087,12 +1459,52 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "32",
+  "name": "44",
   "meta-type": "object"
  },
  {
-  "element-type": "33",
-  "name": "[33]",
+  "members": [
+   {
+    "name": "enable",
+    "type": "[89]",
+    "default": null
+   }
+  ],
+  "name": "45",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "qemu",
+    "type": "90"
+   },
+   {
+    "name": "package",
+    "type": "str"
+   }
+  ],
+  "name": "46",
+  "meta-type": "object"
+ },
+ {
+  "element-type": "47",
+  "name": "[47]",
+  "meta-type": "array"
+ },
+ {
+  "members": [
+   {
+    "name": "name",
+    "type": "str"
+   }
+  ],
+  "name": "47",
+  "meta-type": "object"
+ },
+ {
+  "element-type": "48",
+  "name": "[48]",
   "meta-type": "array"
  },
  {
@@ -1103,7 +1515,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "meta-type",
-    "type": "65"
+    "type": "91"
    },
    {
     "name": "features",
@@ -1115,34 +1527,34 @@ export const introspection: readonly unknown[] = [
   "variants": [
    {
     "case": "builtin",
-    "type": "66"
+    "type": "92"
    },
    {
     "case": "enum",
-    "type": "67"
+    "type": "93"
    },
    {
     "case": "array",
-    "type": "68"
+    "type": "94"
    },
    {
     "case": "object",
-    "type": "69"
+    "type": "95"
    },
    {
     "case": "alternate",
-    "type": "70"
+    "type": "96"
    },
    {
     "case": "command",
-    "type": "71"
+    "type": "97"
    },
    {
     "case": "event",
-    "type": "72"
+    "type": "98"
    }
   ],
-  "name": "33",
+  "name": "48",
   "meta-type": "object"
  },
  {
@@ -1152,12 +1564,12 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "34",
+  "name": "49",
   "meta-type": "object"
  },
  {
-  "element-type": "35",
-  "name": "[35]",
+  "element-type": "50",
+  "name": "[50]",
   "meta-type": "array"
  },
  {
@@ -1181,7 +1593,32 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "35",
+  "name": "50",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "paths",
+    "type": "[str]"
+   }
+  ],
+  "name": "51",
+  "meta-type": "object"
+ },
+ {
+  "element-type": "52",
+  "name": "[52]",
+  "meta-type": "array"
+ },
+ {
+  "members": [
+   {
+    "name": "properties",
+    "type": "[99]"
+   }
+  ],
+  "name": "52",
   "meta-type": "object"
  },
  {
@@ -1195,7 +1632,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "36",
+  "name": "53",
   "meta-type": "object"
  },
  {
@@ -1206,8 +1643,77 @@ export const introspection: readonly unknown[] = [
  {
   "members": [
    {
+    "name": "path",
+    "type": "str"
+   },
+   {
+    "name": "property",
+    "type": "str"
+   },
+   {
+    "name": "value",
+    "type": "any"
+   }
+  ],
+  "name": "54",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "implements",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "abstract",
+    "type": "bool",
+    "default": null
+   }
+  ],
+  "name": "55",
+  "meta-type": "object"
+ },
+ {
+  "element-type": "56",
+  "name": "[56]",
+  "meta-type": "array"
+ },
+ {
+  "members": [
+   {
+    "name": "name",
+    "type": "str"
+   },
+   {
+    "name": "abstract",
+    "type": "bool",
+    "default": null
+   },
+   {
+    "name": "parent",
+    "type": "str",
+    "default": null
+   }
+  ],
+  "name": "56",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "typename",
+    "type": "str"
+   }
+  ],
+  "name": "57",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
     "name": "qom-type",
-    "type": "73"
+    "type": "100"
    },
    {
     "name": "id",
@@ -1218,10 +1724,10 @@ export const introspection: readonly unknown[] = [
   "variants": [
    {
     "case": "iothread",
-    "type": "74"
+    "type": "101"
    }
   ],
-  "name": "37",
+  "name": "58",
   "meta-type": "object"
  },
  {
@@ -1231,7 +1737,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "38",
+  "name": "59",
   "meta-type": "object"
  },
  {
@@ -1261,13 +1767,236 @@ export const introspection: readonly unknown[] = [
    "failed",
    "nospace"
   ],
-  "name": "39",
+  "name": "60",
   "meta-type": "enum"
+ },
+ {
+  "members": [
+   {
+    "name": "rd_bytes",
+    "type": "int"
+   },
+   {
+    "name": "wr_bytes",
+    "type": "int"
+   },
+   {
+    "name": "unmap_bytes",
+    "type": "int"
+   },
+   {
+    "name": "rd_operations",
+    "type": "int"
+   },
+   {
+    "name": "wr_operations",
+    "type": "int"
+   },
+   {
+    "name": "flush_operations",
+    "type": "int"
+   },
+   {
+    "name": "unmap_operations",
+    "type": "int"
+   },
+   {
+    "name": "rd_total_time_ns",
+    "type": "int"
+   },
+   {
+    "name": "wr_total_time_ns",
+    "type": "int"
+   },
+   {
+    "name": "flush_total_time_ns",
+    "type": "int"
+   },
+   {
+    "name": "unmap_total_time_ns",
+    "type": "int"
+   },
+   {
+    "name": "wr_highest_offset",
+    "type": "int"
+   },
+   {
+    "name": "rd_merged",
+    "type": "int"
+   },
+   {
+    "name": "wr_merged",
+    "type": "int"
+   },
+   {
+    "name": "unmap_merged",
+    "type": "int"
+   },
+   {
+    "name": "idle_time_ns",
+    "type": "int",
+    "default": null
+   },
+   {
+    "name": "failed_rd_operations",
+    "type": "int"
+   },
+   {
+    "name": "failed_wr_operations",
+    "type": "int"
+   },
+   {
+    "name": "failed_flush_operations",
+    "type": "int"
+   },
+   {
+    "name": "failed_unmap_operations",
+    "type": "int"
+   },
+   {
+    "name": "invalid_rd_operations",
+    "type": "int"
+   },
+   {
+    "name": "invalid_wr_operations",
+    "type": "int"
+   },
+   {
+    "name": "invalid_flush_operations",
+    "type": "int"
+   },
+   {
+    "name": "invalid_unmap_operations",
+    "type": "int"
+   },
+   {
+    "name": "account_invalid",
+    "type": "bool"
+   },
+   {
+    "name": "account_failed",
+    "type": "bool"
+   },
+   {
+    "name": "timed_stats",
+    "type": "[102]"
+   },
+   {
+    "name": "rd_latency_histogram",
+    "type": "103",
+    "default": null
+   },
+   {
+    "name": "wr_latency_histogram",
+    "type": "103",
+    "default": null
+   },
+   {
+    "name": "flush_latency_histogram",
+    "type": "103",
+    "default": null
+   }
+  ],
+  "name": "61",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "driver",
+    "type": "74"
+   }
+  ],
+  "tag": "driver",
+  "variants": [
+   {
+    "case": "blkdebug",
+    "type": "0"
+   },
+   {
+    "case": "file",
+    "type": "104"
+   },
+   {
+    "case": "host_device",
+    "type": "104"
+   },
+   {
+    "case": "null-aio",
+    "type": "0"
+   },
+   {
+    "case": "null-co",
+    "type": "0"
+   },
+   {
+    "case": "qcow2",
+    "type": "0"
+   },
+   {
+    "case": "raw",
+    "type": "0"
+   }
+  ],
+  "name": "62",
+  "meta-type": "object"
  },
  {
   "json-type": "int",
   "name": "int",
   "meta-type": "builtin"
+ },
+ {
+  "members": [
+   {
+    "name": "undefined"
+   },
+   {
+    "name": "created"
+   },
+   {
+    "name": "running"
+   },
+   {
+    "name": "paused"
+   },
+   {
+    "name": "ready"
+   },
+   {
+    "name": "standby"
+   },
+   {
+    "name": "waiting"
+   },
+   {
+    "name": "pending"
+   },
+   {
+    "name": "aborting"
+   },
+   {
+    "name": "concluded"
+   },
+   {
+    "name": "null"
+   }
+  ],
+  "values": [
+   "undefined",
+   "created",
+   "running",
+   "paused",
+   "ready",
+   "standby",
+   "waiting",
+   "pending",
+   "aborting",
+   "concluded",
+   "null"
+  ],
+  "name": "63",
+  "meta-type": "enum"
  },
  {
   "members": [
@@ -1286,7 +2015,7 @@ export const introspection: readonly unknown[] = [
    "on",
    "unmap"
   ],
-  "name": "40",
+  "name": "64",
   "meta-type": "enum"
  },
  {
@@ -1345,21 +2074,21 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "snapshots",
-    "type": "[75]",
+    "type": "[105]",
     "default": null
    },
    {
     "name": "backing-image",
-    "type": "41",
+    "type": "65",
     "default": null
    },
    {
     "name": "format-specific",
-    "type": "76",
+    "type": "106",
     "default": null
    }
   ],
-  "name": "41",
+  "name": "65",
   "meta-type": "object"
  },
  {
@@ -1377,12 +2106,12 @@ export const introspection: readonly unknown[] = [
     "type": "bool"
    }
   ],
-  "name": "42",
+  "name": "66",
   "meta-type": "object"
  },
  {
-  "element-type": "43",
-  "name": "[43]",
+  "element-type": "67",
+  "name": "[67]",
   "meta-type": "array"
  },
  {
@@ -1418,7 +2147,61 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "43",
+  "name": "67",
+  "meta-type": "object"
+ },
+ {
+  "element-type": "68",
+  "name": "[68]",
+  "meta-type": "array"
+ },
+ {
+  "members": [
+   {
+    "name": "id",
+    "type": "int"
+   },
+   {
+    "name": "type",
+    "type": "107"
+   },
+   {
+    "name": "name",
+    "type": "str"
+   }
+  ],
+  "name": "68",
+  "meta-type": "object"
+ },
+ {
+  "element-type": "69",
+  "name": "[69]",
+  "meta-type": "array"
+ },
+ {
+  "members": [
+   {
+    "name": "parent",
+    "type": "int"
+   },
+   {
+    "name": "child",
+    "type": "int"
+   },
+   {
+    "name": "name",
+    "type": "str"
+   },
+   {
+    "name": "perm",
+    "type": "[108]"
+   },
+   {
+    "name": "shared-perm",
+    "type": "[108]"
+   }
+  ],
+  "name": "69",
   "meta-type": "object"
  },
  {
@@ -1434,7 +2217,7 @@ export const introspection: readonly unknown[] = [
    "read",
    "write"
   ],
-  "name": "44",
+  "name": "70",
   "meta-type": "enum"
  },
  {
@@ -1454,7 +2237,7 @@ export const introspection: readonly unknown[] = [
    "report",
    "stop"
   ],
-  "name": "45",
+  "name": "71",
   "meta-type": "enum"
  },
  {
@@ -1498,8 +2281,18 @@ export const introspection: readonly unknown[] = [
    "snapshot-save",
    "snapshot-delete"
   ],
-  "name": "46",
+  "name": "72",
   "meta-type": "enum"
+ },
+ {
+  "members": [
+   {
+    "name": "copy-mode",
+    "type": "109"
+   }
+  ],
+  "name": "73",
+  "meta-type": "object"
  },
  {
   "members": [
@@ -1534,7 +2327,7 @@ export const introspection: readonly unknown[] = [
    "qcow2",
    "raw"
   ],
-  "name": "47",
+  "name": "74",
   "meta-type": "enum"
  },
  {
@@ -1550,7 +2343,7 @@ export const introspection: readonly unknown[] = [
    "ignore",
    "unmap"
   ],
-  "name": "48",
+  "name": "75",
   "meta-type": "enum"
  },
  {
@@ -1566,14 +2359,14 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "49",
+  "name": "76",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "image",
-    "type": "77"
+    "type": "110"
    },
    {
     "name": "config",
@@ -1612,26 +2405,26 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "inject-error",
-    "type": "[78]",
+    "type": "[111]",
     "default": null
    },
    {
     "name": "set-state",
-    "type": "[79]",
+    "type": "[112]",
     "default": null
    },
    {
     "name": "take-child-perms",
-    "type": "[80]",
+    "type": "[108]",
     "default": null
    },
    {
     "name": "unshare-child-perms",
-    "type": "[80]",
+    "type": "[108]",
     "default": null
    }
   ],
-  "name": "50",
+  "name": "77",
   "meta-type": "object"
  },
  {
@@ -1647,12 +2440,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "locking",
-    "type": "81",
+    "type": "113",
     "default": null
    },
    {
     "name": "aio",
-    "type": "82",
+    "type": "114",
     "default": null
    },
    {
@@ -1674,7 +2467,7 @@ export const introspection: readonly unknown[] = [
     ]
    }
   ],
-  "name": "51",
+  "name": "78",
   "meta-type": "object",
   "features": [
    "dynamic-auto-read-only"
@@ -1698,18 +2491,18 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "52",
+  "name": "79",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "file",
-    "type": "77"
+    "type": "110"
    },
    {
     "name": "backing",
-    "type": "83",
+    "type": "115",
     "default": null
    },
    {
@@ -1739,7 +2532,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "overlap-check",
-    "type": "84",
+    "type": "116",
     "default": null
    },
    {
@@ -1769,18 +2562,18 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "data-file",
-    "type": "77",
+    "type": "110",
     "default": null
    }
   ],
-  "name": "53",
+  "name": "80",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "file",
-    "type": "77"
+    "type": "110"
    },
    {
     "name": "offset",
@@ -1793,19 +2586,19 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "54",
+  "name": "81",
   "meta-type": "object"
  },
  {
-  "element-type": "12",
-  "name": "[12]",
+  "element-type": "24",
+  "name": "[24]",
   "meta-type": "array"
  },
  {
   "members": [
    {
     "name": "driver",
-    "type": "47"
+    "type": "74"
    }
   ],
   "tag": "driver",
@@ -1816,7 +2609,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "file",
-    "type": "85"
+    "type": "117"
    },
    {
     "case": "host_device",
@@ -1832,95 +2625,43 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "qcow2",
-    "type": "86"
+    "type": "118"
    },
    {
     "case": "raw",
     "type": "0"
    }
   ],
-  "name": "55",
+  "name": "82",
   "meta-type": "object"
  },
  {
   "members": [
    {
-    "name": "undefined"
-   },
-   {
-    "name": "created"
-   },
-   {
-    "name": "running"
-   },
-   {
-    "name": "paused"
-   },
-   {
-    "name": "ready"
-   },
-   {
-    "name": "standby"
-   },
-   {
-    "name": "waiting"
-   },
-   {
-    "name": "pending"
-   },
-   {
-    "name": "aborting"
-   },
-   {
-    "name": "concluded"
-   },
-   {
-    "name": "null"
-   }
-  ],
-  "values": [
-   "undefined",
-   "created",
-   "running",
-   "paused",
-   "ready",
-   "standby",
-   "waiting",
-   "pending",
-   "aborting",
-   "concluded",
-   "null"
-  ],
-  "name": "56",
-  "meta-type": "enum"
- },
- {
-  "members": [
-   {
     "name": "type",
-    "type": "87"
+    "type": "119"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "inet",
-    "type": "88"
+    "type": "120"
    },
    {
     "case": "unix",
-    "type": "89"
+    "type": "121"
    },
    {
     "case": "vsock",
-    "type": "90"
+    "type": "122"
    },
    {
     "case": "fd",
-    "type": "91"
+    "type": "123"
    }
   ],
-  "name": "57",
+  "name": "83",
   "meta-type": "object"
  },
  {
@@ -1936,7 +2677,7 @@ export const introspection: readonly unknown[] = [
    "safe",
    "hard"
   ],
-  "name": "58",
+  "name": "84",
   "meta-type": "enum"
  },
  {
@@ -1952,7 +2693,7 @@ export const introspection: readonly unknown[] = [
    "nbd",
    "fuse"
   ],
-  "name": "59",
+  "name": "85",
   "meta-type": "enum"
  },
  {
@@ -1964,7 +2705,7 @@ export const introspection: readonly unknown[] = [
     "type": "[str]"
    }
   ],
-  "name": "60",
+  "name": "86",
   "meta-type": "alternate"
  },
  {
@@ -1981,7 +2722,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmaps",
-    "type": "[92]",
+    "type": "[124]",
     "default": null
    },
    {
@@ -1990,7 +2731,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "61",
+  "name": "87",
   "meta-type": "object"
  },
  {
@@ -2006,7 +2747,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "allow-other",
-    "type": "93",
+    "type": "125",
     "default": null
    },
    {
@@ -2015,12 +2756,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "62",
+  "name": "88",
   "meta-type": "object"
  },
  {
-  "element-type": "63",
-  "name": "[63]",
+  "element-type": "89",
+  "name": "[89]",
   "meta-type": "array"
  },
  {
@@ -2032,7 +2773,7 @@ export const introspection: readonly unknown[] = [
   "values": [
    "oob"
   ],
-  "name": "63",
+  "name": "89",
   "meta-type": "enum"
  },
  {
@@ -2050,7 +2791,7 @@ export const introspection: readonly unknown[] = [
     "type": "int"
    }
   ],
-  "name": "64",
+  "name": "90",
   "meta-type": "object"
  },
  {
@@ -2086,7 +2827,7 @@ export const introspection: readonly unknown[] = [
    "command",
    "event"
   ],
-  "name": "65",
+  "name": "91",
   "meta-type": "enum"
  },
  {
@@ -2098,17 +2839,17 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "json-type",
-    "type": "94"
+    "type": "126"
    }
   ],
-  "name": "66",
+  "name": "92",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "members",
-    "type": "[95]"
+    "type": "[127]"
    },
    {
     "name": "values",
@@ -2118,7 +2859,7 @@ export const introspection: readonly unknown[] = [
     ]
    }
   ],
-  "name": "67",
+  "name": "93",
   "meta-type": "object"
  },
  {
@@ -2128,14 +2869,14 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "68",
+  "name": "94",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "members",
-    "type": "[96]"
+    "type": "[128]"
    },
    {
     "name": "tag",
@@ -2144,21 +2885,21 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "variants",
-    "type": "[97]",
+    "type": "[129]",
     "default": null
    }
   ],
-  "name": "69",
+  "name": "95",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "members",
-    "type": "[98]"
+    "type": "[130]"
    }
   ],
-  "name": "70",
+  "name": "96",
   "meta-type": "object"
  },
  {
@@ -2177,7 +2918,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "71",
+  "name": "97",
   "meta-type": "object"
  },
  {
@@ -2187,7 +2928,31 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "72",
+  "name": "98",
+  "meta-type": "object"
+ },
+ {
+  "element-type": "99",
+  "name": "[99]",
+  "meta-type": "array"
+ },
+ {
+  "members": [
+   {
+    "name": "name",
+    "type": "str"
+   },
+   {
+    "name": "type",
+    "type": "str"
+   },
+   {
+    "name": "value",
+    "type": "any",
+    "default": null
+   }
+  ],
+  "name": "99",
   "meta-type": "object"
  },
  {
@@ -2199,7 +2964,7 @@ export const introspection: readonly unknown[] = [
   "values": [
    "iothread"
   ],
-  "name": "73",
+  "name": "100",
   "meta-type": "enum"
  },
  {
@@ -2235,12 +3000,103 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "74",
+  "name": "101",
   "meta-type": "object"
  },
  {
-  "element-type": "75",
-  "name": "[75]",
+  "element-type": "102",
+  "name": "[102]",
+  "meta-type": "array"
+ },
+ {
+  "members": [
+   {
+    "name": "interval_length",
+    "type": "int"
+   },
+   {
+    "name": "min_rd_latency_ns",
+    "type": "int"
+   },
+   {
+    "name": "max_rd_latency_ns",
+    "type": "int"
+   },
+   {
+    "name": "avg_rd_latency_ns",
+    "type": "int"
+   },
+   {
+    "name": "min_wr_latency_ns",
+    "type": "int"
+   },
+   {
+    "name": "max_wr_latency_ns",
+    "type": "int"
+   },
+   {
+    "name": "avg_wr_latency_ns",
+    "type": "int"
+   },
+   {
+    "name": "min_flush_latency_ns",
+    "type": "int"
+   },
+   {
+    "name": "max_flush_latency_ns",
+    "type": "int"
+   },
+   {
+    "name": "avg_flush_latency_ns",
+    "type": "int"
+   },
+   {
+    "name": "avg_rd_queue_depth",
+    "type": "number"
+   },
+   {
+    "name": "avg_wr_queue_depth",
+    "type": "number"
+   }
+  ],
+  "name": "102",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "boundaries",
+    "type": "[int]"
+   },
+   {
+    "name": "bins",
+    "type": "[int]"
+   }
+  ],
+  "name": "103",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "discard-nb-ok",
+    "type": "int"
+   },
+   {
+    "name": "discard-nb-failed",
+    "type": "int"
+   },
+   {
+    "name": "discard-bytes-ok",
+    "type": "int"
+   }
+  ],
+  "name": "104",
+  "meta-type": "object"
+ },
+ {
+  "element-type": "105",
+  "name": "[105]",
   "meta-type": "array"
  },
  {
@@ -2279,110 +3135,49 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "75",
+  "name": "105",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "99"
+    "type": "131"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "qcow2",
-    "type": "100"
+    "type": "132"
    }
   ],
-  "name": "76",
+  "name": "106",
   "meta-type": "object"
  },
  {
   "members": [
    {
-    "type": "12"
+    "name": "block-backend"
    },
    {
-    "type": "str"
+    "name": "block-job"
+   },
+   {
+    "name": "block-driver"
    }
   ],
-  "name": "77",
-  "meta-type": "alternate"
- },
- {
-  "element-type": "78",
-  "name": "[78]",
-  "meta-type": "array"
- },
- {
-  "members": [
-   {
-    "name": "event",
-    "type": "101"
-   },
-   {
-    "name": "state",
-    "type": "int",
-    "default": null
-   },
-   {
-    "name": "iotype",
-    "type": "102",
-    "default": null
-   },
-   {
-    "name": "errno",
-    "type": "int",
-    "default": null
-   },
-   {
-    "name": "sector",
-    "type": "int",
-    "default": null
-   },
-   {
-    "name": "once",
-    "type": "bool",
-    "default": null
-   },
-   {
-    "name": "immediately",
-    "type": "bool",
-    "default": null
-   }
+  "values": [
+   "block-backend",
+   "block-job",
+   "block-driver"
   ],
-  "name": "78",
-  "meta-type": "object"
+  "name": "107",
+  "meta-type": "enum"
  },
  {
-  "element-type": "79",
-  "name": "[79]",
-  "meta-type": "array"
- },
- {
-  "members": [
-   {
-    "name": "event",
-    "type": "101"
-   },
-   {
-    "name": "state",
-    "type": "int",
-    "default": null
-   },
-   {
-    "name": "new_state",
-    "type": "int"
-   }
-  ],
-  "name": "79",
-  "meta-type": "object"
- },
- {
-  "element-type": "80",
-  "name": "[80]",
+  "element-type": "108",
+  "name": "[108]",
   "meta-type": "array"
  },
  {
@@ -2406,8 +3201,105 @@ export const introspection: readonly unknown[] = [
    "write-unchanged",
    "resize"
   ],
-  "name": "80",
+  "name": "108",
   "meta-type": "enum"
+ },
+ {
+  "members": [
+   {
+    "name": "background"
+   },
+   {
+    "name": "write-blocking"
+   }
+  ],
+  "values": [
+   "background",
+   "write-blocking"
+  ],
+  "name": "109",
+  "meta-type": "enum"
+ },
+ {
+  "members": [
+   {
+    "type": "24"
+   },
+   {
+    "type": "str"
+   }
+  ],
+  "name": "110",
+  "meta-type": "alternate"
+ },
+ {
+  "element-type": "111",
+  "name": "[111]",
+  "meta-type": "array"
+ },
+ {
+  "members": [
+   {
+    "name": "event",
+    "type": "133"
+   },
+   {
+    "name": "state",
+    "type": "int",
+    "default": null
+   },
+   {
+    "name": "iotype",
+    "type": "134",
+    "default": null
+   },
+   {
+    "name": "errno",
+    "type": "int",
+    "default": null
+   },
+   {
+    "name": "sector",
+    "type": "int",
+    "default": null
+   },
+   {
+    "name": "once",
+    "type": "bool",
+    "default": null
+   },
+   {
+    "name": "immediately",
+    "type": "bool",
+    "default": null
+   }
+  ],
+  "name": "111",
+  "meta-type": "object"
+ },
+ {
+  "element-type": "112",
+  "name": "[112]",
+  "meta-type": "array"
+ },
+ {
+  "members": [
+   {
+    "name": "event",
+    "type": "133"
+   },
+   {
+    "name": "state",
+    "type": "int",
+    "default": null
+   },
+   {
+    "name": "new_state",
+    "type": "int"
+   }
+  ],
+  "name": "112",
+  "meta-type": "object"
  },
  {
   "members": [
@@ -2426,7 +3318,7 @@ export const introspection: readonly unknown[] = [
    "on",
    "off"
   ],
-  "name": "81",
+  "name": "113",
   "meta-type": "enum"
  },
  {
@@ -2446,13 +3338,13 @@ export const introspection: readonly unknown[] = [
    "native",
    "io_uring"
   ],
-  "name": "82",
+  "name": "114",
   "meta-type": "enum"
  },
  {
   "members": [
    {
-    "type": "12"
+    "type": "24"
    },
    {
     "type": "str"
@@ -2461,19 +3353,19 @@ export const introspection: readonly unknown[] = [
     "type": "null"
    }
   ],
-  "name": "83",
+  "name": "115",
   "meta-type": "alternate"
  },
  {
   "members": [
    {
-    "type": "103"
+    "type": "135"
    },
    {
-    "type": "104"
+    "type": "136"
    }
   ],
-  "name": "84",
+  "name": "116",
   "meta-type": "alternate"
  },
  {
@@ -2488,7 +3380,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "preallocation",
-    "type": "105",
+    "type": "137",
     "default": null
    },
    {
@@ -2502,18 +3394,18 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "85",
+  "name": "117",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "file",
-    "type": "77"
+    "type": "110"
    },
    {
     "name": "data-file",
-    "type": "77",
+    "type": "110",
     "default": null
    },
    {
@@ -2532,7 +3424,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "version",
-    "type": "106",
+    "type": "138",
     "default": null
    },
    {
@@ -2542,7 +3434,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "backing-fmt",
-    "type": "47",
+    "type": "74",
     "default": null
    },
    {
@@ -2552,7 +3444,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "preallocation",
-    "type": "105",
+    "type": "137",
     "default": null
    },
    {
@@ -2567,11 +3459,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "compression-type",
-    "type": "107",
+    "type": "139",
     "default": null
    }
   ],
-  "name": "86",
+  "name": "118",
   "meta-type": "object"
  },
  {
@@ -2595,52 +3487,52 @@ export const introspection: readonly unknown[] = [
    "vsock",
    "fd"
   ],
-  "name": "87",
+  "name": "119",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "108"
+    "type": "140"
    }
   ],
-  "name": "88",
+  "name": "120",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "109"
+    "type": "141"
    }
   ],
-  "name": "89",
+  "name": "121",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "110"
+    "type": "142"
    }
   ],
-  "name": "90",
+  "name": "122",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "111"
+    "type": "143"
    }
   ],
-  "name": "91",
+  "name": "123",
   "meta-type": "object"
  },
  {
-  "element-type": "92",
-  "name": "[92]",
+  "element-type": "124",
+  "name": "[124]",
   "meta-type": "array"
  },
  {
@@ -2649,10 +3541,10 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    },
    {
-    "type": "112"
+    "type": "144"
    }
   ],
-  "name": "92",
+  "name": "124",
   "meta-type": "alternate"
  },
  {
@@ -2672,7 +3564,7 @@ export const introspection: readonly unknown[] = [
    "on",
    "auto"
   ],
-  "name": "93",
+  "name": "125",
   "meta-type": "enum"
  },
  {
@@ -2712,12 +3604,12 @@ export const introspection: readonly unknown[] = [
    "array",
    "value"
   ],
-  "name": "94",
+  "name": "126",
   "meta-type": "enum"
  },
  {
-  "element-type": "95",
-  "name": "[95]",
+  "element-type": "127",
+  "name": "[127]",
   "meta-type": "array"
  },
  {
@@ -2732,12 +3624,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "95",
+  "name": "127",
   "meta-type": "object"
  },
  {
-  "element-type": "96",
-  "name": "[96]",
+  "element-type": "128",
+  "name": "[128]",
   "meta-type": "array"
  },
  {
@@ -2761,12 +3653,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "96",
+  "name": "128",
   "meta-type": "object"
  },
  {
-  "element-type": "97",
-  "name": "[97]",
+  "element-type": "129",
+  "name": "[129]",
   "meta-type": "array"
  },
  {
@@ -2780,12 +3672,12 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "97",
+  "name": "129",
   "meta-type": "object"
  },
  {
-  "element-type": "98",
-  "name": "[98]",
+  "element-type": "130",
+  "name": "[130]",
   "meta-type": "array"
  },
  {
@@ -2795,8 +3687,18 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "98",
+  "name": "130",
   "meta-type": "object"
+ },
+ {
+  "json-type": "number",
+  "name": "number",
+  "meta-type": "builtin"
+ },
+ {
+  "element-type": "int",
+  "name": "[int]",
+  "meta-type": "array"
  },
  {
   "members": [
@@ -2807,17 +3709,17 @@ export const introspection: readonly unknown[] = [
   "values": [
    "qcow2"
   ],
-  "name": "99",
+  "name": "131",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "113"
+    "type": "145"
    }
   ],
-  "name": "100",
+  "name": "132",
   "meta-type": "object"
  },
  {
@@ -3017,7 +3919,7 @@ export const introspection: readonly unknown[] = [
    "cluster_alloc_space",
    "none"
   ],
-  "name": "101",
+  "name": "133",
   "meta-type": "enum"
  },
  {
@@ -3049,7 +3951,7 @@ export const introspection: readonly unknown[] = [
    "flush",
    "block-status"
   ],
-  "name": "102",
+  "name": "134",
   "meta-type": "enum"
  },
  {
@@ -3061,7 +3963,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "template",
-    "type": "104",
+    "type": "136",
     "default": null
    },
    {
@@ -3110,7 +4012,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "103",
+  "name": "135",
   "meta-type": "object"
  },
  {
@@ -3134,7 +4036,7 @@ export const introspection: readonly unknown[] = [
    "cached",
    "all"
   ],
-  "name": "104",
+  "name": "136",
   "meta-type": "enum"
  },
  {
@@ -3158,7 +4060,7 @@ export const introspection: readonly unknown[] = [
    "falloc",
    "full"
   ],
-  "name": "105",
+  "name": "137",
   "meta-type": "enum"
  },
  {
@@ -3174,7 +4076,7 @@ export const introspection: readonly unknown[] = [
    "v2",
    "v3"
   ],
-  "name": "106",
+  "name": "138",
   "meta-type": "enum"
  },
  {
@@ -3190,7 +4092,7 @@ export const introspection: readonly unknown[] = [
    "zlib",
    "zstd"
   ],
-  "name": "107",
+  "name": "139",
   "meta-type": "enum"
  },
  {
@@ -3234,7 +4136,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "108",
+  "name": "140",
   "meta-type": "object"
  },
  {
@@ -3254,7 +4156,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "109",
+  "name": "141",
   "meta-type": "object"
  },
  {
@@ -3268,7 +4170,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "110",
+  "name": "142",
   "meta-type": "object"
  },
  {
@@ -3278,7 +4180,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "111",
+  "name": "143",
   "meta-type": "object"
  },
  {
@@ -3292,7 +4194,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "112",
+  "name": "144",
   "meta-type": "object"
  },
  {
@@ -3332,20 +4234,20 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmaps",
-    "type": "[114]",
+    "type": "[146]",
     "default": null
    },
    {
     "name": "compression-type",
-    "type": "107"
+    "type": "139"
    }
   ],
-  "name": "113",
+  "name": "145",
   "meta-type": "object"
  },
  {
-  "element-type": "114",
-  "name": "[114]",
+  "element-type": "146",
+  "name": "[146]",
   "meta-type": "array"
  },
  {
@@ -3360,15 +4262,15 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "flags",
-    "type": "[115]"
+    "type": "[147]"
    }
   ],
-  "name": "114",
+  "name": "146",
   "meta-type": "object"
  },
  {
-  "element-type": "115",
-  "name": "[115]",
+  "element-type": "147",
+  "name": "[147]",
   "meta-type": "array"
  },
  {
@@ -3384,7 +4286,7 @@ export const introspection: readonly unknown[] = [
    "in-use",
    "auto"
   ],
-  "name": "115",
+  "name": "147",
   "meta-type": "enum"
  }
 ];

@@ -619,6 +619,413 @@ export const schemaData: GenSchema = {
    ],
    "doc": "Block device information (query-block; qemu-storage-daemon has no BlockBackend devices, so the list is empty)."
   },
+  "BlockDeviceTimedStats": {
+   "kind": "struct",
+   "name": "BlockDeviceTimedStats",
+   "members": [
+    {
+     "name": "interval_length",
+     "type": "int",
+     "optional": false
+    },
+    {
+     "name": "min_rd_latency_ns",
+     "type": "int",
+     "optional": false
+    },
+    {
+     "name": "max_rd_latency_ns",
+     "type": "int",
+     "optional": false
+    },
+    {
+     "name": "avg_rd_latency_ns",
+     "type": "int",
+     "optional": false
+    },
+    {
+     "name": "min_wr_latency_ns",
+     "type": "int",
+     "optional": false
+    },
+    {
+     "name": "max_wr_latency_ns",
+     "type": "int",
+     "optional": false
+    },
+    {
+     "name": "avg_wr_latency_ns",
+     "type": "int",
+     "optional": false
+    },
+    {
+     "name": "min_flush_latency_ns",
+     "type": "int",
+     "optional": false
+    },
+    {
+     "name": "max_flush_latency_ns",
+     "type": "int",
+     "optional": false
+    },
+    {
+     "name": "avg_flush_latency_ns",
+     "type": "int",
+     "optional": false
+    },
+    {
+     "name": "avg_rd_queue_depth",
+     "type": "number",
+     "optional": false
+    },
+    {
+     "name": "avg_wr_queue_depth",
+     "type": "number",
+     "optional": false
+    }
+   ],
+   "doc": "Statistics of a device during a time interval."
+  },
+  "BlockLatencyHistogramInfo": {
+   "kind": "struct",
+   "name": "BlockLatencyHistogramInfo",
+   "members": [
+    {
+     "name": "boundaries",
+     "type": "[uint64]",
+     "optional": false
+    },
+    {
+     "name": "bins",
+     "type": "[uint64]",
+     "optional": false
+    }
+   ],
+   "doc": "Block latency histogram."
+  },
+  "BlockDeviceStats": {
+   "kind": "struct",
+   "name": "BlockDeviceStats",
+   "members": [
+    {
+     "name": "rd_bytes",
+     "type": "int",
+     "optional": false
+    },
+    {
+     "name": "wr_bytes",
+     "type": "int",
+     "optional": false
+    },
+    {
+     "name": "unmap_bytes",
+     "type": "int",
+     "optional": false
+    },
+    {
+     "name": "rd_operations",
+     "type": "int",
+     "optional": false
+    },
+    {
+     "name": "wr_operations",
+     "type": "int",
+     "optional": false
+    },
+    {
+     "name": "flush_operations",
+     "type": "int",
+     "optional": false
+    },
+    {
+     "name": "unmap_operations",
+     "type": "int",
+     "optional": false
+    },
+    {
+     "name": "rd_total_time_ns",
+     "type": "int",
+     "optional": false
+    },
+    {
+     "name": "wr_total_time_ns",
+     "type": "int",
+     "optional": false
+    },
+    {
+     "name": "flush_total_time_ns",
+     "type": "int",
+     "optional": false
+    },
+    {
+     "name": "unmap_total_time_ns",
+     "type": "int",
+     "optional": false
+    },
+    {
+     "name": "wr_highest_offset",
+     "type": "int",
+     "optional": false
+    },
+    {
+     "name": "rd_merged",
+     "type": "int",
+     "optional": false
+    },
+    {
+     "name": "wr_merged",
+     "type": "int",
+     "optional": false
+    },
+    {
+     "name": "unmap_merged",
+     "type": "int",
+     "optional": false
+    },
+    {
+     "name": "idle_time_ns",
+     "type": "int",
+     "optional": true
+    },
+    {
+     "name": "failed_rd_operations",
+     "type": "int",
+     "optional": false
+    },
+    {
+     "name": "failed_wr_operations",
+     "type": "int",
+     "optional": false
+    },
+    {
+     "name": "failed_flush_operations",
+     "type": "int",
+     "optional": false
+    },
+    {
+     "name": "failed_unmap_operations",
+     "type": "int",
+     "optional": false
+    },
+    {
+     "name": "invalid_rd_operations",
+     "type": "int",
+     "optional": false
+    },
+    {
+     "name": "invalid_wr_operations",
+     "type": "int",
+     "optional": false
+    },
+    {
+     "name": "invalid_flush_operations",
+     "type": "int",
+     "optional": false
+    },
+    {
+     "name": "invalid_unmap_operations",
+     "type": "int",
+     "optional": false
+    },
+    {
+     "name": "account_invalid",
+     "type": "bool",
+     "optional": false
+    },
+    {
+     "name": "account_failed",
+     "type": "bool",
+     "optional": false
+    },
+    {
+     "name": "timed_stats",
+     "type": "[BlockDeviceTimedStats]",
+     "optional": false
+    },
+    {
+     "name": "rd_latency_histogram",
+     "type": "BlockLatencyHistogramInfo",
+     "optional": true
+    },
+    {
+     "name": "wr_latency_histogram",
+     "type": "BlockLatencyHistogramInfo",
+     "optional": true
+    },
+    {
+     "name": "flush_latency_histogram",
+     "type": "BlockLatencyHistogramInfo",
+     "optional": true
+    }
+   ],
+   "doc": "Statistics of a virtual block device or a block backing device. qsd-ts does not account I/O: every counter is 0."
+  },
+  "BlockStatsSpecificFile": {
+   "kind": "struct",
+   "name": "BlockStatsSpecificFile",
+   "members": [
+    {
+     "name": "discard-nb-ok",
+     "type": "uint64",
+     "optional": false
+    },
+    {
+     "name": "discard-nb-failed",
+     "type": "uint64",
+     "optional": false
+    },
+    {
+     "name": "discard-bytes-ok",
+     "type": "uint64",
+     "optional": false
+    }
+   ],
+   "doc": "File driver statistics."
+  },
+  "BlockStatsSpecific": {
+   "kind": "union",
+   "name": "BlockStatsSpecific",
+   "members": [
+    {
+     "name": "driver",
+     "type": "BlockdevDriver",
+     "optional": false
+    }
+   ],
+   "doc": "Block driver specific statistics.",
+   "discriminator": "driver",
+   "variants": {
+    "file": "BlockStatsSpecificFile",
+    "host_device": "BlockStatsSpecificFile"
+   }
+  },
+  "BlockStats": {
+   "kind": "struct",
+   "name": "BlockStats",
+   "members": [
+    {
+     "name": "device",
+     "type": "str",
+     "optional": true
+    },
+    {
+     "name": "qdev",
+     "type": "str",
+     "optional": true
+    },
+    {
+     "name": "node-name",
+     "type": "str",
+     "optional": true
+    },
+    {
+     "name": "stats",
+     "type": "BlockDeviceStats",
+     "optional": false
+    },
+    {
+     "name": "driver-specific",
+     "type": "BlockStatsSpecific",
+     "optional": true
+    },
+    {
+     "name": "parent",
+     "type": "BlockStats",
+     "optional": true
+    },
+    {
+     "name": "backing",
+     "type": "BlockStats",
+     "optional": true
+    }
+   ],
+   "doc": "Statistics of a virtual block device or a block backing device."
+  },
+  "q_obj_query-blockstats-arg": {
+   "kind": "struct",
+   "name": "q_obj_query-blockstats-arg",
+   "members": [
+    {
+     "name": "query-nodes",
+     "type": "bool",
+     "optional": true,
+     "doc": "If true, the command will query all the block nodes that have a node name, in a list which will include \"parent\" information, but not \"backing\". If false or omitted, the behavior is as before - query all the device backends, recursively including their \"parent\" and \"backing\". (Since 2.3)"
+    }
+   ],
+   "implicit": true
+  },
+  "BlockJobInfo": {
+   "kind": "struct",
+   "name": "BlockJobInfo",
+   "members": [
+    {
+     "name": "type",
+     "type": "str",
+     "optional": false
+    },
+    {
+     "name": "device",
+     "type": "str",
+     "optional": false
+    },
+    {
+     "name": "len",
+     "type": "int",
+     "optional": false
+    },
+    {
+     "name": "offset",
+     "type": "int",
+     "optional": false
+    },
+    {
+     "name": "busy",
+     "type": "bool",
+     "optional": false
+    },
+    {
+     "name": "paused",
+     "type": "bool",
+     "optional": false
+    },
+    {
+     "name": "speed",
+     "type": "int",
+     "optional": false
+    },
+    {
+     "name": "io-status",
+     "type": "BlockDeviceIoStatus",
+     "optional": false
+    },
+    {
+     "name": "ready",
+     "type": "bool",
+     "optional": false
+    },
+    {
+     "name": "status",
+     "type": "JobStatus",
+     "optional": false
+    },
+    {
+     "name": "auto-finalize",
+     "type": "bool",
+     "optional": false
+    },
+    {
+     "name": "auto-dismiss",
+     "type": "bool",
+     "optional": false
+    },
+    {
+     "name": "error",
+     "type": "str",
+     "optional": true
+    }
+   ],
+   "doc": "Information about a long-running block device operation."
+  },
   "q_obj_block_resize-arg": {
    "kind": "struct",
    "name": "q_obj_block_resize-arg",
@@ -656,6 +1063,88 @@ export const schemaData: GenSchema = {
     }
    ],
    "implicit": true
+  },
+  "XDbgBlockGraphNodeType": {
+   "kind": "enum",
+   "name": "XDbgBlockGraphNodeType",
+   "values": [
+    "block-backend",
+    "block-job",
+    "block-driver"
+   ]
+  },
+  "XDbgBlockGraphNode": {
+   "kind": "struct",
+   "name": "XDbgBlockGraphNode",
+   "members": [
+    {
+     "name": "id",
+     "type": "uint64",
+     "optional": false,
+     "doc": "Block graph node identifier. This @id is generated only for x-debug-query-block-graph and does not relate to any other identifiers in Qemu."
+    },
+    {
+     "name": "type",
+     "type": "XDbgBlockGraphNodeType",
+     "optional": false,
+     "doc": "Type of graph node."
+    },
+    {
+     "name": "name",
+     "type": "str",
+     "optional": false,
+     "doc": "Human readable name of the node. Corresponds to node-name for block-driver nodes; is empty for anonymous backends."
+    }
+   ]
+  },
+  "XDbgBlockGraphEdge": {
+   "kind": "struct",
+   "name": "XDbgBlockGraphEdge",
+   "members": [
+    {
+     "name": "parent",
+     "type": "uint64",
+     "optional": false
+    },
+    {
+     "name": "child",
+     "type": "uint64",
+     "optional": false
+    },
+    {
+     "name": "name",
+     "type": "str",
+     "optional": false
+    },
+    {
+     "name": "perm",
+     "type": "[BlockPermission]",
+     "optional": false
+    },
+    {
+     "name": "shared-perm",
+     "type": "[BlockPermission]",
+     "optional": false
+    }
+   ],
+   "doc": "Block Graph edge description for x-debug-query-block-graph."
+  },
+  "XDbgBlockGraph": {
+   "kind": "struct",
+   "name": "XDbgBlockGraph",
+   "members": [
+    {
+     "name": "nodes",
+     "type": "[XDbgBlockGraphNode]",
+     "optional": false
+    },
+    {
+     "name": "edges",
+     "type": "[XDbgBlockGraphEdge]",
+     "optional": false
+    }
+   ],
+   "doc": "Block Graph - list of nodes and list of edges."
   },
   "IoOperationType": {
    "kind": "enum",
@@ -1454,6 +1943,141 @@ export const schemaData: GenSchema = {
    ],
    "doc": "Driver specific block device options for blkdebug."
   },
+  "q_obj_block-job-set-speed-arg": {
+   "kind": "struct",
+   "name": "q_obj_block-job-set-speed-arg",
+   "members": [
+    {
+     "name": "device",
+     "type": "str",
+     "optional": false
+    },
+    {
+     "name": "speed",
+     "type": "int",
+     "optional": false
+    }
+   ],
+   "implicit": true
+  },
+  "q_obj_block-job-cancel-arg": {
+   "kind": "struct",
+   "name": "q_obj_block-job-cancel-arg",
+   "members": [
+    {
+     "name": "device",
+     "type": "str",
+     "optional": false
+    },
+    {
+     "name": "force",
+     "type": "bool",
+     "optional": true
+    }
+   ],
+   "implicit": true
+  },
+  "q_obj_block-job-pause-arg": {
+   "kind": "struct",
+   "name": "q_obj_block-job-pause-arg",
+   "members": [
+    {
+     "name": "device",
+     "type": "str",
+     "optional": false
+    }
+   ],
+   "implicit": true
+  },
+  "q_obj_block-job-resume-arg": {
+   "kind": "struct",
+   "name": "q_obj_block-job-resume-arg",
+   "members": [
+    {
+     "name": "device",
+     "type": "str",
+     "optional": false
+    }
+   ],
+   "implicit": true
+  },
+  "q_obj_block-job-complete-arg": {
+   "kind": "struct",
+   "name": "q_obj_block-job-complete-arg",
+   "members": [
+    {
+     "name": "device",
+     "type": "str",
+     "optional": false
+    }
+   ],
+   "implicit": true
+  },
+  "q_obj_block-job-dismiss-arg": {
+   "kind": "struct",
+   "name": "q_obj_block-job-dismiss-arg",
+   "members": [
+    {
+     "name": "id",
+     "type": "str",
+     "optional": false
+    }
+   ],
+   "implicit": true
+  },
+  "q_obj_block-job-finalize-arg": {
+   "kind": "struct",
+   "name": "q_obj_block-job-finalize-arg",
+   "members": [
+    {
+     "name": "id",
+     "type": "str",
+     "optional": false
+    }
+   ],
+   "implicit": true
+  },
+  "MirrorCopyMode": {
+   "kind": "enum",
+   "name": "MirrorCopyMode",
+   "values": [
+    "background",
+    "write-blocking"
+   ],
+   "doc": "An enumeration whose values tell the mirror block job when to trigger writes to the target."
+  },
+  "BlockJobChangeOptionsMirror": {
+   "kind": "struct",
+   "name": "BlockJobChangeOptionsMirror",
+   "members": [
+    {
+     "name": "copy-mode",
+     "type": "MirrorCopyMode",
+     "optional": false
+    }
+   ]
+  },
+  "BlockJobChangeOptions": {
+   "kind": "union",
+   "name": "BlockJobChangeOptions",
+   "members": [
+    {
+     "name": "id",
+     "type": "str",
+     "optional": false
+    },
+    {
+     "name": "type",
+     "type": "JobType",
+     "optional": false
+    }
+   ],
+   "doc": "Block job options that can be changed after job creation.",
+   "discriminator": "type",
+   "variants": {
+    "mirror": "BlockJobChangeOptionsMirror"
+   }
+  },
   "BlockdevOptions": {
    "kind": "union",
    "name": "BlockdevOptions",
@@ -1785,6 +2409,30 @@ export const schemaData: GenSchema = {
     {
      "name": "status",
      "type": "JobStatus",
+     "optional": false
+    }
+   ],
+   "implicit": true
+  },
+  "q_obj_job-pause-arg": {
+   "kind": "struct",
+   "name": "q_obj_job-pause-arg",
+   "members": [
+    {
+     "name": "id",
+     "type": "str",
+     "optional": false
+    }
+   ],
+   "implicit": true
+  },
+  "q_obj_job-resume-arg": {
+   "kind": "struct",
+   "name": "q_obj_job-resume-arg",
+   "members": [
+    {
+     "name": "id",
+     "type": "str",
      "optional": false
     }
    ],
@@ -2451,6 +3099,18 @@ export const schemaData: GenSchema = {
    ],
    "doc": "Information about a character device."
   },
+  "ChardevBackendInfo": {
+   "kind": "struct",
+   "name": "ChardevBackendInfo",
+   "members": [
+    {
+     "name": "name",
+     "type": "str",
+     "optional": false
+    }
+   ],
+   "doc": "Information about a character device backend."
+  },
   "QMPCapability": {
    "kind": "enum",
    "name": "QMPCapability",
@@ -2834,6 +3494,50 @@ export const schemaData: GenSchema = {
    ],
    "implicit": true
   },
+  "ObjectPropertyValue": {
+   "kind": "struct",
+   "name": "ObjectPropertyValue",
+   "members": [
+    {
+     "name": "name",
+     "type": "str",
+     "optional": false
+    },
+    {
+     "name": "type",
+     "type": "str",
+     "optional": false
+    },
+    {
+     "name": "value",
+     "type": "any",
+     "optional": true
+    }
+   ]
+  },
+  "ObjectPropertiesValues": {
+   "kind": "struct",
+   "name": "ObjectPropertiesValues",
+   "members": [
+    {
+     "name": "properties",
+     "type": "[ObjectPropertyValue]",
+     "optional": false
+    }
+   ]
+  },
+  "q_obj_qom-list-get-arg": {
+   "kind": "struct",
+   "name": "q_obj_qom-list-get-arg",
+   "members": [
+    {
+     "name": "paths",
+     "type": "[str]",
+     "optional": false
+    }
+   ],
+   "implicit": true
+  },
   "q_obj_qom-get-arg": {
    "kind": "struct",
    "name": "q_obj_qom-get-arg",
@@ -2845,6 +3549,78 @@ export const schemaData: GenSchema = {
     },
     {
      "name": "property",
+     "type": "str",
+     "optional": false
+    }
+   ],
+   "implicit": true
+  },
+  "q_obj_qom-set-arg": {
+   "kind": "struct",
+   "name": "q_obj_qom-set-arg",
+   "members": [
+    {
+     "name": "path",
+     "type": "str",
+     "optional": false
+    },
+    {
+     "name": "property",
+     "type": "str",
+     "optional": false
+    },
+    {
+     "name": "value",
+     "type": "any",
+     "optional": false
+    }
+   ],
+   "implicit": true
+  },
+  "ObjectTypeInfo": {
+   "kind": "struct",
+   "name": "ObjectTypeInfo",
+   "members": [
+    {
+     "name": "name",
+     "type": "str",
+     "optional": false
+    },
+    {
+     "name": "abstract",
+     "type": "bool",
+     "optional": true
+    },
+    {
+     "name": "parent",
+     "type": "str",
+     "optional": true
+    }
+   ]
+  },
+  "q_obj_qom-list-types-arg": {
+   "kind": "struct",
+   "name": "q_obj_qom-list-types-arg",
+   "members": [
+    {
+     "name": "implements",
+     "type": "str",
+     "optional": true
+    },
+    {
+     "name": "abstract",
+     "type": "bool",
+     "optional": true
+    }
+   ],
+   "implicit": true
+  },
+  "q_obj_qom-list-properties-arg": {
+   "kind": "struct",
+   "name": "q_obj_qom-list-properties-arg",
+   "members": [
+    {
+     "name": "typename",
      "type": "str",
      "optional": false
     }
@@ -2949,6 +3725,19 @@ export const schemaData: GenSchema = {
    "returns": "[BlockInfo]"
   },
   {
+   "name": "query-blockstats",
+   "boxed": false,
+   "doc": "Query the BlockStats for all virtual block devices (none in the storage daemon) or, with query-nodes, for every named node.",
+   "argType": "q_obj_query-blockstats-arg",
+   "returns": "[BlockStats]"
+  },
+  {
+   "name": "query-block-jobs",
+   "boxed": false,
+   "doc": "Return information about long-running block device operations (qsd-ts runs none: blockdev-create jobs are not block jobs).",
+   "returns": "[BlockJobInfo]"
+  },
+  {
    "name": "block_resize",
    "boxed": false,
    "doc": "Resize a block image while a guest is running.",
@@ -2960,6 +3749,63 @@ export const schemaData: GenSchema = {
    "doc": "Get the named block driver list.",
    "argType": "q_obj_query-named-block-nodes-arg",
    "returns": "[BlockDeviceInfo]"
+  },
+  {
+   "name": "x-debug-query-block-graph",
+   "boxed": false,
+   "doc": "Get the block graph.",
+   "features": [
+    "unstable"
+   ],
+   "returns": "XDbgBlockGraph"
+  },
+  {
+   "name": "block-job-set-speed",
+   "boxed": false,
+   "doc": "Set maximum speed for a background block operation.",
+   "argType": "q_obj_block-job-set-speed-arg"
+  },
+  {
+   "name": "block-job-cancel",
+   "boxed": false,
+   "doc": "Stop an active background block operation.",
+   "argType": "q_obj_block-job-cancel-arg"
+  },
+  {
+   "name": "block-job-pause",
+   "boxed": false,
+   "doc": "Pause an active background block operation.",
+   "argType": "q_obj_block-job-pause-arg"
+  },
+  {
+   "name": "block-job-resume",
+   "boxed": false,
+   "doc": "Resume an active background block operation.",
+   "argType": "q_obj_block-job-resume-arg"
+  },
+  {
+   "name": "block-job-complete",
+   "boxed": false,
+   "doc": "Manually trigger completion of an active background block operation.",
+   "argType": "q_obj_block-job-complete-arg"
+  },
+  {
+   "name": "block-job-dismiss",
+   "boxed": false,
+   "doc": "For jobs that have already concluded, remove them from the block-job-query list.",
+   "argType": "q_obj_block-job-dismiss-arg"
+  },
+  {
+   "name": "block-job-finalize",
+   "boxed": false,
+   "doc": "Once a job that has manual=true reaches the pending state, it can be instructed to finalize any graph changes and do any necessary cleanup via this command.",
+   "argType": "q_obj_block-job-finalize-arg"
+  },
+  {
+   "name": "block-job-change",
+   "boxed": true,
+   "doc": "Change the block job's options (newer than QEMU 7.2).",
+   "argType": "BlockJobChangeOptions"
   },
   {
    "name": "blockdev-add",
@@ -2984,6 +3830,18 @@ export const schemaData: GenSchema = {
    "boxed": false,
    "doc": "Starts a job to create an image format on a given node. The job is automatically finalized, but a manual job-dismiss is required.",
    "argType": "q_obj_blockdev-create-arg"
+  },
+  {
+   "name": "job-pause",
+   "boxed": false,
+   "doc": "Pause an active job; a job without pause points (blockdev-create) keeps its status.",
+   "argType": "q_obj_job-pause-arg"
+  },
+  {
+   "name": "job-resume",
+   "boxed": false,
+   "doc": "Resume a paused job.",
+   "argType": "q_obj_job-resume-arg"
   },
   {
    "name": "job-cancel",
@@ -3064,6 +3922,12 @@ export const schemaData: GenSchema = {
    "returns": "[ChardevInfo]"
   },
   {
+   "name": "query-chardev-backends",
+   "boxed": false,
+   "doc": "Returns information about the chardev backends qsd-ts has (socket, stdio).",
+   "returns": "[ChardevBackendInfo]"
+  },
+  {
    "name": "qmp_capabilities",
    "boxed": false,
    "doc": "Leave capabilities negotiation mode and enable the given capabilities.",
@@ -3099,11 +3963,38 @@ export const schemaData: GenSchema = {
    "returns": "[ObjectPropertyInfo]"
   },
   {
+   "name": "qom-list-get",
+   "boxed": false,
+   "doc": "List the properties and their values of each object (newer than QEMU 7.2).",
+   "argType": "q_obj_qom-list-get-arg",
+   "returns": "[ObjectPropertiesValues]"
+  },
+  {
    "name": "qom-get",
    "boxed": false,
    "doc": "Read one property of an object.",
    "argType": "q_obj_qom-get-arg",
    "returns": "any"
+  },
+  {
+   "name": "qom-set",
+   "boxed": false,
+   "doc": "Set one property of an object.",
+   "argType": "q_obj_qom-set-arg"
+  },
+  {
+   "name": "qom-list-types",
+   "boxed": false,
+   "doc": "List the QOM types qsd-ts has.",
+   "argType": "q_obj_qom-list-types-arg",
+   "returns": "[ObjectTypeInfo]"
+  },
+  {
+   "name": "qom-list-properties",
+   "boxed": false,
+   "doc": "List the properties of an object of the given type.",
+   "argType": "q_obj_qom-list-properties-arg",
+   "returns": "[ObjectPropertyInfo]"
   },
   {
    "name": "object-add",

@@ -144,6 +144,136 @@ export interface BlockInfo {
   "io-status"?: BlockDeviceIoStatus;
 }
 
+/** Statistics of a device during a time interval. @since 2.5 */
+export interface BlockDeviceTimedStats {
+  "interval_length": number;
+  "min_rd_latency_ns": number;
+  "max_rd_latency_ns": number;
+  "avg_rd_latency_ns": number;
+  "min_wr_latency_ns": number;
+  "max_wr_latency_ns": number;
+  "avg_wr_latency_ns": number;
+  "min_flush_latency_ns": number;
+  "max_flush_latency_ns": number;
+  "avg_flush_latency_ns": number;
+  "avg_rd_queue_depth": number;
+  "avg_wr_queue_depth": number;
+}
+
+/** Block latency histogram. @since 4.0 */
+export interface BlockLatencyHistogramInfo {
+  "boundaries": Array<number | bigint>;
+  "bins": Array<number | bigint>;
+}
+
+/** Statistics of a virtual block device or a block backing device. qsd-ts does not account I/O: every counter is 0. @since 0.14 */
+export interface BlockDeviceStats {
+  "rd_bytes": number;
+  "wr_bytes": number;
+  /** @since 4.2 */
+  "unmap_bytes": number;
+  "rd_operations": number;
+  "wr_operations": number;
+  /** @since 0.15 */
+  "flush_operations": number;
+  /** @since 4.2 */
+  "unmap_operations": number;
+  "rd_total_time_ns": number;
+  "wr_total_time_ns": number;
+  "flush_total_time_ns": number;
+  /** @since 4.2 */
+  "unmap_total_time_ns": number;
+  "wr_highest_offset": number;
+  /** @since 2.3 */
+  "rd_merged": number;
+  /** @since 2.3 */
+  "wr_merged": number;
+  /** @since 4.2 */
+  "unmap_merged": number;
+  /** @since 2.5 */
+  "idle_time_ns"?: number;
+  "failed_rd_operations": number;
+  "failed_wr_operations": number;
+  "failed_flush_operations": number;
+  /** @since 4.2 */
+  "failed_unmap_operations": number;
+  "invalid_rd_operations": number;
+  "invalid_wr_operations": number;
+  "invalid_flush_operations": number;
+  /** @since 4.2 */
+  "invalid_unmap_operations": number;
+  "account_invalid": boolean;
+  "account_failed": boolean;
+  "timed_stats": BlockDeviceTimedStats[];
+  /** @since 4.0 */
+  "rd_latency_histogram"?: BlockLatencyHistogramInfo;
+  /** @since 4.0 */
+  "wr_latency_histogram"?: BlockLatencyHistogramInfo;
+  /** @since 4.0 */
+  "flush_latency_histogram"?: BlockLatencyHistogramInfo;
+}
+
+/** File driver statistics. @since 4.2 */
+export interface BlockStatsSpecificFile {
+  "discard-nb-ok": number | bigint;
+  "discard-nb-failed": number | bigint;
+  "discard-bytes-ok": number | bigint;
+}
+
+/** Block driver specific statistics. @since 4.2 */
+export interface BlockStatsSpecificBase {
+  "driver": BlockdevDriver;
+}
+export type BlockStatsSpecific =
+  | (BlockStatsSpecificBase & { "driver": "blkdebug" })
+  | (BlockStatsSpecificBase & { "driver": "file" } & BlockStatsSpecificFile)
+  | (BlockStatsSpecificBase & { "driver": "host_device" } & BlockStatsSpecificFile)
+  | (BlockStatsSpecificBase & { "driver": "null-aio" })
+  | (BlockStatsSpecificBase & { "driver": "null-co" })
+  | (BlockStatsSpecificBase & { "driver": "qcow2" })
+  | (BlockStatsSpecificBase & { "driver": "raw" });
+
+/** Statistics of a virtual block device or a block backing device. @since 0.14 */
+export interface BlockStats {
+  "device"?: string;
+  /** @since 3.0 */
+  "qdev"?: string;
+  /** @since 2.3 */
+  "node-name"?: string;
+  "stats": BlockDeviceStats;
+  /** @since 4.2 */
+  "driver-specific"?: BlockStatsSpecific;
+  "parent"?: BlockStats;
+  "backing"?: BlockStats;
+}
+
+export interface QObj_query_blockstats_arg {
+  /** If true, the command will query all the block nodes that have a node name, in a list which will include "parent" information, but not "backing". If false or omitted, the behavior is as before - query all the device backends, recursively including their "parent" and "backing". (Since 2.3) @since 2.3 */
+  "query-nodes"?: boolean;
+}
+
+/** Information about a long-running block device operation. @since 1.1 */
+export interface BlockJobInfo {
+  "type": string;
+  "device": string;
+  "len": number;
+  "offset": number;
+  "busy": boolean;
+  "paused": boolean;
+  "speed": number;
+  "io-status": BlockDeviceIoStatus;
+  /** @since 2.2 */
+  "ready": boolean;
+  /** @since 2.12 */
+  "status": JobStatus;
+  /** @since 3.1 */
+  "auto-finalize": boolean;
+  /** @since 3.1 */
+  "auto-dismiss": boolean;
+  /** @since 4.1 */
+  "error"?: string;
+}
+
 export interface QObj_block_resize_arg {
   /** The name of the device to get the image resized. */
   "device"?: string;
@@ -156,6 +286,34 @@ export interface QObj_block_resize_arg {
 export interface QObj_query_named_block_nodes_arg {
   /** Omit the nested data about backing image ('backing-image' key) if true. Default is false (Since 5.0). */
   "flat"?: boolean;
+}
+
+/** @since 4.0 */
+export type XDbgBlockGraphNodeType = "block-backend" | "block-job" | "block-driver";
+
+/** @since 4.0 */
+export interface XDbgBlockGraphNode {
+  /** Block graph node identifier. This @id is generated only for x-debug-query-block-graph and does not relate to any other identifiers in Qemu. */
+  "id": number | bigint;
+  /** Type of graph node. */
+  "type": XDbgBlockGraphNodeType;
+  /** Human readable name of the node. Corresponds to node-name for block-driver nodes; is empty for anonymous backends. */
+  "name": string;
+}
+
+/** Block Graph edge description for x-debug-query-block-graph. @since 4.0 */
+export interface XDbgBlockGraphEdge {
+  "parent": number | bigint;
+  "child": number | bigint;
+  "name": string;
+  "perm": BlockPermission[];
+  "shared-perm": BlockPermission[];
+}
+
+/** Block Graph - list of nodes and list of edges. @since 4.0 */
+export interface XDbgBlockGraph {
+  "nodes": XDbgBlockGraphNode[];
+  "edges": XDbgBlockGraphEdge[];
 }
 
 /** @since 2.1 */
@@ -398,6 +556,60 @@ export interface BlockdevOptionsBlkdebug {
   "unshare-child-perms"?: BlockPermission[];
 }
 
+export interface QObj_block_job_set_speed_arg {
+  "device": string;
+  "speed": number;
+}
+
+export interface QObj_block_job_cancel_arg {
+  "device": string;
+  "force"?: boolean;
+}
+
+export interface QObj_block_job_pause_arg {
+  "device": string;
+}
+
+export interface QObj_block_job_resume_arg {
+  "device": string;
+}
+
+export interface QObj_block_job_complete_arg {
+  "device": string;
+}
+
+export interface QObj_block_job_dismiss_arg {
+  "id": string;
+}
+
+export interface QObj_block_job_finalize_arg {
+  "id": string;
+}
+
+/** An enumeration whose values tell the mirror block job when to trigger writes to the target. @since 3.0 */
+export type MirrorCopyMode = "background" | "write-blocking";
+
+/** @since 8.2 */
+export interface BlockJobChangeOptionsMirror {
+  "copy-mode": MirrorCopyMode;
+}
+
+/** Block job options that can be changed after job creation. @since 8.2 */
+export interface BlockJobChangeOptionsBase {
+  "id": string;
+  "type": JobType;
+}
+export type BlockJobChangeOptions =
+  | (BlockJobChangeOptionsBase & { "type": "commit" })
+  | (BlockJobChangeOptionsBase & { "type": "stream" })
+  | (BlockJobChangeOptionsBase & { "type": "mirror" } & BlockJobChangeOptionsMirror)
+  | (BlockJobChangeOptionsBase & { "type": "backup" })
+  | (BlockJobChangeOptionsBase & { "type": "create" })
+  | (BlockJobChangeOptionsBase & { "type": "amend" })
+  | (BlockJobChangeOptionsBase & { "type": "snapshot-load" })
+  | (BlockJobChangeOptionsBase & { "type": "snapshot-save" })
+  | (BlockJobChangeOptionsBase & { "type": "snapshot-delete" });
+
 /** Options for creating a block device (--blockdev, blockdev-add). @since 2.9 */
 export interface BlockdevOptionsBase {
   /** Block driver name. */
@@ -521,6 +733,14 @@ export type JobStatus = "undefined" | "created" | "running" | "paused" | "ready"
 export interface QObj_JOB_STATUS_CHANGE_arg {
   "id": string;
   "status": JobStatus;
+}
+
+export interface QObj_job_pause_arg {
+  "id": string;
+}
+
+export interface QObj_job_resume_arg {
+  "id": string;
 }
 
 export interface QObj_job_cancel_arg {
@@ -771,6 +991,11 @@ export interface ChardevInfo {
   "frontend-open": boolean;
 }
 
+/** Information about a character device backend. @since 2.0 */
+export interface ChardevBackendInfo {
+  "name": string;
+}
+
 /** QMP protocol capabilities. @since 2.12 */
 export type QMPCapability = "oob";
 
@@ -900,9 +1125,49 @@ export interface QObj_qom_list_arg {
   "path": string;
 }
 
+/** @since 10.1 */
+export interface ObjectPropertyValue {
+  "name": string;
+  "type": string;
+  "value"?: unknown;
+}
+
+/** @since 10.1 */
+export interface ObjectPropertiesValues {
+  "properties": ObjectPropertyValue[];
+}
+
+export interface QObj_qom_list_get_arg {
+  "paths": string[];
+}
+
 export interface QObj_qom_get_arg {
   "path": string;
   "property": string;
+}
+
+export interface QObj_qom_set_arg {
+  "path": string;
+  "property": string;
+  "value": unknown;
+}
+
+/** @since 1.1 */
+export interface ObjectTypeInfo {
+  "name": string;
+  /** @since 2.10 */
+  "abstract"?: boolean;
+  /** @since 2.10 */
+  "parent"?: string;
+}
+
+export interface QObj_qom_list_types_arg {
+  "implements"?: string;
+  "abstract"?: boolean;
+}
+
+export interface QObj_qom_list_properties_arg {
+  "typename": string;
 }
 
 /** @since 7.1 */
@@ -944,10 +1209,32 @@ export interface QObj_object_del_arg {
 /** Every QMP command: its arguments and its return value. */
 export interface QmpCommands {
   "query-block": { args: Record<string, never>; ret: BlockInfo[] };
+  /** Query the BlockStats for all virtual block devices (none in the storage daemon) or, with query-nodes, for every named node. @since 0.14 */
+  "query-blockstats": { args: QObj_query_blockstats_arg; ret: BlockStats[] };
+  /** Return information about long-running block device operations (qsd-ts runs none: blockdev-create jobs are not block jobs). @since 1.1 */
+  "query-block-jobs": { args: Record<string, never>; ret: BlockJobInfo[] };
   /** Resize a block image while a guest is running. @since 0.14 */
   "block_resize": { args: QObj_block_resize_arg; ret: Record<string, never> };
   /** Get the named block driver list. @since 2.0 */
   "query-named-block-nodes": { args: QObj_query_named_block_nodes_arg; ret: BlockDeviceInfo[] };
+  /** Get the block graph. @since 4.0 features: unstable */
+  "x-debug-query-block-graph": { args: Record<string, never>; ret: XDbgBlockGraph };
+  /** Set maximum speed for a background block operation. @since 1.1 */
+  "block-job-set-speed": { args: QObj_block_job_set_speed_arg; ret: Record<string, never> };
+  /** Stop an active background block operation. @since 1.1 */
+  "block-job-cancel": { args: QObj_block_job_cancel_arg; ret: Record<string, never> };
+  /** Pause an active background block operation. @since 1.3 */
+  "block-job-pause": { args: QObj_block_job_pause_arg; ret: Record<string, never> };
+  /** Resume an active background block operation. @since 1.3 */
+  "block-job-resume": { args: QObj_block_job_resume_arg; ret: Record<string, never> };
+  /** Manually trigger completion of an active background block operation. @since 1.3 */
+  "block-job-complete": { args: QObj_block_job_complete_arg; ret: Record<string, never> };
+  /** For jobs that have already concluded, remove them from the block-job-query list. @since 2.12 */
+  "block-job-dismiss": { args: QObj_block_job_dismiss_arg; ret: Record<string, never> };
+  /** Once a job that has manual=true reaches the pending state, it can be instructed to finalize any graph changes and do any necessary cleanup via this command. @since 2.12 */
+  "block-job-finalize": { args: QObj_block_job_finalize_arg; ret: Record<string, never> };
+  /** Change the block job's options (newer than QEMU 7.2). @since 8.2 */
+  "block-job-change": { args: BlockJobChangeOptions; ret: Record<string, never> };
   /** Creates a new block device. @since 2.9 */
   "blockdev-add": { args: BlockdevOptions; ret: Record<string, never> };
   /** Reopens one or more block devices using the given set of options. @since 6.1 */
@@ -956,6 +1243,10 @@ export interface QmpCommands {
   "blockdev-del": { args: QObj_blockdev_del_arg; ret: Record<string, never> };
   /** Starts a job to create an image format on a given node. The job is automatically finalized, but a manual job-dismiss is required. @since 3.0 */
   "blockdev-create": { args: QObj_blockdev_create_arg; ret: Record<string, never> };
+  /** Pause an active job; a job without pause points (blockdev-create) keeps its status. @since 3.0 */
+  "job-pause": { args: QObj_job_pause_arg; ret: Record<string, never> };
+  /** Resume a paused job. @since 3.0 */
+  "job-resume": { args: QObj_job_resume_arg; ret: Record<string, never> };
   /** Cancel a job; a concluded job is dismissed when it is not auto-dismissed. @since 3.0 */
   "job-cancel": { args: QObj_job_cancel_arg; ret: Record<string, never> };
   /** @since 3.0 */
@@ -981,6 +1272,8 @@ export interface QmpCommands {
   /** @since 5.2 */
   "query-block-exports": { args: Record<string, never>; ret: BlockExportInfo[] };
   "query-chardev": { args: Record<string, never>; ret: ChardevInfo[] };
+  /** Returns information about the chardev backends qsd-ts has (socket, stdio). @since 2.0 */
+  "query-chardev-backends": { args: Record<string, never>; ret: ChardevBackendInfo[] };
   /** Leave capabilities negotiation mode and enable the given capabilities. */
   "qmp_capabilities": { args: QObj_qmp_capabilities_arg; ret: Record<string, never> };
   "query-version": { args: Record<string, never>; ret: VersionInfo };
@@ -992,8 +1285,16 @@ export interface QmpCommands {
   "query-qmp-schema": { args: Record<string, never>; ret: SchemaInfo[] };
   /** List the properties of an object (e.g. path '/objects'). */
   "qom-list": { args: QObj_qom_list_arg; ret: ObjectPropertyInfo[] };
+  /** List the properties and their values of each object (newer than QEMU 7.2). @since 10.1 */
+  "qom-list-get": { args: QObj_qom_list_get_arg; ret: ObjectPropertiesValues[] };
   /** Read one property of an object. */
   "qom-get": { args: QObj_qom_get_arg; ret: unknown };
+  /** Set one property of an object. */
+  "qom-set": { args: QObj_qom_set_arg; ret: Record<string, never> };
+  /** List the QOM types qsd-ts has. @since 1.1 */
+  "qom-list-types": { args: QObj_qom_list_types_arg; ret: ObjectTypeInfo[] };
+  /** List the properties of an object of the given type. @since 2.12 */
+  "qom-list-properties": { args: QObj_qom_list_properties_arg; ret: ObjectPropertyInfo[] };
   /** Create a QOM object. */
   "object-add": { args: ObjectOptions; ret: Record<string, never> };
   /** Remove a QOM object. */

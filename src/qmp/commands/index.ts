@@ -5,6 +5,8 @@ import { blockCoreCommands } from './block-core.js';
 import { blockExportCommands } from './block-export.js';
 import { qomCommands } from './qom.js';
 import { jobCommands } from './job.js';
+import { charCommands } from './char.js';
+import { blockDebugCommands } from './block-debug.js';
 
 export const allCommands: Record<string, CommandHandler> = {
   ...controlCommands,
@@ -12,4 +14,6 @@ export const allCommands: Record<string, CommandHandler> = {
   ...blockExportCommands,
   ...qomCommands,
   ...jobCommands,
+  ...charCommands,
+  ...blockDebugCommands,
 };

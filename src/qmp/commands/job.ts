@@ -1,7 +1,7 @@
-// Commands of QEMU's job.json, and blockdev-create (a job).
+// Commands of QEMU's job.json, blockdev-create (a job), and the block-job-* commands (no block jobs here).
 import fs from 'node:fs';
 import type { CommandHandler } from './types.js';
-import { genericError } from '../../qapi/errors.js';
+import { genericError, QmpError } from '../../qapi/errors.js';
 import { strerror } from '../../util/errno.js';
 import { qcow2Create } from '../../block/qcow2/create.js';
 
@@ -32,6 +32,11 @@ async function createFile(opts: { filename: string; size: number; preallocation?
   }
 }
 
+/** QEMU's find_block_job() failure, which every block-job-* command reports first. */
+function noBlockJob(id: string): never {
+  throw new QmpError('DeviceNotActive', `Block job '${id}' not found`);
+}
+
 export const jobCommands: Record<string, CommandHandler> = {
   'blockdev-create'(args: { 'job-id': string; options: Record<string, any> }, { daemon }) {
     const { 'job-id': jobId, options } = args;
@@ -60,6 +65,14 @@ export const jobCommands: Record<string, CommandHandler> = {
     daemon.jobs.dismiss(args.id);
     return {};
   },
+  'job-pause'(args: { id: string }, { daemon }) {
+    daemon.jobs.find(args.id).pause();
+    return {};
+  },
+  'job-resume'(args: { id: string }, { daemon }) {
+    daemon.jobs.find(args.id).resume();
+    return {};
+  },
   'job-cancel'(args: { id: string }, { daemon }) {
     daemon.jobs.find(args.id).cancel();
     return {};
@@ -72,4 +85,14 @@ export const jobCommands: Record<string, CommandHandler> = {
     daemon.jobs.find(args.id).checkVerb('complete');
     return {};
   },
+  // blockdev-create jobs are not block jobs (QEMU's are not either): there are none to list or act on.
+  'query-block-jobs': () => [],
+  'block-job-set-speed': (args: { device: string }) => noBlockJob(args.device),
+  'block-job-cancel': (args: { device: string }) => noBlockJob(args.device),
+  'block-job-pause': (args: { device: string }) => noBlockJob(args.device),
+  'block-job-resume': (args: { device: string }) => noBlockJob(args.device),
+  'block-job-complete': (args: { device: string }) => noBlockJob(args.device),
+  'block-job-dismiss': (args: { id: string }) => noBlockJob(args.id),
+  'block-job-finalize': (args: { id: string }) => noBlockJob(args.id),
+  'block-job-change': (args: { id: string }) => noBlockJob(args.id),
 };

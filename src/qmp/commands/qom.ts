@@ -1,15 +1,356 @@
-// Commands of QEMU's qom.json for the objects qsd-ts has: iothreads under /objects.
+// Commands of QEMU's qom.json for the QOM tree qsd-ts has: /objects (iothreads) and /chardevs.
 import type { CommandHandler, CommandContext } from './types.js';
 import { genericError, QmpError } from '../../qapi/errors.js';
 import { idWellformed } from '../../block/graph.js';
 import { IoThread } from '../../iothread/iothread.js';
+import type { Chardev } from '../server.js';
+import { qdictKeyOrder } from '../json.js';
 import type { Daemon } from '../../daemon.js';
 
-const IOTHREAD_PROPERTIES = ['thread-pool-min', 'aio-max-batch', 'thread-pool-max', 'poll-max-ns', 'poll-grow', 'poll-shrink'];
+// ---------------------------------------------------------------------------------------------
+// GLib's GHashTable iteration order. QOM keeps an object's children in a GHashTable keyed by
+// name, so qom-list and query-chardev list them in bucket order (reversed: QEMU prepends). This
+// replays GLib's (>= 2.60) open addressing with g_str_hash, the x11-modulo-prime bucket index,
+// quadratic probing, tombstones and in-place resizes, so the order is QEMU's for any history.
+
+const PRIME_MOD = [1, 2, 3, 7, 13, 31, 61, 127, 251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521, 131071];
+const MIN_SHIFT = 3;
+const UNUSED = 0;
+const TOMBSTONE = 1;
+
+/** g_str_hash: djb2 over signed chars, 32-bit. */
+function strHash(key: string): number {
+  let h = 5381;
+  for (const b of Buffer.from(key)) h = (Math.imul(h, 33) + ((b << 24) >> 24)) >>> 0;
+  return h < 2 ? 2 : h; // 0 and 1 mark unused and deleted buckets
+}
+
+/** The key order of one GHashTable<string, …> given its insertions and removals. */
+export class GHashOrder {
+  private size = 1 << MIN_SHIFT;
+  private mod = PRIME_MOD[MIN_SHIFT];
+  private mask = this.size - 1;
+  private nnodes = 0;
+  private noccupied = 0;
+  private hashes: number[] = new Array(this.size).fill(UNUSED);
+  private keys: Array<string | undefined> = new Array(this.size).fill(undefined);
+
+  constructor(keys: Iterable<string> = []) {
+    for (const key of keys) this.insert(key);
+  }
+
+  private index(hash: number): number {
+    return Number((BigInt(hash) * 11n) & 0xffffffffn) % this.mod;
+  }
+
+  private lookup(key: string): { i: number; hash: number } {
+    const hash = strHash(key);
+    let i = this.index(hash);
+    let step = 0;
+    let tombstone = -1;
+    while (this.hashes[i] !== UNUSED) {
+      if (this.hashes[i] === hash && this.keys[i] === key) return { i, hash };
+      if (this.hashes[i] === TOMBSTONE && tombstone < 0) tombstone = i;
+      step++;
+      i = (i + step) & this.mask;
+    }
+    return { i: tombstone >= 0 ? tombstone : i, hash };
+  }
+
+  insert(key: string): void {
+    const { i, hash } = this.lookup(key);
+    if (this.hashes[i] > TOMBSTONE) return;
+    const wasUnused = this.hashes[i] === UNUSED;
+    this.hashes[i] = hash;
+    this.keys[i] = key;
+    this.nnodes++;
+    if (wasUnused) {
+      this.noccupied++;
+      this.maybeResize();
+    }
+  }
+
+  remove(key: string): void {
+    const { i } = this.lookup(key);
+    if (this.hashes[i] <= TOMBSTONE) return;
+    this.hashes[i] = TOMBSTONE;
+    this.keys[i] = undefined;
+    this.nnodes--;
+    this.maybeResize();
+  }
+
+  private maybeResize(): void {
+    const occupied = this.noccupied;
+    if ((this.size > this.nnodes * 4 && this.size > 1 << MIN_SHIFT) || this.size <= occupied + Math.floor(occupied / 16)) {
+      this.resize();
+    }
+  }
+
+  /** GLib's in-place rehash: old buckets in order, evicting whatever sits at the new spot. */
+  private resize(): void {
+    const oldSize = this.size;
+    let n = Math.trunc(this.nnodes * 1.333);
+    let shift = 0;
+    for (; n; shift++) n >>= 1;
+    shift = Math.max(shift, MIN_SHIFT);
+    this.size = 1 << shift;
+    this.mod = PRIME_MOD[shift];
+    this.mask = this.size - 1;
+    for (let i = oldSize; i < this.size; i++) {
+      this.hashes[i] = UNUSED;
+      this.keys[i] = undefined;
+    }
+    const placed = new Array<boolean>(Math.max(oldSize, this.size)).fill(false);
+    for (let i = 0; i < oldSize; i++) {
+      let hash = this.hashes[i];
+      if (hash <= TOMBSTONE) {
+        this.hashes[i] = UNUSED;
+        continue;
+      }
+      if (placed[i]) continue;
+      this.hashes[i] = UNUSED;
+      let key = this.keys[i];
+      this.keys[i] = undefined;
+      for (;;) {
+        let j = this.index(hash);
+        for (let step = 1; placed[j]; step++) j = (j + step) & this.mask;
+        placed[j] = true;
+        const replacedHash = this.hashes[j];
+        const replacedKey = this.keys[j];
+        this.hashes[j] = hash;
+        this.keys[j] = key;
+        if (replacedHash <= TOMBSTONE) break;
+        hash = replacedHash;
+        key = replacedKey;
+      }
+    }
+    this.hashes.length = this.size;
+    this.keys.length = this.size;
+    this.noccupied = this.nnodes;
+  }
+
+  /** Keys in iteration order. */
+  order(): string[] {
+    const out: string[] = [];
+    for (let i = 0; i < this.size; i++) if (this.hashes[i] > TOMBSTONE) out.push(this.keys[i]!);
+    return out;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The QOM types qsd-ts has, in the order QEMU 7.2's type table lists them (qom-list-types).
+
+interface QomType {
+  readonly name: string;
+  readonly parent?: string;
+  readonly abstract?: boolean;
+  readonly interfaces?: readonly string[];
+  /** qom-list-properties, in QEMU's order. */
+  readonly properties?: ReadonlyArray<{ name: string; type: string }>;
+}
+
+const TYPE_PROPERTY = { name: 'type', type: 'string' };
+const EVENT_LOOP_PROPERTIES = ['thread-pool-min', 'aio-max-batch', 'thread-pool-max'];
+const IOTHREAD_PROPERTIES = [...EVENT_LOOP_PROPERTIES, 'poll-max-ns', 'poll-grow', 'poll-shrink'];
+const intProps = (names: string[]) => names.map((name) => ({ name, type: 'int' }));
+
+const QOM_TYPES: readonly QomType[] = [
+  { name: 'container', parent: 'object', properties: [TYPE_PROPERTY] },
+  { name: 'interface', abstract: true },
+  { name: 'iothread', parent: 'event-loop-base', properties: [TYPE_PROPERTY, ...intProps(IOTHREAD_PROPERTIES)] },
+  { name: 'chardev-fd', parent: 'chardev', abstract: true, properties: [TYPE_PROPERTY] },
+  { name: 'event-loop-base', parent: 'object', abstract: true, interfaces: ['user-creatable'],
+    properties: [TYPE_PROPERTY, ...intProps(EVENT_LOOP_PROPERTIES)] },
+  { name: 'chardev-stdio', parent: 'chardev-fd', properties: [TYPE_PROPERTY] },
+  { name: 'chardev', parent: 'object', abstract: true, properties: [TYPE_PROPERTY] },
+  { name: 'user-creatable', parent: 'interface', abstract: true },
+  { name: 'chardev-socket', parent: 'chardev',
+    properties: [TYPE_PROPERTY, { name: 'connected', type: 'bool' }, { name: 'addr', type: 'SocketAddress' }] },
+  { name: 'object', abstract: true, properties: [TYPE_PROPERTY] },
+];
+const typeByName = new Map(QOM_TYPES.map((t) => [t.name, t]));
+
+/** The type itself, its ancestors and every interface they (or the interfaces' ancestors) name. */
+function typeClosure(name: string): Set<string> {
+  const out = new Set<string>();
+  const visit = (n: string | undefined): void => {
+    for (let t = n ? typeByName.get(n) : undefined; t; t = t.parent ? typeByName.get(t.parent) : undefined) {
+      if (out.has(t.name)) return;
+      out.add(t.name);
+      for (const i of t.interfaces ?? []) visit(i);
+    }
+  };
+  visit(name);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The QOM tree: / (container) → objects (container) → iothreads; chardevs (container) → chardevs.
+
+type QomObject =
+  | { kind: 'container'; path: string }
+  | { kind: 'iothread'; path: string; obj: IoThread }
+  | { kind: 'chardev'; path: string; chardev: Chardev };
+
+/** /objects' children table per daemon, replaying object-add/object-del for QEMU's order. */
+const objectTables = new WeakMap<Daemon, GHashOrder>();
+function objectTable(daemon: Daemon): GHashOrder {
+  let table = objectTables.get(daemon);
+  if (!table) objectTables.set(daemon, (table = new GHashOrder(daemon.objects.keys())));
+  return table;
+}
+
+/** Chardevs are created on the command line only, never removed: insertion order replays them. */
+export function chardevOrder(daemon: Daemon): Chardev[] {
+  return new GHashOrder(daemon.chardevs.keys()).order().map((id) => daemon.chardevs.get(id)!);
+}
+
+function typeOf(o: QomObject): string {
+  if (o.kind === 'container') return 'container';
+  if (o.kind === 'iothread') return 'iothread';
+  return o.chardev.options.backend === 'socket' ? 'chardev-socket' : 'chardev-stdio';
+}
+
+/** Child objects in GHashTable iteration order. */
+function children(daemon: Daemon, o: QomObject): Array<[string, QomObject]> {
+  if (o.kind !== 'container') return [];
+  const at = (name: string) => (o.path === '/' ? `/${name}` : `${o.path}/${name}`);
+  if (o.path === '/') {
+    const names: string[] = [];
+    if (daemon.objectsContainer) names.push('objects');
+    if (daemon.chardevs.size > 0) names.push('chardevs');
+    return new GHashOrder(names).order().map((n) => [n, { kind: 'container', path: at(n) }]);
+  }
+  if (o.path === '/objects') {
+    return objectTable(daemon).order().map((id) => [id, { kind: 'iothread', path: at(id), obj: daemon.objects.get(id)! }]);
+  }
+  return chardevOrder(daemon).map((c) => [c.id, { kind: 'chardev', path: at(c.id), chardev: c }]);
+}
+
+const root: QomObject = { kind: 'container', path: '/' };
+
+function resolveAbs(daemon: Daemon, parent: QomObject, parts: string[]): QomObject | undefined {
+  let obj: QomObject | undefined = parent;
+  for (const part of parts) {
+    if (part === '') continue;
+    obj = children(daemon, obj).find(([name]) => name === part)?.[1];
+    if (!obj) return undefined;
+  }
+  return obj;
+}
+
+/** QEMU's object_resolve_partial_path: the path may start at any object, if only one fits. */
+function resolvePartial(daemon: Daemon, parent: QomObject, parts: string[], state: { ambiguous: boolean }): QomObject | undefined {
+  let obj = resolveAbs(daemon, parent, parts);
+  for (const [, child] of children(daemon, parent)) {
+    const found = resolvePartial(daemon, child, parts, state);
+    if (found) {
+      if (obj) {
+        state.ambiguous = true;
+        return undefined;
+      }
+      obj = found;
+    }
+    if (state.ambiguous) return undefined;
+  }
+  return obj;
+}
+
+function resolvePath(daemon: Daemon, path: string): { obj?: QomObject; ambiguous: boolean } {
+  const parts = path === '' ? [] : path.split('/');
+  if (parts.length > 0 && parts[0] === '') return { obj: resolveAbs(daemon, root, parts.slice(1)), ambiguous: false };
+  const state = { ambiguous: false };
+  const obj = resolvePartial(daemon, root, parts, state);
+  return { obj, ambiguous: state.ambiguous };
+}
+
+/** qom-get / qom-set: an ambiguous path is simply not found. */
+function requireObject(daemon: Daemon, path: string): QomObject {
+  const { obj } = resolvePath(daemon, path);
+  if (!obj) throw new QmpError('DeviceNotFound', `Device '${path}' not found`);
+  return obj;
+}
+
+/** The properties qom-list shows, in its order: class ones first, then children newest bucket first. */
+function listProperties(daemon: Daemon, o: QomObject): Array<{ name: string; type: string }> {
+  const own = typeByName.get(typeOf(o))!.properties ?? [TYPE_PROPERTY];
+  const kids = children(daemon, o).map(([name, child]) => ({ name, type: `child<${typeOf(child)}>` }));
+  return [...own, ...kids.reverse()];
+}
+
 /** QEMU's defaults (poll-max-ns 32768 on Linux hosts). */
 const IOTHREAD_DEFAULTS: Record<string, number> = {
   'thread-pool-min': 0, 'aio-max-batch': 0, 'thread-pool-max': 64, 'poll-max-ns': 32768, 'poll-grow': 0, 'poll-shrink': 0,
 };
+
+/** The address a socket chardev listens on, as QEMU's SocketAddress after the bind. */
+export function chardevAddress(chardev: Chardev): Record<string, unknown> | undefined {
+  const opts = chardev.options;
+  if (opts.backend !== 'socket') return undefined;
+  if (opts.path !== undefined) return { type: 'unix', path: opts.path };
+  // Without a host QEMU listens on every address and reports the listener as an empty fd address.
+  if (!opts.host) return { type: 'fd', str: '' };
+  const bound = chardev.server?.address();
+  if (!bound || typeof bound === 'string') return { type: 'inet', host: opts.host, port: String(opts.port) };
+  const v6 = bound.family === 'IPv6';
+  return { type: 'inet', host: bound.address, port: String(bound.port), ...(v6 ? { ipv6: true } : { ipv4: true }) };
+}
+
+/** Whether a client is connected to a socket chardev. */
+export function chardevConnected(chardev: Chardev): boolean {
+  // The socket set is the chardev's own bookkeeping; read it rather than keep a second copy.
+  return chardev.options.backend === 'socket' && chardev['sockets'].size > 0;
+}
+
+function getProperty(o: QomObject, property: string, daemon: Daemon): unknown {
+  if (property === 'type') return typeOf(o);
+  if (o.kind === 'iothread' && IOTHREAD_PROPERTIES.includes(property)) {
+    const props = o.obj.properties as Record<string, unknown>;
+    return props[property] ?? IOTHREAD_DEFAULTS[property];
+  }
+  if (o.kind === 'chardev' && o.chardev.options.backend === 'socket') {
+    if (property === 'connected') return chardevConnected(o.chardev);
+    if (property === 'addr') return chardevAddress(o.chardev);
+  }
+  const child = children(daemon, o).find(([name]) => name === property);
+  if (child) return child[1].path; // a child<> property reads as the child's canonical path
+  throw genericError(`Property '${typeOf(o)}.${property}' not found`);
+}
+
+/** QEMU's visit_type_int64 on a QMP value: integers only, within int64. */
+function int64Value(property: string, value: unknown): number | bigint {
+  const ok = (typeof value === 'number' && Number.isSafeInteger(value)) ||
+    (typeof value === 'bigint' && value >= -(1n << 63n) && value < 1n << 63n);
+  if (!ok) throw genericError(`Invalid parameter type for '${property}', expected: integer`);
+  return typeof value === 'bigint' && value >= BigInt(Number.MIN_SAFE_INTEGER) && value <= BigInt(Number.MAX_SAFE_INTEGER)
+    ? Number(value) : (value as number | bigint);
+}
+
+/** QEMU's aio_context_set_thread_pool_params() check (INT_MAX bound, max non-zero). */
+function checkThreadPool(props: Record<string, unknown>): void {
+  const min = BigInt((props['thread-pool-min'] as number | bigint | undefined) ?? IOTHREAD_DEFAULTS['thread-pool-min']);
+  const max = BigInt((props['thread-pool-max'] as number | bigint | undefined) ?? IOTHREAD_DEFAULTS['thread-pool-max']);
+  if (min > max || max === 0n || min > 2147483647n || max > 2147483647n) {
+    throw genericError('bad thread-pool-min/thread-pool-max values');
+  }
+}
+
+/** One iothread property write, as QEMU's setters: range first; the value stays even if the pool check fails. */
+function setIothreadProperty(props: Record<string, unknown>, property: string, value: unknown): void {
+  const v = int64Value(property, value);
+  if (v < 0) throw genericError(`${property} value must be in range [0, 9223372036854775807]`);
+  props[property] = v;
+  if (property.startsWith('thread-pool-')) checkThreadPool(props);
+}
+
+function setProperty(o: QomObject, property: string, value: unknown, daemon: Daemon): void {
+  if (o.kind === 'iothread' && IOTHREAD_PROPERTIES.includes(property)) {
+    setIothreadProperty(o.obj.properties as Record<string, unknown>, property, value);
+    return;
+  }
+  getProperty(o, property, daemon); // not found → QEMU's message
+  throw genericError(`Property '${typeOf(o)}.${property}' is not writable`);
+}
 
 export function objectAdd(daemon: Daemon, args: Record<string, any>): void {
   const { 'qom-type': type, id, ...props } = args;
@@ -20,19 +361,17 @@ export function objectAdd(daemon: Daemon, args: Record<string, any>): void {
     throw genericError(`attempt to add duplicate property '${id}' to object (type 'container')`);
   }
   if (type !== 'iothread') throw genericError(`Invalid parameter type for 'qom-type', expected: iothread`);
-  daemon.objects.set(id, new IoThread(id, props));
+  // QEMU sets the properties in QDict order, then checks the thread pool when the object completes.
+  const checked: Record<string, unknown> = {};
+  for (const key of qdictKeyOrder(Object.keys(props))) {
+    const v = int64Value(key, props[key]);
+    if (v < 0) throw genericError(`${key} value must be in range [0, 9223372036854775807]`);
+    checked[key] = v;
+  }
+  checkThreadPool(checked);
+  objectTable(daemon).insert(id);
+  daemon.objects.set(id, new IoThread(id, checked));
   daemon.objectsContainer = true;
-}
-
-function resolve(daemon: Daemon, path: string): { kind: 'root' | 'objects' } | { kind: 'iothread'; obj: IoThread } {
-  const clean = path.replace(/\/+$/, '') || '/';
-  if (clean === '/') return { kind: 'root' };
-  // QEMU creates the /objects container with the first object.
-  if (clean === '/objects' && daemon.objectsContainer) return { kind: 'objects' };
-  const m = /^\/objects\/([^/]+)$/.exec(clean);
-  const obj = m ? daemon.objects.get(m[1]) : undefined;
-  if (obj) return { kind: 'iothread', obj };
-  throw new QmpError('DeviceNotFound', `Device '${path}' not found`);
 }
 
 export const qomCommands: Record<string, CommandHandler> = {
@@ -46,27 +385,44 @@ export const qomCommands: Record<string, CommandHandler> = {
     if (daemon.exports.usesIothread(args.id) || obj.queueCount > 0) {
       throw genericError(`object '${args.id}' is in use, can not be deleted`);
     }
+    objectTable(daemon).remove(args.id);
     daemon.objects.delete(args.id);
     await obj.stop();
     return {};
   },
   'qom-list'(args: { path: string }, { daemon }) {
-    const target = resolve(daemon, args.path);
-    if (target.kind === 'root') {
-      return [{ name: 'type', type: 'string' }, { name: 'objects', type: 'child<container>' }];
+    const { obj, ambiguous } = resolvePath(daemon, args.path);
+    if (!obj) {
+      if (ambiguous) throw genericError(`Path '${args.path}' is ambiguous`);
+      throw new QmpError('DeviceNotFound', `Device '${args.path}' not found`);
     }
-    if (target.kind === 'objects') {
-      return [{ name: 'type', type: 'string' }, ...[...daemon.objects.keys()].map((id) => ({ name: id, type: 'child<iothread>' }))];
-    }
-    return [{ name: 'type', type: 'string' }, ...IOTHREAD_PROPERTIES.map((name) => ({ name, type: 'int' }))];
+    return listProperties(daemon, obj);
+  },
+  'qom-list-get'(args: { paths: string[] }, { daemon }) {
+    return args.paths.map((path) => {
+      const obj = requireObject(daemon, path);
+      return {
+        properties: listProperties(daemon, obj).map((p) => ({ ...p, value: getProperty(obj, p.name, daemon) })),
+      };
+    });
   },
   'qom-get'(args: { path: string; property: string }, { daemon }) {
-    const target = resolve(daemon, args.path);
-    if (args.property === 'type') return target.kind === 'iothread' ? 'iothread' : 'container';
-    if (target.kind === 'iothread' && IOTHREAD_PROPERTIES.includes(args.property)) {
-      const props = target.obj.properties as Record<string, number | undefined>;
-      return props[args.property] ?? IOTHREAD_DEFAULTS[args.property];
-    }
-    throw genericError(`Property '${args.property}' not found`);
+    return getProperty(requireObject(daemon, args.path), args.property, daemon);
+  },
+  'qom-set'(args: { path: string; property: string; value: unknown }, { daemon }) {
+    setProperty(requireObject(daemon, args.path), args.property, args.value, daemon);
+    return {};
+  },
+  'qom-list-types'(args: { implements?: string; abstract?: boolean }) {
+    return QOM_TYPES
+      .filter((t) => (args.abstract ?? false) || !t.abstract)
+      .filter((t) => args.implements === undefined || typeClosure(t.name).has(args.implements))
+      .map((t) => ({ name: t.name, ...(t.abstract ? { abstract: true } : {}), ...(t.parent ? { parent: t.parent } : {}) }));
+  },
+  'qom-list-properties'(args: { typename: string }) {
+    const t = typeByName.get(args.typename);
+    if (!t) throw new QmpError('DeviceNotFound', `Class '${args.typename}' not found`);
+    if (!typeClosure(t.name).has('object')) throw genericError("Parameter 'typename' expects a QOM type");
+    return (t.properties ?? []).map((p) => ({ ...p }));
   },
 };
