@@ -14,8 +14,10 @@ const FALLOC_FL_PUNCH_HOLE = 0x02;
 const FALLOC_FL_ZERO_RANGE = 0x10;
 const SEEK_DATA = 3;
 const SEEK_HOLE = 4;
-/** Alignment assumed for O_DIRECT: safe for 512- and 4096-byte logical blocks. */
-const DIRECT_ALIGNMENT = 4096;
+/** Buffer alignment for O_DIRECT I/O: a page satisfies every logical block size. */
+const BUFFER_ALIGNMENT = 4096;
+/** Where a read-modify-write lock word lives in FileDescription.rmwLock. */
+const RMW_LOCKED = 0;
 
 interface FileDescription {
   fd: number;
@@ -25,10 +27,18 @@ interface FileDescription {
   isBlockDevice: boolean;
   /** Float64Array[0] over this buffer: the current length, shared by every context. */
   lengthCell: SharedArrayBuffer;
+  /** O_DIRECT request alignment probed at open (QEMU's raw_probe_alignment); 1 without O_DIRECT. */
+  alignment: number;
+  /**
+   * Int32 lock word shared by every context using this fd: read-modify-write bounces of
+   * unaligned O_DIRECT writes take it, so two of them never merge stale copies of one block.
+   */
+  rmwLock: SharedArrayBuffer;
 }
 
 interface FileState extends FileDescription {
   length: Float64Array;
+  lock: Int32Array;
   io: FileIo;
   isReplica: boolean;
   /** fallocate modes that returned EOPNOTSUPP: don't ask again (like QEMU's has_write_zeroes). */
@@ -40,6 +50,7 @@ function makeState(desc: FileDescription, isReplica: boolean): FileState {
   return {
     ...desc,
     length: new Float64Array(desc.lengthCell),
+    lock: new Int32Array(desc.rmwLock),
     io: fileIo(desc.aio),
     isReplica,
     noZeroRange: false,
@@ -51,36 +62,72 @@ function currentSize(fd: number, isBlockDevice: boolean): number {
   return isBlockDevice ? native.blockDeviceSize(fd) : fs.fstatSync(fd).size;
 }
 
-function isAligned(...values: number[]): boolean {
-  return values.every((v) => v % DIRECT_ALIGNMENT === 0);
+/**
+ * The smallest O_DIRECT request size the file accepts (512 on most disks, 4096 on some), found as
+ * QEMU does: by trying reads of growing sizes into an aligned buffer.
+ */
+function probeAlignment(fd: number): number {
+  const buf = native.allocAligned(BUFFER_ALIGNMENT, BUFFER_ALIGNMENT);
+  for (const size of [512, 1024, 2048, 4096]) {
+    try {
+      native.pread(fd, buf.subarray(0, size), 0);
+      return size;
+    } catch {
+      /* EINVAL: not aligned enough */
+    }
+  }
+  return BUFFER_ALIGNMENT;
+}
+
+function isAligned(state: FileState, offset: number, length: number): boolean {
+  return offset % state.alignment === 0 && length % state.alignment === 0;
+}
+
+async function lockRmw(state: FileState): Promise<void> {
+  while (Atomics.compareExchange(state.lock, RMW_LOCKED, 0, 1) !== 0) {
+    const wait = Atomics.waitAsync(state.lock, RMW_LOCKED, 1);
+    if (wait.async) await wait.value;
+  }
+}
+
+function unlockRmw(state: FileState): void {
+  Atomics.store(state.lock, RMW_LOCKED, 0);
+  Atomics.notify(state.lock, RMW_LOCKED);
 }
 
 /** Aligned bounce for O_DIRECT requests whose offset or length is not block aligned. */
 async function bouncedRead(state: FileState, offset: number, buf: Buffer): Promise<void> {
-  const start = offset - (offset % DIRECT_ALIGNMENT);
-  const end = Math.ceil((offset + buf.length) / DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT;
-  const bounce = native.allocAligned(end - start, DIRECT_ALIGNMENT);
+  const start = offset - (offset % state.alignment);
+  const end = Math.ceil((offset + buf.length) / state.alignment) * state.alignment;
+  const bounce = native.allocAligned(end - start, BUFFER_ALIGNMENT);
   const n = await state.io.read(state.fd, bounce, start);
   bounce.fill(0, Math.max(0, n));
   bounce.copy(buf, 0, offset - start, offset - start + buf.length);
 }
 
 async function bouncedWrite(state: FileState, offset: number, buf: Buffer): Promise<void> {
-  const start = offset - (offset % DIRECT_ALIGNMENT);
-  const end = Math.ceil((offset + buf.length) / DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT;
-  const bounce = native.allocAligned(end - start, DIRECT_ALIGNMENT);
-  // Read-modify-write of the partial blocks at both ends.
-  const n = await state.io.read(state.fd, bounce, start);
-  bounce.fill(0, Math.max(0, n));
-  buf.copy(bounce, offset - start);
-  await state.io.write(state.fd, bounce, start);
-  // The bounce may have extended the file past the request's end: restore the true length.
-  const wanted = Math.max(state.length[0], offset + buf.length);
-  if (!state.isBlockDevice && end > wanted) fs.ftruncateSync(state.fd, wanted);
+  const start = offset - (offset % state.alignment);
+  const end = Math.ceil((offset + buf.length) / state.alignment) * state.alignment;
+  const bounce = native.allocAligned(end - start, BUFFER_ALIGNMENT);
+  // Read-modify-write of the partial blocks at both ends, one at a time across every thread:
+  // two concurrent bounces of one block would each write back the other's stale copy.
+  // TODO(#3): an aligned write racing a bounce of the same block can still be undone.
+  await lockRmw(state);
+  try {
+    const n = await state.io.read(state.fd, bounce, start);
+    bounce.fill(0, Math.max(0, n));
+    buf.copy(bounce, offset - start);
+    await state.io.write(state.fd, bounce, start);
+    // The bounce may have extended the file past the request's end: restore the true length.
+    const wanted = Math.max(state.length[0], offset + buf.length);
+    if (!state.isBlockDevice && end > wanted) fs.ftruncateSync(state.fd, wanted);
+  } finally {
+    unlockRmw(state);
+  }
 }
 
 async function readInto(state: FileState, offset: number, buf: Buffer): Promise<void> {
-  if (state.direct && !isAligned(offset, buf.length)) return bouncedRead(state, offset, buf);
+  if (state.direct && !isAligned(state, offset, buf.length)) return bouncedRead(state, offset, buf);
   let done = 0;
   while (done < buf.length) {
     const n = await state.io.read(state.fd, done ? buf.subarray(done) : buf, offset + done);
@@ -131,14 +178,16 @@ function makeFileDriver(name: 'file' | 'host_device'): BlockDriver<FileState> {
       const isBlockDevice = st.isBlockDevice();
       const lengthCell = new SharedArrayBuffer(8);
       new Float64Array(lengthCell)[0] = currentSize(fd, isBlockDevice);
-      return makeState({ fd, filename, direct, aio, isBlockDevice, lengthCell }, false);
+      const alignment = direct ? probeAlignment(fd) : 1;
+      const rmwLock = new SharedArrayBuffer(4);
+      return makeState({ fd, filename, direct, aio, isBlockDevice, lengthCell, alignment, rmwLock }, false);
     },
     async close(state) {
       fs.closeSync(state.fd);
     },
     describe(state): FileDescription {
-      const { fd, filename, direct, aio, isBlockDevice, lengthCell } = state;
-      return { fd, filename, direct, aio, isBlockDevice, lengthCell };
+      const { fd, filename, direct, aio, isBlockDevice, lengthCell, alignment, rmwLock } = state;
+      return { fd, filename, direct, aio, isBlockDevice, lengthCell, alignment, rmwLock };
     },
     openReplica: (_node, description) => makeState(description as FileDescription, true),
     closeReplica() {},
@@ -150,10 +199,10 @@ function makeFileDriver(name: 'file' | 'host_device'): BlockDriver<FileState> {
       if (state.isBlockDevice) return undefined;
       return fs.fstatSync(state.fd).blocks * 512;
     },
-    requestAlignment: (state) => (state.direct ? DIRECT_ALIGNMENT : 1),
+    requestAlignment: (state) => state.alignment,
     read: (state, offset, buf) => readInto(state, offset, buf),
     async write(state, offset, buf, flags) {
-      if (state.direct && !isAligned(offset, buf.length)) {
+      if (state.direct && !isAligned(state, offset, buf.length)) {
         await bouncedWrite(state, offset, buf);
       } else {
         await state.io.write(state.fd, buf, offset);
@@ -187,7 +236,7 @@ function makeFileDriver(name: 'file' | 'host_device'): BlockDriver<FileState> {
         }
       }
       if (flags.noFallback) throw new BlockIoError(ENOTSUP, 'write zeroes not supported');
-      const chunk = native.allocAligned(Math.min(bytes, 1 << 20), DIRECT_ALIGNMENT);
+      const chunk = native.allocAligned(Math.min(bytes, 1 << 20), BUFFER_ALIGNMENT);
       for (let done = 0; done < bytes; done += chunk.length) {
         const n = Math.min(chunk.length, bytes - done);
         await this.write!(state, offset + done, chunk.subarray(0, n), {});
