@@ -44,6 +44,10 @@ class Slot {
   readonly chunkLen = new Float64Array(MAX_CHUNKS);
   readonly chunkZero = new Uint8Array(MAX_CHUNKS);
   msg = '';
+  /** On the free list. */
+  free = false;
+  /** Bound once: returns the slot when the socket is done with its buffer. */
+  release: () => void = () => undefined;
 
   ensure(bytes: number): void {
     if (this.buf.length < bytes) this.buf = Buffer.allocUnsafe(bytes);
@@ -95,6 +99,7 @@ export class NbdConnection {
       this.socketClosed = true;
       this.closing = true;
       this.clearHandshakeTimer();
+      this.abandonCurrent();
       this.maybeFinish();
     });
   }
@@ -454,8 +459,12 @@ export class NbdConnection {
 
   private takeSlot(): Slot {
     const s = this.freeSlots.pop();
-    if (s) return s;
+    if (s) {
+      s.free = false;
+      return s;
+    }
     const n = new Slot();
+    n.release = () => this.release(n);
     this.slots.push(n);
     return n;
   }
@@ -657,13 +666,13 @@ export class NbdConnection {
         this.chunkHeader(s, h, last ? abi.NBD_REPLY_FLAG_DONE : 0, abi.NBD_REPLY_TYPE_OFFSET_HOLE, 12);
         writeU64(s.buf, h + 20, off);
         s.buf.writeUInt32BE(len, h + 28);
-        sock.write(s.buf.subarray(h, h + 32), last ? this.releaser(s) : undefined);
+        sock.write(s.buf.subarray(h, h + 32), last ? s.release : undefined);
       } else {
         this.chunkHeader(s, h, last ? abi.NBD_REPLY_FLAG_DONE : 0, abi.NBD_REPLY_TYPE_OFFSET_DATA, 8 + len);
         writeU64(s.buf, h + 20, off);
         sock.write(s.buf.subarray(h, h + 28));
         const at = DATA_OFF + start;
-        sock.write(s.buf.subarray(at, at + len), last ? this.releaser(s) : undefined);
+        sock.write(s.buf.subarray(at, at + len), last ? s.release : undefined);
       }
     }
     sock.uncork();
@@ -717,7 +726,7 @@ export class NbdConnection {
       const start = parts[i];
       const end = parts[i + 1];
       this.chunkHeader(s, start, last ? abi.NBD_REPLY_FLAG_DONE : 0, abi.NBD_REPLY_TYPE_BLOCK_STATUS, end - start - 20);
-      sock.write(s.buf.subarray(start, end), last ? this.releaser(s) : undefined);
+      sock.write(s.buf.subarray(start, end), last ? s.release : undefined);
     }
     sock.uncork();
     this.complete(s, false);
@@ -763,13 +772,8 @@ export class NbdConnection {
       from = DATA_OFF - abi.NBD_CHUNK_HEADER_SIZE;
       this.chunkHeader(s, from, abi.NBD_REPLY_FLAG_DONE, abi.NBD_REPLY_TYPE_NONE, 0);
     }
-    this.socket.write(b.subarray(from, to), this.releaser(s));
+    this.socket.write(b.subarray(from, to), s.release);
     this.complete(s, false);
-  }
-
-  private releaser(s: Slot): () => void {
-    // One closure per reply is the price of knowing when the socket is done with the buffer.
-    return () => this.release(s);
   }
 
   /** The request's work is over (its reply is queued or dropped). */
@@ -797,7 +801,8 @@ export class NbdConnection {
   }
 
   private release(s: Slot): void {
-    if (this.freeSlots.includes(s)) return;
+    if (s.free) return;
+    s.free = true;
     if (s.buf.length > KEEP_BUF) s.buf = Buffer.allocUnsafe(MIN_BUF);
     this.freeSlots.push(s);
   }
@@ -809,6 +814,18 @@ export class NbdConnection {
     this.clearHandshakeTimer();
     if (this.inFlight === 0) this.socket.end();
     this.socket.once('finish', () => this.socket.destroy());
+  }
+
+  /** A request still being received (payload, or waiting for the byte budget) will never run. */
+  private abandonCurrent(): void {
+    const s = this.current;
+    if (!s) return;
+    this.current = undefined;
+    this.phase = 'done';
+    this.inFlight--;
+    this.inFlightBytes -= s.charged;
+    s.charged = 0;
+    this.release(s);
   }
 
   private maybeFinish(): void {

@@ -577,6 +577,27 @@ describe('NBD server and export', function () {
       good.destroy();
     });
 
+    it('a client vanishing mid-payload or mid-request does not keep the export busy', async () => {
+      await addExport('e0', nullNode, true, { name: 'n' });
+      const exp = exports[0];
+      const a = new RawClient(sockPath);
+      await a.handshake('n');
+      a.request(abi.NBD_CMD_WRITE, 1, 0, MiB, 0, Buffer.alloc(1000)); // payload cut short
+      const b = new RawClient(sockPath);
+      await b.handshake('n');
+      b.request(abi.NBD_CMD_READ, 2, 0, 4096);
+      await b.simpleReply(4096);
+      assert.equal(exp.clientCount(), 2);
+      a.destroy();
+      b.destroy();
+      const t0 = Date.now();
+      nbdExportDriver.requestShutdown(exp);
+      await nbdExportDriver.delete(exp);
+      exports = [];
+      assert.equal(exp.clientCount(), 0);
+      assert.ok(Date.now() - t0 < 2000);
+    });
+
     it('32 connections with many requests in flight each', async () => {
       await addExport('e0', fileNode, true, { name: 'disk' });
       const clients = await Promise.all(Array.from({ length: 32 }, async (_, i) => {
