@@ -768,9 +768,16 @@ export class NbdConnection {
       this.chunkHeader(s, from, abi.NBD_REPLY_FLAG_DONE, abi.NBD_REPLY_TYPE_OFFSET_DATA, 8 + dataLen);
       writeU64(b, from + 20, s.offset);
       to += dataLen;
-    } else {
+    } else if (s.type === abi.NBD_CMD_READ) {
       from = DATA_OFF - abi.NBD_CHUNK_HEADER_SIZE;
       this.chunkHeader(s, from, abi.NBD_REPLY_FLAG_DONE, abi.NBD_REPLY_TYPE_NONE, 0);
+    } else {
+      // Like QEMU 7.2, successes without data get a simple reply even after structured
+      // replies were negotiated (the protocol allows it for everything but READ/BLOCK_STATUS).
+      from = DATA_OFF - abi.NBD_SIMPLE_REPLY_SIZE;
+      b.writeUInt32BE(abi.NBD_SIMPLE_REPLY_MAGIC, from);
+      b.writeUInt32BE(0, from + 4);
+      s.handle.copy(b, from + 8);
     }
     this.socket.write(b.subarray(from, to), s.release);
     this.complete(s, false);

@@ -181,7 +181,10 @@ async function transcript(sock: string): Promise<string[]> {
   const cases: [number, number, bigint, number, Buffer?][] = [
     [0, 0, 16n << 20n, 1], [1, 0, (16n << 20n) - 1n, 2, Buffer.alloc(2)], [6, 0, 16n << 20n, 1], [4, 0, 16n << 20n, 1],
     [5, 0, 16n << 20n, 1], [7, 0, 16n << 20n, 1], [7, 0, 0n, 0], [3, 8, 0n, 0], [0, 2, 0n, 512], [42, 0, 0n, 0],
-    [0, 0, 0n, 33 << 20], [0, 0, 1n << 62n, 1], [0, 0, 0n, 0], [8, 0, 0n, 0], [7, 8, 0n, 4096]];
+    [0, 0, 0n, 33 << 20], [0, 0, 1n << 62n, 1], [0, 0, 0n, 0], [8, 0, 0n, 0], [7, 8, 0n, 4096],
+    [1, 1, 8n << 20n, 4, Buffer.from('abcd')], [0, 0, 8n << 20n, 4], [3, 0, 0n, 0], [5, 0, 0n, 4096], [4, 0, 12n << 20n, 4096],
+    [6, 2, 12n << 20n, 4096], [6, 16, 12n << 20n, 4096], [6, 18, 13n << 20n, 4096], [0, 4, 12n << 20n, 16], [0, 1, 8n << 20n, 16]];
+  // (No sparse read after zeroing: hole punching is the file driver's business, not the server's.)
   for (const [t, f, o, l, payload] of cases) {
     // A raw header, so that offsets beyond 2^53 go out exactly.
     const h = Buffer.alloc(28);
@@ -194,7 +197,14 @@ async function transcript(sock: string): Promise<string[]> {
     c.write(payload ? Buffer.concat([h, payload]) : h);
     let k;
     do {
-      k = await c.chunk();
+      const magic = await c.read(4);
+      if (magic.readUInt32BE(0) === abi.NBD_SIMPLE_REPLY_MAGIC) {
+        const h = await c.read(12);
+        out.push(`cmd ${t} flags ${f} @${o}+${l} simple error ${h.readUInt32BE(0)} h${h.readBigUInt64BE(4)}`);
+        break;
+      }
+      const h = await c.read(16);
+      k = { flags: h.readUInt16BE(0), type: h.readUInt16BE(2), handle: Number(h.readBigUInt64BE(4)), payload: await c.read(h.readUInt32BE(12)) };
       const text = k.type & 0x8000
         ? `ERR ${k.payload.readUInt32BE(0)} ${k.payload.toString('utf8', 6)}`
         : `type ${k.type} flags ${k.flags} ${k.payload.toString('hex')}`;
@@ -526,14 +536,14 @@ describe('NBD server and export', function () {
       assert.equal(e.payload.readUInt32BE(0), abi.NBD_EINVAL);
       // Still alive: a write with FUA and a read-back.
       c.request(abi.NBD_CMD_WRITE, 10, 3 * MiB, 4, abi.NBD_CMD_FLAG_FUA, Buffer.from([1, 2, 3, 4]));
-      e = await c.chunk();
-      assert.deepEqual([e.type, e.handle], [abi.NBD_REPLY_TYPE_NONE, 10]);
+      let sr = await c.simpleReply(0); // QEMU answers data-less successes with simple replies
+      assert.deepEqual([sr.error, sr.handle], [0, 10]);
       c.request(abi.NBD_CMD_READ, 11, 3 * MiB, 4);
       e = await c.chunk();
       assert.deepEqual([...e.payload.subarray(8)], [1, 2, 3, 4]);
       c.request(abi.NBD_CMD_WRITE_ZEROES, 12, 3 * MiB, 4096, abi.NBD_CMD_FLAG_FAST_ZERO);
-      e = await c.chunk();
-      assert.equal(e.type, abi.NBD_REPLY_TYPE_NONE);
+      sr = await c.simpleReply(0);
+      assert.deepEqual([sr.error, sr.handle], [0, 12]);
       c.request(abi.NBD_CMD_DISC, 13, 0, 0);
       assert.ok(await c.waitClosed(2000));
     });
