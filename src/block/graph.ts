@@ -40,6 +40,18 @@ const BASE_OPTIONS = new Set([
   'driver', 'node-name', 'discard', 'cache', 'read-only', 'auto-read-only', 'force-share', 'detect-zeroes',
 ]);
 
+/**
+ * QEMU's bdrv_inherited_options for a child defined inline: unless the child sets them itself,
+ * it takes the parent's discard and cache modes (a node referenced by name keeps its own).
+ */
+function inheritOptions(child: Record<string, any>, parent?: Record<string, any>): Record<string, any> {
+  if (!parent) return child;
+  const out = { ...child };
+  if (out.discard === undefined && parent.discard !== undefined) out.discard = parent.discard;
+  if (parent.cache !== undefined) out.cache = { ...parent.cache, ...out.cache };
+  return out;
+}
+
 /** Format of an image whose header names no backing format: qcow2 by its magic, else raw. */
 function probeFormat(filename: string): string {
   try {
@@ -142,7 +154,7 @@ export class BlockGraph {
         // blkdebug names its child 'image'; it is still the node's 'file' (primary) child.
         const fileRef = options[driver.childOption ?? 'file'];
         if (fileRef === undefined) throw genericError('A block device must be specified for "file"');
-        const file = await this.resolveRef(fileRef, { readOnly }, opened);
+        const file = await this.resolveRef(fileRef, { readOnly, parentOptions: options }, opened);
         edges.push({ role: 'file', entry: file });
         children.set('file', file.node);
         // QEMU names a format node once its file is open and only then opens its backing chain,
@@ -210,7 +222,7 @@ export class BlockGraph {
   /** A BlockdevRef: a node name to reference, or options for an implicitly created node. */
   private async resolveRef(
     ref: string | Record<string, any>,
-    inherited: { readOnly: boolean },
+    inherited: { readOnly: boolean; parentOptions?: Record<string, any> },
     opened: GraphEntry[],
   ): Promise<GraphEntry> {
     if (typeof ref === 'string') {
@@ -218,7 +230,7 @@ export class BlockGraph {
       if (!entry) throw genericError(`Cannot find device='${ref}' nor node-name='${ref}'`);
       return entry;
     }
-    const child = await this.openTree(ref, inherited);
+    const child = await this.openTree(inheritOptions(ref, inherited.parentOptions), inherited);
     opened.push(child);
     return child;
   }
