@@ -683,6 +683,12 @@ export class Qcow2Image {
     if (newSize % 512 !== 0) throw new BlockIoError(osConstants.errno.EINVAL, 'The new size must be a multiple of 512');
     await this.waitBusy(0, Math.max(this.size, 1));
     const old = this.size;
+    // Growing over a backing file longer than the image would let its data show through the new
+    // space: QEMU zeroes that space (BDRV_REQ_ZERO_WRITE), which v2 images cannot do cheaply.
+    const zeroNew = newSize > old && this.backing !== undefined && this.backing.getLength() > old;
+    if (zeroNew && this.version < 3) {
+      throw new BlockIoError(ENOTSUP, 'Failed to zero out new clusters: Operation not supported');
+    }
     if (newSize < old) {
       const c0 = Math.ceil(newSize / this.cs);
       const c1 = Math.ceil(old / this.cs);
@@ -706,9 +712,12 @@ export class Qcow2Image {
       this.size = newSize;
     });
     // Bytes between the old end and its cluster end may hold stale data: expose zeroes.
+    const alignedOld = Math.ceil(old / this.cs) * this.cs;
     if (newSize > old && old % this.cs !== 0) {
-      await this.zeroSlow(old, Math.min(newSize, Math.ceil(old / this.cs) * this.cs));
+      await this.zeroSlow(old, Math.min(newSize, alignedOld));
     }
+    // Zero flags (no data written) over the whole new clusters.
+    if (zeroNew && newSize > alignedOld) await this.writeZeroes(alignedOld, newSize - alignedOld, false);
   }
 
   private async growL1(entries: number): Promise<void> {
