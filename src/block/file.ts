@@ -7,6 +7,7 @@ import { genericError } from '../qapi/errors.js';
 import { fileIo, type AioMode, type FileIo } from './aio.js';
 import { native } from '../native/binding.js';
 import { errnoOf, strerror } from '../util/errno.js';
+import { claimFor, createBlockLocks, withBlockLocks } from './block-locks.js';
 
 const { EINVAL, ENOTSUP, EOPNOTSUPP } = osConstants.errno;
 const FALLOC_FL_KEEP_SIZE = 0x01;
@@ -16,8 +17,6 @@ const SEEK_DATA = 3;
 const SEEK_HOLE = 4;
 /** Buffer alignment for O_DIRECT I/O: a page satisfies every logical block size. */
 const BUFFER_ALIGNMENT = 4096;
-/** Where a read-modify-write lock word lives in FileDescription.rmwLock. */
-const RMW_LOCKED = 0;
 
 interface FileDescription {
   fd: number;
@@ -30,10 +29,10 @@ interface FileDescription {
   /** O_DIRECT request alignment probed at open (QEMU's raw_probe_alignment); 1 without O_DIRECT. */
   alignment: number;
   /**
-   * Int32 lock word shared by every context using this fd: read-modify-write bounces of
-   * unaligned O_DIRECT writes take it, so two of them never merge stale copies of one block.
+   * Block lock words shared by every context using this fd (see block-locks.ts): with O_DIRECT,
+   * a read-modify-write of a partial block excludes every other write touching that block.
    */
-  rmwLock: SharedArrayBuffer;
+  blockLocks: SharedArrayBuffer;
 }
 
 interface FileState extends FileDescription {
@@ -50,7 +49,7 @@ function makeState(desc: FileDescription, isReplica: boolean): FileState {
   return {
     ...desc,
     length: new Float64Array(desc.lengthCell),
-    lock: new Int32Array(desc.rmwLock),
+    lock: new Int32Array(desc.blockLocks),
     io: fileIo(desc.aio),
     isReplica,
     noZeroRange: false,
@@ -83,18 +82,6 @@ function isAligned(state: FileState, offset: number, length: number): boolean {
   return offset % state.alignment === 0 && length % state.alignment === 0;
 }
 
-async function lockRmw(state: FileState): Promise<void> {
-  while (Atomics.compareExchange(state.lock, RMW_LOCKED, 0, 1) !== 0) {
-    const wait = Atomics.waitAsync(state.lock, RMW_LOCKED, 1);
-    if (wait.async) await wait.value;
-  }
-}
-
-function unlockRmw(state: FileState): void {
-  Atomics.store(state.lock, RMW_LOCKED, 0);
-  Atomics.notify(state.lock, RMW_LOCKED);
-}
-
 /** Aligned bounce for O_DIRECT requests whose offset or length is not block aligned. */
 async function bouncedRead(state: FileState, offset: number, buf: Buffer): Promise<void> {
   const start = offset - (offset % state.alignment);
@@ -109,21 +96,25 @@ async function bouncedWrite(state: FileState, offset: number, buf: Buffer): Prom
   const start = offset - (offset % state.alignment);
   const end = Math.ceil((offset + buf.length) / state.alignment) * state.alignment;
   const bounce = native.allocAligned(end - start, BUFFER_ALIGNMENT);
-  // Read-modify-write of the partial blocks at both ends, one at a time across every thread:
-  // two concurrent bounces of one block would each write back the other's stale copy.
-  // TODO(#3): an aligned write racing a bounce of the same block can still be undone.
-  await lockRmw(state);
-  try {
-    const n = await state.io.read(state.fd, bounce, start);
-    bounce.fill(0, Math.max(0, n));
-    buf.copy(bounce, offset - start);
-    await state.io.write(state.fd, bounce, start);
-    // The bounce may have extended the file past the request's end: restore the true length.
-    const wanted = Math.max(state.length[0], offset + buf.length);
-    if (!state.isBlockDevice && end > wanted) fs.ftruncateSync(state.fd, wanted);
-  } finally {
-    unlockRmw(state);
-  }
+  // Read-modify-write of the partial blocks at both ends; the caller holds them exclusively.
+  const n = await state.io.read(state.fd, bounce, start);
+  bounce.fill(0, Math.max(0, n));
+  buf.copy(bounce, offset - start);
+  await state.io.write(state.fd, bounce, start);
+  // The bounce may have extended the file past the request's end: restore the true length.
+  const wanted = Math.max(state.length[0], offset + buf.length);
+  if (!state.isBlockDevice && end > wanted) fs.ftruncateSync(state.fd, wanted);
+}
+
+/**
+ * An O_DIRECT write under its block claim: a bounce holds its partial end blocks exclusively,
+ * every write holds its blocks shared, so no write lands between a bounce's read and its write.
+ */
+function directWrite(state: FileState, offset: number, buf: Buffer): Promise<unknown> {
+  const bounced = !isAligned(state, offset, buf.length);
+  const claim = claimFor(offset, buf.length, state.alignment, bounced);
+  return withBlockLocks<unknown>(state.lock, claim, () =>
+    bounced ? bouncedWrite(state, offset, buf) : state.io.write(state.fd, buf, offset));
 }
 
 async function readInto(state: FileState, offset: number, buf: Buffer): Promise<void> {
@@ -179,15 +170,15 @@ function makeFileDriver(name: 'file' | 'host_device'): BlockDriver<FileState> {
       const lengthCell = new SharedArrayBuffer(8);
       new Float64Array(lengthCell)[0] = currentSize(fd, isBlockDevice);
       const alignment = direct ? probeAlignment(fd) : 1;
-      const rmwLock = new SharedArrayBuffer(4);
-      return makeState({ fd, filename, direct, aio, isBlockDevice, lengthCell, alignment, rmwLock }, false);
+      const blockLocks = createBlockLocks();
+      return makeState({ fd, filename, direct, aio, isBlockDevice, lengthCell, alignment, blockLocks }, false);
     },
     async close(state) {
       fs.closeSync(state.fd);
     },
     describe(state): FileDescription {
-      const { fd, filename, direct, aio, isBlockDevice, lengthCell, alignment, rmwLock } = state;
-      return { fd, filename, direct, aio, isBlockDevice, lengthCell, alignment, rmwLock };
+      const { fd, filename, direct, aio, isBlockDevice, lengthCell, alignment, blockLocks } = state;
+      return { fd, filename, direct, aio, isBlockDevice, lengthCell, alignment, blockLocks };
     },
     openReplica: (_node, description) => makeState(description as FileDescription, true),
     closeReplica() {},
@@ -202,8 +193,8 @@ function makeFileDriver(name: 'file' | 'host_device'): BlockDriver<FileState> {
     requestAlignment: (state) => state.alignment,
     read: (state, offset, buf) => readInto(state, offset, buf),
     async write(state, offset, buf, flags) {
-      if (state.direct && !isAligned(state, offset, buf.length)) {
-        await bouncedWrite(state, offset, buf);
+      if (state.direct) {
+        await directWrite(state, offset, buf);
       } else {
         await state.io.write(state.fd, buf, offset);
       }
