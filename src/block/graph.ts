@@ -4,7 +4,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { BlockNode } from './node.js';
 import { findBlockDriver } from './registry.js';
-import { genericError } from '../qapi/errors.js';
+import { genericError, QmpError } from '../qapi/errors.js';
 import { qcow2BackingInfo } from './qcow2/index.js';
 
 /** QEMU's BLK_PERM_* as names (they appear in conflict messages). */
@@ -207,10 +207,16 @@ export class BlockGraph {
       if (!info.backingFile) return;
       const resolved = pathCombine(file.node.options.filename ?? '', info.backingFile);
       const fmt = info.backingFormat ?? probeFormat(resolved);
-      backing = await this.openTree(
-        { driver: fmt, 'read-only': true, file: { driver: 'file', filename: resolved, 'read-only': true } },
-        { readOnly: true },
-      );
+      try {
+        backing = await this.openTree(
+          { driver: fmt, 'read-only': true, file: { driver: 'file', filename: resolved, 'read-only': true } },
+          { readOnly: true },
+        );
+      } catch (err) {
+        // QEMU's bdrv_open_backing_file() prepends this to whatever went wrong.
+        if (err instanceof QmpError) throw new QmpError(err.errorClass, `Could not open backing file: ${err.message}`, err.hint);
+        throw err;
+      }
       opened.push(backing);
     }
     if (backing) {
