@@ -68,6 +68,9 @@ export async function qcow2Create(file: BlockNode, opts: Qcow2CreateOptions): Pr
     throw genericError('Could not resize image: Failed to grow the L1 table: File too large');
   }
 
+  // QEMU takes the write permission on the file only after checking the options.
+  if (file.readOnly) throw genericError('Block node is read-only');
+
   // Cluster 0: header and extensions; cluster 1: refcount table; cluster 2: its first block.
   const hdr = Buffer.alloc(cs);
   hdr.writeUInt32BE(QCOW2_MAGIC, 0);
