@@ -4,7 +4,7 @@ import { inflateRawSync, constants as zlibConstants } from 'node:zlib';
 import type { BlockStatus } from '../driver.js';
 import { BlockIoError, type BlockNode } from '../node.js';
 import {
-  COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPAT_EXTL2, OFF_L1_SIZE, OFF_SIZE,
+  COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPAT_EXTL2, OFF_INCOMPAT, OFF_L1_SIZE, OFF_SIZE,
   QCOW_MAX_L1_SIZE, type Qcow2Header,
 } from './header.js';
 import { Refcounts, setTableEntry, tableOffset } from './refcount.js';
@@ -69,7 +69,7 @@ export class Qcow2Image {
   private readonly zeroBuf: Buffer;
   private lastCompressed = -1;
   private readonly lastCompressedBuf: Buffer;
-  readonly dirty: boolean;
+  dirty: boolean;
   /**
    * Direct I/O epochs: reads and in-place writes look a mapping up without the lock and then touch
    * the host cluster; a cluster freed meanwhile must not be reused before they finish. Each such
@@ -325,6 +325,71 @@ export class Qcow2Image {
     const nsec = Number((desc >> BigInt(x)) & ((1n << BigInt(this.clusterBits - 8)) - 1n)) + 1;
     const end = host - (host % 512) + nsec * 512;
     return [Math.floor(host / this.cs), Math.floor((end - 1) / this.cs)];
+  }
+
+  // ---------------------------------------------------------------- dirty-image repair
+
+  /**
+   * What QEMU does when a dirty (lazy-refcounts) image is opened read-write: recount every
+   * cluster the metadata references, correct the stored refcounts (too low after a crash, or
+   * leaked), then clear the dirty bit. Images with snapshots stay dirty and append-only.
+   * Runs before the image serves any request.
+   */
+  async repairRefcounts(): Promise<void> {
+    if (!this.dirty || this.h.nbSnapshots > 0) return;
+    const cs = this.cs;
+    const fileClusters = Math.ceil(this.file.getLength() / cs);
+    const refs = new Map<number, number>();
+    const ref = (c: number, n = 1) => refs.set(c, (refs.get(c) ?? 0) + n);
+    const refRange = (off: number, bytes: number) => {
+      for (let c = Math.floor(off / cs); c <= Math.floor((off + bytes - 1) / cs); c++) ref(c);
+    };
+    refRange(0, cs); // header and extensions
+    if (this.l1.length > 0) refRange(this.l1Offset, this.l1.length);
+    refRange(this.rc.tableOffset, this.rc.tableClusters * cs);
+    for (let i = 0; i < this.rc.tableClusters * cs / 8; i++) {
+      const rb = tableOffset(this.rc.table, i);
+      if (rb !== 0) ref(rb / cs);
+    }
+    for (let l1i = 0; l1i < this.l1.length / 8; l1i++) {
+      const l2 = tableOffset(this.l1, l1i);
+      if (l2 === 0) continue;
+      ref(l2 / cs);
+      const t = await this.l2Cache.get(l2);
+      for (let i = 0; i < cs; i += this.entryBytes) {
+        if (t.buf.readUInt32BE(i) & HI_COMPRESSED) {
+          const [a, b] = this.compressedClusters(t.buf.readBigUInt64BE(i));
+          for (let c = a; c <= b; c++) ref(c);
+        } else {
+          const host = tableOffset(t.buf, i / 8);
+          if (host !== 0) ref(host / cs);
+        }
+      }
+    }
+    // New refcount blocks go past everything that exists, so nothing referenced gets reused.
+    let end = fileClusters;
+    for (const c of refs.keys()) if (c >= end) end = c + 1;
+    this.rc.freeHint = end;
+    const missing: number[] = [];
+    for (let c = 0; c < end; c++) {
+      const want = refs.get(c) ?? 0;
+      if (!this.rc.hasBlock(c)) {
+        if (want > 0) missing.push(c);
+        continue;
+      }
+      if ((await this.rc.get(c)) !== want) await this.rc.set(c, want);
+    }
+    for (const c of missing) await this.rc.set(c, refs.get(c)!);
+    await this.rc.cache.writeBack();
+    await this.file.flush();
+    this.h.incompatible &= ~BigInt(INCOMPAT_DIRTY);
+    const b = Buffer.alloc(8);
+    b.writeBigUInt64BE(this.h.incompatible);
+    await this.file.write(OFF_INCOMPAT, b);
+    await this.file.flush();
+    this.dirty = false;
+    this.rc.appendOnly = false;
+    this.rc.freeHint = 0;
   }
 
   // ---------------------------------------------------------------- block status

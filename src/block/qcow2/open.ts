@@ -30,7 +30,10 @@ export async function openImage(file: BlockNode, backing: BlockNode | undefined,
     await file.write(OFF_AUTOCLEAR, Buffer.alloc(8));
     await file.flush();
   }
-  return new Qcow2Image(file, backing, h, l1, rt, opts.passDiscard);
+  const img = new Qcow2Image(file, backing, h, l1, rt, opts.passDiscard);
+  // A dirty image opened read-write is repaired first, as QEMU's qcow2_do_open() does.
+  if (!opts.readOnly) await img.repairRefcounts();
+  return img;
 }
 
 /** Reads a table that may extend past the end of the file (the rest reads as zeroes). */

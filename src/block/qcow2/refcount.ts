@@ -98,6 +98,11 @@ export class Refcounts {
     return idx < this.tableEntries ? tableOffset(this.table, idx) : 0;
   }
 
+  /** True if the refcount block covering `cluster` exists (setting it allocates nothing). */
+  hasBlock(cluster: number): boolean {
+    return this.blockOffset(Math.floor(cluster / this.perBlock)) !== 0;
+  }
+
   async get(cluster: number): Promise<number> {
     const bo = this.blockOffset(Math.floor(cluster / this.perBlock));
     if (bo === 0) return 0;
