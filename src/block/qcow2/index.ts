@@ -13,7 +13,8 @@
 //   dependency order on flush (refcounts, flush, L2 tables, flush, then refcount decrements for
 //   clusters the L2 change dropped), so a kill -9 at any point leaves leaks at worst. New L2
 //   tables, refcount blocks and tables are written through before anything points at them.
-//   Lazy refcounts are never used by us; a dirty image is only appended to (never reuses space).
+//   Lazy refcounts are never used by us; a dirty image is repaired when opened read-write (as
+//   QEMU does), or only appended to (never reusing space) if it has snapshots or is read-only.
 // TODO(#5): describe()/openReplica() for iothread replicas; until then qcow2 nodes are served
 // from the main thread only (the agreed fallback).
 import { constants as osConstants } from 'node:os';
