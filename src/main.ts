@@ -145,6 +145,9 @@ async function processOption(daemon: Daemon, opt: CliOption): Promise<void> {
       const options = chardevOptions(value, (message, hint) =>
         process.stderr.write(`${PROGRAM}: ${opt.spelled} ${value}: warning: ${message}\n${hint}`));
       if (daemon.chardevs.has(options.id)) fail(`attempt to add duplicate property '${options.id}' to object (type 'container')`);
+      if (options.backend === 'stdio' && [...daemon.chardevs.values()].some((c) => c.options.backend === 'stdio')) {
+        fail('cannot use stdio by multiple character devices');
+      }
       const chardev = new Chardev(daemon, options);
       await chardev.open();
       daemon.chardevs.set(options.id, chardev);

@@ -9,7 +9,7 @@ import { qcow2BackingInfo } from './qcow2/index.js';
 
 /** QEMU's BLK_PERM_* as names (they appear in conflict messages). */
 export type Permission = 'consistent read' | 'write' | 'write unchanged' | 'resize';
-const ALL_PERMS: readonly Permission[] = ['consistent read', 'write', 'write unchanged', 'resize'];
+export const ALL_PERMS: readonly Permission[] = ['consistent read', 'write', 'write unchanged', 'resize'];
 
 /** Someone using a node: a parent node through a child role, or a block backend (export, job). */
 export interface NodeUser {
@@ -66,6 +66,11 @@ function probeFormat(filename: string): string {
   } catch {
     return 'raw'; // Opening the backing file reports the real problem.
   }
+}
+
+/** How QEMU names a user in permission messages: a parent node, or an anonymous backend. */
+function describeUser(user: NodeUser): string {
+  return user.parent ? `node '${user.name}'` : 'an unnamed block device';
 }
 
 /** QEMU's id_wellformed(): a letter first, then letters, digits, '-', '.', '_'. */
@@ -186,7 +191,9 @@ export class BlockGraph {
     if (role === 'file' && node.driver.metadataChild) {
       return { name: node.nodeName, role, perms: permsFor(readOnly, true), shared: FORMAT_SHARED, parent };
     }
-    return { name: node.nodeName, role, perms: new Set(), shared: SHARE_ALL, parent };
+    // A backing file is read consistently; raw's file gets what raw's own users ask (not propagated).
+    const perms = new Set<Permission>(role === 'backing' ? ['consistent read'] : []);
+    return { name: node.nodeName, role, perms, shared: SHARE_ALL, parent };
   }
 
   private async openBacking(
@@ -243,21 +250,17 @@ export class BlockGraph {
 
   /** Check a new user against the node's current users, with QEMU's conflict message. */
   checkNewUser(entry: GraphEntry, user: NodeUser): void {
+    const conflict = (required: NodeUser, unsharing: NodeUser, perms: Permission[]) =>
+      genericError(
+        `Permission conflict on node '${entry.node.nodeName}': permissions '${perms.join(', ')}' are both required by ` +
+          `${describeUser(required)} (uses node '${entry.node.nodeName}' as '${required.role}' child) and unshared by ` +
+          `${describeUser(unsharing)} (uses node '${entry.node.nodeName}' as '${unsharing.role}' child).`,
+      );
     for (const other of entry.users) {
-      for (const perm of user.perms) {
-        if (!other.shared.has(perm)) {
-          throw genericError(
-            `Conflicts with use by ${other.name} as '${other.role}', which does not allow '${perm}' on ${entry.node.nodeName}`,
-          );
-        }
-      }
-      for (const perm of other.perms) {
-        if (!user.shared.has(perm)) {
-          throw genericError(
-            `Conflicts with use by ${other.name} as '${other.role}', which uses '${perm}' on ${entry.node.nodeName}`,
-          );
-        }
-      }
+      const theirs = ALL_PERMS.filter((p) => other.perms.has(p) && !user.shared.has(p));
+      if (theirs.length) throw conflict(other, user, theirs);
+      const ours = ALL_PERMS.filter((p) => user.perms.has(p) && !other.shared.has(p));
+      if (ours.length) throw conflict(user, other, ours);
     }
   }
 

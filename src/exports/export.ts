@@ -1,6 +1,7 @@
 // Block export core (QEMU's block/export/export.c): the driver table, shared by every export type.
 import type { BlockNode } from '../block/node.js';
 import type { IoContext } from '../iothread/context.js';
+import type { Permission } from '../block/graph.js';
 
 /** What the generic layer checked and prepared before BlockExportDriver.create(). */
 export interface ExportCommon {
@@ -35,6 +36,8 @@ export interface BlockExportDriver<E extends BlockExport = BlockExport> {
   readonly supportsMultithread: boolean;
   /** Name used in that message, e.g. 'NBD'. */
   readonly displayName: string;
+  /** Permissions the export does not let others take on its node (NBD: resize, as QEMU). */
+  readonly unsharedPerms?: readonly Permission[];
   /**
    * Options are validated against the schema; id, node, writability and iothreads were checked.
    * Throw QmpError to refuse; undo everything on failure.

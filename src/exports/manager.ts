@@ -3,7 +3,7 @@
 import type { BlockExport, BlockExportDriver, ExportCommon } from './export.js';
 import { findExportDriver } from './registry.js';
 import { genericError, QmpError } from '../qapi/errors.js';
-import { idWellformed, type BlockGraph, type NodeUser, type Permission } from '../block/graph.js';
+import { ALL_PERMS, idWellformed, type BlockGraph, type NodeUser, type Permission } from '../block/graph.js';
 import type { BlockNode } from '../block/node.js';
 import type { IoContext } from '../iothread/context.js';
 import { mainContext } from '../iothread/main-context.js';
@@ -69,7 +69,8 @@ export class ExportManager {
     const perms: Permission[] = ['consistent read'];
     if (writable) perms.push('write');
     if (type === 'fuse' && (writable || options.growable)) perms.push('resize');
-    const backend = this.host.graph.attachBackend(node, `export '${id}'`, perms);
+    const shared = ALL_PERMS.filter((p) => !driver.unsharedPerms?.includes(p));
+    const backend = this.host.graph.attachBackend(node, `export '${id}'`, perms, shared);
     const common: ExportCommon = {
       id, nodeName, node, writable, writethrough: options.writethrough ?? false, contexts, multithread,
     };

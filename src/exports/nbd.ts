@@ -51,6 +51,7 @@ export class NbdExport implements BlockExport, NbdServedExport {
 }
 
 export const nbdExportDriver: BlockExportDriver<NbdExport> = {
+  unsharedPerms: ['resize'],
   type: 'nbd',
   supportsMultithread: false,
   displayName: 'NBD',
