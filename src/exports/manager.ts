@@ -134,9 +134,9 @@ export class ExportManager {
     await Promise.all(this.exports.filter((e) => e.type === type).map((e) => this.shutdown(e)));
   }
 
-  /** Exit: every export, one BLOCK_EXPORT_DELETED each. */
+  /** Exit: every export, one BLOCK_EXPORT_DELETED each, oldest first as QEMU's daemon emits them. */
   async closeAll(): Promise<void> {
-    await Promise.all([...this.exports].map((e) => this.shutdown(e)));
+    for (const entry of [...this.exports].reverse()) await this.shutdown(entry);
   }
 
   /** Exports on any of these nodes (for drained sections on graph changes). */
