@@ -133,7 +133,8 @@ export class JobManager {
     this.jobs.delete(id);
   }
 
+  /** Jobs newest first, as QEMU's query-jobs lists them. */
   list(): Job[] {
-    return [...this.jobs.values()];
+    return [...this.jobs.values()].reverse();
   }
 }
