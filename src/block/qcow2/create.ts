@@ -23,7 +23,15 @@ export interface Qcow2CreateOptions {
 const isPow2 = (n: number) => Number.isSafeInteger(n) && n > 0 && (n & (n - 1)) === 0;
 
 /** Writes a new qcow2 image into `file` (which must be empty); QEMU's validation messages. */
-export async function qcow2Create(file: BlockNode, opts: Qcow2CreateOptions): Promise<void> {
+export async function qcow2Create(
+  file: BlockNode,
+  opts: Qcow2CreateOptions,
+  /**
+   * Throws if others' use of `file` forbids a step: 'write' (writing and resizing it, after the
+   * option checks) or 'open' (opening the new image as a qcow2 node, after the header is written).
+   */
+  checkPerms: (step: 'write' | 'open') => void = () => undefined,
+): Promise<void> {
   const {
     size: rawSize, version = 'v3', 'cluster-size': cs = 65536, 'lazy-refcounts': lazy = false,
     'refcount-bits': refcountBits = 16, 'backing-file': backingFile, 'backing-fmt': backingFmt,
@@ -70,6 +78,7 @@ export async function qcow2Create(file: BlockNode, opts: Qcow2CreateOptions): Pr
 
   // QEMU takes the write permission on the file only after checking the options.
   if (file.readOnly) throw genericError('Block node is read-only');
+  checkPerms('write');
 
   // Cluster 0: header and extensions; cluster 1: refcount table; cluster 2: its first block.
   const hdr = Buffer.alloc(cs);
@@ -119,6 +128,7 @@ export async function qcow2Create(file: BlockNode, opts: Qcow2CreateOptions): Pr
   await file.write(0, Buffer.concat([hdr, rt, rb]));
   await file.flush();
 
+  checkPerms('open');
   const img = await openImage(file, undefined, { readOnly: false, passDiscard: false });
   if (size > 0) await img.truncate(size);
   if (preallocation !== 'off') {

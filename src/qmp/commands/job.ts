@@ -4,6 +4,11 @@ import type { CommandHandler } from './types.js';
 import { genericError, QmpError } from '../../qapi/errors.js';
 import { strerror } from '../../util/errno.js';
 import { qcow2Create } from '../../block/qcow2/create.js';
+import type { NodeUser, Permission } from '../../block/graph.js';
+
+const WRITE_RESIZE: Permission[] = ['write', 'resize'];
+/** Numbers the qcow2 node a create job opens over its file (only ever named in errors). */
+let createdNodes = 0;
 
 /**
  * blockdev-create for the file protocol: create (or empty) the file, then size it. Asynchronous
@@ -51,7 +56,27 @@ export const jobCommands: Record<string, CommandHandler> = {
         // QEMU resolves a BlockdevRef as both a device and a node name.
         if (!file) throw genericError(`Cannot find device='${ref}' nor node-name='${ref}'`);
         const { driver: _driver, file: _file, ...qcow2Options } = options;
-        await qcow2Create(file, qcow2Options as any);
+        // QEMU's create job first writes and resizes the node as an unnamed block device, then
+        // opens it as a new qcow2 node (which shares neither write nor resize of its file). Either
+        // step refuses, in QEMU 7.2's words, if a current user of the node does not allow it.
+        const users = () => [...(daemon.graph.entry(ref)?.users ?? [])];
+        const desc = (u: NodeUser) => (u.parent ? `node '${u.name}'` : 'an unnamed block device');
+        const conflict = (perms: string[], requiredBy: string, requiredRole: string, unsharedBy: string, unsharedRole: string) =>
+          genericError(`Permission conflict on node '${ref}': permissions '${perms.join(', ')}' are both required by ` +
+            `${requiredBy} (uses node '${ref}' as '${requiredRole}' child) and unshared by ${unsharedBy} ` +
+            `(uses node '${ref}' as '${unsharedRole}' child).`);
+        const checkPerms = (step: 'write' | 'open') => {
+          for (const user of users()) {
+            if (step === 'write') {
+              const unshared = WRITE_RESIZE.filter((p) => !user.shared.has(p));
+              if (unshared.length) throw conflict(unshared, 'an unnamed block device', 'root', desc(user), user.role);
+            } else {
+              const used = WRITE_RESIZE.filter((p) => user.perms.has(p));
+              if (used.length) throw conflict(used, desc(user), user.role, `node '#block${createdNodes++}'`, 'file');
+            }
+          }
+        };
+        await qcow2Create(file, qcow2Options as any, checkPerms);
       };
     } else {
       throw genericError('Driver does not support blockdev-create');
