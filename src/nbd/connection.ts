@@ -2,6 +2,8 @@
 import type { Socket } from 'node:net';
 import * as abi from './nbd-abi.js';
 import { nbdFindExport, nbdListExports, type NbdServedExport } from './export-table.js';
+import { errorReport } from '../util/report.js';
+import { errnoOf, strerror } from '../util/errno.js';
 
 /** What the server provides to its connections. */
 export interface NbdConnectionHost {
@@ -627,7 +629,13 @@ export class NbdConnection {
         p = s.len - pos; // last free chunk: send the rest as data
         zero = false;
       } else {
-        const st = await node.blockStatus(s.offset + pos, s.len - pos);
+        let st;
+        try {
+          st = await node.blockStatus(s.offset + pos, s.len - pos);
+        } catch (e) {
+          // QEMU answers a failed status query with an error chunk, keeping the connection.
+          throw Object.assign(new Error(`unable to check for holes: ${strerror(e)}`), { errno: errnoOf(e) });
+        }
         p = st.pnum > 0 ? Math.min(st.pnum, s.len - pos) : s.len - pos;
         zero = st.zero;
         if (n === MAX_CHUNKS - 1 && zero) {
@@ -648,7 +656,15 @@ export class NbdConnection {
     for (let i = 0; i < n; i++) {
       if (s.chunkZero[i]) continue;
       const at = DATA_OFF + s.chunkStart[i];
-      await node.read(s.offset + s.chunkStart[i], s.buf.subarray(at, at + s.chunkLen[i]));
+      try {
+        await node.read(s.offset + s.chunkStart[i], s.buf.subarray(at, at + s.chunkLen[i]));
+      } catch (e) {
+        // QEMU cannot take back the chunks of a sparse read it started: it drops the client.
+        errorReport(`Disconnect client, due to: Failed to send reply: reading from file failed: ${strerror(e)}`);
+        this.close();
+        this.complete(s, true);
+        return -1;
+      }
     }
     if (this.closing && this.socketClosed) {
       this.complete(s, true);
