@@ -1,4 +1,4 @@
-// FUSE export benchmark: fio against QEMU's qemu-storage-daemon, qsd-ts (1/2/4 queues) and a C ceiling, one table.
+// Export benchmark: fio against QEMU's qemu-storage-daemon and qsd-ts over FUSE (1/2/4 queues, a C ceiling) and NBD, one table each.
 //
 // Usage: npm run bench -- [--quick] [--runtime S] [--repeat N] [--filter REGEX]
 //                         [--targets qemu,qsd-1q,qsd-2q,qsd-4q,ceiling] [--json FILE] [--dir DIR]
@@ -13,22 +13,30 @@ const repo = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const QEMU_BIN = '/usr/bin/qemu-storage-daemon';
 const QSD_BIN = path.join(repo, 'bin', 'qsd-ts');
 const NULL_SIZE = 1 << 30;
+/** Size of the raw images and virtual size of the qcow2 images. */
 const FILE_SIZE = 256 << 20;
 const BS = 4096;
 /** Discarded warm-up at the start of each fio run (fio --ramp_time), so a cold start counts for nobody. */
 const RAMP_SECONDS = 0.5;
+/** Export name on the NBD server, and the node name in every daemon. */
+const NBD_NAME = 'n0';
 
-type NodeKind = 'null-co' | 'file';
-type TargetName = 'qemu' | 'qsd-1q' | 'qsd-2q' | 'qsd-4q' | 'ceiling';
-const ALL_TARGETS: readonly TargetName[] = ['qemu', 'qsd-1q', 'qsd-2q', 'qsd-4q', 'ceiling'];
+type Transport = 'fuse' | 'nbd';
+type NodeKind = 'null-co' | 'file' | 'qcow2';
+type FuseTarget = 'qemu' | 'qsd-1q' | 'qsd-2q' | 'qsd-4q' | 'ceiling';
+/** `qsd-ts`: the NBD column (qsd-ts serves NBD from its main loop, so queue counts do not apply). */
+type TargetName = FuseTarget | 'qsd-ts';
+const ALL_TARGETS: readonly FuseTarget[] = ['qemu', 'qsd-1q', 'qsd-2q', 'qsd-4q', 'ceiling'];
 
 interface Cell {
-  /** Row label, also what --filter matches: "null-co randread libaio qd16 j1". */
+  /** Row label, also what --filter matches: "null-co randread libaio qd16 j1", "nbd file randwrite qd1". */
   readonly name: string;
+  readonly transport: Transport;
   readonly node: NodeKind;
   /** fio --rw value. */
   readonly rw: 'read' | 'write' | 'randread' | 'randwrite';
-  readonly engine: 'libaio' | 'psync';
+  /** fio --ioengine: libaio/psync on the FUSE-mounted file, nbd (libnbd) on the NBD socket. */
+  readonly engine: 'libaio' | 'psync' | 'nbd';
   readonly iodepth: number;
   readonly numjobs: number;
 }
@@ -38,16 +46,18 @@ interface Options {
   runtime: number;
   repeat: number;
   filter: RegExp | null;
-  targets: TargetName[];
+  targets: FuseTarget[];
   json: string | null;
   dir: string;
 }
 
-/** A daemon serving one node over FUSE at `mountpoint`, started once per (target, node kind). */
+/** A daemon serving one node over one transport, started once per (repeat, transport, node kind, target). */
 interface Running {
   readonly target: TargetName;
+  readonly transport: Transport;
   readonly child: ChildProcess;
-  readonly mountpoint: string;
+  /** FUSE: the mounted regular file; NBD: the server's unix socket. */
+  readonly endpoint: string;
   /** Everything the daemon wrote to stderr/stdout, for error reports. */
   output: string;
   exited: boolean;
@@ -57,13 +67,13 @@ function usage(code: number): never {
   (code ? console.error : console.log)(
     'usage: npm run bench -- [--quick] [--runtime S] [--repeat N] [--filter REGEX]\n' +
       `                        [--targets ${ALL_TARGETS.join(',')}] [--json FILE] [--dir DIR]\n` +
-      '  --quick     smoke run: 3 cells, 2 repeats of 2 s\n' +
+      '  --quick     smoke run: 5 FUSE and 8 NBD cells, 2 repeats of 2 s\n' +
       '  --runtime   seconds per fio run (default 3)\n' +
       '  --repeat    repeats per cell and target; the table shows medians (default 3)\n' +
-      '  --filter    only cells whose name matches REGEX, e.g. "null-co rand.*libaio"\n' +
-      '  --targets   subset of targets, comma-separated\n' +
+      '  --filter    only cells whose name matches REGEX, e.g. "null-co rand.*libaio" or "^nbd"\n' +
+      '  --targets   subset of targets, comma-separated (any qsd-* also runs the NBD qsd-ts column)\n' +
       '  --json      also write the raw samples to FILE\n' +
-      '  --dir       where the file-node images go (default /var/tmp; must not be tmpfs)',
+      '  --dir       where the file and qcow2 images go (default /var/tmp; must not be tmpfs)',
   );
   process.exit(code);
 }
@@ -87,7 +97,7 @@ function parseArgs(argv: string[]): Options {
       case '--targets': {
         const names = value().split(',').filter(Boolean);
         for (const n of names) {
-          if (!ALL_TARGETS.includes(n as TargetName)) {
+          if (!ALL_TARGETS.includes(n as FuseTarget)) {
             console.error(`unknown target '${n}'`);
             usage(2);
           }
@@ -109,27 +119,62 @@ function parseArgs(argv: string[]): Options {
   return o;
 }
 
-/** QEMU's multi-threading benchmark matrix, or the --quick subset. */
+/** QEMU's multi-threading FUSE matrix plus qcow2 and NBD cells, or the --quick subset. */
 function buildCells(o: Options): Cell[] {
   const cells: Cell[] = [];
-  const add = (node: NodeKind, rw: Cell['rw'], engine: Cell['engine'], numjobs: number): void => {
+  const fuse = (node: NodeKind, rw: Cell['rw'], engine: 'libaio' | 'psync', numjobs: number): void => {
     const iodepth = engine === 'libaio' ? 16 : 1;
-    cells.push({ name: `${node} ${rw} ${engine} qd${iodepth} j${numjobs}`, node, rw, engine, iodepth, numjobs });
+    cells.push({ name: `${node} ${rw} ${engine} qd${iodepth} j${numjobs}`, transport: 'fuse', node, rw, engine, iodepth, numjobs });
+  };
+  const nbd = (node: NodeKind, rw: Cell['rw'], iodepth: number): void => {
+    cells.push({ name: `nbd ${node} ${rw} qd${iodepth}`, transport: 'nbd', node, rw, engine: 'nbd', iodepth, numjobs: 1 });
   };
   if (o.quick) {
-    add('null-co', 'randread', 'libaio', 1);
-    add('null-co', 'randwrite', 'libaio', 1);
-    add('file', 'randread', 'libaio', 1);
+    fuse('null-co', 'randread', 'libaio', 1);
+    fuse('null-co', 'randwrite', 'libaio', 1);
+    fuse('file', 'randread', 'libaio', 1);
+    fuse('qcow2', 'randread', 'libaio', 1);
+    fuse('qcow2', 'randwrite', 'libaio', 1);
   } else {
     for (const node of ['null-co', 'file'] as const) {
       for (const rw of ['read', 'write', 'randread', 'randwrite'] as const) {
         for (const engine of ['libaio', 'psync'] as const) {
-          for (const numjobs of [1, 4]) add(node, rw, engine, numjobs);
+          for (const numjobs of [1, 4]) fuse(node, rw, engine, numjobs);
         }
       }
     }
+    // qcow2 metadata lives in one context (no replicas yet), so extra jobs would only queue on it.
+    for (const rw of ['randread', 'randwrite'] as const) {
+      for (const engine of ['libaio', 'psync'] as const) fuse('qcow2', rw, engine, 1);
+    }
+  }
+  // The NBD cells are few and cheap, so --quick runs all of them.
+  for (const node of ['null-co', 'file'] as const) {
+    for (const rw of ['randread', 'randwrite'] as const) {
+      for (const iodepth of [16, 1]) nbd(node, rw, iodepth);
+    }
   }
   return o.filter ? cells.filter((c) => o.filter!.test(c.name)) : cells;
+}
+
+/** Whether a FUSE target serves a node kind at all; '-' in the table otherwise. */
+function fuseApplies(t: TargetName, node: NodeKind): boolean {
+  if (t === 'ceiling') return node === 'null-co';
+  // qcow2 is served from the main loop whatever the iothread list: 2 queues already show that.
+  if (t === 'qsd-4q') return node !== 'qcow2';
+  return true;
+}
+
+/** The NBD columns: QEMU if chosen, qsd-ts if any qsd-* target is. */
+function nbdTargets(o: Options): TargetName[] {
+  const ts: TargetName[] = [];
+  if (o.targets.includes('qemu')) ts.push('qemu');
+  if (o.targets.some((t) => t.startsWith('qsd-'))) ts.push('qsd-ts');
+  return ts;
+}
+
+function targetsFor(transport: Transport, node: NodeKind, o: Options): TargetName[] {
+  return transport === 'nbd' ? nbdTargets(o) : o.targets.filter((t) => fuseApplies(t, node));
 }
 
 // ---- process and mount housekeeping -------------------------------------------------------------
@@ -155,7 +200,9 @@ async function stopDaemon(d: Running): Promise<void> {
       for (let i = 0; i < 40 && !d.exited; i++) await sleep(50);
     }
   }
-  if (isMounted(d.mountpoint)) spawnSync('umount', ['-l', d.mountpoint]);
+  if (d.transport === 'fuse' && isMounted(d.endpoint)) spawnSync('umount', ['-l', d.endpoint]);
+  // Both daemons leave their NBD socket behind; the next start of this target would fail on it.
+  if (d.transport === 'nbd') fs.rmSync(d.endpoint, { force: true });
   running.delete(d);
 }
 
@@ -169,7 +216,7 @@ function stopAllSync(): void {
   currentFio?.kill('SIGKILL');
   for (const d of running) {
     if (!d.exited) d.child.kill('SIGKILL');
-    spawnSync('umount', ['-l', d.mountpoint]);
+    if (d.transport === 'fuse') spawnSync('umount', ['-l', d.endpoint]);
   }
 }
 
@@ -192,46 +239,68 @@ function blockdevJson(target: TargetName, node: NodeKind, image: string): string
   if (node === 'null-co') {
     return JSON.stringify({ driver: 'null-co', 'node-name': 'n0', size: NULL_SIZE, 'read-zeroes': true });
   }
-  // QEMU's default aio=threads (what its users get); qsd-ts serves from each queue's own io_uring.
+  // QEMU's default aio=threads (what its users get); qsd-ts serves from each context's own io_uring.
   const aio = target === 'qemu' ? 'threads' : 'io_uring';
   return JSON.stringify({
-    driver: 'raw', 'node-name': 'n0',
+    driver: node === 'qcow2' ? 'qcow2' : 'raw', 'node-name': 'n0',
     file: { driver: 'file', filename: image, cache: { direct: true }, aio },
   });
 }
 
-function daemonArgv(target: TargetName, node: NodeKind, mountpoint: string, image: string, env: Env): [string, string[]] | string {
-  const exportBase = { type: 'fuse', id: 'exp0', 'node-name': 'n0', mountpoint, writable: true };
+function daemonArgv(target: TargetName, transport: Transport, node: NodeKind, endpoint: string, image: string, env: Env): [string, string[]] | string {
+  const blockdev = ['--blockdev', blockdevJson(target, node, image)];
+  if (target === 'qemu' && !fs.existsSync(QEMU_BIN)) return `${QEMU_BIN} not installed`;
+  if (target.startsWith('qsd-') && !fs.existsSync(path.join(repo, 'dist', 'main.js'))) return 'dist/main.js missing (npm run build)';
+  if (transport === 'nbd') {
+    // The same command line for both daemons: NBD served from the main loop, no iothread.
+    const argv = [
+      ...blockdev,
+      '--nbd-server', `addr.type=unix,addr.path=${endpoint}`,
+      '--export', `type=nbd,id=exp0,node-name=n0,name=${NBD_NAME},writable=on`,
+    ];
+    return [target === 'qemu' ? QEMU_BIN : QSD_BIN, argv];
+  }
+  const exportBase = { type: 'fuse', id: 'exp0', 'node-name': 'n0', mountpoint: endpoint, writable: true };
   switch (target) {
     case 'qemu':
-      if (!fs.existsSync(QEMU_BIN)) return `${QEMU_BIN} not installed`;
-      return [QEMU_BIN, ['--blockdev', blockdevJson(target, node, image), '--export', JSON.stringify(exportBase)]];
+      return [QEMU_BIN, [...blockdev, '--export', JSON.stringify(exportBase)]];
     case 'ceiling':
-      if (node !== 'null-co') return 'null cells only';
       if (!env.ceilingBin) return 'fuse-ceiling.c did not compile';
-      return [env.ceilingBin, ['-q', '1', '-s', String(NULL_SIZE), mountpoint]];
+      return [env.ceilingBin, ['-q', '1', '-s', String(NULL_SIZE), endpoint]];
     default: {
-      if (!fs.existsSync(path.join(repo, 'dist', 'main.js'))) return 'dist/main.js missing (npm run build)';
       const queues = Number(target.slice(4, 5));
       const ids = Array.from({ length: queues }, (_, i) => `io${i}`);
       const argv = ids.flatMap((id) => ['--object', `iothread,id=${id}`]);
       // One queue is the single-iothread form (a string), as a user would write it.
       const iothread = queues === 1 ? ids[0] : ids;
-      argv.push('--blockdev', blockdevJson(target, node, image), '--export', JSON.stringify({ ...exportBase, iothread }));
+      argv.push(...blockdev, '--export', JSON.stringify({ ...exportBase, iothread }));
       return [QSD_BIN, argv];
     }
   }
 }
 
-/** Start one daemon and wait until its mount answers with the expected size; throws with its output otherwise. */
-async function startDaemon(target: TargetName, node: NodeKind, env: Env): Promise<Running> {
-  const mountpoint = path.join(env.tmp, `${target}-${node}.mnt`);
-  fs.writeFileSync(mountpoint, '');
-  const image = path.join(env.imageDir, `${target}.img`);
-  const cmd = daemonArgv(target, node, mountpoint, image, env);
+const nbdUri = (socket: string): string => `nbd+unix:///${NBD_NAME}?socket=${socket}`;
+
+/** The export's size as an NBD client sees it (nbdinfo), or null while it does not answer yet. */
+function nbdSize(socket: string): Promise<number | null> {
+  return new Promise((resolve) => {
+    const p = spawn('nbdinfo', ['--size', nbdUri(socket)], { stdio: ['ignore', 'pipe', 'ignore'] });
+    let out = '';
+    p.stdout.on('data', (b: Buffer) => { out += b.toString(); });
+    p.on('error', () => resolve(null));
+    p.on('close', (code) => resolve(code === 0 ? Number(out.trim()) : null));
+  });
+}
+
+/** Start one daemon and wait until its export answers with the expected size; throws with its output otherwise. */
+async function startDaemon(target: TargetName, transport: Transport, node: NodeKind, env: Env): Promise<Running> {
+  const endpoint = path.join(env.tmp, `${target}-${node}.${transport === 'fuse' ? 'mnt' : 'sock'}`);
+  if (transport === 'fuse') fs.writeFileSync(endpoint, '');
+  const image = node === 'null-co' ? '' : ensureImage(env, target, node);
+  const cmd = daemonArgv(target, transport, node, endpoint, image, env);
   if (typeof cmd === 'string') throw new Error(cmd);
   const child = spawn(cmd[0], cmd[1], { stdio: ['ignore', 'pipe', 'pipe'] });
-  const d: Running = { target, child, mountpoint, output: '', exited: false };
+  const d: Running = { target, transport, child, endpoint, output: '', exited: false };
   running.add(d);
   const collect = (b: Buffer): void => { if (d.output.length < 8192) d.output += b.toString(); };
   child.stdout!.on('data', collect);
@@ -242,11 +311,14 @@ async function startDaemon(target: TargetName, node: NodeKind, env: Env): Promis
   const want = node === 'null-co' ? NULL_SIZE : FILE_SIZE;
   const deadline = Date.now() + 15_000;
   while (Date.now() < deadline && !d.exited && !interrupted) {
-    if (isMounted(mountpoint)) {
+    if (transport === 'nbd') {
+      // The socket listens before the export exists (--nbd-server is handled first): ask for the export itself.
+      if (fs.existsSync(endpoint) && (await nbdSize(endpoint)) === want) return d;
+    } else if (isMounted(endpoint)) {
       // The first stat waits for FUSE_INIT; once it reports the node's size, the export serves.
       // ENOTCONN/ECONNABORTED: the daemon died behind its mount; the loop then sees it exit.
       try {
-        if (fs.statSync(mountpoint).size === want) return d;
+        if (fs.statSync(endpoint).size === want) return d;
       } catch {
         /* retried until the deadline or the daemon's exit */
       }
@@ -254,7 +326,7 @@ async function startDaemon(target: TargetName, node: NodeKind, env: Env): Promis
     await sleep(50);
   }
   await stopDaemon(d);
-  const why = d.exited ? 'exited during start-up' : 'no FUSE mount after 15 s';
+  const why = d.exited ? 'exited during start-up' : `no ${transport === 'fuse' ? 'FUSE mount' : 'NBD export'} after 15 s`;
   throw new Error(`${why}: ${cmd[0]} ${cmd[1].map((a) => `'${a}'`).join(' ')}\n${gist(d.output)}`);
 }
 
@@ -276,16 +348,24 @@ function peakRssKiB(pid: number | undefined): number | null {
 
 // ---- fio ----------------------------------------------------------------------------------------
 
-/** One time-based fio run; returns the summed read+write IOPS of all its jobs. */
-function runFio(cell: Cell, filename: string, o: Options): Promise<number> {
+/** One time-based fio run against a FUSE-mounted file or an NBD socket; returns the summed read+write IOPS of all its jobs. */
+function runFio(cell: Cell, endpoint: string, o: Options): Promise<number> {
   const args = [
-    `--name=${cell.rw}`, `--filename=${filename}`, '--direct=1', `--rw=${cell.rw}`, `--bs=${BS}`,
+    `--name=${cell.rw}`, `--rw=${cell.rw}`, `--bs=${BS}`,
     `--ioengine=${cell.engine}`, `--iodepth=${cell.iodepth}`, `--numjobs=${cell.numjobs}`,
     '--time_based', `--runtime=${Math.round((o.runtime - RAMP_SECONDS) * 1000)}ms`, `--ramp_time=${RAMP_SECONDS * 1000}ms`,
-    // Never lay out, extend or truncate the mounted file; it already has the node's size.
-    '--fallocate=none', '--create_on_open=0', '--allow_file_create=0',
     '--randrepeat=0', '--output-format=json',
   ];
+  if (cell.transport === 'nbd') {
+    // fio's nbd engine (libnbd) takes the size from the server; one connection per job.
+    args.push(`--uri=${nbdUri(endpoint)}`);
+  } else {
+    args.push(
+      `--filename=${endpoint}`, '--direct=1',
+      // Never lay out, extend or truncate the mounted file; it already has the node's size.
+      '--fallocate=none', '--create_on_open=0', '--allow_file_create=0',
+    );
+  }
   return new Promise((resolve, reject) => {
     const fio = spawn('fio', args, { stdio: ['ignore', 'pipe', 'pipe'] });
     currentFio = fio;
@@ -297,7 +377,10 @@ function runFio(cell: Cell, filename: string, o: Options): Promise<number> {
     fio.on('close', (code) => {
       currentFio = null;
       if (code !== 0) {
-        reject(new Error(`fio exited with ${code}: ${err.trim() || out.trim().slice(0, 500)}`));
+        // fio prints one line per failed I/O: the first two say what went wrong.
+        const lines = (err.trim() || out.trim().slice(0, 500)).split('\n');
+        const more = lines.length > 2 ? ` (+${lines.length - 2} more lines)` : '';
+        reject(new Error(`fio exited with ${code}: ${lines.slice(0, 2).join('\n')}${more}`));
         return;
       }
       try {
@@ -338,6 +421,31 @@ function makeImage(file: string): void {
   }
 }
 
+function runTool(cmd: string, args: string[]): void {
+  const r = spawnSync(cmd, args, { encoding: 'utf8' });
+  if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')}: ${(r.stderr || String(r.error)).trim()}`);
+}
+
+/**
+ * The image a target serves for a node kind, made on first use and kept for every repeat. One per
+ * target, because QEMU takes a write lock on its image (the FUSE and NBD groups never run at once,
+ * so they share it). qcow2: every cluster allocated up front (`convert -S 0` writes even zeroes),
+ * so the cells measure steady-state I/O through the L2 tables, not cluster allocation.
+ */
+function ensureImage(env: Env, target: TargetName, node: 'file' | 'qcow2'): string {
+  const image = path.join(env.imageDir, `${target}.${node === 'qcow2' ? 'qcow2' : 'img'}`);
+  if (fs.existsSync(image)) return image;
+  if (node === 'file') {
+    makeImage(image);
+  } else {
+    const fill = path.join(env.imageDir, 'qcow2-fill.raw');
+    if (!fs.existsSync(fill)) makeImage(fill);
+    runTool('qemu-img', ['create', '-q', '-f', 'qcow2', image, String(FILE_SIZE)]);
+    runTool('qemu-img', ['convert', '-q', '-n', '-S', '0', '-t', 'none', '-f', 'raw', '-O', 'qcow2', fill, image]);
+  }
+  return image;
+}
+
 // ---- results ------------------------------------------------------------------------------------
 
 const median = (xs: number[]): number | null => {
@@ -353,41 +461,80 @@ const ratio = (a: number | null | undefined, b: number | null | undefined): stri
 interface Results {
   /** samples[cell][target] = IOPS of each repeat that ran. */
   samples: Map<string, Map<TargetName, number[]>>;
-  /** Peak of VmHWM over all samples, KiB. */
-  rss: Map<TargetName, number>;
-  /** Target failures and other remarks, printed under the table. */
+  /** Peak of VmHWM over all samples, KiB, per "<transport> <target>". */
+  rss: Map<string, number>;
+  /** Target failures and other remarks, printed under the tables. */
   notes: string[];
+  /** fio failures per "<target> <cell>": the first message and the repeats that failed, one note each. */
+  fioFailures: Map<string, { message: string; repeats: number[] }>;
 }
 
-function printTable(cells: Cell[], o: Options, r: Results): { geomean: number | null } {
-  const qsdTargets = o.targets.filter((t) => t.startsWith('qsd-'));
-  const header = ['cell', ...o.targets, 'qsd-best/qemu', 'qsd-1q/ceiling'];
-  const rows: string[][] = [];
-  const logs: number[] = [];
-  for (const cell of cells) {
-    const med = (t: TargetName): number | null => median(r.samples.get(cell.name)?.get(t) ?? []);
-    const best = qsdTargets.map(med).filter((v): v is number => v != null);
-    const qsdBest = best.length ? Math.max(...best) : null;
-    const qemu = o.targets.includes('qemu') ? med('qemu') : null;
-    if (cell.rw.startsWith('rand') && qsdBest != null && qemu) logs.push(Math.log(qsdBest / qemu));
-    rows.push([
-      cell.name,
-      ...o.targets.map((t) => (t === 'ceiling' && cell.node !== 'null-co' ? '-' : kiops(med(t)))),
-      ratio(qsdBest, qemu),
-      cell.node === 'null-co' ? ratio(med('qsd-1q'), med('ceiling')) : '-',
-    ]);
-  }
+function printRows(header: string[], rows: string[][]): void {
   const widths = header.map((h, i) => Math.max(h.length, ...rows.map((row) => row[i]!.length)));
   const fmt = (row: string[]): string => row.map((c, i) => (i === 0 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join('  ');
   console.log(fmt(header));
   console.log(widths.map((w) => '-'.repeat(w)).join('  '));
   for (const row of rows) console.log(fmt(row));
   console.log('');
-  const rssParts = o.targets.map((t) => `${t} ${r.rss.has(t) ? `${(r.rss.get(t)! / 1024).toFixed(1)} MiB` : 'n/a'}`);
-  console.log(`peak RSS (VmHWM): ${rssParts.join(' | ')}`);
-  const geomean = logs.length ? Math.exp(logs.reduce((a, b) => a + b, 0) / logs.length) : null;
-  console.log(`geometric mean of qsd-best/qemu over random-I/O cells: ${geomean == null ? 'n/a' : geomean.toFixed(2)} (${logs.length} cells)`);
-  return { geomean };
+}
+
+function printRss(transport: Transport, targets: TargetName[], r: Results): void {
+  const parts = targets.map((t) => {
+    const kib = r.rss.get(`${transport} ${t}`);
+    return `${t} ${kib != null ? `${(kib / 1024).toFixed(1)} MiB` : 'n/a'}`;
+  });
+  console.log(`peak RSS (VmHWM): ${parts.join(' | ')}`);
+}
+
+const geomeanOf = (logs: number[]): number | null => (logs.length ? Math.exp(logs.reduce((a, b) => a + b, 0) / logs.length) : null);
+
+/** The FUSE table, then the NBD table; returns the geometric means of qsd-ts over QEMU for each. */
+function printTables(cells: Cell[], o: Options, r: Results): { fuse: number | null; nbd: number | null } {
+  const med = (cell: Cell, t: TargetName): number | null => median(r.samples.get(cell.name)?.get(t) ?? []);
+  let fuseGeomean: number | null = null;
+  let nbdGeomean: number | null = null;
+
+  const fuseCells = cells.filter((c) => c.transport === 'fuse');
+  if (fuseCells.length) {
+    console.log('FUSE');
+    const qsdTargets = o.targets.filter((t) => t.startsWith('qsd-'));
+    const logs: number[] = [];
+    const rows = fuseCells.map((cell) => {
+      const best = qsdTargets.filter((t) => fuseApplies(t, cell.node)).map((t) => med(cell, t)).filter((v): v is number => v != null);
+      const qsdBest = best.length ? Math.max(...best) : null;
+      const qemu = o.targets.includes('qemu') ? med(cell, 'qemu') : null;
+      if (cell.rw.startsWith('rand') && qsdBest != null && qemu) logs.push(Math.log(qsdBest / qemu));
+      return [
+        cell.name,
+        ...o.targets.map((t) => (fuseApplies(t, cell.node) ? kiops(med(cell, t)) : '-')),
+        ratio(qsdBest, qemu),
+        cell.node === 'null-co' ? ratio(med(cell, 'qsd-1q'), med(cell, 'ceiling')) : '-',
+      ];
+    });
+    printRows(['cell', ...o.targets, 'qsd-best/qemu', 'qsd-1q/ceiling'], rows);
+    printRss('fuse', o.targets, r);
+    fuseGeomean = geomeanOf(logs);
+    console.log(`geometric mean of qsd-best/qemu over random-I/O cells: ${fuseGeomean == null ? 'n/a' : fuseGeomean.toFixed(2)} (${logs.length} cells)`);
+  }
+
+  const nbdCells = cells.filter((c) => c.transport === 'nbd');
+  if (nbdCells.length) {
+    if (fuseCells.length) console.log('');
+    console.log('NBD');
+    const targets = nbdTargets(o);
+    const logs: number[] = [];
+    const rows = nbdCells.map((cell) => {
+      const qsd = med(cell, 'qsd-ts');
+      const qemu = med(cell, 'qemu');
+      if (qsd != null && qemu) logs.push(Math.log(qsd / qemu));
+      return [cell.name, ...targets.map((t) => kiops(med(cell, t))), ratio(qsd, qemu)];
+    });
+    printRows(['cell', ...targets, 'qsd-ts/qemu'], rows);
+    printRss('nbd', targets, r);
+    nbdGeomean = geomeanOf(logs);
+    console.log(`geometric mean of qsd-ts/qemu over NBD cells: ${nbdGeomean == null ? 'n/a' : nbdGeomean.toFixed(2)} (${logs.length} cells)`);
+  }
+  return { fuse: fuseGeomean, nbd: nbdGeomean };
 }
 
 /** A one-line progress indicator on a terminal; nothing when the output goes to a file. */
@@ -411,12 +558,17 @@ async function main(): Promise<void> {
   for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(sig, onSignal);
   process.on('exit', stopAllSync);
 
-  const results: Results = { samples: new Map(), rss: new Map(), notes: [] };
+  const results: Results = { samples: new Map(), rss: new Map(), notes: [], fioFailures: new Map() };
   const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'qsd-bench-fuse-'));
   let imageDir: string | null = null;
   try {
-    const kinds = [...new Set(cells.map((c) => c.node))];
-    if (kinds.includes('file')) {
+    // Groups of cells served by the same daemons: one (transport, node kind) each, in cell order.
+    const groups: { transport: Transport; node: NodeKind }[] = [];
+    for (const c of cells) {
+      if (!groups.some((g) => g.transport === c.transport && g.node === c.node)) groups.push({ transport: c.transport, node: c.node });
+    }
+    const kinds = new Set(cells.map((c) => c.node));
+    if (kinds.has('file') || kinds.has('qcow2')) {
       // O_DIRECT must reach a disk: tmpfs would make the file cells measure memcpy (or fail).
       const fsType = spawnSync('stat', ['-f', '-c', '%T', o.dir], { encoding: 'utf8' }).stdout.trim();
       if (fsType === 'tmpfs' || fsType === 'ramfs') {
@@ -424,34 +576,50 @@ async function main(): Promise<void> {
         process.exit(1);
       }
       imageDir = fs.mkdtempSync(path.join(o.dir, 'qsd-bench-fuse-'));
-      results.notes.push(`file node: raw over file, cache.direct=on, ${FILE_SIZE >> 20} MiB preallocated image per target in ${o.dir} (${fsType}); qemu aio=threads (its default), qsd-ts aio=io_uring`);
+      const aio = 'qemu aio=threads (its default), qsd-ts aio=io_uring';
+      if (kinds.has('file')) {
+        results.notes.push(`file node: raw over file, cache.direct=on, ${FILE_SIZE >> 20} MiB preallocated image per target in ${o.dir} (${fsType}); ${aio}`);
+      }
+      if (kinds.has('qcow2')) {
+        results.notes.push(
+          `qcow2 node: qcow2 over file, cache.direct=on, ${FILE_SIZE >> 20} MiB image per target, every cluster allocated before the run (qemu-img convert -n -S 0); ${aio}; ` +
+            'qsd-ts serves qcow2 from its main loop whatever the iothread list, so qsd-2q shows the cost of the hop and qsd-4q is not run',
+        );
+      }
+    }
+    if (groups.some((g) => g.transport === 'nbd')) {
+      results.notes.push('NBD: fio --ioengine=nbd (libnbd), one connection, over --nbd-server addr.type=unix; both daemons serve NBD from their main loop (no iothread)');
     }
     const env: Env = {
       tmp,
       imageDir: imageDir ?? tmp,
-      ceilingBin: o.targets.includes('ceiling') ? compileCeiling(tmp, results.notes) : null,
+      ceilingBin: o.targets.includes('ceiling') && kinds.has('null-co') ? compileCeiling(tmp, results.notes) : null,
     };
-    if (imageDir) for (const t of o.targets) if (t !== 'ceiling') makeImage(path.join(imageDir, `${t}.img`));
 
+    const fuseCount = cells.filter((c) => c.transport === 'fuse').length;
     console.log(`${new Date().toISOString()}  ${os.cpus().length} vCPU  ${os.release()}  fio ${spawnSync('fio', ['--version'], { encoding: 'utf8' }).stdout.trim()}`);
-    console.log(`${cells.length} cells x ${o.targets.length} targets, ${o.repeat} repeats of ${o.runtime} s (first ${RAMP_SECONDS} s discarded), ${BS / 1024} KiB blocks, --direct=1`);
-    const failed = new Set<string>(); // "target/node": start-up failed once; don't retry every repeat.
+    console.log(
+      `${fuseCount} FUSE cells x up to ${o.targets.length} targets, ${cells.length - fuseCount} NBD cells x ${nbdTargets(o).length} targets, ` +
+        `${o.repeat} repeats of ${o.runtime} s (first ${RAMP_SECONDS} s discarded), ${BS / 1024} KiB blocks`,
+    );
+    const failed = new Set<string>(); // "transport/target/node": start-up failed once; don't retry every repeat.
 
     for (let rep = 0; rep < o.repeat && !interrupted; rep++) {
-      for (const node of kinds) {
+      for (const { transport, node } of groups) {
         if (interrupted) break;
-        const group = cells.filter((c) => c.node === node);
+        const group = cells.filter((c) => c.transport === transport && c.node === node);
         const daemons = new Map<TargetName, Running>();
         try {
-          for (const t of o.targets) {
+          for (const t of targetsFor(transport, node, o)) {
             if (interrupted) break;
-            if (t === 'ceiling' && node !== 'null-co') continue;
-            if (failed.has(`${t}/${node}`)) continue;
+            const key = `${transport}/${t}/${node}`;
+            if (failed.has(key)) continue;
+            progress(`[${rep + 1}/${o.repeat}] starting ${t} (${transport} ${node})`);
             try {
-              daemons.set(t, await startDaemon(t, node, env));
+              daemons.set(t, await startDaemon(t, transport, node, env));
             } catch (e) {
-              failed.add(`${t}/${node}`);
-              results.notes.push(`${t} (${node}): ${(e as Error).message}`);
+              failed.add(key);
+              results.notes.push(`${t} (${transport} ${node}): ${(e as Error).message}`);
             }
           }
           const order = [...daemons.keys()];
@@ -464,16 +632,22 @@ async function main(): Promise<void> {
               if (d.exited) continue;
               progress(`[${rep + 1}/${o.repeat}] ${cell.name} ${t}`);
               try {
-                const iops = await runFio(cell, d.mountpoint, o);
+                const iops = await runFio(cell, d.endpoint, o);
                 const perCell = results.samples.get(cell.name) ?? new Map<TargetName, number[]>();
                 results.samples.set(cell.name, perCell);
                 perCell.set(t, [...(perCell.get(t) ?? []), iops]);
               } catch (e) {
-                if (!interrupted) results.notes.push(`${t} ${cell.name} repeat ${rep + 1}: ${(e as Error).message}`);
+                if (!interrupted) {
+                  const key = `${t} ${cell.name}`;
+                  const f = results.fioFailures.get(key) ?? { message: (e as Error).message, repeats: [] };
+                  f.repeats.push(rep + 1);
+                  results.fioFailures.set(key, f);
+                }
               }
               const rss = peakRssKiB(d.child.pid);
-              if (rss != null) results.rss.set(t, Math.max(results.rss.get(t) ?? 0, rss));
-              if (d.exited && !interrupted) results.notes.push(`${t} (${node}) died during ${cell.name}: ${gist(d.output)}`);
+              const rssKey = `${transport} ${t}`;
+              if (rss != null) results.rss.set(rssKey, Math.max(results.rss.get(rssKey) ?? 0, rss));
+              if (d.exited && !interrupted) results.notes.push(`${t} (${transport} ${node}) died during ${cell.name}: ${gist(d.output)}`);
             }
           }
         } finally {
@@ -486,7 +660,10 @@ async function main(): Promise<void> {
       console.log('interrupted: partial results');
     }
     console.log('');
-    const { geomean } = printTable(cells, o, results);
+    const geomeans = printTables(cells, o, results);
+    for (const [key, f] of results.fioFailures) {
+      results.notes.push(`${key} failed (repeat${f.repeats.length > 1 ? 's' : ''} ${f.repeats.join(', ')}): ${f.message}`);
+    }
     if (results.notes.length) {
       console.log('\nnotes:');
       for (const n of results.notes) console.log(`- ${n.replace(/\n/g, '\n    ')}`);
@@ -497,13 +674,14 @@ async function main(): Promise<void> {
         options: { quick: o.quick, runtime: o.runtime, repeat: o.repeat, filter: o.filter?.source ?? null, targets: o.targets, rampSeconds: RAMP_SECONDS, blockSize: BS },
         cells: cells.map((c) => ({
           ...c,
-          iops: Object.fromEntries(o.targets.map((t) => {
+          iops: Object.fromEntries(targetsFor(c.transport, c.node, o).map((t) => {
             const xs = results.samples.get(c.name)?.get(t) ?? [];
             return [t, { samples: xs, median: median(xs) }];
           })),
         })),
         peakRssKiB: Object.fromEntries(results.rss),
-        geomeanRandomQsdBestOverQemu: geomean,
+        geomeanRandomQsdBestOverQemu: geomeans.fuse,
+        geomeanNbdQsdOverQemu: geomeans.nbd,
         notes: results.notes,
       };
       fs.writeFileSync(o.json, `${JSON.stringify(doc, null, 2)}\n`);
