@@ -83,19 +83,22 @@ function isAligned(state: FileState, offset: number, length: number): boolean {
 }
 
 /** Aligned bounce for O_DIRECT requests whose offset or length is not block aligned. */
-async function bouncedRead(state: FileState, offset: number, buf: Buffer): Promise<void> {
+/** The block-aligned range around [offset, offset+length), with a bounce buffer for it. */
+function alignedBounce(state: FileState, offset: number, length: number): { start: number; end: number; bounce: Buffer } {
   const start = offset - (offset % state.alignment);
-  const end = Math.ceil((offset + buf.length) / state.alignment) * state.alignment;
-  const bounce = native.allocAligned(end - start, BUFFER_ALIGNMENT);
+  const end = Math.ceil((offset + length) / state.alignment) * state.alignment;
+  return { start, end, bounce: native.allocAligned(end - start, BUFFER_ALIGNMENT) };
+}
+
+async function bouncedRead(state: FileState, offset: number, buf: Buffer): Promise<void> {
+  const { start, bounce } = alignedBounce(state, offset, buf.length);
   const n = await state.io.read(state.fd, bounce, start);
   bounce.fill(0, Math.max(0, n));
   bounce.copy(buf, 0, offset - start, offset - start + buf.length);
 }
 
 async function bouncedWrite(state: FileState, offset: number, buf: Buffer): Promise<void> {
-  const start = offset - (offset % state.alignment);
-  const end = Math.ceil((offset + buf.length) / state.alignment) * state.alignment;
-  const bounce = native.allocAligned(end - start, BUFFER_ALIGNMENT);
+  const { start, end, bounce } = alignedBounce(state, offset, buf.length);
   // Read-modify-write of the partial blocks at both ends; the caller holds them exclusively.
   const n = await state.io.read(state.fd, bounce, start);
   bounce.fill(0, Math.max(0, n));
