@@ -63,8 +63,10 @@ export class BlockNode {
     this.driver.debugEvent?.(this.state, event);
   }
 
+  /** The length in bytes, rounded up to whole 512-byte sectors as QEMU's block layer keeps it. */
   getLength(): number {
-    return this.driver.getLength(this.state);
+    const length = this.driver.getLength(this.state);
+    return length % 512 === 0 ? length : length + 512 - (length % 512);
   }
 
   requestAlignment(): number {

@@ -30,23 +30,25 @@ async function imageInfo(node: BlockNode, flat: boolean): Promise<Record<string,
   return info;
 }
 
-function backingDepth(node: BlockNode): number {
+/** Backing chain length as QEMU counts it for BlockDeviceInfo (0 when queried flat). */
+function backingDepth(node: BlockNode, flat: boolean): number {
+  if (flat) return 0;
   let depth = 0;
   for (let n = node.backing; n; n = n.backing) depth++;
   return depth;
 }
 
 async function blockDeviceInfo(node: BlockNode, flat: boolean): Promise<Record<string, unknown>> {
-  const drv = node.driver.imageInfo?.(node.state) ?? {};
   const info: Record<string, unknown> = {
     file: nodeFilename(node, jsonFilename),
     'node-name': node.nodeName,
     ro: node.readOnly,
     drv: node.driver.name,
   };
-  if (drv['backing-filename'] !== undefined) info.backing_file = drv['backing-filename'];
+  // QEMU names the backing node's own filename here, and only when a backing node is attached.
+  if (node.backing) info.backing_file = nodeFilename(node.backing, jsonFilename);
   Object.assign(info, {
-    backing_file_depth: backingDepth(node),
+    backing_file_depth: backingDepth(node, flat),
     encrypted: false,
     detect_zeroes: node.options['detect-zeroes'] ?? 'off',
     bps: 0, bps_rd: 0, bps_wr: 0, iops: 0, iops_rd: 0, iops_wr: 0,
