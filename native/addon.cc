@@ -2,10 +2,12 @@
 #include <napi.h>
 #include "fuse_device.h"
 #include "block_io.h"
+#include "fuse_uring.h"
 
 static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   qsd::InitFuseDevice(env, exports);
   qsd::InitBlockIo(env, exports);
+  qsd::InitFuseUring(env, exports);
   return exports;
 }
 

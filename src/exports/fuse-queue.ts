@@ -52,6 +52,11 @@ export const FUSE_STATE_UID = 1;
 export const FUSE_STATE_GID = 2;
 /** 1 once a protocol violation halted the export: no queue reads requests any more. */
 export const FUSE_STATE_HALTED = 3;
+/**
+ * INIT outcome, for FUSE-over-io_uring setup (Atomics.notify'd): 0 not answered yet, 1 answered
+ * without FUSE_OVER_IO_URING, 2 answered with it, -1 refused (version mismatch).
+ */
+export const FUSE_STATE_INIT = 4;
 const FUSE_STATE_INTS = 16; // one 64-byte cache line
 
 /** The SharedArrayBuffer for FuseQueueParams.shared: st_mode (S_IFREG|perm), uid, gid, halted. */
@@ -84,14 +89,32 @@ export interface FuseQueueParams {
   shared: SharedArrayBuffer;
   /** Request slots (max requests in flight on this queue); default FUSE_DEFAULT_QUEUE_SLOTS. */
   slots?: number;
+  /** Export option 'io-uring': INIT answers with FUSE_OVER_IO_URING when the kernel offers it. */
+  ioUring?: boolean;
+  /**
+   * Present: this queue serves FUSE-over-io_uring ring queues (src/exports/fuse-uring-queue.ts)
+   * instead of reading fd; fd is then only the connection the ring commands name.
+   */
+  uring?: { qids: number[]; entriesPerQueue: number };
 }
 
-interface Slot {
+/**
+ * One request's buffers as the shared dispatch sees them, whatever the transport. Views only; the
+ * memory is allocated once per slot. WRITE data and READ reply data may share memory: a request is
+ * fully parsed before its reply is written.
+ */
+export interface FuseSlot {
   readonly index: number;
-  /** The request as read from the device (starts ALIGN - 80 into the slot). */
-  readonly req: Buffer;
-  /** The reply: out header at 0, payload at 16 (starts ALIGN - 16 into the slot). */
-  readonly reply: Buffer;
+  /** fuse_in_header at 0. */
+  readonly in: Buffer;
+  /** The opcode's own header (fuse_read_in, …) at 0. */
+  readonly op: Buffer;
+  /** WRITE payload at 0. */
+  readonly data: Buffer;
+  /** fuse_out_header at 0 (written by finish()). */
+  readonly outHeader: Buffer;
+  /** Reply payload (out args, READ data) at 0. */
+  readonly out: Buffer;
   uniqueLo: number;
   uniqueHi: number;
 }
@@ -120,54 +143,51 @@ function errnoOf(err: unknown): number {
   return EIO;
 }
 
-class FuseQueue implements LocalQueue {
-  private readonly channel: FuseChannel;
-  private readonly state: Int32Array;
-  private readonly slots: Slot[] = [];
-  /** Indices of free slots (a stack). */
-  private readonly free: number[] = [];
-  private readonly readBufs: Buffer[] = [];
-  private readonly lengths = new Int32Array(READ_BATCH);
-  private readonly batch = new Int32Array(READ_BATCH);
-  private readonly writeFlags: WriteFlags;
-  private inFlight = 0;
-  private served = 0;
-  private polling = true;
-  private drained = false;
-  private stopped = false;
-  /** The fd is unusable (unmounted, read error) or the export halted: never read again. */
-  private dead = false;
-  private writeErrorLogged = false;
+/**
+ * What every FUSE queue shares, whatever carries its requests (/dev/fuse reads or io_uring ring
+ * entries): request dispatch and the handlers (the one place FUSE semantics live), the reply
+ * header, in-flight accounting and drain/stop. A transport subclass delivers requests to serve()
+ * and sends what finish() prepared through transmit().
+ */
+export abstract class FuseServer implements LocalQueue {
+  protected readonly state: Int32Array;
+  protected readonly writeFlags: WriteFlags;
+  protected inFlight = 0;
+  protected served = 0;
+  protected drained = false;
+  protected stopped = false;
+  /** Requests can no longer be taken (fd unusable, export halted, ring failed). */
+  protected dead = false;
+  /** Whether every request needs an answer (ring entries are re-armed only by committing one). */
+  protected replyAlways = false;
   private drainWaiters: Array<() => void> = [];
   private growChain: Promise<void> = Promise.resolve();
   private stopPromise: Promise<void> | undefined;
 
   constructor(
-    private readonly node: BlockNode,
-    private readonly params: FuseQueueParams,
+    protected readonly node: BlockNode,
+    protected readonly params: FuseQueueParams,
   ) {
     this.state = new Int32Array(params.shared);
     this.writeFlags = params.writethrough ? WRITE_FUA : WRITE_PLAIN;
-    const count = params.slots ?? FUSE_DEFAULT_QUEUE_SLOTS;
-    for (let i = 0; i < count; i++) {
-      const mem = native.allocAligned(SLOT_BYTES, ALIGN);
-      this.slots.push({
-        index: i,
-        req: mem.subarray(REQ_START),
-        reply: mem.subarray(REPLY_START),
-        uniqueLo: 0,
-        uniqueHi: 0,
-      });
-      this.free.push(count - 1 - i);
-    }
-    this.channel = new native.FuseChannel(params.fd, params.ownsFd, this.onReadable);
   }
+
+  // ---- transport hooks ----
+
+  /** Send the reply finish() put in slot.outHeader (and slot.out); len = header + payload bytes. */
+  protected abstract transmit(slot: FuseSlot, len: number): void;
+  /** The slot is done with (answered or dropped): make it available for the next request. */
+  protected abstract recycle(slot: FuseSlot): void;
+  /** Drain state changed: start or stop taking requests. */
+  protected abstract updateIntake(): void;
+  /** Release the transport after the queue drained (close fds, rings). */
+  protected abstract shutdown(): void | Promise<void>;
 
   // ---- LocalQueue ----
 
   drainBegin(): Promise<void> {
     this.drained = true;
-    this.updatePolling();
+    this.updateIntake();
     if (this.inFlight === 0) return Promise.resolve();
     return new Promise((resolve) => this.drainWaiters.push(resolve));
   }
@@ -175,14 +195,13 @@ class FuseQueue implements LocalQueue {
   drainEnd(): void {
     if (this.stopped) return;
     this.drained = false;
-    this.updatePolling();
+    this.updateIntake();
   }
 
   stop(): Promise<void> {
     this.stopPromise ??= this.drainBegin().then(() => {
       this.stopped = true;
-      this.polling = false;
-      this.channel.close();
+      return this.shutdown();
     });
     return this.stopPromise;
   }
@@ -191,67 +210,22 @@ class FuseQueue implements LocalQueue {
     return { served: this.served, inFlight: this.inFlight };
   }
 
-  // ---- request loop ----
-
-  private updatePolling(): void {
-    const want = !this.drained && !this.stopped && !this.dead && this.free.length > 0;
-    if (want === this.polling) return;
-    this.polling = want;
-    if (want) this.channel.resume();
-    else this.channel.pause();
-  }
-
-  /** The fd is readable: take as many requests as are pending and slots allow. */
-  private readonly onReadable = (): void => {
-    if (Atomics.load(this.state, FUSE_STATE_HALTED) !== 0) this.dead = true;
-    while (!this.drained && !this.stopped && !this.dead && this.free.length > 0) {
-      const want = Math.min(this.free.length, READ_BATCH);
-      const rb = this.readBufs;
-      rb.length = want;
-      for (let i = 0; i < want; i++) rb[i] = this.slots[this.free[this.free.length - 1 - i]!]!.req;
-      const n = this.channel.readMany(rb, this.lengths);
-      if (n <= 0) {
-        if (n < 0) this.readFailed(-n);
-        break;
-      }
-      // Take every slot first: a request finishing synchronously pushes its slot back.
-      for (let i = 0; i < n; i++) this.batch[i] = this.free.pop()!;
-      this.inFlight += n;
-      for (let i = 0; i < n; i++) this.process(this.slots[this.batch[i]!]!, this.lengths[i]!);
-      if (n < want) break;
-    }
-    this.updatePolling();
-  };
-
-  private readFailed(errno: number): void {
-    this.dead = true;
-    // ENODEV: the file system was unmounted or the connection aborted; nothing to report.
-    if (errno !== ENODEV) {
-      console.error(`Export '${this.params.exportId}': Failed to read from FUSE device: ${strerror(errno)}`);
-    }
-  }
+  // ---- serving ----
 
   /** A protocol violation: the kernel and we disagree, so no later request can be trusted. */
-  private halt(message: string): void {
+  protected halt(message: string): void {
     this.dead = true;
     if (Atomics.compareExchange(this.state, FUSE_STATE_HALTED, 0, 1) === 0) {
       console.error(`Export '${this.params.exportId}': ${message}; cannot trust subsequent requests, halting the export`);
     }
   }
 
-  private process(slot: Slot, n: number): void {
-    const req = slot.req;
-    if (n < abi.IN_HEADER_SIZE) {
-      this.halt(`Incomplete read from FUSE device, expected at least ${abi.IN_HEADER_SIZE} bytes, read ${n} bytes`);
-      this.release(slot);
-      return;
-    }
-    const len = req.readUInt32LE(abi.IN_LEN);
-    if (len !== n) {
-      this.halt(`Number of bytes read from FUSE device does not match request size, expected ${len} bytes, read ${n} bytes`);
-      this.release(slot);
-      return;
-    }
+  /**
+   * Serve one request whose header the transport has checked: slot.in holds fuse_in_header and
+   * len is its total length. The slot counts as in flight until finish() recycles it.
+   */
+  protected serve(slot: FuseSlot, len: number): void {
+    const req = slot.in;
     slot.uniqueLo = req.readUInt32LE(abi.IN_UNIQUE);
     slot.uniqueHi = req.readUInt32LE(abi.IN_UNIQUE + 4);
     let r: number | Promise<number>;
@@ -264,7 +238,7 @@ class FuseQueue implements LocalQueue {
     else this.finishAsync(slot, r);
   }
 
-  private async finishAsync(slot: Slot, p: Promise<number>): Promise<void> {
+  private async finishAsync(slot: FuseSlot, p: Promise<number>): Promise<void> {
     let r: number;
     try {
       r = await p;
@@ -274,43 +248,39 @@ class FuseQueue implements LocalQueue {
     this.finish(slot, r);
   }
 
-  /** The one place that writes replies: r = payload bytes already in slot.reply[16..], or -errno. */
-  private finish(slot: Slot, r: number): void {
+  /** The one place that builds replies: r = payload bytes already in slot.out, or -errno. */
+  protected finish(slot: FuseSlot, r: number): void {
+    if (r === NO_REPLY && this.replyAlways) r = -ENOSYS;
     if (r !== NO_REPLY && !this.stopped) {
-      const reply = slot.reply;
+      const hdr = slot.outHeader;
       let error = 0;
       let len = abi.OUT_HEADER_SIZE;
       if (r < 0) error = r > -512 ? r : -EIO; // the kernel only accepts errors in (-512, 0]
       else len += r;
-      reply.writeUInt32LE(len, abi.OUT_LEN);
-      reply.writeInt32LE(error, abi.OUT_ERROR);
-      reply.writeUInt32LE(slot.uniqueLo, abi.OUT_UNIQUE);
-      reply.writeUInt32LE(slot.uniqueHi, abi.OUT_UNIQUE + 4);
-      const w = this.channel.write(reply, len);
-      // ENOENT: the request was interrupted and the kernel forgot it; that is not an error.
-      if (w < 0 && w !== -ENOENT && w !== -ENODEV && !this.writeErrorLogged) {
-        this.writeErrorLogged = true;
-        console.error(`Export '${this.params.exportId}': Failed to write to FUSE device: ${strerror(-w)}`);
-      }
+      hdr.writeUInt32LE(len, abi.OUT_LEN);
+      hdr.writeInt32LE(error, abi.OUT_ERROR);
+      hdr.writeUInt32LE(slot.uniqueLo, abi.OUT_UNIQUE);
+      hdr.writeUInt32LE(slot.uniqueHi, abi.OUT_UNIQUE + 4);
+      this.transmit(slot, len);
     }
     this.served++;
     this.release(slot);
   }
 
-  private release(slot: Slot): void {
-    this.free.push(slot.index);
+  /** Drop a request without answering (a malformed one, after halt()). */
+  protected release(slot: FuseSlot): void {
     this.inFlight--;
+    this.recycle(slot);
     if (this.inFlight === 0 && this.drainWaiters.length > 0) {
       const waiters = this.drainWaiters;
       this.drainWaiters = [];
       for (const w of waiters) w();
     }
-    if (!this.polling) this.updatePolling();
   }
 
-  // ---- dispatch: each handler returns the reply payload length (payload in slot.reply at 16) or -errno ----
+  // ---- dispatch: each handler returns the reply payload length (payload in slot.out) or -errno ----
 
-  private dispatch(slot: Slot, opcode: number, len: number): number | Promise<number> {
+  private dispatch(slot: FuseSlot, opcode: number, len: number): number | Promise<number> {
     let opHeader: number;
     switch (opcode) {
       case abi.FUSE_INIT: opHeader = abi.INIT_IN_COMPAT_SIZE; break;
@@ -338,11 +308,10 @@ class FuseQueue implements LocalQueue {
       console.error(`FUSE request truncated, expected ${abi.IN_HEADER_SIZE + opHeader} bytes, read ${len} bytes`);
       return -EINVAL;
     }
-    const req = slot.req;
-    const p = abi.IN_HEADER_SIZE;
+    const req = slot.op;
     switch (opcode) {
       case abi.FUSE_INIT:
-        return this.fuseInit(slot);
+        return this.fuseInit(slot, len);
       case abi.FUSE_OPEN:
         return this.fuseOpen(slot);
       case abi.FUSE_RELEASE:
@@ -358,33 +327,33 @@ class FuseQueue implements LocalQueue {
       case abi.FUSE_SETATTR:
         return this.fuseSetattr(
           slot,
-          req.readUInt32LE(p + abi.SETATTR_VALID),
-          req.readUInt32LE(p + abi.SETATTR_MODE),
-          req.readUInt32LE(p + abi.SETATTR_UID),
-          req.readUInt32LE(p + abi.SETATTR_GID),
-          u64(req, p + abi.SETATTR_SIZE),
+          req.readUInt32LE(abi.SETATTR_VALID),
+          req.readUInt32LE(abi.SETATTR_MODE),
+          req.readUInt32LE(abi.SETATTR_UID),
+          req.readUInt32LE(abi.SETATTR_GID),
+          u64(req, abi.SETATTR_SIZE),
         );
       case abi.FUSE_READ:
-        return this.fuseRead(slot, u64(req, p + abi.RW_IN_OFFSET), req.readUInt32LE(p + abi.RW_IN_SIZE));
+        return this.fuseRead(slot, u64(req, abi.RW_IN_OFFSET), req.readUInt32LE(abi.RW_IN_SIZE));
       case abi.FUSE_WRITE: {
-        const size = req.readUInt32LE(p + abi.RW_IN_SIZE);
+        const size = req.readUInt32LE(abi.RW_IN_SIZE);
         if (len < abi.WRITE_DATA_OFFSET + size) {
           console.error(`FUSE request truncated, expected ${abi.WRITE_DATA_OFFSET + size} bytes, read ${len} bytes`);
           return -EINVAL;
         }
-        return this.fuseWrite(slot, req.readUInt32LE(p + abi.RW_IN_OFFSET), req.readUInt32LE(p + abi.RW_IN_OFFSET + 4), size);
+        return this.fuseWrite(slot, req.readUInt32LE(abi.RW_IN_OFFSET), req.readUInt32LE(abi.RW_IN_OFFSET + 4), size);
       }
       case abi.FUSE_FALLOCATE:
         return this.fuseFallocate(
-          u64(req, p + abi.FALLOCATE_OFFSET),
-          u64(req, p + abi.FALLOCATE_LENGTH),
-          req.readUInt32LE(p + abi.FALLOCATE_MODE),
+          u64(req, abi.FALLOCATE_OFFSET),
+          u64(req, abi.FALLOCATE_LENGTH),
+          req.readUInt32LE(abi.FALLOCATE_MODE),
         );
       case abi.FUSE_FSYNC:
       case abi.FUSE_FLUSH:
         return this.fuseFsync();
       case abi.FUSE_LSEEK:
-        return this.fuseLseek(slot, u64(req, p + abi.LSEEK_IN_OFFSET), req.readUInt32LE(p + abi.LSEEK_IN_WHENCE));
+        return this.fuseLseek(slot, u64(req, abi.LSEEK_IN_OFFSET), req.readUInt32LE(abi.LSEEK_IN_WHENCE));
       case abi.FUSE_STATFS:
         return this.fuseStatfs(slot);
       default:
@@ -392,52 +361,71 @@ class FuseQueue implements LocalQueue {
     }
   }
 
-  private fuseInit(slot: Slot): number {
-    const req = slot.req;
-    const p = abi.IN_HEADER_SIZE;
-    const major = req.readUInt32LE(p + abi.INIT_IN_MAJOR);
-    const minor = req.readUInt32LE(p + abi.INIT_IN_MINOR);
+  private fuseInit(slot: FuseSlot, len: number): number {
+    const req = slot.op;
+    const major = req.readUInt32LE(abi.INIT_IN_MAJOR);
+    const minor = req.readUInt32LE(abi.INIT_IN_MINOR);
     if (major !== abi.FUSE_KERNEL_VERSION) {
       console.error(`FUSE major version mismatch: We have ${abi.FUSE_KERNEL_VERSION}, but kernel has ${major}`);
+      this.initDone(-1);
       return -EINVAL;
     }
     if (minor < abi.FUSE_MIN_MINOR_VERSION) {
       console.error(`FUSE minor version too old: We have ${abi.FUSE_KERNEL_MINOR_VERSION}, but kernel has ${minor}`);
+      this.initDone(-1);
       return -EINVAL;
     }
-    const offered = req.readUInt32LE(p + abi.INIT_IN_FLAGS);
+    const offered = req.readUInt32LE(abi.INIT_IN_FLAGS);
+    // flags2 exists only in the full fuse_init_in, flagged by FUSE_INIT_EXT.
+    const offered2 =
+      offered & abi.FUSE_INIT_EXT && len >= abi.IN_HEADER_SIZE + abi.INIT_IN_FLAGS2 + 4
+        ? req.readUInt32LE(abi.INIT_IN_FLAGS2)
+        : 0;
+    // FUSE-over-io_uring (export option 'io-uring'): the kernel then blocks requests until every
+    // per-CPU ring queue is registered (src/exports/fuse-uring-queue.ts); the export waits for
+    // FUSE_STATE_INIT and refuses itself when the kernel did not offer the flag.
+    const uring = this.params.ioUring === true && (offered2 & abi.FUSE2_OVER_IO_URING) !== 0;
     // QEMU's ASYNC_READ|ASYNC_DIO; MAX_PAGES for max_pages below; ATOMIC_O_TRUNC so that open(O_TRUNC)
     // reaches us as an open flag we ignore instead of a SETATTR that would truncate the image. That
     // is what QEMU 7.2 does (observed); QEMU's newer series truncates, e.g. on a plain `dd of=export`.
     const flags =
       offered & (abi.FUSE_ASYNC_READ | abi.FUSE_ASYNC_DIO | abi.FUSE_MAX_PAGES | abi.FUSE_ATOMIC_O_TRUNC);
     const outMinor = Math.min(abi.FUSE_KERNEL_MINOR_VERSION, minor);
-    const o = slot.reply;
-    const b = abi.OUT_HEADER_SIZE;
-    o.fill(0, b, b + abi.INIT_OUT_SIZE);
-    o.writeUInt32LE(abi.FUSE_KERNEL_VERSION, b + abi.INIT_OUT_MAJOR);
-    o.writeUInt32LE(outMinor, b + abi.INIT_OUT_MINOR);
-    o.writeUInt32LE(req.readUInt32LE(p + abi.INIT_IN_MAX_READAHEAD), b + abi.INIT_OUT_MAX_READAHEAD);
-    o.writeUInt32LE(flags >>> 0, b + abi.INIT_OUT_FLAGS);
+    const o = slot.out;
+    o.fill(0, 0, abi.INIT_OUT_SIZE);
+    o.writeUInt32LE(abi.FUSE_KERNEL_VERSION, abi.INIT_OUT_MAJOR);
+    o.writeUInt32LE(outMinor, abi.INIT_OUT_MINOR);
+    o.writeUInt32LE(req.readUInt32LE(abi.INIT_IN_MAX_READAHEAD), abi.INIT_OUT_MAX_READAHEAD);
+    o.writeUInt32LE(flags >>> 0, abi.INIT_OUT_FLAGS);
     // Effectively unlimited async requests: the kernel caps them (max_user_bgreq) for non-root.
-    o.writeUInt16LE(0xffff, b + abi.INIT_OUT_MAX_BACKGROUND);
-    o.writeUInt16LE(Math.floor((0xffff * 3) / 4), b + abi.INIT_OUT_CONGESTION_THRESHOLD);
-    o.writeUInt32LE(FUSE_MAX_WRITE_BYTES, b + abi.INIT_OUT_MAX_WRITE);
-    o.writeUInt32LE(1, b + abi.INIT_OUT_TIME_GRAN);
-    o.writeUInt16LE(FUSE_MAX_PAGES, b + abi.INIT_OUT_MAX_PAGES);
+    o.writeUInt16LE(0xffff, abi.INIT_OUT_MAX_BACKGROUND);
+    o.writeUInt16LE(Math.floor((0xffff * 3) / 4), abi.INIT_OUT_CONGESTION_THRESHOLD);
+    o.writeUInt32LE(FUSE_MAX_WRITE_BYTES, abi.INIT_OUT_MAX_WRITE);
+    o.writeUInt32LE(1, abi.INIT_OUT_TIME_GRAN);
+    o.writeUInt16LE(FUSE_MAX_PAGES, abi.INIT_OUT_MAX_PAGES);
+    if (uring) {
+      o.writeUInt32LE((flags | abi.FUSE_INIT_EXT) >>> 0, abi.INIT_OUT_FLAGS);
+      o.writeUInt32LE(abi.FUSE2_OVER_IO_URING, abi.INIT_OUT_FLAGS2);
+    }
+    // The kernel applies the reply while we write it, before the export hears of the outcome.
+    queueMicrotask(() => this.initDone(uring ? 2 : 1));
     return outMinor < 23 ? abi.FUSE_COMPAT_22_INIT_OUT_SIZE : abi.INIT_OUT_SIZE;
   }
 
-  private fuseOpen(slot: Slot): number {
-    const o = slot.reply;
-    const b = abi.OUT_HEADER_SIZE;
-    o.fill(0, b, b + abi.OPEN_OUT_SIZE);
+  private initDone(outcome: number): void {
+    Atomics.store(this.state, FUSE_STATE_INIT, outcome);
+    Atomics.notify(this.state, FUSE_STATE_INIT);
+  }
+
+  private fuseOpen(slot: FuseSlot): number {
+    const o = slot.out;
+    o.fill(0, 0, abi.OPEN_OUT_SIZE);
     // direct_io: the export shows the node as it is, no page cache in between (QEMU's choice).
-    o.writeUInt32LE(abi.FOPEN_DIRECT_IO | abi.FOPEN_PARALLEL_DIRECT_WRITES, b + abi.OPEN_OUT_OPEN_FLAGS);
+    o.writeUInt32LE(abi.FOPEN_DIRECT_IO | abi.FOPEN_PARALLEL_DIRECT_WRITES, abi.OPEN_OUT_OPEN_FLAGS);
     return abi.OPEN_OUT_SIZE;
   }
 
-  private async fuseGetattr(slot: Slot): Promise<number> {
+  private async fuseGetattr(slot: FuseSlot): Promise<number> {
     const node = this.node;
     const length = node.getLength();
     const allocated = await node.getAllocatedFileSize();
@@ -445,11 +433,10 @@ class FuseQueue implements LocalQueue {
     const now = Date.now();
     const sec = Math.floor(now / 1000);
     const nsec = (now % 1000) * 1000000;
-    const o = slot.reply;
-    const b = abi.OUT_HEADER_SIZE;
-    const a = b + abi.ATTR_OUT_ATTR;
-    o.fill(0, b, b + abi.ATTR_OUT_SIZE);
-    putU64(o, b + abi.ATTR_OUT_ATTR_VALID, 1);
+    const o = slot.out;
+    const a = abi.ATTR_OUT_ATTR;
+    o.fill(0, 0, abi.ATTR_OUT_SIZE);
+    putU64(o, abi.ATTR_OUT_ATTR_VALID, 1);
     putU64(o, a + abi.ATTR_INO, abi.FUSE_ROOT_ID);
     putU64(o, a + abi.ATTR_SIZE, length);
     putU64(o, a + abi.ATTR_BLOCKS, blocks);
@@ -467,7 +454,7 @@ class FuseQueue implements LocalQueue {
     return abi.ATTR_OUT_SIZE;
   }
 
-  private async fuseSetattr(slot: Slot, valid: number, mode: number, uid: number, gid: number, size: number): Promise<number> {
+  private async fuseSetattr(slot: FuseSlot, valid: number, mode: number, uid: number, gid: number, size: number): Promise<number> {
     const { writable, allowOther } = this.params;
     // FH, LOCKOWNER and KILL_SUIDGID come with ftruncate()/writes and can be ignored safely.
     let supported = abi.FATTR_SIZE | abi.FATTR_MODE | abi.FATTR_FH | abi.FATTR_LOCKOWNER | abi.FATTR_KILL_SUIDGID;
@@ -488,17 +475,17 @@ class FuseQueue implements LocalQueue {
     return this.fuseGetattr(slot);
   }
 
-  private async fuseRead(slot: Slot, offset: number, size: number): Promise<number> {
+  private async fuseRead(slot: FuseSlot, offset: number, size: number): Promise<number> {
     if (size > FUSE_MAX_READ_BYTES || size > READ_CAPACITY) return -EINVAL;
     const length = this.node.getLength();
     if (offset >= length) return 0;
     // The kernel expects short reads at EOF: clamp, don't fail.
     const n = Math.min(size, length - offset);
-    await this.node.read(offset, slot.reply.subarray(abi.OUT_HEADER_SIZE, abi.OUT_HEADER_SIZE + n));
+    await this.node.read(offset, slot.out.subarray(0, n));
     return n;
   }
 
-  private async fuseWrite(slot: Slot, offLo: number, offHi: number, size: number): Promise<number> {
+  private async fuseWrite(slot: FuseSlot, offLo: number, offHi: number, size: number): Promise<number> {
     if (size > FUSE_MAX_WRITE_BYTES) return -EINVAL;
     if (!this.params.writable) return -EACCES;
     // offset + size must not overflow 64 bits.
@@ -515,12 +502,12 @@ class FuseQueue implements LocalQueue {
       }
     }
     if (size > 0) {
-      const data = slot.req.subarray(abi.WRITE_DATA_OFFSET, abi.WRITE_DATA_OFFSET + size);
+      const data = slot.data.subarray(0, size);
       await this.node.write(offset, data, this.writeFlags);
     }
-    const o = slot.reply;
-    o.writeUInt32LE(size, abi.OUT_HEADER_SIZE + abi.WRITE_OUT_SIZE_FIELD);
-    o.writeUInt32LE(0, abi.OUT_HEADER_SIZE + 4);
+    const o = slot.out;
+    o.writeUInt32LE(size, abi.WRITE_OUT_SIZE_FIELD);
+    o.writeUInt32LE(0, 4);
     return abi.WRITE_OUT_SIZE;
   }
 
@@ -583,7 +570,7 @@ class FuseQueue implements LocalQueue {
     return 0;
   }
 
-  private async fuseLseek(slot: Slot, offset: number, whence: number): Promise<number> {
+  private async fuseLseek(slot: FuseSlot, offset: number, whence: number): Promise<number> {
     if (whence !== abi.SEEK_DATA && whence !== abi.SEEK_HOLE) return -EINVAL;
     const node = this.node;
     for (;;) {
@@ -598,18 +585,123 @@ class FuseQueue implements LocalQueue {
       if (st.data ? whence === abi.SEEK_DATA : whence === abi.SEEK_HOLE) break;
       offset += st.pnum;
     }
-    putU64(slot.reply, abi.OUT_HEADER_SIZE, offset);
+    putU64(slot.out, 0, offset);
     return abi.LSEEK_OUT_SIZE;
   }
 
-  private fuseStatfs(slot: Slot): number {
-    const o = slot.reply;
-    const b = abi.OUT_HEADER_SIZE;
-    o.fill(0, b, b + abi.STATFS_OUT_SIZE);
+  private fuseStatfs(slot: FuseSlot): number {
+    const o = slot.out;
+    o.fill(0, 0, abi.STATFS_OUT_SIZE);
     const bsize = Math.max(512, this.node.optimalTransfer() || this.node.requestAlignment());
-    o.writeUInt32LE(bsize, b + abi.KSTATFS_BSIZE);
-    o.writeUInt32LE(255, b + abi.KSTATFS_NAMELEN);
+    o.writeUInt32LE(bsize, abi.KSTATFS_BSIZE);
+    o.writeUInt32LE(255, abi.KSTATFS_NAMELEN);
     return abi.STATFS_OUT_SIZE;
+  }
+}
+
+/** The /dev/fuse transport: requests are read(2) from one (cloned) fd and answered with write(2) on it. */
+class FuseQueue extends FuseServer {
+  private readonly channel: FuseChannel;
+  private readonly slots: FuseSlot[] = [];
+  /** Indices of free slots (a stack). */
+  private readonly free: number[] = [];
+  private readonly readBufs: Buffer[] = [];
+  private readonly lengths = new Int32Array(READ_BATCH);
+  private readonly batch = new Int32Array(READ_BATCH);
+  private polling = true;
+  private writeErrorLogged = false;
+
+  constructor(node: BlockNode, params: FuseQueueParams) {
+    super(node, params);
+    const count = params.slots ?? FUSE_DEFAULT_QUEUE_SLOTS;
+    for (let i = 0; i < count; i++) {
+      const mem = native.allocAligned(SLOT_BYTES, ALIGN);
+      this.slots.push({
+        index: i,
+        in: mem.subarray(REQ_START),
+        op: mem.subarray(REQ_START + abi.IN_HEADER_SIZE),
+        data: mem.subarray(ALIGN),
+        outHeader: mem.subarray(REPLY_START),
+        out: mem.subarray(ALIGN),
+        uniqueLo: 0,
+        uniqueHi: 0,
+      });
+      this.free.push(count - 1 - i);
+    }
+    this.channel = new native.FuseChannel(params.fd, params.ownsFd, this.onReadable);
+  }
+
+  protected updateIntake(): void {
+    const want = !this.drained && !this.stopped && !this.dead && this.free.length > 0;
+    if (want === this.polling) return;
+    this.polling = want;
+    if (want) this.channel.resume();
+    else this.channel.pause();
+  }
+
+  protected shutdown(): void {
+    this.polling = false;
+    this.channel.close();
+  }
+
+  /** The fd is readable: take as many requests as are pending and slots allow. */
+  private readonly onReadable = (): void => {
+    if (Atomics.load(this.state, FUSE_STATE_HALTED) !== 0) this.dead = true;
+    while (!this.drained && !this.stopped && !this.dead && this.free.length > 0) {
+      const want = Math.min(this.free.length, READ_BATCH);
+      const rb = this.readBufs;
+      rb.length = want;
+      for (let i = 0; i < want; i++) rb[i] = this.slots[this.free[this.free.length - 1 - i]!]!.in;
+      const n = this.channel.readMany(rb, this.lengths);
+      if (n <= 0) {
+        if (n < 0) this.readFailed(-n);
+        break;
+      }
+      // Take every slot first: a request finishing synchronously pushes its slot back.
+      for (let i = 0; i < n; i++) this.batch[i] = this.free.pop()!;
+      this.inFlight += n;
+      for (let i = 0; i < n; i++) this.process(this.slots[this.batch[i]!]!, this.lengths[i]!);
+      if (n < want) break;
+    }
+    this.updateIntake();
+  };
+
+  private readFailed(errno: number): void {
+    this.dead = true;
+    // ENODEV: the file system was unmounted or the connection aborted; nothing to report.
+    if (errno !== ENODEV) {
+      console.error(`Export '${this.params.exportId}': Failed to read from FUSE device: ${strerror(errno)}`);
+    }
+  }
+
+  private process(slot: FuseSlot, n: number): void {
+    const req = slot.in;
+    if (n < abi.IN_HEADER_SIZE) {
+      this.halt(`Incomplete read from FUSE device, expected at least ${abi.IN_HEADER_SIZE} bytes, read ${n} bytes`);
+      this.release(slot);
+      return;
+    }
+    const len = req.readUInt32LE(abi.IN_LEN);
+    if (len !== n) {
+      this.halt(`Number of bytes read from FUSE device does not match request size, expected ${len} bytes, read ${n} bytes`);
+      this.release(slot);
+      return;
+    }
+    this.serve(slot, len);
+  }
+
+  protected transmit(slot: FuseSlot, len: number): void {
+    const w = this.channel.write(slot.outHeader, len);
+    // ENOENT: the request was interrupted and the kernel forgot it; that is not an error.
+    if (w < 0 && w !== -ENOENT && w !== -ENODEV && !this.writeErrorLogged) {
+      this.writeErrorLogged = true;
+      console.error(`Export '${this.params.exportId}': Failed to write to FUSE device: ${strerror(-w)}`);
+    }
+  }
+
+  protected recycle(slot: FuseSlot): void {
+    this.free.push(slot.index);
+    if (!this.polling) this.updateIntake();
   }
 }
 
@@ -617,6 +709,10 @@ class FuseQueue implements LocalQueue {
  * Start serving one FUSE queue in the calling thread (main loop or an iothread; it does not care).
  * `node` is this context's node. Reading starts immediately; see LocalQueue for drain/stop.
  */
-export function startFuseQueue(node: BlockNode, params: FuseQueueParams): LocalQueue {
+export function startFuseQueue(node: BlockNode, params: FuseQueueParams & { uring?: undefined }): LocalQueue;
+export function startFuseQueue(node: BlockNode, params: FuseQueueParams): LocalQueue | Promise<LocalQueue>;
+export function startFuseQueue(node: BlockNode, params: FuseQueueParams): LocalQueue | Promise<LocalQueue> {
+  // The ring transport is loaded only where an export asks for it (and it imports this module).
+  if (params.uring) return import('./fuse-uring-queue.js').then((m) => m.startFuseUringQueue(node, params));
   return new FuseQueue(node, params);
 }

@@ -3,7 +3,7 @@
 // The export mounts /dev/fuse over the mountpoint, clones one fd per context (QEMU's multi-queue
 // design: the kernel hands requests to the fds round-robin) and starts one queue per context
 // (src/exports/fuse-queue.ts); each queue then runs entirely in its context's thread.
-import { closeSync } from 'node:fs';
+import { closeSync, readFileSync } from 'node:fs';
 import { realpath, stat } from 'node:fs/promises';
 import { spawnSync } from 'node:child_process';
 import { genericError, QmpError } from '../qapi/errors.js';
@@ -12,13 +12,15 @@ import { strerror } from '../util/errno.js';
 import type { QueueHandle } from '../iothread/context.js';
 import type { BlockExport, BlockExportDriver, ExportCommon } from './export.js';
 import { S_IFREG, S_IRUSR, S_IWUSR } from './fuse-abi.js';
-import { createFuseSharedState, FUSE_MAX_READ_BYTES, type FuseQueueParams } from './fuse-queue.js';
+import { createFuseSharedState, FUSE_MAX_READ_BYTES, FUSE_STATE_INIT, type FuseQueueParams } from './fuse-queue.js';
+import { FUSE_URING_DEFAULT_ENTRIES } from './fuse-uring-queue.js';
 
 /** BlockExportOptionsFuse members (the base members are in ExportCommon). */
 export interface FuseExportOptions {
   mountpoint: string;
   growable?: boolean;
   'allow-other'?: 'off' | 'on' | 'auto';
+  'io-uring'?: boolean;
 }
 
 export interface FuseExport extends BlockExport {
@@ -27,8 +29,13 @@ export interface FuseExport extends BlockExport {
   readonly allowOther: boolean;
   /** fds[0] is the mounted fd, fds[i] (i > 0) its clones; closed by delete(). */
   readonly fds: number[];
-  /** One queue per common.contexts[i], reading fds[i]. */
+  /**
+   * One queue per common.contexts[i], reading fds[i]; with io-uring, then the FUSE-over-io_uring
+   * queues (one per context that got some of the kernel's per-CPU ring queues).
+   */
   readonly queues: QueueHandle[];
+  /** Option 'io-uring': requests travel over io_uring ring entries. */
+  readonly ioUring: boolean;
   /** Export-wide mode/uid/gid/halted (see createFuseSharedState). */
   readonly shared: SharedArrayBuffer;
   mounted: boolean;
@@ -106,6 +113,49 @@ function unmountFuse(mountpoint: string): void {
   }
 }
 
+const ENABLE_URING = '/sys/module/fuse/parameters/enable_uring';
+
+/** The kernel's FUSE ring has one queue per possible CPU (num_possible_cpus()), all to be registered. */
+function possibleCpus(): number {
+  try {
+    let n = 0;
+    for (const range of readFileSync('/sys/devices/system/cpu/possible', 'utf8').trim().split(',')) {
+      const [a, b] = range.split('-').map(Number);
+      n += (b ?? a!) - a! + 1;
+    }
+    if (n > 0) return n;
+  } catch {
+    // Fall through: without sysfs the online count is the best guess.
+  }
+  return Math.max(1, (globalThis as { navigator?: { hardwareConcurrency?: number } }).navigator?.hardwareConcurrency ?? 1);
+}
+
+/** Refuse 'io-uring' up front when the kernel will not offer FUSE_OVER_IO_URING. */
+function checkUringEnabled(): void {
+  let v: string;
+  try {
+    v = readFileSync(ENABLE_URING, 'utf8').trim();
+  } catch {
+    throw genericError('FUSE-over-io_uring is not supported by this kernel');
+  }
+  if (v !== 'Y' && v !== '1') {
+    throw genericError(`FUSE-over-io_uring is disabled in the kernel (${ENABLE_URING} is ${v})`);
+  }
+}
+
+/** Wait (without blocking the loop: a queue here may be the one answering INIT) for INIT's outcome. */
+async function waitForInit(shared: SharedArrayBuffer, timeoutMs: number): Promise<number> {
+  const s = new Int32Array(shared);
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const v = Atomics.load(s, FUSE_STATE_INIT);
+    if (v !== 0) return v;
+    const left = deadline - Date.now();
+    if (left <= 0) return 0;
+    await Atomics.waitAsync(s, FUSE_STATE_INIT, 0, left).value;
+  }
+}
+
 function closeFds(fds: number[]): void {
   for (const fd of fds.splice(0)) {
     try {
@@ -117,7 +167,12 @@ function closeFds(fds: number[]): void {
 }
 
 async function fuseExportCreate(common: ExportCommon, options: Record<string, any>): Promise<FuseExport> {
-  const { mountpoint, growable = false, 'allow-other': allowOtherOpt = 'auto' } = options as FuseExportOptions;
+  const {
+    mountpoint,
+    growable = false,
+    'allow-other': allowOtherOpt = 'auto',
+    'io-uring': ioUring = false,
+  } = options as FuseExportOptions;
   const { writable } = common;
 
   if (exportedMountpoints.has(mountpoint)) {
@@ -133,6 +188,7 @@ async function fuseExportCreate(common: ExportCommon, options: Record<string, an
   }
   if (!isFile) throw genericError(`'${mountpoint}' is not a regular file`);
   await checkMountpointLocation(mountpoint);
+  if (ioUring) checkUringEnabled();
   // Checked again: another create() may have taken it while we were waiting.
   if (exportedMountpoints.has(mountpoint)) {
     throw genericError(`There already is a FUSE export on '${mountpoint}'`);
@@ -174,9 +230,11 @@ async function fuseExportCreate(common: ExportCommon, options: Record<string, an
         allowOther,
         writethrough: common.writethrough,
         shared,
+        ioUring,
       };
       queues.push(await common.contexts[i]!.startQueue('fuse', common.node, params));
     }
+    if (ioUring) await startUringQueues(common, fds, queues, { exportId: common.id, writable, growable, allowOther, shared });
 
     const exp: FuseExport = {
       common,
@@ -184,6 +242,7 @@ async function fuseExportCreate(common: ExportCommon, options: Record<string, an
       allowOther,
       fds,
       queues,
+      ioUring,
       shared,
       mounted: true,
       deleted: false,
@@ -211,6 +270,41 @@ async function fuseExportCreate(common: ExportCommon, options: Record<string, an
   }
 }
 
+/**
+ * After INIT: check the kernel switched to FUSE-over-io_uring, then register its per-CPU ring
+ * queues, spread round-robin over the export's contexts (as QEMU's series does), one ring per
+ * context. The kernel holds every request until all of them are registered.
+ */
+async function startUringQueues(
+  common: ExportCommon,
+  fds: number[],
+  queues: QueueHandle[],
+  base: Omit<FuseQueueParams, 'fd' | 'ownsFd' | 'writethrough'>,
+): Promise<void> {
+  const init = await waitForInit(base.shared, 10000);
+  if (init === 0) throw genericError('FUSE-over-io_uring: the kernel did not send INIT');
+  if (init < 0) throw genericError('FUSE-over-io_uring: INIT failed');
+  if (init !== 2) throw genericError('FUSE-over-io_uring is not supported by the kernel (INIT without FUSE_OVER_IO_URING)');
+  const nQueues = possibleCpus();
+  const contexts = common.contexts;
+  for (let i = 0; i < contexts.length && i < nQueues; i++) {
+    const qids: number[] = [];
+    for (let q = i; q < nQueues; q += contexts.length) qids.push(q);
+    const params: FuseQueueParams = {
+      ...base,
+      fd: fds[i]!,
+      ownsFd: false,
+      writethrough: common.writethrough,
+      uring: { qids, entriesPerQueue: FUSE_URING_DEFAULT_ENTRIES },
+    };
+    try {
+      queues.push(await contexts[i]!.startQueue('fuse', common.node, params));
+    } catch (err) {
+      throw genericError(`Failed to set up FUSE-over-io_uring: ${err instanceof Error ? err.message : String(err)}`);
+    }
+  }
+}
+
 export const fuseExportDriver: BlockExportDriver<FuseExport> = {
   type: 'fuse',
   supportsMultithread: true,
@@ -228,6 +322,13 @@ export const fuseExportDriver: BlockExportDriver<FuseExport> = {
     if (exp.deleted) return;
     exp.deleted = true;
     exportedMountpoints.delete(exp.mountpoint);
+    if (exp.ioUring && exp.mounted) {
+      // Ring entries come back from the kernel only when the connection ends, and a ring queue
+      // frees its buffers only after that: so drain, unmount, then stop.
+      await Promise.allSettled(exp.queues.map((q) => q.drainBegin()));
+      unmountFuse(exp.mountpoint);
+      exp.mounted = false;
+    }
     await Promise.allSettled(exp.queues.map((q) => q.stop()));
     if (exp.mounted) {
       unmountFuse(exp.mountpoint);

@@ -67,6 +67,40 @@ export interface IoRingConstructor {
   new (entries: number, onComplete: (count: number, tags: Int32Array, results: Int32Array) => void): IoRing;
 }
 
+/**
+ * FUSE-over-io_uring ring entries served by the calling thread (native/fuse_uring.cc). Each entry is
+ * a header buffer (fuseUringConstants.HEADER_SIZE bytes: in_out at 0, op_in at OP_IN_OFFSET,
+ * ent_in_out at ENT_IN_OUT_OFFSET) and a payload buffer, both kept referenced by the ring.
+ * SQEs are submitted in one batch just before the loop next blocks.
+ */
+export interface FuseUring {
+  /** Queue FUSE_IO_URING_CMD_REGISTER of entry `tag` (< entries) on queue qid. 0 or -errno. */
+  register(tag: number, qid: number, header: Buffer, payload: Buffer): number;
+  /**
+   * Queue COMMIT_AND_FETCH of entry `tag`: the reply (fuse_out_header in in_out, payload_sz in
+   * ent_in_out, out args in the payload) is already in its buffers. 0 or -errno.
+   */
+  commit(tag: number): number;
+  /** Submit what is queued now. Returns the number submitted or -errno. */
+  submit(): number;
+  /** Commands queued or armed in the kernel (a completion is still to come). */
+  readonly pending: number;
+  /**
+   * Destroy the ring (the kernel cancels armed entries). With pending > 0 the buffers stay
+   * referenced for good, as the kernel might still write into them. Idempotent.
+   */
+  close(): void;
+}
+
+export interface FuseUringConstructor {
+  /**
+   * fd: any /dev/fuse fd of the connection. entries: the most entries this ring will hold.
+   * onComplete(count) runs in this thread: tags[i] is the entry, results[i] 0 when a request was
+   * delivered into it, else -errno (the entry is no longer armed).
+   */
+  new (fd: number, entries: number, onComplete: (count: number, tags: Int32Array, results: Int32Array) => void): FuseUring;
+}
+
 export interface NativeAddon {
   // ---- FUSE device (native/fuse_device.cc) ----
   /** open("/dev/fuse", O_RDWR | O_CLOEXEC). */
@@ -91,6 +125,11 @@ export interface NativeAddon {
   /** MS_* and MNT_* constants needed for mount()/umount(). */
   constants: Record<string, number>;
 
+  // ---- FUSE-over-io_uring (native/fuse_uring.cc) ----
+  FuseUring: FuseUringConstructor;
+  /** HEADER_SIZE (sizeof fuse_uring_req_header), OP_IN_OFFSET, ENT_IN_OUT_OFFSET. */
+  fuseUringConstants: Record<'HEADER_SIZE' | 'OP_IN_OFFSET' | 'ENT_IN_OUT_OFFSET', number>;
+
   // ---- block I/O (native/block_io.cc) ----
   IoRing: IoRingConstructor;
   /** pread(2) into buf; returns bytes read (short at EOF). Throws on error. */
@@ -108,6 +147,8 @@ export interface NativeAddon {
   lseek(fd: number, offset: number, whence: number): number;
   /** fdatasync(2); throws on error. */
   fdatasync(fd: number): void;
+  /** Whether buf's address is a multiple of alignment (O_DIRECT buffers must be). */
+  isBufferAligned(buf: Buffer, alignment: number): boolean;
   /** lockf(fd, F_TLOCK, 0): lock the whole file or throw (errno EAGAIN/EACCES when held elsewhere). */
   tryLockFile(fd: number): void;
   /** Size of a block device (BLKGETSIZE64); throws on error. */
