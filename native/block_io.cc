@@ -528,6 +528,19 @@ Napi::Value Fdatasync(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// Is the buffer's address a multiple of alignment? O_DIRECT needs it; JS cannot see addresses.
+Napi::Value IsBufferAligned(const Napi::CallbackInfo& info) {
+  napi_env env = info.Env();
+  uint8_t* data;
+  size_t len;
+  int64_t alignment;
+  if (info.Length() < 2 || !ArgBuffer(env, info[0], &data, &len) || !ArgInt64(env, info[1], &alignment) ||
+      alignment <= 0) {
+    return ThrowType(info.Env(), "expected (buffer, alignment)");
+  }
+  return Napi::Boolean::New(info.Env(), reinterpret_cast<uintptr_t>(data) % uint64_t(alignment) == 0);
+}
+
 // lockf(fd, F_TLOCK, 0): the pidfile lock QEMU takes; held until the fd is closed or we exit.
 Napi::Value TryLockFile(const Napi::CallbackInfo& info) {
   int32_t fd;
@@ -600,6 +613,7 @@ void InitBlockIo(Napi::Env env, Napi::Object exports) {
   exports.Set("fallocateAsync", Napi::Function::New<FallocateAsync>(env, "fallocateAsync"));
   exports.Set("lseek", Napi::Function::New<Lseek>(env, "lseek"));
   exports.Set("fdatasync", Napi::Function::New<Fdatasync>(env, "fdatasync"));
+  exports.Set("isBufferAligned", Napi::Function::New<IsBufferAligned>(env, "isBufferAligned"));
   exports.Set("tryLockFile", Napi::Function::New<TryLockFile>(env, "tryLockFile"));
   exports.Set("blockDeviceSize", Napi::Function::New<BlockDeviceSize>(env, "blockDeviceSize"));
   exports.Set("allocAligned", Napi::Function::New<AllocAligned>(env, "allocAligned"));

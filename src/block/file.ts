@@ -82,6 +82,11 @@ function isAligned(state: FileState, offset: number, length: number): boolean {
   return offset % state.alignment === 0 && length % state.alignment === 0;
 }
 
+/** O_DIRECT also needs the buffer's address aligned (QEMU's bdrv_qiov_is_aligned). */
+function isBufferAligned(state: FileState, buf: Buffer): boolean {
+  return native.isBufferAligned(buf, state.alignment);
+}
+
 /** Aligned bounce for O_DIRECT requests whose offset or length is not block aligned. */
 /** The block-aligned range around [offset, offset+length), with a bounce buffer for it. */
 function alignedBounce(state: FileState, offset: number, length: number): { start: number; end: number; bounce: Buffer } {
@@ -116,12 +121,20 @@ async function bouncedWrite(state: FileState, offset: number, buf: Buffer): Prom
 function directWrite(state: FileState, offset: number, buf: Buffer): Promise<unknown> {
   const bounced = !isAligned(state, offset, buf.length);
   const claim = claimFor(offset, buf.length, state.alignment, bounced);
-  return withBlockLocks<unknown>(state.lock, claim, () =>
-    bounced ? bouncedWrite(state, offset, buf) : state.io.write(state.fd, buf, offset));
+  return withBlockLocks<unknown>(state.lock, claim, () => {
+    if (bounced) return bouncedWrite(state, offset, buf);
+    if (isBufferAligned(state, buf)) return state.io.write(state.fd, buf, offset);
+    // Whole blocks from a misaligned buffer (qcow2 metadata, NBD payloads): copy, no read needed.
+    const copy = native.allocAligned(buf.length, BUFFER_ALIGNMENT);
+    buf.copy(copy);
+    return state.io.write(state.fd, copy, offset);
+  });
 }
 
 async function readInto(state: FileState, offset: number, buf: Buffer): Promise<void> {
-  if (state.direct && !isAligned(state, offset, buf.length)) return bouncedRead(state, offset, buf);
+  if (state.direct && !(isAligned(state, offset, buf.length) && isBufferAligned(state, buf))) {
+    return bouncedRead(state, offset, buf);
+  }
   let done = 0;
   while (done < buf.length) {
     const n = await state.io.read(state.fd, done ? buf.subarray(done) : buf, offset + done);
