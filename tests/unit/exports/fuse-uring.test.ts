@@ -141,6 +141,32 @@ describe('FUSE-over-io_uring', function () {
       assert.deepEqual(staleMounts(), []);
     });
 
+    it('holds requests that arrive while drained and serves them at drain end', async () => {
+      fs.writeFileSync(ENABLE_URING, '1');
+      const exp = await create(1);
+      fs.writeFileSync(fx.image, Buffer.alloc(4096, 0x7e), { flag: 'r+' });
+      await fuseExportDriver.drainBegin!(exp);
+      let finished = false;
+      const reader = python(
+        `import os,sys,mmap
+fd=os.open(sys.argv[1],os.O_RDONLY|os.O_DIRECT)
+b=mmap.mmap(-1,4096)
+print(os.preadv(fd,[b],0), b[0])`,
+        fx.mountpoint,
+      ).then((r) => {
+        finished = true;
+        return r;
+      });
+      await new Promise((r) => setTimeout(r, 300));
+      assert.equal(finished, false, 'a drained export must not answer');
+      const inFlight = (await Promise.all(exp.queues.map((q) => q.stats()))).map((s) => s.inFlight);
+      assert.deepEqual(inFlight, inFlight.map(() => 0), 'held requests are not in flight');
+      await fuseExportDriver.drainEnd!(exp);
+      const r = await reader;
+      assert.equal(r.code, 0, r.stderr);
+      assert.equal(r.stdout.trim(), `4096 ${0x7e}`);
+    });
+
     for (const queues of [1, 2]) {
       it(`serves reads and writes over the ring (${queues} /dev/fuse queue(s)), then deletes cleanly`, async () => {
         fs.writeFileSync(ENABLE_URING, '1');
