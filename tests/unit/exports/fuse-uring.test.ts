@@ -201,6 +201,8 @@ print(os.preadv(fd,[b],(4<<20)-4096))`,
         await fuseExportDriver.delete(exp);
         fx.exports.length = 0;
         assert.deepEqual(staleMounts(), []);
+        // Child-process pipes of the clients above close asynchronously: give them a moment.
+        for (let i = 0; i < 40 && fdCount() > fds; i++) await new Promise((r) => setTimeout(r, 50));
         assert.equal(fdCount(), fds, 'rings, eventfds and /dev/fuse fds are closed');
         assert.equal((await run('stat', ['-c', '%s', fx.mountpoint])).stdout.trim(), '0');
       });
