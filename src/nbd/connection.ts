@@ -3,6 +3,7 @@ import type { Socket } from 'node:net';
 import * as abi from './nbd-abi.js';
 import { nbdFindExport, nbdListExports, type NbdServedExport } from './export-table.js';
 import { errorReport } from '../util/report.js';
+import { native } from '../native/binding.js';
 import { errnoOf, strerror } from '../util/errno.js';
 
 /** What the server provides to its connections. */
@@ -23,15 +24,20 @@ const OPT_DATA_MAX = 64 * 1024;
 const MAX_CHUNKS = 64;
 /** Extents per meta context in one NBD_CMD_BLOCK_STATUS reply. */
 const MAX_EXTENTS = 8192;
-/** Reply headers live in front of the data, so header + data leave in one write. */
-const DATA_OFF = MAX_CHUNKS * 32;
+/**
+ * Reply headers (up to MAX_CHUNKS * 32 bytes) live in front of the data, so header + data leave in
+ * one write. A whole page, so that payloads in page-aligned slot buffers can go to an O_DIRECT
+ * file as they are, without a bounce copy.
+ */
+const DATA_OFF = 4096;
+const PAGE = 4096;
 /** Request buffers up to this size are kept for reuse; bigger ones are dropped after use. */
 const KEEP_BUF = DATA_OFF + 2 * 1024 * 1024 + 8 * MAX_EXTENTS * 2 + 64;
 const MIN_BUF = DATA_OFF + 64 * 1024;
 
 /** One request in flight; buffers are allocated once and reused. */
 class Slot {
-  buf = Buffer.allocUnsafe(MIN_BUF);
+  buf = native.allocAligned(MIN_BUF, PAGE);
   readonly handle = Buffer.alloc(8);
   type = 0;
   flags = 0;
@@ -52,7 +58,7 @@ class Slot {
   release: () => void = () => undefined;
 
   ensure(bytes: number): void {
-    if (this.buf.length < bytes) this.buf = Buffer.allocUnsafe(bytes);
+    if (this.buf.length < bytes) this.buf = native.allocAligned(bytes, PAGE);
   }
 }
 
