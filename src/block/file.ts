@@ -62,18 +62,20 @@ function currentSize(fd: number, isBlockDevice: boolean): number {
 }
 
 /**
- * The smallest O_DIRECT request size the file accepts (512 on most disks, 4096 on some), found as
- * QEMU does: by trying reads of growing sizes into an aligned buffer.
+ * The O_DIRECT request alignment, found as QEMU's raw_probe_alignment does: try reads of 1, 512,
+ * 1024, 2048 and 4096 bytes at offset 0 and take the first the kernel does not refuse with
+ * EINVAL. A 1-byte read that succeeds (as at EOF of an empty file) proves nothing, so QEMU then
+ * falls back to the safe 4096.
  */
 function probeAlignment(fd: number): number {
   const buf = native.allocAligned(BUFFER_ALIGNMENT, BUFFER_ALIGNMENT);
-  for (const size of [512, 1024, 2048, 4096]) {
+  for (const size of [1, 512, 1024, 2048, 4096]) {
     try {
       native.pread(fd, buf.subarray(0, size), 0);
-      return size;
-    } catch {
-      /* EINVAL: not aligned enough */
+    } catch (err) {
+      if (errnoOf(err) === osConstants.errno.EINVAL) continue;
     }
+    return size === 1 ? BUFFER_ALIGNMENT : size;
   }
   return BUFFER_ALIGNMENT;
 }
