@@ -134,6 +134,19 @@ function putU64(buf: Buffer, off: number, v: number): void {
   buf.writeUInt32LE(Math.floor(v / 0x100000000), off + 4);
 }
 
+let logModule: Promise<typeof import('../log.js')> | undefined;
+
+/**
+ * Queues run in iothreads too: pino is loaded there only when logging is on (QSD_TS_LOG), so an
+ * iothread does not pay its memory for a log that is silent by default.
+ */
+function logIoError(record: Record<string, unknown>): void {
+  const level = process.env.QSD_TS_LOG;
+  if (!level || level === 'silent') return;
+  logModule ??= import('../log.js');
+  void logModule.then(({ log }) => log.warn(record, 'I/O error on an export request'));
+}
+
 /** A positive errno for a failed block request: BlockIoError's (and native errors') errno, else EIO. */
 function errnoOf(err: unknown): number {
   const e = (err as { errno?: unknown } | null)?.errno;
@@ -232,7 +245,7 @@ export abstract class FuseServer implements LocalQueue {
     try {
       r = this.dispatch(slot, req.readUInt32LE(abi.IN_OPCODE), len);
     } catch (err) {
-      r = -errnoOf(err);
+      r = this.ioError(err);
     }
     if (typeof r === 'number') this.finish(slot, r);
     else this.finishAsync(slot, r);
@@ -243,9 +256,26 @@ export abstract class FuseServer implements LocalQueue {
     try {
       r = await p;
     } catch (err) {
-      r = -errnoOf(err);
+      r = this.ioError(err);
     }
     this.finish(slot, r);
+  }
+
+  private lastIoErrorLog = 0;
+
+  /**
+   * A request failed in the block layer: the client gets the errno, and a BLOCK_IO_ERROR-style
+   * record goes to the debug log (QEMU's daemon emits no event for exports), at most once a second
+   * per queue, as QEMU rate-limits its I/O error events.
+   */
+  private ioError(err: unknown): number {
+    const errno = errnoOf(err);
+    const now = Date.now();
+    if (now - this.lastIoErrorLog >= 1000) {
+      this.lastIoErrorLog = now;
+      logIoError({ event: 'BLOCK_IO_ERROR', export: this.params.exportId, node: this.node.nodeName, errno, reason: strerror(errno) });
+    }
+    return -errno;
   }
 
   /** The one place that builds replies: r = payload bytes already in slot.out, or -errno. */
