@@ -6,6 +6,7 @@
 // iteration are submitted in one io_uring_enter from a uv_prepare handle just before the loop
 // blocks.
 #include "block_io.h"
+#include "loop_ring.h"
 
 #include <sys/mman.h>
 
@@ -96,44 +97,17 @@ class IoRing : public Napi::ObjectWrap<IoRing> {
     }
     // SUBMIT_ALL: a bad SQE must not leave the ones behind it unsubmitted. SINGLE_ISSUER: only
     // this thread ever enters the ring. Older kernels reject these flags; then go without.
-    io_uring_params params;
-    memset(&params, 0, sizeof params);
-    params.flags = IORING_SETUP_SUBMIT_ALL | IORING_SETUP_SINGLE_ISSUER;
-    int r = io_uring_queue_init_params(entries, &ring_, &params);
-    if (r == -EINVAL) {
-      memset(&params, 0, sizeof params);
-      r = io_uring_queue_init_params(entries, &ring_, &params);
-    }
+    io_uring_params first, fallback;
+    memset(&first, 0, sizeof first);
+    memset(&fallback, 0, sizeof fallback);
+    first.flags = IORING_SETUP_SUBMIT_ALL | IORING_SETUP_SINGLE_ISSUER;
+    const char* syscall = nullptr;
+    int r = OpenLoopRing(env, entries, first, fallback, &ring_, &efd_, &poll_, &prepare_, this, OnPoll, &syscall);
     if (r < 0) {
-      ThrowErrno(env, -r, "io_uring_setup");
+      ThrowErrno(env, -r, syscall);
       return;
     }
-    efd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (efd_ < 0) {
-      int err = errno;
-      io_uring_queue_exit(&ring_);
-      ThrowErrno(env, err, "eventfd");
-      return;
-    }
-    r = io_uring_register_eventfd(&ring_, efd_);
-    uv_loop_t* loop = nullptr;
-    if (r == 0 && napi_get_uv_event_loop(env, &loop) != napi_ok) r = -EINVAL;
-    if (r < 0) {
-      ::close(efd_);
-      io_uring_queue_exit(&ring_);
-      ThrowErrno(env, -r, "io_uring_register");
-      return;
-    }
-
-    poll_ = static_cast<uv_poll_t*>(malloc(sizeof(uv_poll_t)));
-    prepare_ = static_cast<uv_prepare_t*>(malloc(sizeof(uv_prepare_t)));
-    if (!poll_ || !prepare_) abort();
-    uv_poll_init(loop, poll_, efd_);
-    poll_->data = this;
-    uv_poll_start(poll_, UV_READABLE, OnPoll);
     uv_unref(reinterpret_cast<uv_handle_t*>(poll_));  // idle ring: don't keep the loop alive
-    uv_prepare_init(loop, prepare_);
-    prepare_->data = this;
 
     cap_ = ring_.cq.ring_entries;
     Napi::ArrayBuffer ab = Napi::ArrayBuffer::New(env, size_t(cap_) * 8);

@@ -8,6 +8,7 @@
 // Wake-ups and batching work as in block_io.cc: an eventfd polled by uv_poll, and the SQEs queued
 // during one loop turn are submitted together from a uv_prepare handle.
 #include "fuse_uring.h"
+#include "loop_ring.h"
 
 #include <errno.h>
 #include <stddef.h>
@@ -82,50 +83,23 @@ class FuseUring : public Napi::ObjectWrap<FuseUring> {
     entries_.resize(entries);
     // SQE128: the FUSE command (struct fuse_uring_cmd_req) lives in the big SQE's command area.
     // Each entry has at most one SQE in flight, so an SQ of `entries` never fills up.
-    io_uring_params params;
-    memset(&params, 0, sizeof params);
+    io_uring_params first, fallback;
+    memset(&first, 0, sizeof first);
+    memset(&fallback, 0, sizeof fallback);
     // DEFER_TASKRUN: deliveries queued by the requesting threads wait as task work until this
     // thread asks for them (io_uring_get_events when the eventfd fires), so one wake-up takes every
     // request pending instead of each delivery interrupting this thread.
-    params.flags = IORING_SETUP_SQE128 | IORING_SETUP_SUBMIT_ALL | IORING_SETUP_SINGLE_ISSUER;
-    params.flags |= IORING_SETUP_DEFER_TASKRUN;
-    params.flags |= IORING_SETUP_CQSIZE;
-    params.cq_entries = entries * 2;
-    int r = io_uring_queue_init_params(entries, &ring_, &params);
-    if (r == -EINVAL) {
-      memset(&params, 0, sizeof params);
-      params.flags = IORING_SETUP_SQE128 | IORING_SETUP_CQSIZE;
-      params.cq_entries = entries * 2;
-      r = io_uring_queue_init_params(entries, &ring_, &params);
-    }
+    first.flags = IORING_SETUP_SQE128 | IORING_SETUP_SUBMIT_ALL | IORING_SETUP_SINGLE_ISSUER |
+                  IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_CQSIZE;
+    first.cq_entries = entries * 2;
+    fallback.flags = IORING_SETUP_SQE128 | IORING_SETUP_CQSIZE;
+    fallback.cq_entries = entries * 2;
+    const char* syscall = nullptr;
+    int r = OpenLoopRing(env, entries, first, fallback, &ring_, &efd_, &poll_, &prepare_, this, OnPoll, &syscall);
     if (r < 0) {
-      ThrowErrno(env, -r, "io_uring_setup");
+      ThrowErrno(env, -r, syscall);
       return;
     }
-    efd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (efd_ < 0) {
-      int err = errno;
-      io_uring_queue_exit(&ring_);
-      ThrowErrno(env, err, "eventfd");
-      return;
-    }
-    r = io_uring_register_eventfd(&ring_, efd_);
-    uv_loop_t* loop = nullptr;
-    if (r == 0 && napi_get_uv_event_loop(env, &loop) != napi_ok) r = -EINVAL;
-    if (r < 0) {
-      ::close(efd_);
-      io_uring_queue_exit(&ring_);
-      ThrowErrno(env, -r, "io_uring_register");
-      return;
-    }
-    poll_ = static_cast<uv_poll_t*>(malloc(sizeof(uv_poll_t)));
-    prepare_ = static_cast<uv_prepare_t*>(malloc(sizeof(uv_prepare_t)));
-    if (!poll_ || !prepare_) abort();
-    uv_poll_init(loop, poll_, efd_);
-    poll_->data = this;
-    uv_poll_start(poll_, UV_READABLE, OnPoll);
-    uv_prepare_init(loop, prepare_);
-    prepare_->data = this;
 
     cap_ = ring_.cq.ring_entries;
     Napi::ArrayBuffer ab = Napi::ArrayBuffer::New(env, size_t(cap_) * 8);
