@@ -31,6 +31,7 @@ export class Monitor {
   private busy = false;
   private closed = false;
   private inputPaused = false;
+  private inputEnd = false;
 
   constructor(
     readonly daemon: Daemon,
@@ -49,6 +50,21 @@ export class Monitor {
   /** Raw input from the transport. */
   feed(chunk: Buffer): void {
     if (!this.closed) this.parser.feed(chunk);
+  }
+
+  /**
+   * The client sent EOF (e.g. `printf … | socat`): as QEMU does, run what was already received
+   * and send its replies, then close our side. A partial message left over is dropped, as QEMU
+   * drops its parser's state on disconnect.
+   */
+  inputEnded(): void {
+    this.inputEnd = true;
+    if (!this.busy && this.queue.length === 0) this.finishAfterInputEnd();
+  }
+
+  private finishAfterInputEnd(): void {
+    this.close();
+    this.transport.close();
   }
 
   /** The transport closed. */
@@ -113,6 +129,7 @@ export class Monitor {
       }
     } finally {
       this.busy = false;
+      if (this.inputEnd && this.queue.length === 0) this.finishAfterInputEnd();
     }
   }
 

@@ -40,7 +40,8 @@ export class Chardev {
     const opts = this.options;
     if (opts.backend !== 'socket') return;
     if (!opts.server) throw genericError(`chardev '${opts.id}': only server sockets are supported (server=on)`);
-    const server = net.createServer((socket) => this.accept(socket));
+    // Half-open: a client that shuts down its sending side still gets the replies to what it sent.
+    const server = net.createServer({ allowHalfOpen: true }, (socket) => this.accept(socket));
     this.server = server;
     let resolveFirst!: () => void;
     this.firstClient = new Promise((resolve) => (resolveFirst = resolve));
@@ -88,10 +89,11 @@ export class Chardev {
       },
       pauseInput: () => socket.pause(),
       resumeInput: () => socket.resume(),
-      close: () => socket.destroy(),
+      close: () => socket.end(),
     };
     const monitor = new Monitor(this.daemon, transport, this.monitorConfig.pretty);
     socket.on('data', (chunk) => monitor.feed(chunk));
+    socket.on('end', () => monitor.inputEnded());
     socket.on('error', () => undefined);
     socket.on('close', () => {
       this.sockets.delete(socket);
@@ -113,8 +115,8 @@ export class Chardev {
     };
     const monitor = new Monitor(this.daemon, transport, pretty);
     process.stdin.on('data', (chunk: Buffer) => monitor.feed(chunk));
-    // End of input closes the monitor; the daemon keeps running, as QEMU's does.
-    process.stdin.on('end', () => monitor.close());
+    // End of input: what was received still runs and is answered; the daemon keeps running.
+    process.stdin.on('end', () => monitor.inputEnded());
     process.stdin.on('error', () => monitor.close());
   }
 
