@@ -384,8 +384,12 @@ class IoRing : public Napi::ObjectWrap<IoRing> {
 
 // ---- synchronous helpers ----
 
-Napi::Value Pread(const Napi::CallbackInfo& info) {
+// pread/pwrite of a whole buffer: retries EINTR and continues short transfers. A read ends
+// early at EOF (a short read is the answer); a zero-byte write for a non-empty request would loop
+// forever, and QEMU reports such a short write as ENOSPC.
+Napi::Value Transfer(const Napi::CallbackInfo& info, bool write) {
   napi_env env = info.Env();
+  const char* syscall = write ? "pwrite" : "pread";
   int32_t fd;
   uint8_t* data;
   size_t len;
@@ -396,41 +400,23 @@ Napi::Value Pread(const Napi::CallbackInfo& info) {
   }
   size_t done = 0;
   while (done < len) {
-    ssize_t r = ::pread(fd, data + done, len - done, offset + off_t(done));
+    ssize_t r = write ? ::pwrite(fd, data + done, len - done, offset + off_t(done))
+                      : ::pread(fd, data + done, len - done, offset + off_t(done));
     if (r < 0) {
       if (errno == EINTR) continue;
-      return ThrowErrno(info.Env(), errno, "pread");
+      return ThrowErrno(info.Env(), errno, syscall);
     }
-    if (r == 0) break;  // EOF: a short read is the answer
+    if (r == 0) {
+      if (write) return ThrowErrno(info.Env(), ENOSPC, syscall);
+      break;
+    }
     done += size_t(r);
   }
   return Napi::Number::New(env, double(done));
 }
 
-Napi::Value Pwrite(const Napi::CallbackInfo& info) {
-  napi_env env = info.Env();
-  int32_t fd;
-  uint8_t* data;
-  size_t len;
-  int64_t offset;
-  if (info.Length() < 3 || !ArgInt32(env, info[0], &fd) || !ArgBuffer(env, info[1], &data, &len) ||
-      !ArgInt64(env, info[2], &offset)) {
-    return ThrowType(info.Env(), "expected (fd, buffer, offset)");
-  }
-  size_t done = 0;
-  while (done < len) {
-    ssize_t r = ::pwrite(fd, data + done, len - done, offset + off_t(done));
-    if (r < 0) {
-      if (errno == EINTR) continue;
-      return ThrowErrno(info.Env(), errno, "pwrite");
-    }
-    // A zero-byte write for a non-empty request would loop forever; QEMU reports such a short
-    // write as ENOSPC.
-    if (r == 0) return ThrowErrno(info.Env(), ENOSPC, "pwrite");
-    done += size_t(r);
-  }
-  return Napi::Number::New(env, double(done));
-}
+Napi::Value Pread(const Napi::CallbackInfo& info) { return Transfer(info, false); }
+Napi::Value Pwrite(const Napi::CallbackInfo& info) { return Transfer(info, true); }
 
 bool FallocateArgs(const Napi::CallbackInfo& info, int32_t* fd, int32_t* mode, int64_t* offset, int64_t* length) {
   napi_env env = info.Env();
