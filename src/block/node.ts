@@ -2,6 +2,7 @@
 // The same class serves the main thread (the graph's nodes) and replicas in iothreads.
 import { constants as osConstants } from 'node:os';
 import type { BlockDriver, BlockStatus, PreallocMode, WriteFlags, ZeroFlags } from './driver.js';
+import { attachTracking, type NodeTracking, type TrackingDescription } from './dirty-bitmap.js';
 
 const { EIO, EPERM, EINVAL, ENOTSUP } = osConstants.errno;
 
@@ -24,6 +25,8 @@ export interface BlockNodeInit {
   options: Record<string, any>;
   children?: Map<string, BlockNode>;
   isReplica?: boolean;
+  /** A replica: the main node's dirty-bitmap/write-threshold tracking (shared memory). */
+  tracking?: TrackingDescription;
 }
 
 export class BlockNode {
@@ -35,6 +38,11 @@ export class BlockNode {
   readOnly: boolean;
   /** The driver's per-node state; set once open()/openReplica() returned. */
   state: any = undefined;
+  /**
+   * Dirty bitmaps and write threshold (src/block/dirty-bitmap.ts), shared by every context;
+   * null until the node first needs it. Writes check it once: null or idle = nothing to do.
+   */
+  tracking: NodeTracking | null = null;
 
   constructor(init: BlockNodeInit) {
     this.nodeName = init.nodeName;
@@ -43,6 +51,7 @@ export class BlockNode {
     this.options = init.options;
     this.children = init.children ?? new Map();
     this.isReplica = init.isReplica ?? false;
+    if (init.tracking) this.tracking = attachTracking(init.nodeName, init.tracking);
   }
 
   /** Writes since this node's last successful flush (QEMU's write_gen/flushed_gen), per context. */
@@ -126,7 +135,15 @@ export class BlockNode {
     if (!this.driver.write) throw new BlockIoError(EPERM, `driver '${this.driver.name}' is read-only`);
     if (buf.length === 0) return;
     this.writeGen++;
-    return this.driver.write(this.state, offset, buf, flags);
+    const t = this.tracking;
+    if (t === null || t.idle()) return this.driver.write(this.state, offset, buf, flags);
+    t.beforeWrite(offset, buf.length);
+    try {
+      return await this.driver.write(this.state, offset, buf, flags);
+    } finally {
+      // QEMU's bdrv_co_write_req_finish marks the range whether or not the write succeeded.
+      t.markDirty(offset, buf.length);
+    }
   }
 
   async writeZeroes(offset: number, bytes: number, flags: ZeroFlags = {}): Promise<void> {
@@ -136,6 +153,17 @@ export class BlockNode {
     if (flags.mayUnmap && !this.unmapAllowed) flags = { ...flags, mayUnmap: false };
     if (bytes === 0) return;
     this.writeGen++;
+    const t = this.tracking;
+    if (t === null || t.idle()) return this.doWriteZeroes(offset, bytes, flags);
+    t.beforeWrite(offset, bytes);
+    try {
+      return await this.doWriteZeroes(offset, bytes, flags);
+    } finally {
+      t.markDirty(offset, bytes);
+    }
+  }
+
+  private async doWriteZeroes(offset: number, bytes: number, flags: ZeroFlags): Promise<void> {
     if (this.driver.writeZeroes) return this.driver.writeZeroes(this.state, offset, bytes, flags);
     if (flags.noFallback) throw new BlockIoError(ENOTSUP, 'write zeroes not supported');
     if (!this.driver.write) throw new BlockIoError(EPERM, `driver '${this.driver.name}' is read-only`);
@@ -151,7 +179,22 @@ export class BlockNode {
   async discard(offset: number, bytes: number): Promise<void> {
     this.checkWritable();
     this.checkRange(offset, bytes);
-    if (bytes === 0 || !this.driver.discard || !this.unmapAllowed) return;
+    if (bytes === 0 || !this.unmapAllowed) return;
+    const t = this.tracking;
+    if (t !== null && !t.idle()) {
+      // QEMU tracks a discard as a write even when the driver ignores it.
+      t.beforeWrite(offset, bytes);
+      try {
+        if (this.driver.discard) {
+          this.writeGen++;
+          await this.driver.discard(this.state, offset, bytes);
+        }
+      } finally {
+        t.markDirty(offset, bytes);
+      }
+      return;
+    }
+    if (!this.driver.discard) return;
     this.writeGen++;
     return this.driver.discard(this.state, offset, bytes);
   }

@@ -1,6 +1,7 @@
 // Describing a node's driver stack in the main thread and rebuilding it in another context.
 import { BlockNode } from '../block/node.js';
 import { findBlockDriver } from '../block/registry.js';
+import { describeTracking, type TrackingDescription } from '../block/dirty-bitmap.js';
 
 /** A structured-cloneable description of a node and its children, for another context. */
 export interface NodeDescription {
@@ -11,6 +12,8 @@ export interface NodeDescription {
   /** driver.describe(state) */
   state: unknown;
   children: Array<[role: string, child: NodeDescription]>;
+  /** Shared dirty-bitmap/write-threshold state, so writes in any context are tracked. */
+  tracking: TrackingDescription;
 }
 
 /** Can every node of this stack be served from another thread? */
@@ -28,6 +31,7 @@ export function describeNode(node: BlockNode): NodeDescription {
     options: node.options,
     state: node.driver.describe!(node.state),
     children: [...node.children].map(([role, child]) => [role, describeNode(child)]),
+    tracking: describeTracking(node),
   };
 }
 
@@ -47,6 +51,7 @@ export class ReplicaSet {
     for (const [role, child] of desc.children) children.set(role, this.acquire(child));
     const node = new BlockNode({
       nodeName: desc.nodeName, driver, readOnly: desc.readOnly, options: desc.options, children, isReplica: true,
+      tracking: desc.tracking,
     });
     node.state = driver.openReplica(node, desc.state);
     this.nodes.set(desc.nodeName, { node, refs: 1 });

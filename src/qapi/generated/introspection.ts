@@ -150,59 +150,115 @@ export const introspection: readonly unknown[] = [
  },
  {
   "arg-type": "28",
-  "name": "JOB_STATUS_CHANGE",
-  "meta-type": "event"
+  "ret-type": "0",
+  "name": "block-dirty-bitmap-add",
+  "meta-type": "command"
  },
  {
   "arg-type": "29",
   "ret-type": "0",
-  "name": "job-pause",
+  "name": "block-dirty-bitmap-remove",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "29",
+  "ret-type": "0",
+  "name": "block-dirty-bitmap-clear",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "29",
+  "ret-type": "0",
+  "name": "block-dirty-bitmap-enable",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "29",
+  "ret-type": "0",
+  "name": "block-dirty-bitmap-disable",
   "meta-type": "command"
  },
  {
   "arg-type": "30",
   "ret-type": "0",
+  "name": "block-dirty-bitmap-merge",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "29",
+  "ret-type": "31",
+  "name": "x-debug-block-dirty-bitmap-sha256",
+  "meta-type": "command",
+  "features": [
+   "unstable"
+  ]
+ },
+ {
+  "arg-type": "32",
+  "name": "BLOCK_WRITE_THRESHOLD",
+  "meta-type": "event"
+ },
+ {
+  "arg-type": "33",
+  "ret-type": "0",
+  "name": "block-set-write-threshold",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "34",
+  "name": "JOB_STATUS_CHANGE",
+  "meta-type": "event"
+ },
+ {
+  "arg-type": "35",
+  "ret-type": "0",
+  "name": "job-pause",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "36",
+  "ret-type": "0",
   "name": "job-resume",
   "meta-type": "command"
  },
  {
-  "arg-type": "31",
+  "arg-type": "37",
   "ret-type": "0",
   "name": "job-cancel",
   "meta-type": "command"
  },
  {
-  "arg-type": "32",
+  "arg-type": "38",
   "ret-type": "0",
   "name": "job-complete",
   "meta-type": "command"
  },
  {
-  "arg-type": "33",
+  "arg-type": "39",
   "ret-type": "0",
   "name": "job-dismiss",
   "meta-type": "command"
  },
  {
-  "arg-type": "34",
+  "arg-type": "40",
   "ret-type": "0",
   "name": "job-finalize",
   "meta-type": "command"
  },
  {
   "arg-type": "0",
-  "ret-type": "[35]",
+  "ret-type": "[41]",
   "name": "query-jobs",
   "meta-type": "command"
  },
  {
-  "arg-type": "36",
+  "arg-type": "42",
   "ret-type": "0",
   "name": "nbd-server-start",
   "meta-type": "command"
  },
  {
-  "arg-type": "37",
+  "arg-type": "43",
   "ret-type": "0",
   "name": "nbd-server-add",
   "meta-type": "command",
@@ -211,7 +267,7 @@ export const introspection: readonly unknown[] = [
   ]
  },
  {
-  "arg-type": "38",
+  "arg-type": "44",
   "ret-type": "0",
   "name": "nbd-server-remove",
   "meta-type": "command",
@@ -226,55 +282,55 @@ export const introspection: readonly unknown[] = [
   "meta-type": "command"
  },
  {
-  "arg-type": "39",
+  "arg-type": "45",
   "ret-type": "0",
   "name": "block-export-add",
   "meta-type": "command"
  },
  {
-  "arg-type": "40",
+  "arg-type": "46",
   "ret-type": "0",
   "name": "block-export-del",
   "meta-type": "command"
  },
  {
-  "arg-type": "41",
+  "arg-type": "47",
   "name": "BLOCK_EXPORT_DELETED",
   "meta-type": "event"
  },
  {
   "arg-type": "0",
-  "ret-type": "[42]",
+  "ret-type": "[48]",
   "name": "query-block-exports",
   "meta-type": "command"
  },
  {
   "arg-type": "0",
-  "ret-type": "[43]",
+  "ret-type": "[49]",
   "name": "query-chardev",
   "meta-type": "command"
  },
  {
   "arg-type": "0",
-  "ret-type": "[44]",
+  "ret-type": "[50]",
   "name": "query-chardev-backends",
   "meta-type": "command"
  },
  {
-  "arg-type": "45",
+  "arg-type": "51",
   "ret-type": "0",
   "name": "qmp_capabilities",
   "meta-type": "command"
  },
  {
   "arg-type": "0",
-  "ret-type": "46",
+  "ret-type": "52",
   "name": "query-version",
   "meta-type": "command"
  },
  {
   "arg-type": "0",
-  "ret-type": "[47]",
+  "ret-type": "[53]",
   "name": "query-commands",
   "meta-type": "command"
  },
@@ -286,54 +342,54 @@ export const introspection: readonly unknown[] = [
  },
  {
   "arg-type": "0",
-  "ret-type": "[48]",
+  "ret-type": "[54]",
   "name": "query-qmp-schema",
-  "meta-type": "command"
- },
- {
-  "arg-type": "49",
-  "ret-type": "[50]",
-  "name": "qom-list",
-  "meta-type": "command"
- },
- {
-  "arg-type": "51",
-  "ret-type": "[52]",
-  "name": "qom-list-get",
-  "meta-type": "command"
- },
- {
-  "arg-type": "53",
-  "ret-type": "any",
-  "name": "qom-get",
-  "meta-type": "command"
- },
- {
-  "arg-type": "54",
-  "ret-type": "0",
-  "name": "qom-set",
   "meta-type": "command"
  },
  {
   "arg-type": "55",
   "ret-type": "[56]",
-  "name": "qom-list-types",
+  "name": "qom-list",
   "meta-type": "command"
  },
  {
   "arg-type": "57",
-  "ret-type": "[50]",
+  "ret-type": "[58]",
+  "name": "qom-list-get",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "59",
+  "ret-type": "any",
+  "name": "qom-get",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "60",
+  "ret-type": "0",
+  "name": "qom-set",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "61",
+  "ret-type": "[62]",
+  "name": "qom-list-types",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "63",
+  "ret-type": "[56]",
   "name": "qom-list-properties",
   "meta-type": "command"
  },
  {
-  "arg-type": "58",
+  "arg-type": "64",
   "ret-type": "0",
   "name": "object-add",
   "meta-type": "command"
  },
  {
-  "arg-type": "59",
+  "arg-type": "65",
   "ret-type": "0",
   "name": "object-del",
   "meta-type": "command"
@@ -383,7 +439,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "io-status",
-    "type": "60",
+    "type": "66",
     "default": null
    }
   ],
@@ -425,11 +481,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "stats",
-    "type": "61"
+    "type": "67"
    },
    {
     "name": "driver-specific",
-    "type": "62",
+    "type": "68",
     "default": null
    },
    {
@@ -483,7 +539,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "io-status",
-    "type": "60"
+    "type": "66"
    },
    {
     "name": "ready",
@@ -491,7 +547,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "status",
-    "type": "63"
+    "type": "69"
    },
    {
     "name": "auto-finalize",
@@ -580,7 +636,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "detect_zeroes",
-    "type": "64"
+    "type": "70"
    },
    {
     "name": "bps",
@@ -608,7 +664,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "image",
-    "type": "65"
+    "type": "71"
    },
    {
     "name": "bps_max",
@@ -682,7 +738,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "cache",
-    "type": "66"
+    "type": "72"
    },
    {
     "name": "write_threshold",
@@ -690,7 +746,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "dirty-bitmaps",
-    "type": "[67]",
+    "type": "[73]",
     "default": null
    }
   ],
@@ -701,11 +757,11 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "nodes",
-    "type": "[68]"
+    "type": "[74]"
    },
    {
     "name": "edges",
-    "type": "[69]"
+    "type": "[75]"
    }
   ],
   "name": "8",
@@ -757,11 +813,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "operation",
-    "type": "70"
+    "type": "76"
    },
    {
     "name": "action",
-    "type": "71"
+    "type": "77"
    },
    {
     "name": "nospace",
@@ -780,7 +836,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "type",
-    "type": "72"
+    "type": "78"
    },
    {
     "name": "device",
@@ -811,7 +867,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "type",
-    "type": "72"
+    "type": "78"
    },
    {
     "name": "device",
@@ -841,11 +897,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "operation",
-    "type": "70"
+    "type": "76"
    },
    {
     "name": "action",
-    "type": "71"
+    "type": "77"
    }
   ],
   "name": "13",
@@ -855,7 +911,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "type",
-    "type": "72"
+    "type": "78"
    },
    {
     "name": "device",
@@ -881,7 +937,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "type",
-    "type": "72"
+    "type": "78"
    },
    {
     "name": "id",
@@ -978,7 +1034,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "type",
-    "type": "72"
+    "type": "78"
    }
   ],
   "tag": "type",
@@ -993,7 +1049,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "mirror",
-    "type": "73"
+    "type": "79"
    },
    {
     "case": "backup",
@@ -1027,7 +1083,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "driver",
-    "type": "74"
+    "type": "80"
    },
    {
     "name": "node-name",
@@ -1036,12 +1092,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "discard",
-    "type": "75",
+    "type": "81",
     "default": null
    },
    {
     "name": "cache",
-    "type": "76",
+    "type": "82",
     "default": null
    },
    {
@@ -1061,7 +1117,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "detect-zeroes",
-    "type": "64",
+    "type": "70",
     "default": null
    }
   ],
@@ -1069,31 +1125,31 @@ export const introspection: readonly unknown[] = [
   "variants": [
    {
     "case": "blkdebug",
-    "type": "77"
+    "type": "83"
    },
    {
     "case": "file",
-    "type": "78"
+    "type": "84"
    },
    {
     "case": "host_device",
-    "type": "78"
+    "type": "84"
    },
    {
     "case": "null-aio",
-    "type": "79"
+    "type": "85"
    },
    {
     "case": "null-co",
-    "type": "79"
+    "type": "85"
    },
    {
     "case": "qcow2",
-    "type": "80"
+    "type": "86"
    },
    {
     "case": "raw",
-    "type": "81"
+    "type": "87"
    }
   ],
   "name": "24",
@@ -1127,7 +1183,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "options",
-    "type": "82"
+    "type": "88"
    }
   ],
   "name": "27",
@@ -1136,12 +1192,27 @@ export const introspection: readonly unknown[] = [
  {
   "members": [
    {
-    "name": "id",
+    "name": "node",
     "type": "str"
    },
    {
-    "name": "status",
-    "type": "63"
+    "name": "name",
+    "type": "str"
+   },
+   {
+    "name": "granularity",
+    "type": "int",
+    "default": null
+   },
+   {
+    "name": "persistent",
+    "type": "bool",
+    "default": null
+   },
+   {
+    "name": "disabled",
+    "type": "bool",
+    "default": null
    }
   ],
   "name": "28",
@@ -1150,7 +1221,11 @@ export const introspection: readonly unknown[] = [
  {
   "members": [
    {
-    "name": "id",
+    "name": "node",
+    "type": "str"
+   },
+   {
+    "name": "name",
     "type": "str"
    }
   ],
@@ -1160,8 +1235,16 @@ export const introspection: readonly unknown[] = [
  {
   "members": [
    {
-    "name": "id",
+    "name": "node",
     "type": "str"
+   },
+   {
+    "name": "target",
+    "type": "str"
+   },
+   {
+    "name": "bitmaps",
+    "type": "[89]"
    }
   ],
   "name": "30",
@@ -1170,7 +1253,7 @@ export const introspection: readonly unknown[] = [
  {
   "members": [
    {
-    "name": "id",
+    "name": "sha256",
     "type": "str"
    }
   ],
@@ -1180,8 +1263,16 @@ export const introspection: readonly unknown[] = [
  {
   "members": [
    {
-    "name": "id",
+    "name": "node-name",
     "type": "str"
+   },
+   {
+    "name": "amount-exceeded",
+    "type": "int"
+   },
+   {
+    "name": "write-threshold",
+    "type": "int"
    }
   ],
   "name": "32",
@@ -1190,8 +1281,12 @@ export const introspection: readonly unknown[] = [
  {
   "members": [
    {
-    "name": "id",
+    "name": "node-name",
     "type": "str"
+   },
+   {
+    "name": "write-threshold",
+    "type": "int"
    }
   ],
   "name": "33",
@@ -1202,14 +1297,78 @@ export const introspection: readonly unknown[] = [
    {
     "name": "id",
     "type": "str"
+   },
+   {
+    "name": "status",
+    "type": "69"
    }
   ],
   "name": "34",
   "meta-type": "object"
  },
  {
-  "element-type": "35",
-  "name": "[35]",
+  "members": [
+   {
+    "name": "id",
+    "type": "str"
+   }
+  ],
+  "name": "35",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "id",
+    "type": "str"
+   }
+  ],
+  "name": "36",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "id",
+    "type": "str"
+   }
+  ],
+  "name": "37",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "id",
+    "type": "str"
+   }
+  ],
+  "name": "38",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "id",
+    "type": "str"
+   }
+  ],
+  "name": "39",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "id",
+    "type": "str"
+   }
+  ],
+  "name": "40",
+  "meta-type": "object"
+ },
+ {
+  "element-type": "41",
+  "name": "[41]",
   "meta-type": "array"
  },
  {
@@ -1220,11 +1379,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "type",
-    "type": "72"
+    "type": "78"
    },
    {
     "name": "status",
-    "type": "63"
+    "type": "69"
    },
    {
     "name": "current-progress",
@@ -1240,7 +1399,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "35",
+  "name": "41",
   "meta-type": "object"
  },
  {
@@ -1267,10 +1426,10 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "addr",
-    "type": "83"
+    "type": "90"
    }
   ],
-  "name": "36",
+  "name": "42",
   "meta-type": "object"
  },
  {
@@ -1300,7 +1459,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "37",
+  "name": "43",
   "meta-type": "object"
  },
  {
@@ -1311,18 +1470,18 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "mode",
-    "type": "84",
+    "type": "91",
     "default": null
    }
   ],
-  "name": "38",
+  "name": "44",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "85"
+    "type": "92"
    },
    {
     "name": "id",
@@ -1335,7 +1494,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "iothread",
-    "type": "86",
+    "type": "93",
     "default": null
    },
    {
@@ -1362,14 +1521,14 @@ export const introspection: readonly unknown[] = [
   "variants": [
    {
     "case": "nbd",
-    "type": "87"
+    "type": "94"
    },
    {
     "case": "fuse",
-    "type": "88"
+    "type": "95"
    }
   ],
-  "name": "39",
+  "name": "45",
   "meta-type": "object"
  },
  {
@@ -1380,11 +1539,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "mode",
-    "type": "84",
+    "type": "91",
     "default": null
    }
   ],
-  "name": "40",
+  "name": "46",
   "meta-type": "object"
  },
  {
@@ -1394,12 +1553,12 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "41",
+  "name": "47",
   "meta-type": "object"
  },
  {
-  "element-type": "42",
-  "name": "[42]",
+  "element-type": "48",
+  "name": "[48]",
   "meta-type": "array"
  },
  {
@@ -1410,7 +1569,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "type",
-    "type": "85"
+    "type": "92"
    },
    {
     "name": "node-name",
@@ -1421,12 +1580,12 @@ export const introspection: readonly unknown[] = [
     "type": "bool"
    }
   ],
-  "name": "42",
+  "name": "48",
   "meta-type": "object"
  },
  {
-  "element-type": "43",
-  "name": "[43]",
+  "element-type": "49",
+  "name": "[49]",
   "meta-type": "array"
  },
  {
@@ -1444,12 +1603,12 @@ export const introspection: readonly unknown[] = [
     "type": "bool"
    }
   ],
-  "name": "43",
+  "name": "49",
   "meta-type": "object"
  },
  {
-  "element-type": "44",
-  "name": "[44]",
+  "element-type": "50",
+  "name": "[50]",
   "meta-type": "array"
  },
  {
@@ -1459,37 +1618,37 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "44",
+  "name": "50",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "enable",
-    "type": "[89]",
+    "type": "[96]",
     "default": null
    }
   ],
-  "name": "45",
+  "name": "51",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "qemu",
-    "type": "90"
+    "type": "97"
    },
    {
     "name": "package",
     "type": "str"
    }
   ],
-  "name": "46",
+  "name": "52",
   "meta-type": "object"
  },
  {
-  "element-type": "47",
-  "name": "[47]",
+  "element-type": "53",
+  "name": "[53]",
   "meta-type": "array"
  },
  {
@@ -1499,12 +1658,12 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "47",
+  "name": "53",
   "meta-type": "object"
  },
  {
-  "element-type": "48",
-  "name": "[48]",
+  "element-type": "54",
+  "name": "[54]",
   "meta-type": "array"
  },
  {
@@ -1515,7 +1674,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "meta-type",
-    "type": "91"
+    "type": "98"
    },
    {
     "name": "features",
@@ -1527,34 +1686,34 @@ export const introspection: readonly unknown[] = [
   "variants": [
    {
     "case": "builtin",
-    "type": "92"
+    "type": "99"
    },
    {
     "case": "enum",
-    "type": "93"
+    "type": "100"
    },
    {
     "case": "array",
-    "type": "94"
+    "type": "101"
    },
    {
     "case": "object",
-    "type": "95"
+    "type": "102"
    },
    {
     "case": "alternate",
-    "type": "96"
+    "type": "103"
    },
    {
     "case": "command",
-    "type": "97"
+    "type": "104"
    },
    {
     "case": "event",
-    "type": "98"
+    "type": "105"
    }
   ],
-  "name": "48",
+  "name": "54",
   "meta-type": "object"
  },
  {
@@ -1564,12 +1723,12 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "49",
+  "name": "55",
   "meta-type": "object"
  },
  {
-  "element-type": "50",
-  "name": "[50]",
+  "element-type": "56",
+  "name": "[56]",
   "meta-type": "array"
  },
  {
@@ -1593,7 +1752,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "50",
+  "name": "56",
   "meta-type": "object"
  },
  {
@@ -1603,22 +1762,22 @@ export const introspection: readonly unknown[] = [
     "type": "[str]"
    }
   ],
-  "name": "51",
+  "name": "57",
   "meta-type": "object"
  },
  {
-  "element-type": "52",
-  "name": "[52]",
+  "element-type": "58",
+  "name": "[58]",
   "meta-type": "array"
  },
  {
   "members": [
    {
     "name": "properties",
-    "type": "[99]"
+    "type": "[106]"
    }
   ],
-  "name": "52",
+  "name": "58",
   "meta-type": "object"
  },
  {
@@ -1632,7 +1791,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "53",
+  "name": "59",
   "meta-type": "object"
  },
  {
@@ -1655,7 +1814,7 @@ export const introspection: readonly unknown[] = [
     "type": "any"
    }
   ],
-  "name": "54",
+  "name": "60",
   "meta-type": "object"
  },
  {
@@ -1671,12 +1830,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "55",
+  "name": "61",
   "meta-type": "object"
  },
  {
-  "element-type": "56",
-  "name": "[56]",
+  "element-type": "62",
+  "name": "[62]",
   "meta-type": "array"
  },
  {
@@ -1696,7 +1855,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "56",
+  "name": "62",
   "meta-type": "object"
  },
  {
@@ -1706,14 +1865,14 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "57",
+  "name": "63",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "qom-type",
-    "type": "100"
+    "type": "107"
    },
    {
     "name": "id",
@@ -1724,10 +1883,10 @@ export const introspection: readonly unknown[] = [
   "variants": [
    {
     "case": "iothread",
-    "type": "101"
+    "type": "108"
    }
   ],
-  "name": "58",
+  "name": "64",
   "meta-type": "object"
  },
  {
@@ -1737,7 +1896,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "59",
+  "name": "65",
   "meta-type": "object"
  },
  {
@@ -1767,7 +1926,7 @@ export const introspection: readonly unknown[] = [
    "failed",
    "nospace"
   ],
-  "name": "60",
+  "name": "66",
   "meta-type": "enum"
  },
  {
@@ -1879,32 +2038,32 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "timed_stats",
-    "type": "[102]"
+    "type": "[109]"
    },
    {
     "name": "rd_latency_histogram",
-    "type": "103",
+    "type": "110",
     "default": null
    },
    {
     "name": "wr_latency_histogram",
-    "type": "103",
+    "type": "110",
     "default": null
    },
    {
     "name": "flush_latency_histogram",
-    "type": "103",
+    "type": "110",
     "default": null
    }
   ],
-  "name": "61",
+  "name": "67",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "driver",
-    "type": "74"
+    "type": "80"
    }
   ],
   "tag": "driver",
@@ -1915,11 +2074,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "file",
-    "type": "104"
+    "type": "111"
    },
    {
     "case": "host_device",
-    "type": "104"
+    "type": "111"
    },
    {
     "case": "null-aio",
@@ -1938,7 +2097,7 @@ export const introspection: readonly unknown[] = [
     "type": "0"
    }
   ],
-  "name": "62",
+  "name": "68",
   "meta-type": "object"
  },
  {
@@ -1995,7 +2154,7 @@ export const introspection: readonly unknown[] = [
    "concluded",
    "null"
   ],
-  "name": "63",
+  "name": "69",
   "meta-type": "enum"
  },
  {
@@ -2015,7 +2174,7 @@ export const introspection: readonly unknown[] = [
    "on",
    "unmap"
   ],
-  "name": "64",
+  "name": "70",
   "meta-type": "enum"
  },
  {
@@ -2074,21 +2233,21 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "snapshots",
-    "type": "[105]",
+    "type": "[112]",
     "default": null
    },
    {
     "name": "backing-image",
-    "type": "65",
+    "type": "71",
     "default": null
    },
    {
     "name": "format-specific",
-    "type": "106",
+    "type": "113",
     "default": null
    }
   ],
-  "name": "65",
+  "name": "71",
   "meta-type": "object"
  },
  {
@@ -2106,12 +2265,12 @@ export const introspection: readonly unknown[] = [
     "type": "bool"
    }
   ],
-  "name": "66",
+  "name": "72",
   "meta-type": "object"
  },
  {
-  "element-type": "67",
-  "name": "[67]",
+  "element-type": "73",
+  "name": "[73]",
   "meta-type": "array"
  },
  {
@@ -2147,12 +2306,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "67",
+  "name": "73",
   "meta-type": "object"
  },
  {
-  "element-type": "68",
-  "name": "[68]",
+  "element-type": "74",
+  "name": "[74]",
   "meta-type": "array"
  },
  {
@@ -2163,19 +2322,19 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "type",
-    "type": "107"
+    "type": "114"
    },
    {
     "name": "name",
     "type": "str"
    }
   ],
-  "name": "68",
+  "name": "74",
   "meta-type": "object"
  },
  {
-  "element-type": "69",
-  "name": "[69]",
+  "element-type": "75",
+  "name": "[75]",
   "meta-type": "array"
  },
  {
@@ -2194,14 +2353,14 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "perm",
-    "type": "[108]"
+    "type": "[115]"
    },
    {
     "name": "shared-perm",
-    "type": "[108]"
+    "type": "[115]"
    }
   ],
-  "name": "69",
+  "name": "75",
   "meta-type": "object"
  },
  {
@@ -2217,7 +2376,7 @@ export const introspection: readonly unknown[] = [
    "read",
    "write"
   ],
-  "name": "70",
+  "name": "76",
   "meta-type": "enum"
  },
  {
@@ -2237,7 +2396,7 @@ export const introspection: readonly unknown[] = [
    "report",
    "stop"
   ],
-  "name": "71",
+  "name": "77",
   "meta-type": "enum"
  },
  {
@@ -2281,17 +2440,17 @@ export const introspection: readonly unknown[] = [
    "snapshot-save",
    "snapshot-delete"
   ],
-  "name": "72",
+  "name": "78",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "copy-mode",
-    "type": "109"
+    "type": "116"
    }
   ],
-  "name": "73",
+  "name": "79",
   "meta-type": "object"
  },
  {
@@ -2327,7 +2486,7 @@ export const introspection: readonly unknown[] = [
    "qcow2",
    "raw"
   ],
-  "name": "74",
+  "name": "80",
   "meta-type": "enum"
  },
  {
@@ -2343,7 +2502,7 @@ export const introspection: readonly unknown[] = [
    "ignore",
    "unmap"
   ],
-  "name": "75",
+  "name": "81",
   "meta-type": "enum"
  },
  {
@@ -2359,14 +2518,14 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "76",
+  "name": "82",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "image",
-    "type": "110"
+    "type": "117"
    },
    {
     "name": "config",
@@ -2405,26 +2564,26 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "inject-error",
-    "type": "[111]",
+    "type": "[118]",
     "default": null
    },
    {
     "name": "set-state",
-    "type": "[112]",
+    "type": "[119]",
     "default": null
    },
    {
     "name": "take-child-perms",
-    "type": "[108]",
+    "type": "[115]",
     "default": null
    },
    {
     "name": "unshare-child-perms",
-    "type": "[108]",
+    "type": "[115]",
     "default": null
    }
   ],
-  "name": "77",
+  "name": "83",
   "meta-type": "object"
  },
  {
@@ -2440,12 +2599,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "locking",
-    "type": "113",
+    "type": "120",
     "default": null
    },
    {
     "name": "aio",
-    "type": "114",
+    "type": "121",
     "default": null
    },
    {
@@ -2467,7 +2626,7 @@ export const introspection: readonly unknown[] = [
     ]
    }
   ],
-  "name": "78",
+  "name": "84",
   "meta-type": "object",
   "features": [
    "dynamic-auto-read-only"
@@ -2491,18 +2650,18 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "79",
+  "name": "85",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "file",
-    "type": "110"
+    "type": "117"
    },
    {
     "name": "backing",
-    "type": "115",
+    "type": "122",
     "default": null
    },
    {
@@ -2532,7 +2691,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "overlap-check",
-    "type": "116",
+    "type": "123",
     "default": null
    },
    {
@@ -2562,18 +2721,18 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "data-file",
-    "type": "110",
+    "type": "117",
     "default": null
    }
   ],
-  "name": "80",
+  "name": "86",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "file",
-    "type": "110"
+    "type": "117"
    },
    {
     "name": "offset",
@@ -2586,7 +2745,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "81",
+  "name": "87",
   "meta-type": "object"
  },
  {
@@ -2598,7 +2757,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "driver",
-    "type": "74"
+    "type": "80"
    }
   ],
   "tag": "driver",
@@ -2609,7 +2768,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "file",
-    "type": "117"
+    "type": "124"
    },
    {
     "case": "host_device",
@@ -2625,43 +2784,60 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "qcow2",
-    "type": "118"
+    "type": "125"
    },
    {
     "case": "raw",
     "type": "0"
    }
   ],
-  "name": "82",
+  "name": "88",
   "meta-type": "object"
+ },
+ {
+  "element-type": "89",
+  "name": "[89]",
+  "meta-type": "array"
+ },
+ {
+  "members": [
+   {
+    "type": "str"
+   },
+   {
+    "type": "29"
+   }
+  ],
+  "name": "89",
+  "meta-type": "alternate"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "119"
+    "type": "126"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "inet",
-    "type": "120"
+    "type": "127"
    },
    {
     "case": "unix",
-    "type": "121"
+    "type": "128"
    },
    {
     "case": "vsock",
-    "type": "122"
+    "type": "129"
    },
    {
     "case": "fd",
-    "type": "123"
+    "type": "130"
    }
   ],
-  "name": "83",
+  "name": "90",
   "meta-type": "object"
  },
  {
@@ -2677,7 +2853,7 @@ export const introspection: readonly unknown[] = [
    "safe",
    "hard"
   ],
-  "name": "84",
+  "name": "91",
   "meta-type": "enum"
  },
  {
@@ -2693,7 +2869,7 @@ export const introspection: readonly unknown[] = [
    "nbd",
    "fuse"
   ],
-  "name": "85",
+  "name": "92",
   "meta-type": "enum"
  },
  {
@@ -2705,7 +2881,7 @@ export const introspection: readonly unknown[] = [
     "type": "[str]"
    }
   ],
-  "name": "86",
+  "name": "93",
   "meta-type": "alternate"
  },
  {
@@ -2722,7 +2898,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmaps",
-    "type": "[124]",
+    "type": "[89]",
     "default": null
    },
    {
@@ -2731,7 +2907,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "87",
+  "name": "94",
   "meta-type": "object"
  },
  {
@@ -2747,7 +2923,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "allow-other",
-    "type": "125",
+    "type": "131",
     "default": null
    },
    {
@@ -2756,12 +2932,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "88",
+  "name": "95",
   "meta-type": "object"
  },
  {
-  "element-type": "89",
-  "name": "[89]",
+  "element-type": "96",
+  "name": "[96]",
   "meta-type": "array"
  },
  {
@@ -2773,7 +2949,7 @@ export const introspection: readonly unknown[] = [
   "values": [
    "oob"
   ],
-  "name": "89",
+  "name": "96",
   "meta-type": "enum"
  },
  {
@@ -2791,7 +2967,7 @@ export const introspection: readonly unknown[] = [
     "type": "int"
    }
   ],
-  "name": "90",
+  "name": "97",
   "meta-type": "object"
  },
  {
@@ -2827,7 +3003,7 @@ export const introspection: readonly unknown[] = [
    "command",
    "event"
   ],
-  "name": "91",
+  "name": "98",
   "meta-type": "enum"
  },
  {
@@ -2839,17 +3015,17 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "json-type",
-    "type": "126"
+    "type": "132"
    }
   ],
-  "name": "92",
+  "name": "99",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "members",
-    "type": "[127]"
+    "type": "[133]"
    },
    {
     "name": "values",
@@ -2859,7 +3035,7 @@ export const introspection: readonly unknown[] = [
     ]
    }
   ],
-  "name": "93",
+  "name": "100",
   "meta-type": "object"
  },
  {
@@ -2869,14 +3045,14 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "94",
+  "name": "101",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "members",
-    "type": "[128]"
+    "type": "[134]"
    },
    {
     "name": "tag",
@@ -2885,21 +3061,21 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "variants",
-    "type": "[129]",
+    "type": "[135]",
     "default": null
    }
   ],
-  "name": "95",
+  "name": "102",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "members",
-    "type": "[130]"
+    "type": "[136]"
    }
   ],
-  "name": "96",
+  "name": "103",
   "meta-type": "object"
  },
  {
@@ -2918,7 +3094,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "97",
+  "name": "104",
   "meta-type": "object"
  },
  {
@@ -2928,12 +3104,12 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "98",
+  "name": "105",
   "meta-type": "object"
  },
  {
-  "element-type": "99",
-  "name": "[99]",
+  "element-type": "106",
+  "name": "[106]",
   "meta-type": "array"
  },
  {
@@ -2952,7 +3128,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "99",
+  "name": "106",
   "meta-type": "object"
  },
  {
@@ -2964,7 +3140,7 @@ export const introspection: readonly unknown[] = [
   "values": [
    "iothread"
   ],
-  "name": "100",
+  "name": "107",
   "meta-type": "enum"
  },
  {
@@ -3000,12 +3176,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "101",
+  "name": "108",
   "meta-type": "object"
  },
  {
-  "element-type": "102",
-  "name": "[102]",
+  "element-type": "109",
+  "name": "[109]",
   "meta-type": "array"
  },
  {
@@ -3059,7 +3235,7 @@ export const introspection: readonly unknown[] = [
     "type": "number"
    }
   ],
-  "name": "102",
+  "name": "109",
   "meta-type": "object"
  },
  {
@@ -3073,7 +3249,7 @@ export const introspection: readonly unknown[] = [
     "type": "[int]"
    }
   ],
-  "name": "103",
+  "name": "110",
   "meta-type": "object"
  },
  {
@@ -3091,12 +3267,12 @@ export const introspection: readonly unknown[] = [
     "type": "int"
    }
   ],
-  "name": "104",
+  "name": "111",
   "meta-type": "object"
  },
  {
-  "element-type": "105",
-  "name": "[105]",
+  "element-type": "112",
+  "name": "[112]",
   "meta-type": "array"
  },
  {
@@ -3135,24 +3311,24 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "105",
+  "name": "112",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "131"
+    "type": "137"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "qcow2",
-    "type": "132"
+    "type": "138"
    }
   ],
-  "name": "106",
+  "name": "113",
   "meta-type": "object"
  },
  {
@@ -3172,12 +3348,12 @@ export const introspection: readonly unknown[] = [
    "block-job",
    "block-driver"
   ],
-  "name": "107",
+  "name": "114",
   "meta-type": "enum"
  },
  {
-  "element-type": "108",
-  "name": "[108]",
+  "element-type": "115",
+  "name": "[115]",
   "meta-type": "array"
  },
  {
@@ -3201,7 +3377,7 @@ export const introspection: readonly unknown[] = [
    "write-unchanged",
    "resize"
   ],
-  "name": "108",
+  "name": "115",
   "meta-type": "enum"
  },
  {
@@ -3217,7 +3393,7 @@ export const introspection: readonly unknown[] = [
    "background",
    "write-blocking"
   ],
-  "name": "109",
+  "name": "116",
   "meta-type": "enum"
  },
  {
@@ -3229,19 +3405,19 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "110",
+  "name": "117",
   "meta-type": "alternate"
  },
  {
-  "element-type": "111",
-  "name": "[111]",
+  "element-type": "118",
+  "name": "[118]",
   "meta-type": "array"
  },
  {
   "members": [
    {
     "name": "event",
-    "type": "133"
+    "type": "139"
    },
    {
     "name": "state",
@@ -3250,7 +3426,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "iotype",
-    "type": "134",
+    "type": "140",
     "default": null
    },
    {
@@ -3274,19 +3450,19 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "111",
+  "name": "118",
   "meta-type": "object"
  },
  {
-  "element-type": "112",
-  "name": "[112]",
+  "element-type": "119",
+  "name": "[119]",
   "meta-type": "array"
  },
  {
   "members": [
    {
     "name": "event",
-    "type": "133"
+    "type": "139"
    },
    {
     "name": "state",
@@ -3298,7 +3474,7 @@ export const introspection: readonly unknown[] = [
     "type": "int"
    }
   ],
-  "name": "112",
+  "name": "119",
   "meta-type": "object"
  },
  {
@@ -3318,7 +3494,7 @@ export const introspection: readonly unknown[] = [
    "on",
    "off"
   ],
-  "name": "113",
+  "name": "120",
   "meta-type": "enum"
  },
  {
@@ -3338,7 +3514,7 @@ export const introspection: readonly unknown[] = [
    "native",
    "io_uring"
   ],
-  "name": "114",
+  "name": "121",
   "meta-type": "enum"
  },
  {
@@ -3353,19 +3529,19 @@ export const introspection: readonly unknown[] = [
     "type": "null"
    }
   ],
-  "name": "115",
+  "name": "122",
   "meta-type": "alternate"
  },
  {
   "members": [
    {
-    "type": "135"
+    "type": "141"
    },
    {
-    "type": "136"
+    "type": "142"
    }
   ],
-  "name": "116",
+  "name": "123",
   "meta-type": "alternate"
  },
  {
@@ -3380,7 +3556,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "preallocation",
-    "type": "137",
+    "type": "143",
     "default": null
    },
    {
@@ -3394,18 +3570,18 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "117",
+  "name": "124",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "file",
-    "type": "110"
+    "type": "117"
    },
    {
     "name": "data-file",
-    "type": "110",
+    "type": "117",
     "default": null
    },
    {
@@ -3424,7 +3600,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "version",
-    "type": "138",
+    "type": "144",
     "default": null
    },
    {
@@ -3434,7 +3610,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "backing-fmt",
-    "type": "74",
+    "type": "80",
     "default": null
    },
    {
@@ -3444,7 +3620,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "preallocation",
-    "type": "137",
+    "type": "143",
     "default": null
    },
    {
@@ -3459,11 +3635,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "compression-type",
-    "type": "139",
+    "type": "145",
     "default": null
    }
   ],
-  "name": "118",
+  "name": "125",
   "meta-type": "object"
  },
  {
@@ -3487,65 +3663,48 @@ export const introspection: readonly unknown[] = [
    "vsock",
    "fd"
   ],
-  "name": "119",
+  "name": "126",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "140"
+    "type": "146"
    }
   ],
-  "name": "120",
+  "name": "127",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "141"
+    "type": "147"
    }
   ],
-  "name": "121",
+  "name": "128",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "142"
+    "type": "148"
    }
   ],
-  "name": "122",
+  "name": "129",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "143"
+    "type": "149"
    }
   ],
-  "name": "123",
+  "name": "130",
   "meta-type": "object"
- },
- {
-  "element-type": "124",
-  "name": "[124]",
-  "meta-type": "array"
- },
- {
-  "members": [
-   {
-    "type": "str"
-   },
-   {
-    "type": "144"
-   }
-  ],
-  "name": "124",
-  "meta-type": "alternate"
  },
  {
   "members": [
@@ -3564,7 +3723,7 @@ export const introspection: readonly unknown[] = [
    "on",
    "auto"
   ],
-  "name": "125",
+  "name": "131",
   "meta-type": "enum"
  },
  {
@@ -3604,12 +3763,12 @@ export const introspection: readonly unknown[] = [
    "array",
    "value"
   ],
-  "name": "126",
+  "name": "132",
   "meta-type": "enum"
  },
  {
-  "element-type": "127",
-  "name": "[127]",
+  "element-type": "133",
+  "name": "[133]",
   "meta-type": "array"
  },
  {
@@ -3624,12 +3783,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "127",
+  "name": "133",
   "meta-type": "object"
  },
  {
-  "element-type": "128",
-  "name": "[128]",
+  "element-type": "134",
+  "name": "[134]",
   "meta-type": "array"
  },
  {
@@ -3653,12 +3812,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "128",
+  "name": "134",
   "meta-type": "object"
  },
  {
-  "element-type": "129",
-  "name": "[129]",
+  "element-type": "135",
+  "name": "[135]",
   "meta-type": "array"
  },
  {
@@ -3672,12 +3831,12 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "129",
+  "name": "135",
   "meta-type": "object"
  },
  {
-  "element-type": "130",
-  "name": "[130]",
+  "element-type": "136",
+  "name": "[136]",
   "meta-type": "array"
  },
  {
@@ -3687,7 +3846,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "130",
+  "name": "136",
   "meta-type": "object"
  },
  {
@@ -3709,17 +3868,17 @@ export const introspection: readonly unknown[] = [
   "values": [
    "qcow2"
   ],
-  "name": "131",
+  "name": "137",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "145"
+    "type": "150"
    }
   ],
-  "name": "132",
+  "name": "138",
   "meta-type": "object"
  },
  {
@@ -3919,7 +4078,7 @@ export const introspection: readonly unknown[] = [
    "cluster_alloc_space",
    "none"
   ],
-  "name": "133",
+  "name": "139",
   "meta-type": "enum"
  },
  {
@@ -3951,7 +4110,7 @@ export const introspection: readonly unknown[] = [
    "flush",
    "block-status"
   ],
-  "name": "134",
+  "name": "140",
   "meta-type": "enum"
  },
  {
@@ -3963,7 +4122,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "template",
-    "type": "136",
+    "type": "142",
     "default": null
    },
    {
@@ -4012,7 +4171,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "135",
+  "name": "141",
   "meta-type": "object"
  },
  {
@@ -4036,7 +4195,7 @@ export const introspection: readonly unknown[] = [
    "cached",
    "all"
   ],
-  "name": "136",
+  "name": "142",
   "meta-type": "enum"
  },
  {
@@ -4060,7 +4219,7 @@ export const introspection: readonly unknown[] = [
    "falloc",
    "full"
   ],
-  "name": "137",
+  "name": "143",
   "meta-type": "enum"
  },
  {
@@ -4076,7 +4235,7 @@ export const introspection: readonly unknown[] = [
    "v2",
    "v3"
   ],
-  "name": "138",
+  "name": "144",
   "meta-type": "enum"
  },
  {
@@ -4092,7 +4251,7 @@ export const introspection: readonly unknown[] = [
    "zlib",
    "zstd"
   ],
-  "name": "139",
+  "name": "145",
   "meta-type": "enum"
  },
  {
@@ -4136,7 +4295,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "140",
+  "name": "146",
   "meta-type": "object"
  },
  {
@@ -4156,7 +4315,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "141",
+  "name": "147",
   "meta-type": "object"
  },
  {
@@ -4170,7 +4329,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "142",
+  "name": "148",
   "meta-type": "object"
  },
  {
@@ -4180,21 +4339,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "143",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "node",
-    "type": "str"
-   },
-   {
-    "name": "name",
-    "type": "str"
-   }
-  ],
-  "name": "144",
+  "name": "149",
   "meta-type": "object"
  },
  {
@@ -4234,20 +4379,20 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmaps",
-    "type": "[146]",
+    "type": "[151]",
     "default": null
    },
    {
     "name": "compression-type",
-    "type": "139"
+    "type": "145"
    }
   ],
-  "name": "145",
+  "name": "150",
   "meta-type": "object"
  },
  {
-  "element-type": "146",
-  "name": "[146]",
+  "element-type": "151",
+  "name": "[151]",
   "meta-type": "array"
  },
  {
@@ -4262,15 +4407,15 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "flags",
-    "type": "[147]"
+    "type": "[152]"
    }
   ],
-  "name": "146",
+  "name": "151",
   "meta-type": "object"
  },
  {
-  "element-type": "147",
-  "name": "[147]",
+  "element-type": "152",
+  "name": "[152]",
   "meta-type": "array"
  },
  {
@@ -4286,7 +4431,7 @@ export const introspection: readonly unknown[] = [
    "in-use",
    "auto"
   ],
-  "name": "147",
+  "name": "152",
   "meta-type": "enum"
  }
 ];

@@ -2365,6 +2365,125 @@ export const schemaData: GenSchema = {
    ],
    "implicit": true
   },
+  "BlockDirtyBitmapAdd": {
+   "kind": "struct",
+   "name": "BlockDirtyBitmapAdd",
+   "members": [
+    {
+     "name": "node",
+     "type": "str",
+     "optional": false,
+     "doc": "Name of the block node to which the bitmap is attached."
+    },
+    {
+     "name": "name",
+     "type": "str",
+     "optional": false,
+     "doc": "Name of the dirty bitmap (must be less than 1024 bytes)."
+    },
+    {
+     "name": "granularity",
+     "type": "uint32",
+     "optional": true,
+     "doc": "Bitmap granularity in bytes, a power of 2 and at least 512 (default: the node's cluster size clamped to [4096, 65536], else 65536)."
+    },
+    {
+     "name": "persistent",
+     "type": "bool",
+     "optional": true,
+     "doc": "The bitmap is stored in the qcow2 image when the node closes (default: false)."
+    },
+    {
+     "name": "disabled",
+     "type": "bool",
+     "optional": true,
+     "doc": "The bitmap is created disabled: it does not record writes (default: false)."
+    }
+   ],
+   "doc": "Arguments of block-dirty-bitmap-add."
+  },
+  "BlockDirtyBitmapMerge": {
+   "kind": "struct",
+   "name": "BlockDirtyBitmapMerge",
+   "members": [
+    {
+     "name": "node",
+     "type": "str",
+     "optional": false,
+     "doc": "Name of the device or node where the @target bitmap is."
+    },
+    {
+     "name": "target",
+     "type": "str",
+     "optional": false,
+     "doc": "Name of the destination dirty bitmap."
+    },
+    {
+     "name": "bitmaps",
+     "type": "[BlockDirtyBitmapOrStr]",
+     "optional": false,
+     "doc": "Name(s) of the source dirty bitmap(s) at @node and/or fully specified BlockDirtyBitmap elements (the latter since 5.1)."
+    }
+   ],
+   "doc": "Arguments of block-dirty-bitmap-merge."
+  },
+  "BlockDirtyBitmapSha256": {
+   "kind": "struct",
+   "name": "BlockDirtyBitmapSha256",
+   "members": [
+    {
+     "name": "sha256",
+     "type": "str",
+     "optional": false,
+     "doc": "ASCII representation of SHA256 bitmap hash."
+    }
+   ],
+   "doc": "SHA256 hash of dirty bitmap data."
+  },
+  "q_obj_BLOCK_WRITE_THRESHOLD-arg": {
+   "kind": "struct",
+   "name": "q_obj_BLOCK_WRITE_THRESHOLD-arg",
+   "members": [
+    {
+     "name": "node-name",
+     "type": "str",
+     "optional": false,
+     "doc": "Graph node name on which the threshold was exceeded."
+    },
+    {
+     "name": "amount-exceeded",
+     "type": "uint64",
+     "optional": false,
+     "doc": "Amount of data which exceeded the threshold."
+    },
+    {
+     "name": "write-threshold",
+     "type": "uint64",
+     "optional": false,
+     "doc": "Last configured threshold, in bytes."
+    }
+   ],
+   "implicit": true
+  },
+  "q_obj_block-set-write-threshold-arg": {
+   "kind": "struct",
+   "name": "q_obj_block-set-write-threshold-arg",
+   "members": [
+    {
+     "name": "node-name",
+     "type": "str",
+     "optional": false,
+     "doc": "Graph node name on which the threshold must be set."
+    },
+    {
+     "name": "write-threshold",
+     "type": "uint64",
+     "optional": false,
+     "doc": "Configured threshold for the block device, bytes. Use 0 to disable the threshold."
+    }
+   ],
+   "implicit": true
+  },
   "JobType": {
    "kind": "enum",
    "name": "JobType",
@@ -3832,6 +3951,58 @@ export const schemaData: GenSchema = {
    "argType": "q_obj_blockdev-create-arg"
   },
   {
+   "name": "block-dirty-bitmap-add",
+   "boxed": false,
+   "doc": "Create a dirty bitmap with a name on the node.",
+   "argType": "BlockDirtyBitmapAdd"
+  },
+  {
+   "name": "block-dirty-bitmap-remove",
+   "boxed": false,
+   "doc": "Stop write tracking and remove the dirty bitmap.",
+   "argType": "BlockDirtyBitmap"
+  },
+  {
+   "name": "block-dirty-bitmap-clear",
+   "boxed": false,
+   "doc": "Clear (reset) a dirty bitmap on the device, so that an incremental backup from this point in time forward will only backup clusters modified after this clear operation.",
+   "argType": "BlockDirtyBitmap"
+  },
+  {
+   "name": "block-dirty-bitmap-enable",
+   "boxed": false,
+   "doc": "Enables a dirty bitmap so that it will begin tracking disk changes.",
+   "argType": "BlockDirtyBitmap"
+  },
+  {
+   "name": "block-dirty-bitmap-disable",
+   "boxed": false,
+   "doc": "Disables a dirty bitmap so that it will stop tracking disk changes.",
+   "argType": "BlockDirtyBitmap"
+  },
+  {
+   "name": "block-dirty-bitmap-merge",
+   "boxed": false,
+   "doc": "Merge dirty bitmaps listed in @bitmaps to the @target dirty bitmap. Dirty bitmaps in @bitmaps are unchanged. On error, @target is unchanged.",
+   "argType": "BlockDirtyBitmapMerge"
+  },
+  {
+   "name": "x-debug-block-dirty-bitmap-sha256",
+   "boxed": false,
+   "doc": "Get bitmap SHA256.",
+   "features": [
+    "unstable"
+   ],
+   "argType": "BlockDirtyBitmap",
+   "returns": "BlockDirtyBitmapSha256"
+  },
+  {
+   "name": "block-set-write-threshold",
+   "boxed": false,
+   "doc": "Change the write threshold for a block drive. An event will be delivered if a write to this block drive crosses the configured threshold. The threshold is an offset, thus must be non-negative. Default is no write threshold. Setting the threshold to zero disables it.",
+   "argType": "q_obj_block-set-write-threshold-arg"
+  },
+  {
    "name": "job-pause",
    "boxed": false,
    "doc": "Pause an active job; a job without pause points (blockdev-create) keeps its status.",
@@ -4039,6 +4210,11 @@ export const schemaData: GenSchema = {
   {
    "name": "BLOCK_JOB_PENDING",
    "argType": "q_obj_BLOCK_JOB_PENDING-arg"
+  },
+  {
+   "name": "BLOCK_WRITE_THRESHOLD",
+   "doc": "Emitted when writes on block device reaches or exceeds the configured write threshold. For thin-provisioned devices, this means the device should be extended to avoid pausing for disk exhaustion. The event is one shot. Once triggered, it needs to be re-registered with another block-set-write-threshold command.",
+   "argType": "q_obj_BLOCK_WRITE_THRESHOLD-arg"
   },
   {
    "name": "JOB_STATUS_CHANGE",

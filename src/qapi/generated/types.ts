@@ -724,6 +724,52 @@ export interface QObj_blockdev_create_arg {
   "options": BlockdevCreateOptions;
 }
 
+/** Arguments of block-dirty-bitmap-add. @since 2.4 */
+export interface BlockDirtyBitmapAdd {
+  /** Name of the block node to which the bitmap is attached. */
+  "node": string;
+  /** Name of the dirty bitmap (must be less than 1024 bytes). */
+  "name": string;
+  /** Bitmap granularity in bytes, a power of 2 and at least 512 (default: the node's cluster size clamped to [4096, 65536], else 65536). */
+  "granularity"?: number;
+  /** The bitmap is stored in the qcow2 image when the node closes (default: false). @since 2.10 */
+  "persistent"?: boolean;
+  /** The bitmap is created disabled: it does not record writes (default: false). @since 4.0 */
+  "disabled"?: boolean;
+}
+
+/** Arguments of block-dirty-bitmap-merge. @since 4.0 */
+export interface BlockDirtyBitmapMerge {
+  /** Name of the device or node where the @target bitmap is. */
+  "node": string;
+  /** Name of the destination dirty bitmap. */
+  "target": string;
+  /** Name(s) of the source dirty bitmap(s) at @node and/or fully specified BlockDirtyBitmap elements (the latter since 5.1). */
+  "bitmaps": BlockDirtyBitmapOrStr[];
+}
+
+/** SHA256 hash of dirty bitmap data. @since 2.10 */
+export interface BlockDirtyBitmapSha256 {
+  /** ASCII representation of SHA256 bitmap hash. */
+  "sha256": string;
+}
+
+export interface QObj_BLOCK_WRITE_THRESHOLD_arg {
+  /** Graph node name on which the threshold was exceeded. */
+  "node-name": string;
+  /** Amount of data which exceeded the threshold. */
+  "amount-exceeded": number | bigint;
+  /** Last configured threshold, in bytes. */
+  "write-threshold": number | bigint;
+}
+
+export interface QObj_block_set_write_threshold_arg {
+  /** Graph node name on which the threshold must be set. */
+  "node-name": string;
+  /** Configured threshold for the block device, bytes. Use 0 to disable the threshold. */
+  "write-threshold": number | bigint;
+}
+
 /** @since 1.7 */
 export type JobType = "commit" | "stream" | "mirror" | "backup" | "create" | "amend" | "snapshot-load" | "snapshot-save" | "snapshot-delete";
 
@@ -1243,6 +1289,22 @@ export interface QmpCommands {
   "blockdev-del": { args: QObj_blockdev_del_arg; ret: Record<string, never> };
   /** Starts a job to create an image format on a given node. The job is automatically finalized, but a manual job-dismiss is required. @since 3.0 */
   "blockdev-create": { args: QObj_blockdev_create_arg; ret: Record<string, never> };
+  /** Create a dirty bitmap with a name on the node. @since 2.4 */
+  "block-dirty-bitmap-add": { args: BlockDirtyBitmapAdd; ret: Record<string, never> };
+  /** Stop write tracking and remove the dirty bitmap. @since 2.4 */
+  "block-dirty-bitmap-remove": { args: BlockDirtyBitmap; ret: Record<string, never> };
+  /** Clear (reset) a dirty bitmap on the device, so that an incremental backup from this point in time forward will only backup clusters modified after this clear operation. @since 2.4 */
+  "block-dirty-bitmap-clear": { args: BlockDirtyBitmap; ret: Record<string, never> };
+  /** Enables a dirty bitmap so that it will begin tracking disk changes. @since 4.0 */
+  "block-dirty-bitmap-enable": { args: BlockDirtyBitmap; ret: Record<string, never> };
+  /** Disables a dirty bitmap so that it will stop tracking disk changes. @since 4.0 */
+  "block-dirty-bitmap-disable": { args: BlockDirtyBitmap; ret: Record<string, never> };
+  /** Merge dirty bitmaps listed in @bitmaps to the @target dirty bitmap. Dirty bitmaps in @bitmaps are unchanged. On error, @target is unchanged. @since 4.0 */
+  "block-dirty-bitmap-merge": { args: BlockDirtyBitmapMerge; ret: Record<string, never> };
+  /** Get bitmap SHA256. @since 2.10 features: unstable */
+  "x-debug-block-dirty-bitmap-sha256": { args: BlockDirtyBitmap; ret: BlockDirtyBitmapSha256 };
+  /** Change the write threshold for a block drive. An event will be delivered if a write to this block drive crosses the configured threshold. The threshold is an offset, thus must be non-negative. Default is no write threshold. Setting the threshold to zero disables it. @since 2.3 */
+  "block-set-write-threshold": { args: QObj_block_set_write_threshold_arg; ret: Record<string, never> };
   /** Pause an active job; a job without pause points (blockdev-create) keeps its status. @since 3.0 */
   "job-pause": { args: QObj_job_pause_arg; ret: Record<string, never> };
   /** Resume a paused job. @since 3.0 */
@@ -1317,6 +1379,8 @@ export interface QmpEvents {
   "BLOCK_JOB_READY": QObj_BLOCK_JOB_READY_arg;
   /** @since 2.12 */
   "BLOCK_JOB_PENDING": QObj_BLOCK_JOB_PENDING_arg;
+  /** Emitted when writes on block device reaches or exceeds the configured write threshold. For thin-provisioned devices, this means the device should be extended to avoid pausing for disk exhaustion. The event is one shot. Once triggered, it needs to be re-registered with another block-set-write-threshold command. @since 2.3 */
+  "BLOCK_WRITE_THRESHOLD": QObj_BLOCK_WRITE_THRESHOLD_arg;
   /** Emitted when a job transitions to a different status. @since 3.0 */
   "JOB_STATUS_CHANGE": QObj_JOB_STATUS_CHANGE_arg;
   /** Emitted when a block export is removed and its id can be reused. @since 5.2 */

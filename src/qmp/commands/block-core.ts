@@ -6,6 +6,7 @@ import type { BlockNode } from '../../block/node.js';
 import { BlockIoError } from '../../block/node.js';
 import { formatQmpJson } from '../json.js';
 import { strerror } from '../../util/errno.js';
+import { nodeBitmaps } from '../../block/dirty-bitmap.js';
 
 const jsonFilename = (value: unknown) => formatQmpJson(value);
 
@@ -53,13 +54,20 @@ async function blockDeviceInfo(node: BlockNode, flat: boolean): Promise<Record<s
     detect_zeroes: node.options['detect-zeroes'] ?? 'off',
     bps: 0, bps_rd: 0, bps_wr: 0, iops: 0, iops_rd: 0, iops_wr: 0,
     image: await imageInfo(node, flat),
-    write_threshold: 0,
+    write_threshold: node.tracking?.writeThreshold ?? 0,
     cache: {
       writeback: true,
       direct: node.options.cache?.direct ?? false,
       'no-flush': node.options.cache?.['no-flush'] ?? false,
     },
   });
+  // QEMU's bdrv_query_dirty_bitmaps: present only when the node has bitmaps, newest first.
+  const bitmaps = nodeBitmaps(node);
+  if (bitmaps.length > 0) {
+    info['dirty-bitmaps'] = bitmaps.map((b) => ({
+      name: b.name, count: b.count(), granularity: b.granularity, recording: b.recording, busy: b.busy, persistent: b.persistent,
+    }));
+  }
   return info;
 }
 

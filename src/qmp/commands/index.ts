@@ -7,6 +7,7 @@ import { qomCommands } from './qom.js';
 import { jobCommands } from './job.js';
 import { charCommands } from './char.js';
 import { blockDebugCommands } from './block-debug.js';
+import { blockDirtyBitmapCommands } from './block-dirty-bitmap.js';
 
 export const allCommands: Record<string, CommandHandler> = {
   ...controlCommands,
@@ -16,4 +17,5 @@ export const allCommands: Record<string, CommandHandler> = {
   ...jobCommands,
   ...charCommands,
   ...blockDebugCommands,
+  ...blockDirtyBitmapCommands,
 };
