@@ -186,6 +186,23 @@ export class NodeTracking {
     }
   }
 
+  /**
+   * After a tracked request: in the main thread, bitmaps follow a node that grew (QEMU's
+   * bdrv_co_write_req_finish); then the range is marked.
+   */
+  afterWrite(node: BlockNode, offset: number, bytes: number): void {
+    if (this.isMain && this.bitmaps.length > 0) {
+      const length = node.getLength();
+      for (const b of this.bitmaps) if (b.size < length) b.resize(length);
+    }
+    this.markDirty(offset, bytes);
+  }
+
+  /** Main thread, after a successful truncate: every bitmap takes the new length. */
+  resized(length: number): void {
+    for (const b of this.bitmaps) b.resize(length);
+  }
+
   // ---- main thread only
 
   /** The configured threshold (query-named-block-nodes' write_threshold). */
@@ -319,11 +336,11 @@ export class DirtyBitmap {
   /** First int32 word of the bits. */
   private data: number;
   /** Bits, as QEMU counts them: ceil(length / granularity), at least 1. */
-  readonly bits: number;
-  /** The node's length when the bitmap was made (HBitmap's orig_size; merges need equal sizes). */
-  readonly size: number;
+  bits: number;
+  /** The node's length the bitmap covers (HBitmap's orig_size; merges need equal sizes). */
+  size: number;
   /** int32 words of the bits (two per 64-bit HBitmap word). */
-  private readonly words: number;
+  private words: number;
   readonly granularity: number;
   private enabled = true;
   /** In use by an export or job: no changes through QMP. */
@@ -377,6 +394,34 @@ export class DirtyBitmap {
     if (i >= 0) tracking.bitmaps.splice(i, 1);
     mainArena().release(this.data, this.words);
     this.released = true;
+  }
+
+  /**
+   * QEMU's bdrv_dirty_bitmap_truncate (the node grew by a write past its end, or was resized):
+   * new bits are clean, bits past a shrunk end are dropped. The slot is unpublished while its
+   * fields change, so a replica never pairs the old region with the new size.
+   */
+  resize(length: number): void {
+    if (length === this.size || this.released) return;
+    const tracking = this.node.tracking!;
+    const i32 = tracking.i32;
+    const bits = Math.max(1, Math.ceil(length / this.granularity));
+    const words = Math.ceil(bits / 64) * 2;
+    const data = mainArena().alloc(words);
+    Atomics.store(i32, this.slot + S_STATE, SLOT_FREE);
+    tracking.waitReaders();
+    i32.copyWithin(data, this.data, this.data + Math.min(words, this.words));
+    if (bits < this.bits && bits % 32 !== 0) i32[data + Math.floor(bits / 32)] &= (1 << (bits % 32)) - 1;
+    if (bits < this.bits) i32.fill(0, data + Math.ceil(bits / 32), data + words);
+    mainArena().release(this.data, this.words);
+    this.data = data;
+    this.words = words;
+    this.bits = bits;
+    this.size = length;
+    i32[this.slot + S_DATA] = data;
+    i32[this.slot + S_BITS_LO] = bits % 0x100000000;
+    i32[this.slot + S_BITS_HI] = Math.floor(bits / 0x100000000);
+    Atomics.store(i32, this.slot + S_STATE, this.enabled ? SLOT_ENABLED : SLOT_DISABLED);
   }
 
   clear(): void {

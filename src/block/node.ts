@@ -142,7 +142,7 @@ export class BlockNode {
       return await this.driver.write(this.state, offset, buf, flags);
     } finally {
       // QEMU's bdrv_co_write_req_finish marks the range whether or not the write succeeded.
-      t.markDirty(offset, buf.length);
+      t.afterWrite(this, offset, buf.length);
     }
   }
 
@@ -159,7 +159,7 @@ export class BlockNode {
     try {
       return await this.doWriteZeroes(offset, bytes, flags);
     } finally {
-      t.markDirty(offset, bytes);
+      t.afterWrite(this, offset, bytes);
     }
   }
 
@@ -216,7 +216,8 @@ export class BlockNode {
     this.checkWritable();
     if (!Number.isSafeInteger(size) || size < 0) throw new BlockIoError(EINVAL, 'invalid size');
     if (!this.driver.truncate) throw new BlockIoError(ENOTSUP, 'Image format driver does not support resize');
-    return this.driver.truncate(this.state, size, exact, prealloc);
+    await this.driver.truncate(this.state, size, exact, prealloc);
+    this.tracking?.resized(this.getLength());
   }
 
   /**
