@@ -3,11 +3,13 @@
 #include "fuse_device.h"
 #include "block_io.h"
 #include "fuse_uring.h"
+#include "thread_affinity.h"
 
 static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   qsd::InitFuseDevice(env, exports);
   qsd::InitBlockIo(env, exports);
   qsd::InitFuseUring(env, exports);
+  qsd::InitThreadAffinity(env, exports);
   return exports;
 }
 

@@ -157,6 +157,10 @@ export interface NativeAddon {
   allocAligned(size: number, alignment: number): Buffer;
   /** FALLOC_FL_*, SEEK_DATA/SEEK_HOLE, O_DIRECT. */
   ioConstants: Record<string, number>;
+  /** The CPUs the calling thread may run on (sched_getaffinity of this thread), ascending. */
+  threadAffinity(): number[];
+  /** Restrict the calling thread to cpus (sched_setaffinity); 0, or a negative errno. */
+  setThreadAffinity(cpus: number[]): number;
 }
 
 function load(): NativeAddon {
