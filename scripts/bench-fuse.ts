@@ -1,7 +1,8 @@
 // Export benchmark: fio against QEMU's qemu-storage-daemon and qsd-ts over FUSE (1/2/4 queues, a C ceiling) and NBD, one table each.
 //
 // Usage: npm run bench -- [--quick] [--runtime S] [--repeat N] [--filter REGEX]
-//                         [--targets qemu,qsd-1q,qsd-2q,qsd-4q,ceiling] [--json FILE] [--dir DIR]
+//                         [--targets qemu,qsd-1q,qsd-2q,qsd-4q,qsd-ur,ceiling] [--file-cache warm|direct]
+//                         [--json FILE] [--dir DIR]
 // See docs/BENCHMARK.md for what each column means and how to read the numbers.
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
@@ -23,10 +24,18 @@ const NBD_NAME = 'n0';
 
 type Transport = 'fuse' | 'nbd';
 type NodeKind = 'null-co' | 'file' | 'qcow2';
-type FuseTarget = 'qemu' | 'qsd-1q' | 'qsd-2q' | 'qsd-4q' | 'ceiling';
+type FuseTarget = 'qemu' | 'qsd-1q' | 'qsd-2q' | 'qsd-4q' | 'qsd-ur' | 'ceiling';
 /** `qsd-ts`: the NBD column (qsd-ts serves NBD from its main loop, so queue counts do not apply). */
 type TargetName = FuseTarget | 'qsd-ts';
-const ALL_TARGETS: readonly FuseTarget[] = ['qemu', 'qsd-1q', 'qsd-2q', 'qsd-4q', 'ceiling'];
+const ALL_TARGETS: readonly FuseTarget[] = ['qemu', 'qsd-1q', 'qsd-2q', 'qsd-4q', 'qsd-ur', 'ceiling'];
+/** The kernel switch for FUSE-over-io_uring, which the qsd-ur target needs. */
+const ENABLE_URING = '/sys/module/fuse/parameters/enable_uring';
+/**
+ * How the file and qcow2 nodes use the host page cache. warm: cache.direct=off on both daemons and
+ * the image read into the page cache before every fio run, so the cells measure the daemons and not
+ * the disk; direct: cache.direct=on, every request reaches the disk.
+ */
+type FileCache = 'warm' | 'direct';
 
 interface Cell {
   /** Row label, also what --filter matches: "null-co randread libaio qd16 j1", "nbd file randwrite qd1". */
@@ -49,6 +58,7 @@ interface Options {
   targets: FuseTarget[];
   json: string | null;
   dir: string;
+  fileCache: FileCache;
 }
 
 /** A daemon serving one node over one transport, started once per (repeat, transport, node kind, target). */
@@ -58,6 +68,8 @@ interface Running {
   readonly child: ChildProcess;
   /** FUSE: the mounted regular file; NBD: the server's unix socket. */
   readonly endpoint: string;
+  /** The image behind a file or qcow2 node ('' for null-co), warmed before each run in warm mode. */
+  readonly image: string;
   /** Everything the daemon wrote to stderr/stdout, for error reports. */
   output: string;
   exited: boolean;
@@ -66,12 +78,16 @@ interface Running {
 function usage(code: number): never {
   (code ? console.error : console.log)(
     'usage: npm run bench -- [--quick] [--runtime S] [--repeat N] [--filter REGEX]\n' +
-      `                        [--targets ${ALL_TARGETS.join(',')}] [--json FILE] [--dir DIR]\n` +
+      `                        [--targets ${ALL_TARGETS.join(',')}] [--file-cache warm|direct]\n` +
+      '                        [--json FILE] [--dir DIR]\n' +
       '  --quick     smoke run: 5 FUSE and 8 NBD cells, 2 repeats of 2 s\n' +
       '  --runtime   seconds per fio run (default 3)\n' +
       '  --repeat    repeats per cell and target; the table shows medians (default 3)\n' +
       '  --filter    only cells whose name matches REGEX, e.g. "null-co rand.*libaio" or "^nbd"\n' +
-      '  --targets   subset of targets, comma-separated (any qsd-* also runs the NBD qsd-ts column)\n' +
+      '  --targets   subset of targets, comma-separated (any qsd-* also runs the NBD qsd-ts column);\n' +
+      '              qsd-ur switches FUSE-over-io_uring on in the kernel for the run and restores it after\n' +
+      '  --file-cache warm (default): file/qcow2 images in the page cache, cache.direct=off;\n' +
+      '              direct: cache.direct=on, every request reaches the disk\n' +
       '  --json      also write the raw samples to FILE\n' +
       '  --dir       where the file and qcow2 images go (default /var/tmp; must not be tmpfs)',
   );
@@ -79,7 +95,7 @@ function usage(code: number): never {
 }
 
 function parseArgs(argv: string[]): Options {
-  const o: Options = { quick: false, runtime: 3, repeat: 3, filter: null, targets: [...ALL_TARGETS], json: null, dir: '/var/tmp' };
+  const o: Options = { quick: false, runtime: 3, repeat: 3, filter: null, targets: [...ALL_TARGETS], json: null, dir: '/var/tmp', fileCache: 'warm' };
   let runtimeSet = false;
   let repeatSet = false;
   for (let i = 0; i < argv.length; i++) {
@@ -106,6 +122,12 @@ function parseArgs(argv: string[]): Options {
         break;
       }
       case '--json': o.json = value(); break;
+      case '--file-cache': {
+        const v = value();
+        if (v !== 'warm' && v !== 'direct') usage(2);
+        o.fileCache = v;
+        break;
+      }
       case '--dir': o.dir = value(); break;
       case '-h': case '--help': usage(0); break;
       default: console.error(`unknown option '${arg}'`); usage(2);
@@ -161,7 +183,7 @@ function buildCells(o: Options): Cell[] {
 function fuseApplies(t: TargetName, node: NodeKind): boolean {
   if (t === 'ceiling') return node === 'null-co';
   // qcow2 is served from the main loop whatever the iothread list: 2 queues already show that.
-  if (t === 'qsd-4q') return node !== 'qcow2';
+  if (t === 'qsd-4q' || t === 'qsd-ur') return node !== 'qcow2';
   return true;
 }
 
@@ -211,8 +233,41 @@ async function stopAll(): Promise<void> {
   await Promise.all([...running].map(stopDaemon));
 }
 
+/** enable_uring's value before the run, when the bench changed it; null if it did not. */
+let uringRestore: string | null = null;
+
+/** Switch FUSE-over-io_uring on for the run; returns why it cannot be, or null. */
+function enableFuseUring(): string | null {
+  let value: string;
+  try {
+    value = fs.readFileSync(ENABLE_URING, 'utf8').trim();
+  } catch {
+    return `${ENABLE_URING} missing (kernel without FUSE-over-io_uring)`;
+  }
+  if (value === 'Y' || value === '1') return null;
+  try {
+    fs.writeFileSync(ENABLE_URING, '1');
+  } catch (e) {
+    return `cannot switch ${ENABLE_URING} on: ${(e as Error).message}`;
+  }
+  uringRestore = value;
+  return null;
+}
+
+function restoreFuseUring(): void {
+  if (uringRestore === null) return;
+  try {
+    // The parameter reads back as Y/N but is written as a boolean.
+    fs.writeFileSync(ENABLE_URING, uringRestore === 'N' ? '0' : uringRestore);
+    uringRestore = null;
+  } catch (e) {
+    console.error(`bench-fuse: could not restore ${ENABLE_URING}: ${(e as Error).message}`);
+  }
+}
+
 /** Synchronous last resort for process exit paths where awaiting is impossible. */
 function stopAllSync(): void {
+  restoreFuseUring();
   currentFio?.kill('SIGKILL');
   for (const d of running) {
     if (!d.exited) d.child.kill('SIGKILL');
@@ -230,12 +285,13 @@ function onSignal(sig: NodeJS.Signals): void {
 // ---- targets ------------------------------------------------------------------------------------
 
 interface Env {
+  readonly fileCache: FileCache;
   readonly tmp: string;
   readonly imageDir: string;
   readonly ceilingBin: string | null;
 }
 
-function blockdevJson(target: TargetName, node: NodeKind, image: string): string {
+function blockdevJson(target: TargetName, node: NodeKind, image: string, fileCache: FileCache): string {
   if (node === 'null-co') {
     return JSON.stringify({ driver: 'null-co', 'node-name': 'n0', size: NULL_SIZE, 'read-zeroes': true });
   }
@@ -243,12 +299,12 @@ function blockdevJson(target: TargetName, node: NodeKind, image: string): string
   const aio = target === 'qemu' ? 'threads' : 'io_uring';
   return JSON.stringify({
     driver: node === 'qcow2' ? 'qcow2' : 'raw', 'node-name': 'n0',
-    file: { driver: 'file', filename: image, cache: { direct: true }, aio },
+    file: { driver: 'file', filename: image, cache: { direct: fileCache === 'direct' }, aio },
   });
 }
 
 function daemonArgv(target: TargetName, transport: Transport, node: NodeKind, endpoint: string, image: string, env: Env): [string, string[]] | string {
-  const blockdev = ['--blockdev', blockdevJson(target, node, image)];
+  const blockdev = ['--blockdev', blockdevJson(target, node, image, env.fileCache)];
   if (target === 'qemu' && !fs.existsSync(QEMU_BIN)) return `${QEMU_BIN} not installed`;
   if (target.startsWith('qsd-') && !fs.existsSync(path.join(repo, 'dist', 'main.js'))) return 'dist/main.js missing (npm run build)';
   if (transport === 'nbd') {
@@ -267,6 +323,14 @@ function daemonArgv(target: TargetName, transport: Transport, node: NodeKind, en
     case 'ceiling':
       if (!env.ceilingBin) return 'fuse-ceiling.c did not compile';
       return [env.ceilingBin, ['-q', '1', '-s', String(NULL_SIZE), endpoint]];
+    case 'qsd-ur': {
+      // The kernel's per-CPU ring queues, one iothread per CPU: each iothread serves (and is
+      // pinned to) the CPU whose requests it answers.
+      const ids = Array.from({ length: os.availableParallelism() }, (_, i) => `io${i}`);
+      const argv = ids.flatMap((id) => ['--object', `iothread,id=${id}`]);
+      argv.push(...blockdev, '--export', JSON.stringify({ ...exportBase, iothread: ids, 'io-uring': true }));
+      return [QSD_BIN, argv];
+    }
     default: {
       const queues = Number(target.slice(4, 5));
       const ids = Array.from({ length: queues }, (_, i) => `io${i}`);
@@ -300,7 +364,7 @@ async function startDaemon(target: TargetName, transport: Transport, node: NodeK
   const cmd = daemonArgv(target, transport, node, endpoint, image, env);
   if (typeof cmd === 'string') throw new Error(cmd);
   const child = spawn(cmd[0], cmd[1], { stdio: ['ignore', 'pipe', 'pipe'] });
-  const d: Running = { target, transport, child, endpoint, output: '', exited: false };
+  const d: Running = { target, transport, child, endpoint, image, output: '', exited: false };
   running.add(d);
   const collect = (b: Buffer): void => { if (d.output.length < 8192) d.output += b.toString(); };
   child.stdout!.on('data', collect);
@@ -416,6 +480,20 @@ function makeImage(file: string): void {
       fs.writeSync(fd, chunk, 0, chunk.length, off);
     }
     fs.fdatasyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/**
+ * Read the whole image so every page is cached when fio starts. This VM's DAMON reclaim (kdamond)
+ * evicts pages that go unused for a while, so each run warms its image again (~0.1 s when cached).
+ */
+function warmImage(image: string): void {
+  const fd = fs.openSync(image, 'r');
+  try {
+    const chunk = Buffer.allocUnsafe(1 << 20);
+    while (fs.readSync(fd, chunk, 0, chunk.length, null) > 0) { /* reading is the point */ }
   } finally {
     fs.closeSync(fd);
   }
@@ -569,7 +647,8 @@ async function main(): Promise<void> {
     }
     const kinds = new Set(cells.map((c) => c.node));
     if (kinds.has('file') || kinds.has('qcow2')) {
-      // O_DIRECT must reach a disk: tmpfs would make the file cells measure memcpy (or fail).
+      // The image must live on a disk file system: with O_DIRECT tmpfs would measure memcpy (or
+      // fail), and warm reads from tmpfs through io_uring are punted to a kernel worker each.
       const fsType = spawnSync('stat', ['-f', '-c', '%T', o.dir], { encoding: 'utf8' }).stdout.trim();
       if (fsType === 'tmpfs' || fsType === 'ramfs') {
         console.error(`bench-fuse: ${o.dir} is ${fsType}; pass --dir on a disk-backed file system`);
@@ -577,12 +656,13 @@ async function main(): Promise<void> {
       }
       imageDir = fs.mkdtempSync(path.join(o.dir, 'qsd-bench-fuse-'));
       const aio = 'qemu aio=threads (its default), qsd-ts aio=io_uring';
+      const cache = o.fileCache === 'warm' ? 'cache.direct=off, image read into the page cache before every run' : 'cache.direct=on';
       if (kinds.has('file')) {
-        results.notes.push(`file node: raw over file, cache.direct=on, ${FILE_SIZE >> 20} MiB preallocated image per target in ${o.dir} (${fsType}); ${aio}`);
+        results.notes.push(`file node: raw over file, ${cache}, ${FILE_SIZE >> 20} MiB preallocated image per target in ${o.dir} (${fsType}); ${aio}`);
       }
       if (kinds.has('qcow2')) {
         results.notes.push(
-          `qcow2 node: qcow2 over file, cache.direct=on, ${FILE_SIZE >> 20} MiB image per target, every cluster allocated before the run (qemu-img convert -n -S 0); ${aio}; ` +
+          `qcow2 node: qcow2 over file, ${cache}, ${FILE_SIZE >> 20} MiB image per target, every cluster allocated before the run (qemu-img convert -n -S 0); ${aio}; ` +
             'qsd-ts serves qcow2 from its main loop whatever the iothread list, so qsd-2q shows the cost of the hop and qsd-4q is not run',
         );
       }
@@ -590,7 +670,17 @@ async function main(): Promise<void> {
     if (groups.some((g) => g.transport === 'nbd')) {
       results.notes.push('NBD: fio --ioengine=nbd (libnbd), one connection, over --nbd-server addr.type=unix; both daemons serve NBD from their main loop (no iothread)');
     }
+    if (o.targets.includes('qsd-ur') && cells.some((c) => c.transport === 'fuse' && fuseApplies('qsd-ur', c.node))) {
+      const why = enableFuseUring();
+      if (why) {
+        results.notes.push(`qsd-ur: not run: ${why}`);
+        o.targets = o.targets.filter((t) => t !== 'qsd-ur');
+      } else {
+        results.notes.push(`qsd-ur: "io-uring": true with one iothread per CPU (${os.availableParallelism()}); ${ENABLE_URING} was switched on for the run${uringRestore === null ? ' (it already was)' : ' and is restored'}`);
+      }
+    }
     const env: Env = {
+      fileCache: o.fileCache,
       tmp,
       imageDir: imageDir ?? tmp,
       ceilingBin: o.targets.includes('ceiling') && kinds.has('null-co') ? compileCeiling(tmp, results.notes) : null,
@@ -631,6 +721,7 @@ async function main(): Promise<void> {
               const d = daemons.get(t)!;
               if (d.exited) continue;
               progress(`[${rep + 1}/${o.repeat}] ${cell.name} ${t}`);
+              if (o.fileCache === 'warm' && d.image) warmImage(d.image);
               try {
                 const iops = await runFio(cell, d.endpoint, o);
                 const perCell = results.samples.get(cell.name) ?? new Map<TargetName, number[]>();
@@ -688,6 +779,7 @@ async function main(): Promise<void> {
     }
   } finally {
     await stopAll();
+    restoreFuseUring();
     for (const dir of [tmp, imageDir]) {
       try {
         if (dir) fs.rmSync(dir, { recursive: true, force: true });
