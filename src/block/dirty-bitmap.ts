@@ -313,6 +313,30 @@ export function attachTracking(nodeName: string, desc: TrackingDescription): Nod
   return new NodeTracking(nodeName, desc.arena, desc.hdr, false);
 }
 
+/** What bitmap users need from the graph (set by the QMP layer, which creates every bitmap). */
+export interface BitmapGraphAccess {
+  lookup(nodeName: string): BlockNode | undefined;
+  /** bdrv_is_writable: some user of the node holds the write permission. */
+  hasWriter(node: BlockNode): boolean;
+}
+let graphAccess: BitmapGraphAccess | undefined;
+export function setBitmapGraphAccess(access: BitmapGraphAccess): void {
+  graphAccess = access;
+}
+
+export function nodeHasWriter(node: BlockNode): boolean {
+  return graphAccess?.hasWriter(node) ?? false;
+}
+
+/**
+ * The graph's node of that name. Bitmaps are created only through QMP, whose handlers register
+ * the lookup first; without it no node has bitmaps, so only `fallback` can be found.
+ */
+export function lookupBitmapNode(nodeName: string, fallback?: BlockNode): BlockNode | undefined {
+  if (graphAccess) return graphAccess.lookup(nodeName);
+  return fallback?.nodeName === nodeName ? fallback : undefined;
+}
+
 /** The node's bitmaps, newest first (empty when it never had any). */
 export function nodeBitmaps(node: BlockNode): readonly DirtyBitmap[] {
   return node.tracking?.bitmaps ?? [];

@@ -6,6 +6,36 @@ import { nbdAddExport, nbdFindExport, nbdRemoveExport, type NbdServedExport } fr
 import { NBD_MAX_STRING_SIZE } from '../nbd/nbd-abi.js';
 import { nbdServerRunning } from '../nbd/server.js';
 import type { BlockExport, BlockExportDriver, ExportCommon } from './export.js';
+import { findDirtyBitmap, lookupBitmapNode, type DirtyBitmap } from '../block/dirty-bitmap.js';
+
+/**
+ * QEMU 7.2's nbd_export_create bitmap checks: a name is searched from the exported node down its
+ * backing chain, {node, name} on that node; busy bitmaps are refused, and an enabled bitmap on a
+ * writable node cannot go out read-only (its contents could change under the client).
+ */
+function resolveBitmaps(common: ExportCommon, items: (string | { node: string; name: string })[]): DirtyBitmap[] {
+  const out: DirtyBitmap[] = [];
+  for (const item of items) {
+    let bm: DirtyBitmap | undefined;
+    if (typeof item === 'string') {
+      for (let n: BlockNode | undefined = common.node; n && !bm; n = n.backing) bm = findDirtyBitmap(n, item);
+      if (!bm) throw genericError(`Bitmap '${item}' is not found`);
+    } else {
+      const n = lookupBitmapNode(item.node, common.node);
+      if (!n) throw genericError(`Node '${item.node}' not found`);
+      bm = findDirtyBitmap(n, item.name);
+      if (!bm) throw genericError(`Dirty bitmap '${item.name}' not found`);
+    }
+    if (bm.busy) throw genericError(`Bitmap '${bm.name}' is currently in use by another operation and cannot be used`);
+    // QEMU 7.2 refuses whenever the bitmap's node is not read-only, writers or not, and checks
+    // only bitmaps given by name.
+    if (typeof item === 'string' && !common.writable && bm.recording && !bm.node.readOnly) {
+      throw genericError(`Enabled bitmap '${item}' incompatible with readonly export`);
+    }
+    out.push(bm);
+  }
+  return out;
+}
 
 export class NbdExport implements BlockExport, NbdServedExport {
   readonly connections = new Set<NbdConnection>();
@@ -17,6 +47,7 @@ export class NbdExport implements BlockExport, NbdServedExport {
     readonly name: string,
     readonly description: string | undefined,
     readonly allocationDepth: boolean,
+    readonly bitmaps: readonly DirtyBitmap[] = [],
   ) {}
 
   get node(): BlockNode {
@@ -65,13 +96,10 @@ export const nbdExportDriver: BlockExportDriver<NbdExport> = {
       throw genericError(`description '${description}' too long`);
     }
     if (nbdFindExport(name)) throw genericError(`NBD server already has export named '${name}'`);
-    const bitmaps: (string | { node: string; name: string })[] = options.bitmaps ?? [];
-    if (bitmaps.length > 0) {
-      // Dirty bitmaps do not exist in qsd-ts yet, so any bitmap named here is unknown.
-      const b = bitmaps[0];
-      throw genericError(`Bitmap '${typeof b === 'string' ? b : b.name}' is not found`);
-    }
-    const exp = new NbdExport(common, name, description, options['allocation-depth'] === true);
+    const bitmaps = resolveBitmaps(common, options.bitmaps ?? []);
+    // Exported bitmaps are busy: QMP may not change them while a client reads them.
+    for (const bm of bitmaps) bm.busy = true;
+    const exp = new NbdExport(common, name, description, options['allocation-depth'] === true, bitmaps);
     nbdAddExport(exp);
     return exp;
   },
@@ -85,6 +113,7 @@ export const nbdExportDriver: BlockExportDriver<NbdExport> = {
     nbdRemoveExport(exp);
     for (const c of exp.connections) c.close();
     await exp.allClosed();
+    for (const bm of exp.bitmaps) bm.busy = false;
   },
 
   async drainBegin(exp: NbdExport): Promise<void> {

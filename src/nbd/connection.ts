@@ -22,6 +22,8 @@ const IN_FLIGHT_BYTES = 64 * 1024 * 1024;
 const OPT_DATA_MAX = 64 * 1024;
 /** Sparse READ replies use at most this many chunks; the rest goes out as one data chunk. */
 const MAX_CHUNKS = 64;
+/** Context ids: base:allocation 0, qemu:allocation-depth 1, then one per exported bitmap (QEMU 7.2). */
+const NBD_META_ID_DIRTY_BITMAP = 2;
 /** Extents per meta context in one NBD_CMD_BLOCK_STATUS reply. */
 const MAX_EXTENTS = 8192;
 /**
@@ -85,6 +87,8 @@ export class NbdConnection {
   private metaExport: NbdServedExport | undefined;
   private metaBase = false;
   private metaDepth = false;
+  /** Negotiated qemu:dirty-bitmap contexts: indices into metaExport.bitmaps (context id 2 + index). */
+  private metaBitmaps: number[] = [];
   private option = 0;
 
   private readonly slots: Slot[] = [];
@@ -422,13 +426,22 @@ export class NbdConnection {
     if (!exp) return this.optError(opt, abi.NBD_REP_ERR_UNKNOWN, `export '${name}' not present`);
     let base = false;
     let depth = false;
+    const bitmaps = exp.bitmaps ?? [];
+    const bitmapOn = new Array<boolean>(bitmaps.length).fill(false);
     if (list && nq === 0) {
       base = true;
       depth = exp.allocationDepth;
+      bitmapOn.fill(true);
     }
     for (const q of queries) {
       if (q === 'base:allocation' || (list && q === 'base:')) base = true;
       if (exp.allocationDepth && (q === 'qemu:allocation-depth' || (list && q === 'qemu:'))) depth = true;
+      // QEMU 7.2's nbd_meta_qemu_query: listing "qemu:" or "qemu:dirty-bitmap:" gives every bitmap.
+      if (list && (q === 'qemu:' || q === 'qemu:dirty-bitmap:')) bitmapOn.fill(true);
+      else if (q.startsWith('qemu:dirty-bitmap:')) {
+        const i = bitmaps.findIndex((b) => b.name === q.slice(18));
+        if (i >= 0) bitmapOn[i] = true;
+      }
     }
     const send = (id: number, ctx: string) => {
       const s = Buffer.from(ctx, 'utf8');
@@ -439,10 +452,15 @@ export class NbdConnection {
     };
     if (base) send(abi.NBD_META_ID_BASE_ALLOCATION, 'base:allocation');
     if (depth) send(abi.NBD_META_ID_ALLOCATION_DEPTH, 'qemu:allocation-depth');
+    for (let i = 0; i < bitmaps.length; i++) {
+      if (bitmapOn[i]) send(NBD_META_ID_DIRTY_BITMAP + i, `qemu:dirty-bitmap:${bitmaps[i].name}`);
+    }
     if (!list) {
       this.metaExport = exp;
       this.metaBase = base;
       this.metaDepth = depth;
+      this.metaBitmaps = [];
+      for (let i = 0; i < bitmaps.length; i++) if (bitmapOn[i]) this.metaBitmaps.push(i);
     }
     this.optReply(opt, abi.NBD_REP_ACK);
   }
@@ -451,6 +469,7 @@ export class NbdConnection {
     if (this.metaExport !== exp) {
       this.metaBase = false;
       this.metaDepth = false;
+      this.metaBitmaps = [];
     }
     this.clearHandshakeTimer();
     this.exp = exp;
@@ -576,7 +595,7 @@ export class NbdConnection {
         s.msg = 'need non-zero length';
         return abi.NBD_EINVAL;
       }
-      if (!this.structured || (!this.metaBase && !this.metaDepth)) {
+      if (!this.structured || (!this.metaBase && !this.metaDepth && this.metaBitmaps.length === 0)) {
         s.msg = 'CMD_BLOCK_STATUS not negotiated';
         return abi.NBD_EINVAL;
       }
@@ -705,23 +724,38 @@ export class NbdConnection {
   private async blockStatus(s: Slot): Promise<number> {
     const node = this.exp!.node;
     const maxExtents = s.flags & abi.NBD_CMD_FLAG_REQ_ONE ? 1 : MAX_EXTENTS;
-    s.ensure(DATA_OFF + 2 * (24 + 8 * MAX_EXTENTS));
+    const bitmaps = this.exp!.bitmaps ?? [];
+    s.ensure(DATA_OFF + (2 + this.metaBitmaps.length) * (24 + 8 * MAX_EXTENTS));
     const parts: number[] = [];
     let at = DATA_OFF;
-    for (let ctx = 0; ctx < 2; ctx++) {
-      if (ctx === 0 ? !this.metaBase : !this.metaDepth) continue;
+    for (let ctx = 0; ctx < 2 + this.metaBitmaps.length; ctx++) {
+      if (ctx === 0 ? !this.metaBase : ctx === 1 ? !this.metaDepth : false) continue;
+      const bitmap = ctx >= 2 ? bitmaps[this.metaBitmaps[ctx - 2]] : undefined;
       const start = at;
-      s.buf.writeUInt32BE(ctx === 0 ? abi.NBD_META_ID_BASE_ALLOCATION : abi.NBD_META_ID_ALLOCATION_DEPTH, start + 20);
+      s.buf.writeUInt32BE(
+        ctx === 0 ? abi.NBD_META_ID_BASE_ALLOCATION
+          : ctx === 1 ? abi.NBD_META_ID_ALLOCATION_DEPTH : NBD_META_ID_DIRTY_BITMAP + this.metaBitmaps[ctx - 2],
+        start + 20,
+      );
       let count = 0;
       let pos = 0;
       let prev = -1;
       let e = start + 24;
       while (pos < s.len) {
-        const st = await node.blockStatus(s.offset + pos, s.len - pos);
-        const p = st.pnum > 0 ? Math.min(st.pnum, s.len - pos) : s.len - pos;
-        const v = ctx === 0
-          ? (st.data ? 0 : abi.NBD_STATE_HOLE) | (st.zero ? abi.NBD_STATE_ZERO : 0)
-          : st.depth ?? (st.allocated ? 1 : 0);
+        let p: number;
+        let v: number;
+        if (bitmap) {
+          // qemu:dirty-bitmap: flag 1 (NBD_STATE_DIRTY) for dirty runs, 0 for clean ones.
+          const run = bitmap.runEnd(s.offset + pos, s.offset + s.len);
+          p = run.end - (s.offset + pos);
+          v = run.dirty ? 1 : 0;
+        } else {
+          const st = await node.blockStatus(s.offset + pos, s.len - pos);
+          p = st.pnum > 0 ? Math.min(st.pnum, s.len - pos) : s.len - pos;
+          v = ctx === 0
+            ? (st.data ? 0 : abi.NBD_STATE_HOLE) | (st.zero ? abi.NBD_STATE_ZERO : 0)
+            : st.depth ?? (st.allocated ? 1 : 0);
+        }
         if (v === prev) {
           s.buf.writeUInt32BE(s.buf.readUInt32BE(e - 8) + p, e - 8);
         } else {

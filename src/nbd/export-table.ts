@@ -1,6 +1,7 @@
 // The NBD exports clients can reach by name (QEMU keeps one process-wide list, as we do).
 import type { BlockNode } from '../block/node.js';
 import type { NbdConnection } from './connection.js';
+import type { DirtyBitmap } from '../block/dirty-bitmap.js';
 
 /** What a connection needs to know about one export; created by src/exports/nbd.ts. */
 export interface NbdServedExport {
@@ -15,6 +16,8 @@ export interface NbdServedExport {
   readonly writethrough: boolean;
   /** Offer the qemu:allocation-depth meta context. */
   readonly allocationDepth: boolean;
+  /** Offer qemu:dirty-bitmap:<name> for each (option 'bitmaps'); context id 2 + index. */
+  readonly bitmaps?: readonly DirtyBitmap[];
   /** Connections in the transmission phase on this export; maintained by NbdConnection. */
   readonly connections: Set<NbdConnection>;
   /** While true, connections take no new requests (drained section). */

@@ -4,7 +4,7 @@ import { genericError } from '../../qapi/errors.js';
 import type { BlockNode } from '../../block/node.js';
 import type { Daemon } from '../../daemon.js';
 import {
-  BITMAP_MAX_NAME_SIZE, DirtyBitmap, findDirtyBitmap, nodeTracking, setWriteThresholdListener,
+  BITMAP_MAX_NAME_SIZE, DirtyBitmap, findDirtyBitmap, nodeTracking, setBitmapGraphAccess, setWriteThresholdListener,
 } from '../../block/dirty-bitmap.js';
 
 /** QEMU's BDRV_BITMAP_* check flags. */
@@ -48,6 +48,11 @@ function mergeInto(dst: DirtyBitmap, src: DirtyBitmap): void {
 
 export const blockDirtyBitmapCommands: Record<string, CommandHandler> = {
   'block-dirty-bitmap-add'(args: { node: string; name: string; granularity?: number; persistent?: boolean; disabled?: boolean }, { daemon }) {
+    // NBD exports resolve {node, name} bitmaps through this (see lookupBitmapNode).
+    setBitmapGraphAccess({
+      lookup: (nodeName) => daemon.graph.lookup(nodeName),
+      hasWriter: (n) => [...daemon.graph.entry(n.nodeName)?.users ?? []].some((u) => u.perms.has('write')),
+    });
     const { node, name, granularity, persistent = false, disabled = false } = args;
     if (name === '') throw genericError('Bitmap name cannot be empty');
     const bs = daemon.graph.lookup(node);
@@ -96,6 +101,8 @@ export const blockDirtyBitmapCommands: Record<string, CommandHandler> = {
 
   'block-dirty-bitmap-merge'(args: { node: string; target: string; bitmaps: (string | { node: string; name: string })[] }, { daemon }) {
     const dst = lookupBitmap(daemon, args.node, args.target);
+    // QEMU 7.2 refuses a busy or read-only target before looking at the sources.
+    checkBitmap(dst, BITMAP_CHECK_DEFAULT);
     const bs = dst.node;
     // Sources are merged into an anonymous bitmap first, so that the target is unchanged on error.
     const anon = new DirtyBitmap(bs, '', dst.granularity, bs.getLength());
