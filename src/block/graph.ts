@@ -5,7 +5,7 @@ import path from 'node:path';
 import { BlockNode } from './node.js';
 import { findBlockDriver } from './registry.js';
 import { genericError, QmpError } from '../qapi/errors.js';
-import { qcow2BackingInfo } from './qcow2/index.js';
+import { qcow2BackingInfo, qcow2ChangeBackingFile, qcow2SetBackingNode } from './qcow2/index.js';
 
 /** QEMU's BLK_PERM_* as names (they appear in conflict messages). */
 export type Permission = 'consistent read' | 'write' | 'write unchanged' | 'resize';
@@ -15,7 +15,10 @@ export const ALL_PERMS: readonly Permission[] = ['consistent read', 'write', 'wr
 export interface NodeUser {
   /** For conflict messages: the parent's node name or the backend's description. */
   readonly name: string;
-  /** 'file', 'backing', or 'root' for backends. */
+  /**
+   * 'file', 'backing', 'root' for block backends (exports, a job's BlockBackends), or 'job' for a
+   * block job holding the node (QEMU's child_job: the node is then no root node).
+   */
   readonly role: string;
   readonly perms: ReadonlySet<Permission>;
   readonly shared: ReadonlySet<Permission>;
@@ -24,7 +27,8 @@ export interface NodeUser {
 }
 
 export interface GraphEntry {
-  readonly node: BlockNode;
+  /** The node under this name (replaceNode() moves identities between objects). */
+  node: BlockNode;
   /** Created by blockdev-add / --blockdev at top level (QEMU's monitor_list): deletable by name. */
   monitorOwned: boolean;
   readonly users: Set<NodeUser>;
@@ -33,6 +37,26 @@ export interface GraphEntry {
    * its backing chain. Orders query-named-block-nodes.
    */
   readonly order: number;
+}
+
+/** Operations a blocker can forbid (QEMU's BlockOpType, the ones qsd-ts checks). */
+export type BlockOp = 'drive-del' | 'external-snapshot' | 'commit-source' | 'commit-target' | 'stream';
+
+/** A file node opened read-only gets a read-write descriptor (same flags otherwise). */
+function reopenFileReadWrite(node: BlockNode): void {
+  const st = node.state as { fd: number; filename: string; direct?: boolean };
+  let flags = '';
+  try {
+    flags = fs.readFileSync(`/proc/self/fdinfo/${st.fd}`, 'latin1');
+  } catch {
+    return;
+  }
+  const m = /^flags:\s*([0-7]+)/m.exec(flags);
+  if (!m || (parseInt(m[1]!, 8) & 3) !== fs.constants.O_RDONLY) return;
+  const fd = fs.openSync(st.filename, fs.constants.O_RDWR | (st.direct ? fs.constants.O_DIRECT : 0));
+  const old = st.fd;
+  st.fd = fd;
+  fs.closeSync(old);
 }
 
 /** Options that belong to every node and do not make its filename a json: one. */
@@ -94,6 +118,8 @@ export class BlockGraph {
   private readonly entries = new Map<string, GraphEntry>();
   private generatedIds = 0;
   private nextOrder = 0;
+  /** Block jobs' op blockers per node name, newest first (QEMU's op_blockers). */
+  private readonly jobBlockers = new Map<string, string[]>();
 
   /** Where a format names its own backing file (qcow2's header): read before the node opens. */
   private async backingResolver(node: { driver: string; file: BlockNode }): Promise<{ backingFile?: string; backingFormat?: string }> {
@@ -281,7 +307,7 @@ export class BlockGraph {
   /** Does a backend (export, job) use this node? */
   hasBackend(nodeName: string): boolean {
     const entry = this.entries.get(nodeName);
-    return !!entry && [...entry.users].some((u) => !u.parent);
+    return !!entry && [...entry.users].some((u) => !u.parent && u.role !== 'job');
   }
 
   /** blockdev-del, with QEMU's checks in QEMU's order. */
@@ -289,6 +315,7 @@ export class BlockGraph {
     const entry = this.entries.get(nodeName);
     if (!entry) throw genericError(`Failed to find node with node-name='${nodeName}'`);
     if (this.hasBackend(nodeName)) throw genericError(`Node ${nodeName} is in use`);
+    this.checkOp(entry.node, 'drive-del');
     if (!entry.monitorOwned) throw genericError(`Node ${nodeName} is not owned by the monitor`);
     if (entry.users.size > 0) throw genericError(`Block device ${nodeName} is in use`);
     await this.closeEntry(entry);
@@ -334,6 +361,186 @@ export class BlockGraph {
     };
     visit(node);
     return out;
+  }
+
+  // ---------------------------------------------------------------- graph changes (jobs, snapshots)
+
+  /**
+   * QEMU's bdrv_op_is_blocked(): a block job blocks every operation on the nodes it holds
+   * (newest first), a backing link blocks deleting, snapshotting and committing from its child.
+   */
+  checkOp(node: BlockNode, op: BlockOp): void {
+    const jobs = this.jobBlockers.get(node.nodeName);
+    if (jobs?.length) throw genericError(`Node '${node.nodeName}' is busy: ${jobs[0]}`);
+    if (op === 'commit-target' || op === 'stream') return;
+    const entry = this.entries.get(node.nodeName);
+    for (const user of entry?.users ?? []) {
+      if (user.parent && user.role === 'backing') {
+        throw genericError(`Node '${node.nodeName}' is busy: node is used as backing hd of '${user.name}'`);
+      }
+    }
+  }
+
+  /** A block job holds `node`: every operation on it reports `reason` until unblockAll(). */
+  blockAll(node: BlockNode, reason: string): void {
+    const list = this.jobBlockers.get(node.nodeName) ?? [];
+    list.unshift(reason);
+    this.jobBlockers.set(node.nodeName, list);
+  }
+
+  unblockAll(node: BlockNode, reason: string): void {
+    const list = this.jobBlockers.get(node.nodeName);
+    const i = list?.indexOf(reason) ?? -1;
+    if (i >= 0) list!.splice(i, 1);
+    if (list && list.length === 0) this.jobBlockers.delete(node.nodeName);
+  }
+
+  /** QEMU's bdrv_is_root_node(): no parent node and no block job holds it. */
+  isRoot(node: BlockNode): boolean {
+    return ![...(this.entries.get(node.nodeName)?.users ?? [])].some((u) => u.parent || u.role === 'job');
+  }
+
+  /** The node whose backing child is `node` within the chain from `top` (QEMU's bdrv_find_overlay). */
+  overlayOf(top: BlockNode, node: BlockNode): BlockNode | undefined {
+    for (let n: BlockNode | undefined = top; n; n = n.backing) if (n.backing === node) return n;
+    return undefined;
+  }
+
+  /** Users (parents and backends) of a node. */
+  usersOf(node: BlockNode): NodeUser[] {
+    return [...(this.entries.get(node.nodeName)?.users ?? [])];
+  }
+
+  /**
+   * Make `backing` the backing child of `node` (none if undefined): the child edge, the format
+   * driver's link and the node's options (so its filename shows the override as QEMU does). An
+   * implicitly opened backing node nobody uses any more is closed. The caller drains first.
+   */
+  async setBacking(node: BlockNode, backing: BlockNode | undefined): Promise<void> {
+    const entry = this.entries.get(node.nodeName);
+    if (!entry) throw genericError(`Cannot find device='' nor node-name='${node.nodeName}'`);
+    const old = node.children.get('backing');
+    if (backing) {
+      const child = this.entries.get(backing.nodeName)!;
+      child.users.add(this.parentUser(node, 'backing', node.readOnly, entry));
+      node.children.set('backing', backing);
+    } else {
+      node.children.delete('backing');
+    }
+    if (node.driver.name === 'qcow2') qcow2SetBackingNode(node.state, backing);
+    node.options.backing = backing ? backing.nodeName : null;
+    if (old && old !== backing) {
+      const oldEntry = this.entries.get(old.nodeName);
+      if (oldEntry) {
+        for (const user of oldEntry.users) if (user.parent === entry && user.role === 'backing') oldEntry.users.delete(user);
+        if (!oldEntry.monitorOwned && oldEntry.users.size === 0) await this.closeEntry(oldEntry);
+      }
+    } else if (old && old === backing) {
+      // Re-attached to the same node: keep one edge.
+      const child = this.entries.get(backing.nodeName)!;
+      const edges = [...child.users].filter((u) => u.parent === entry && u.role === 'backing');
+      for (const extra of edges.slice(1)) child.users.delete(extra);
+    }
+  }
+
+  /** QEMU's bdrv_change_backing_file(): the image header names another backing file (qcow2). */
+  async changeBackingFile(node: BlockNode, backingFile: string | undefined, backingFormat: string | undefined): Promise<void> {
+    if (node.driver.name !== 'qcow2') return;
+    const file = node.file;
+    const wasReadOnly = file?.readOnly ?? false;
+    if (file && wasReadOnly) await this.setReadOnly(file, false);
+    try {
+      await qcow2ChangeBackingFile(node.state, backingFile, backingFormat);
+    } finally {
+      if (file && wasReadOnly) await this.setReadOnly(file, true);
+    }
+  }
+
+  /**
+   * QEMU's bdrv_reopen_set_read_only() for a node and its implicitly opened file child. A file
+   * opened read-only gets a read-write descriptor when it becomes writable.
+   */
+  async setReadOnly(node: BlockNode, readOnly: boolean): Promise<void> {
+    if (node.readOnly === readOnly) return;
+    if (readOnly) await node.flush();
+    if (!readOnly && node.driver.name === 'file') reopenFileReadWrite(node);
+    node.readOnly = readOnly;
+    const file = node.file;
+    const fileEntry = file && this.entries.get(file.nodeName);
+    if (file && fileEntry && !fileEntry.monitorOwned) await this.setReadOnly(file, readOnly);
+  }
+
+  /**
+   * QEMU's bdrv_replace_node(from, to): every parent of `from` (exports, parent nodes, jobs)
+   * uses `to` from now on, except `to` itself when it is `from`'s parent (an overlay on top of it).
+   *
+   * Parents here hold BlockNode objects directly (export queues, NBD clients, parent drivers'
+   * states), unlike QEMU's BdrvChild pointers. So the two objects trade identities: the object
+   * everyone used now carries `to`'s name, driver and state, and the graph's own edges onto `to`
+   * (and `to`'s edge onto `from`) are pointed at the right object again. Exports or other
+   * backends on `to` itself cannot follow and are refused by the caller (snapshot: the overlay
+   * must not be in use). The caller drains first; main-thread nodes only (no iothread replicas).
+   */
+  replaceNode(from: BlockNode, to: BlockNode): void {
+    const eFrom = this.entries.get(from.nodeName)!;
+    const eTo = this.entries.get(to.nodeName)!;
+    const oFrom = from;
+    const oTo = to;
+    const stay = [...eFrom.users].filter((u) => u.parent === eTo);
+    const movers = [...eFrom.users].filter((u) => u.parent !== eTo);
+    const toParents = [...eTo.users].filter((u) => u.parent);
+    // Swap every field (name, driver, options, children, state, counters).
+    const a = oFrom as unknown as Record<string, unknown>;
+    const b = oTo as unknown as Record<string, unknown>;
+    for (const key of new Set([...Object.keys(a), ...Object.keys(b)])) {
+      const t = a[key];
+      a[key] = b[key];
+      b[key] = t;
+    }
+    for (const [obj, other] of [[oFrom, oTo], [oTo, oFrom]] as const) {
+      const st = obj.state as { node?: BlockNode } | undefined;
+      if (st && typeof st === 'object' && st.node === other) st.node = obj;
+    }
+    eFrom.node = oTo;
+    eTo.node = oFrom;
+    // Parents of `to` kept their objects, which now carry `from`: point them at `to`'s object.
+    for (const user of toParents) this.repoint(user.parent!.node, oTo, oFrom);
+    // `to`'s own edge onto `from` now points at itself: point it at `from`'s object.
+    for (const user of stay) this.repoint(user.parent!.node, oFrom, oTo);
+    for (const user of movers) {
+      eFrom.users.delete(user);
+      eTo.users.add(user);
+    }
+  }
+
+  /** One parent's child links (edges and driver state) from object `was` to object `now`. */
+  private repoint(parent: BlockNode, was: BlockNode, now: BlockNode): void {
+    for (const [role, child] of parent.children) {
+      if (child !== was) continue;
+      parent.children.set(role, now);
+      if (role === 'backing' && parent.driver.name === 'qcow2') qcow2SetBackingNode(parent.state, now);
+      else if (role !== 'backing') throw genericError(`Cannot move the '${role}' child of node '${parent.nodeName}'`);
+    }
+  }
+
+  /** Is `node` reachable from `from` through child links (or the same node)? */
+  reaches(from: BlockNode, node: BlockNode): boolean {
+    if (from === node) return true;
+    for (const child of from.children.values()) if (this.reaches(child, node)) return true;
+    return false;
+  }
+
+  /** Registers an opened overlay's tree (blockdev-snapshot-sync opens it like blockdev-add). */
+  async openOverlay(options: Record<string, any>): Promise<BlockNode> {
+    const entry = await this.openTree(options, { readOnly: false });
+    entry.monitorOwned = true;
+    return entry.node;
+  }
+
+  /** Closes a node the monitor owns and nobody uses (a transaction undoing a snapshot-sync). */
+  async closeUnused(node: BlockNode): Promise<void> {
+    const entry = this.entries.get(node.nodeName);
+    if (entry && entry.users.size === 0) await this.closeEntry(entry);
   }
 
   /**

@@ -120,7 +120,8 @@ export class ExportManager {
       const info: Record<string, unknown> = {
         id: entry.exp.common.id,
         type: entry.type,
-        'node-name': entry.exp.common.nodeName,
+        // The node's current name: a snapshot or an active commit moves the export to another node.
+        'node-name': entry.exp.common.node.nodeName,
         'shutting-down': !entry.userOwned,
       };
       if (entry.exp.common.multithread && entry.exp.queryInfo) Object.assign(info, await entry.exp.queryInfo());

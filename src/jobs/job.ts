@@ -1,5 +1,5 @@
-// Background jobs (QEMU's job.c) as far as qsd-ts has them: blockdev-create jobs with QEMU's
-// state machine, JOB_STATUS_CHANGE events, query-jobs and the job-* verbs.
+// Background jobs (QEMU's job.c): the state machine, JOB_STATUS_CHANGE events, query-jobs and the
+// job-* verbs; blockdev-create jobs run here, block jobs (block-job.ts) build on it.
 import { genericError } from '../qapi/errors.js';
 import { idWellformed } from '../block/graph.js';
 
@@ -26,7 +26,7 @@ export class Job {
   error?: string;
   currentProgress = 0;
   totalProgress = 1;
-  private cancelled = false;
+  protected cancelled = false;
   /**
    * Set by job-pause, cleared by job-resume. Our jobs have no pause points (as QEMU's create jobs
    * have none), so the status stays 'running' and the job still concludes, as on QEMU.
@@ -36,7 +36,7 @@ export class Job {
   constructor(
     readonly id: string,
     readonly type: string,
-    private readonly manager: JobManager,
+    protected readonly manager: JobManager,
   ) {}
 
   transition(status: JobStatus): void {
@@ -88,9 +88,20 @@ export class Job {
     this.userPaused = false;
   }
 
-  cancel(): void {
+  /** job-cancel (force) and block-job-cancel. */
+  cancel(_force = true): void {
     this.checkVerb('cancel');
     this.cancelled = true;
+  }
+
+  /** job-complete: only jobs that reach 'ready' (block jobs) accept it. */
+  complete(): void {
+    this.checkVerb('complete');
+  }
+
+  /** job-finalize: only jobs with auto-finalize off wait in 'pending' (block jobs). */
+  finalize(): void {
+    this.checkVerb('finalize');
   }
 
   info(): Record<string, unknown> {
@@ -112,12 +123,23 @@ export class JobManager {
   constructor(readonly emit: (event: string, data: Record<string, unknown>) => void) {}
 
   create(id: string, type: string): Job {
+    return this.register(id, (jobId) => new Job(jobId, type, this));
+  }
+
+  /** QEMU's job_create(): check the id, build the job, announce 'created'. */
+  register<J extends Job>(id: string, build: (id: string) => J): J {
     if (!idWellformed(id)) throw genericError(`Invalid job ID '${id}'`);
     if (this.jobs.has(id)) throw genericError(`Job ID '${id}' already in use`);
-    const job = new Job(id, type, this);
+    const job = build(id);
     this.jobs.set(id, job);
     job.transition('created');
     return job;
+  }
+
+  /** The job is gone (dismissed, or failed before it started): 'null' and out of the lists. */
+  remove(job: Job): void {
+    job.transition('null');
+    this.jobs.delete(job.id);
   }
 
   find(id: string): Job {
@@ -129,8 +151,7 @@ export class JobManager {
   dismiss(id: string): void {
     const job = this.find(id);
     job.checkVerb('dismiss');
-    job.transition('null');
-    this.jobs.delete(id);
+    this.remove(job);
   }
 
   /** Jobs newest first, as QEMU's query-jobs lists them. */

@@ -81,7 +81,8 @@ export class Qcow2Image {
 
   constructor(
     readonly file: BlockNode,
-    readonly backing: BlockNode | undefined,
+    /** Replaced when the graph moves this image onto another backing node (stream, commit, snapshot). */
+    public backing: BlockNode | undefined,
     readonly h: Qcow2Header,
     l1: Buffer,
     refTable: Buffer,

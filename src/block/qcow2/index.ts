@@ -28,6 +28,7 @@ import { openImage } from './open.js';
 
 export { qcow2BackingInfo } from './header.js';
 export { qcow2Create, type Qcow2CreateOptions } from './create.js';
+export { qcow2ChangeBackingFile, qcow2SetBackingNode } from './backing.js';
 
 const { EINVAL } = osConstants.errno;
 

@@ -206,59 +206,89 @@ export const introspection: readonly unknown[] = [
  },
  {
   "arg-type": "34",
-  "name": "JOB_STATUS_CHANGE",
-  "meta-type": "event"
+  "ret-type": "0",
+  "name": "blockdev-snapshot-sync",
+  "meta-type": "command"
  },
  {
   "arg-type": "35",
   "ret-type": "0",
-  "name": "job-pause",
+  "name": "blockdev-snapshot",
   "meta-type": "command"
  },
  {
   "arg-type": "36",
   "ret-type": "0",
-  "name": "job-resume",
+  "name": "block-commit",
   "meta-type": "command"
  },
  {
   "arg-type": "37",
   "ret-type": "0",
-  "name": "job-cancel",
+  "name": "block-stream",
   "meta-type": "command"
  },
  {
   "arg-type": "38",
   "ret-type": "0",
-  "name": "job-complete",
+  "name": "transaction",
   "meta-type": "command"
  },
  {
   "arg-type": "39",
+  "name": "JOB_STATUS_CHANGE",
+  "meta-type": "event"
+ },
+ {
+  "arg-type": "40",
+  "ret-type": "0",
+  "name": "job-pause",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "41",
+  "ret-type": "0",
+  "name": "job-resume",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "42",
+  "ret-type": "0",
+  "name": "job-cancel",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "43",
+  "ret-type": "0",
+  "name": "job-complete",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "44",
   "ret-type": "0",
   "name": "job-dismiss",
   "meta-type": "command"
  },
  {
-  "arg-type": "40",
+  "arg-type": "45",
   "ret-type": "0",
   "name": "job-finalize",
   "meta-type": "command"
  },
  {
   "arg-type": "0",
-  "ret-type": "[41]",
+  "ret-type": "[46]",
   "name": "query-jobs",
   "meta-type": "command"
  },
  {
-  "arg-type": "42",
+  "arg-type": "47",
   "ret-type": "0",
   "name": "nbd-server-start",
   "meta-type": "command"
  },
  {
-  "arg-type": "43",
+  "arg-type": "48",
   "ret-type": "0",
   "name": "nbd-server-add",
   "meta-type": "command",
@@ -267,7 +297,7 @@ export const introspection: readonly unknown[] = [
   ]
  },
  {
-  "arg-type": "44",
+  "arg-type": "49",
   "ret-type": "0",
   "name": "nbd-server-remove",
   "meta-type": "command",
@@ -282,55 +312,55 @@ export const introspection: readonly unknown[] = [
   "meta-type": "command"
  },
  {
-  "arg-type": "45",
+  "arg-type": "50",
   "ret-type": "0",
   "name": "block-export-add",
   "meta-type": "command"
  },
  {
-  "arg-type": "46",
+  "arg-type": "51",
   "ret-type": "0",
   "name": "block-export-del",
   "meta-type": "command"
  },
  {
-  "arg-type": "47",
+  "arg-type": "52",
   "name": "BLOCK_EXPORT_DELETED",
   "meta-type": "event"
  },
  {
   "arg-type": "0",
-  "ret-type": "[48]",
+  "ret-type": "[53]",
   "name": "query-block-exports",
   "meta-type": "command"
  },
  {
   "arg-type": "0",
-  "ret-type": "[49]",
+  "ret-type": "[54]",
   "name": "query-chardev",
   "meta-type": "command"
  },
  {
   "arg-type": "0",
-  "ret-type": "[50]",
+  "ret-type": "[55]",
   "name": "query-chardev-backends",
   "meta-type": "command"
  },
  {
-  "arg-type": "51",
+  "arg-type": "56",
   "ret-type": "0",
   "name": "qmp_capabilities",
   "meta-type": "command"
  },
  {
   "arg-type": "0",
-  "ret-type": "52",
+  "ret-type": "57",
   "name": "query-version",
   "meta-type": "command"
  },
  {
   "arg-type": "0",
-  "ret-type": "[53]",
+  "ret-type": "[58]",
   "name": "query-commands",
   "meta-type": "command"
  },
@@ -342,54 +372,54 @@ export const introspection: readonly unknown[] = [
  },
  {
   "arg-type": "0",
-  "ret-type": "[54]",
+  "ret-type": "[59]",
   "name": "query-qmp-schema",
   "meta-type": "command"
  },
  {
-  "arg-type": "55",
-  "ret-type": "[56]",
+  "arg-type": "60",
+  "ret-type": "[61]",
   "name": "qom-list",
   "meta-type": "command"
  },
  {
-  "arg-type": "57",
-  "ret-type": "[58]",
+  "arg-type": "62",
+  "ret-type": "[63]",
   "name": "qom-list-get",
   "meta-type": "command"
  },
  {
-  "arg-type": "59",
+  "arg-type": "64",
   "ret-type": "any",
   "name": "qom-get",
   "meta-type": "command"
  },
  {
-  "arg-type": "60",
+  "arg-type": "65",
   "ret-type": "0",
   "name": "qom-set",
   "meta-type": "command"
  },
  {
-  "arg-type": "61",
-  "ret-type": "[62]",
+  "arg-type": "66",
+  "ret-type": "[67]",
   "name": "qom-list-types",
   "meta-type": "command"
  },
  {
-  "arg-type": "63",
-  "ret-type": "[56]",
+  "arg-type": "68",
+  "ret-type": "[61]",
   "name": "qom-list-properties",
   "meta-type": "command"
  },
  {
-  "arg-type": "64",
+  "arg-type": "69",
   "ret-type": "0",
   "name": "object-add",
   "meta-type": "command"
  },
  {
-  "arg-type": "65",
+  "arg-type": "70",
   "ret-type": "0",
   "name": "object-del",
   "meta-type": "command"
@@ -439,7 +469,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "io-status",
-    "type": "66",
+    "type": "71",
     "default": null
    }
   ],
@@ -481,11 +511,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "stats",
-    "type": "67"
+    "type": "72"
    },
    {
     "name": "driver-specific",
-    "type": "68",
+    "type": "73",
     "default": null
    },
    {
@@ -539,7 +569,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "io-status",
-    "type": "66"
+    "type": "71"
    },
    {
     "name": "ready",
@@ -547,7 +577,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "status",
-    "type": "69"
+    "type": "74"
    },
    {
     "name": "auto-finalize",
@@ -636,7 +666,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "detect_zeroes",
-    "type": "70"
+    "type": "75"
    },
    {
     "name": "bps",
@@ -664,7 +694,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "image",
-    "type": "71"
+    "type": "76"
    },
    {
     "name": "bps_max",
@@ -738,7 +768,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "cache",
-    "type": "72"
+    "type": "77"
    },
    {
     "name": "write_threshold",
@@ -746,7 +776,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "dirty-bitmaps",
-    "type": "[73]",
+    "type": "[78]",
     "default": null
    }
   ],
@@ -757,11 +787,11 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "nodes",
-    "type": "[74]"
+    "type": "[79]"
    },
    {
     "name": "edges",
-    "type": "[75]"
+    "type": "[80]"
    }
   ],
   "name": "8",
@@ -813,11 +843,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "operation",
-    "type": "76"
+    "type": "81"
    },
    {
     "name": "action",
-    "type": "77"
+    "type": "82"
    },
    {
     "name": "nospace",
@@ -836,7 +866,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "type",
-    "type": "78"
+    "type": "83"
    },
    {
     "name": "device",
@@ -867,7 +897,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "type",
-    "type": "78"
+    "type": "83"
    },
    {
     "name": "device",
@@ -897,11 +927,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "operation",
-    "type": "76"
+    "type": "81"
    },
    {
     "name": "action",
-    "type": "77"
+    "type": "82"
    }
   ],
   "name": "13",
@@ -911,7 +941,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "type",
-    "type": "78"
+    "type": "83"
    },
    {
     "name": "device",
@@ -937,7 +967,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "type",
-    "type": "78"
+    "type": "83"
    },
    {
     "name": "id",
@@ -1034,7 +1064,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "type",
-    "type": "78"
+    "type": "83"
    }
   ],
   "tag": "type",
@@ -1049,7 +1079,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "mirror",
-    "type": "79"
+    "type": "84"
    },
    {
     "case": "backup",
@@ -1083,7 +1113,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "driver",
-    "type": "80"
+    "type": "85"
    },
    {
     "name": "node-name",
@@ -1092,12 +1122,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "discard",
-    "type": "81",
+    "type": "86",
     "default": null
    },
    {
     "name": "cache",
-    "type": "82",
+    "type": "87",
     "default": null
    },
    {
@@ -1117,7 +1147,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "detect-zeroes",
-    "type": "70",
+    "type": "75",
     "default": null
    }
   ],
@@ -1125,31 +1155,31 @@ export const introspection: readonly unknown[] = [
   "variants": [
    {
     "case": "blkdebug",
-    "type": "83"
+    "type": "88"
    },
    {
     "case": "file",
-    "type": "84"
+    "type": "89"
    },
    {
     "case": "host_device",
-    "type": "84"
+    "type": "89"
    },
    {
     "case": "null-aio",
-    "type": "85"
+    "type": "90"
    },
    {
     "case": "null-co",
-    "type": "85"
+    "type": "90"
    },
    {
     "case": "qcow2",
-    "type": "86"
+    "type": "91"
    },
    {
     "case": "raw",
-    "type": "87"
+    "type": "92"
    }
   ],
   "name": "24",
@@ -1183,7 +1213,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "options",
-    "type": "88"
+    "type": "93"
    }
   ],
   "name": "27",
@@ -1244,7 +1274,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmaps",
-    "type": "[89]"
+    "type": "[94]"
    }
   ],
   "name": "30",
@@ -1295,12 +1325,33 @@ export const introspection: readonly unknown[] = [
  {
   "members": [
    {
-    "name": "id",
+    "name": "device",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "node-name",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "snapshot-file",
     "type": "str"
    },
    {
-    "name": "status",
-    "type": "69"
+    "name": "snapshot-node-name",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "format",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "mode",
+    "type": "95",
+    "default": null
    }
   ],
   "name": "34",
@@ -1309,7 +1360,11 @@ export const introspection: readonly unknown[] = [
  {
   "members": [
    {
-    "name": "id",
+    "name": "node",
+    "type": "str"
+   },
+   {
+    "name": "overlay",
     "type": "str"
    }
   ],
@@ -1319,8 +1374,69 @@ export const introspection: readonly unknown[] = [
  {
   "members": [
    {
-    "name": "id",
+    "name": "job-id",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "device",
     "type": "str"
+   },
+   {
+    "name": "base-node",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "base",
+    "type": "str",
+    "default": null,
+    "features": [
+     "deprecated"
+    ]
+   },
+   {
+    "name": "top-node",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "top",
+    "type": "str",
+    "default": null,
+    "features": [
+     "deprecated"
+    ]
+   },
+   {
+    "name": "backing-file",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "speed",
+    "type": "int",
+    "default": null
+   },
+   {
+    "name": "on-error",
+    "type": "96",
+    "default": null
+   },
+   {
+    "name": "filter-node-name",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "auto-finalize",
+    "type": "bool",
+    "default": null
+   },
+   {
+    "name": "auto-dismiss",
+    "type": "bool",
+    "default": null
    }
   ],
   "name": "36",
@@ -1329,8 +1445,58 @@ export const introspection: readonly unknown[] = [
  {
   "members": [
    {
-    "name": "id",
+    "name": "job-id",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "device",
     "type": "str"
+   },
+   {
+    "name": "base",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "base-node",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "backing-file",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "bottom",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "speed",
+    "type": "int",
+    "default": null
+   },
+   {
+    "name": "on-error",
+    "type": "96",
+    "default": null
+   },
+   {
+    "name": "filter-node-name",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "auto-finalize",
+    "type": "bool",
+    "default": null
+   },
+   {
+    "name": "auto-dismiss",
+    "type": "bool",
+    "default": null
    }
   ],
   "name": "37",
@@ -1339,8 +1505,13 @@ export const introspection: readonly unknown[] = [
  {
   "members": [
    {
-    "name": "id",
-    "type": "str"
+    "name": "actions",
+    "type": "[97]"
+   },
+   {
+    "name": "properties",
+    "type": "98",
+    "default": null
    }
   ],
   "name": "38",
@@ -1351,6 +1522,10 @@ export const introspection: readonly unknown[] = [
    {
     "name": "id",
     "type": "str"
+   },
+   {
+    "name": "status",
+    "type": "74"
    }
   ],
   "name": "39",
@@ -1367,8 +1542,58 @@ export const introspection: readonly unknown[] = [
   "meta-type": "object"
  },
  {
-  "element-type": "41",
-  "name": "[41]",
+  "members": [
+   {
+    "name": "id",
+    "type": "str"
+   }
+  ],
+  "name": "41",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "id",
+    "type": "str"
+   }
+  ],
+  "name": "42",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "id",
+    "type": "str"
+   }
+  ],
+  "name": "43",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "id",
+    "type": "str"
+   }
+  ],
+  "name": "44",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "id",
+    "type": "str"
+   }
+  ],
+  "name": "45",
+  "meta-type": "object"
+ },
+ {
+  "element-type": "46",
+  "name": "[46]",
   "meta-type": "array"
  },
  {
@@ -1379,11 +1604,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "type",
-    "type": "78"
+    "type": "83"
    },
    {
     "name": "status",
-    "type": "69"
+    "type": "74"
    },
    {
     "name": "current-progress",
@@ -1399,7 +1624,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "41",
+  "name": "46",
   "meta-type": "object"
  },
  {
@@ -1426,10 +1651,10 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "addr",
-    "type": "90"
+    "type": "99"
    }
   ],
-  "name": "42",
+  "name": "47",
   "meta-type": "object"
  },
  {
@@ -1459,7 +1684,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "43",
+  "name": "48",
   "meta-type": "object"
  },
  {
@@ -1470,18 +1695,18 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "mode",
-    "type": "91",
+    "type": "100",
     "default": null
    }
   ],
-  "name": "44",
+  "name": "49",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "92"
+    "type": "101"
    },
    {
     "name": "id",
@@ -1494,7 +1719,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "iothread",
-    "type": "93",
+    "type": "102",
     "default": null
    },
    {
@@ -1521,14 +1746,14 @@ export const introspection: readonly unknown[] = [
   "variants": [
    {
     "case": "nbd",
-    "type": "94"
+    "type": "103"
    },
    {
     "case": "fuse",
-    "type": "95"
+    "type": "104"
    }
   ],
-  "name": "45",
+  "name": "50",
   "meta-type": "object"
  },
  {
@@ -1539,11 +1764,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "mode",
-    "type": "91",
+    "type": "100",
     "default": null
    }
   ],
-  "name": "46",
+  "name": "51",
   "meta-type": "object"
  },
  {
@@ -1553,12 +1778,12 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "47",
+  "name": "52",
   "meta-type": "object"
  },
  {
-  "element-type": "48",
-  "name": "[48]",
+  "element-type": "53",
+  "name": "[53]",
   "meta-type": "array"
  },
  {
@@ -1569,7 +1794,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "type",
-    "type": "92"
+    "type": "101"
    },
    {
     "name": "node-name",
@@ -1580,12 +1805,12 @@ export const introspection: readonly unknown[] = [
     "type": "bool"
    }
   ],
-  "name": "48",
+  "name": "53",
   "meta-type": "object"
  },
  {
-  "element-type": "49",
-  "name": "[49]",
+  "element-type": "54",
+  "name": "[54]",
   "meta-type": "array"
  },
  {
@@ -1603,12 +1828,12 @@ export const introspection: readonly unknown[] = [
     "type": "bool"
    }
   ],
-  "name": "49",
+  "name": "54",
   "meta-type": "object"
  },
  {
-  "element-type": "50",
-  "name": "[50]",
+  "element-type": "55",
+  "name": "[55]",
   "meta-type": "array"
  },
  {
@@ -1618,37 +1843,37 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "50",
+  "name": "55",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "enable",
-    "type": "[96]",
+    "type": "[105]",
     "default": null
    }
   ],
-  "name": "51",
+  "name": "56",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "qemu",
-    "type": "97"
+    "type": "106"
    },
    {
     "name": "package",
     "type": "str"
    }
   ],
-  "name": "52",
+  "name": "57",
   "meta-type": "object"
  },
  {
-  "element-type": "53",
-  "name": "[53]",
+  "element-type": "58",
+  "name": "[58]",
   "meta-type": "array"
  },
  {
@@ -1658,12 +1883,12 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "53",
+  "name": "58",
   "meta-type": "object"
  },
  {
-  "element-type": "54",
-  "name": "[54]",
+  "element-type": "59",
+  "name": "[59]",
   "meta-type": "array"
  },
  {
@@ -1674,7 +1899,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "meta-type",
-    "type": "98"
+    "type": "107"
    },
    {
     "name": "features",
@@ -1686,34 +1911,34 @@ export const introspection: readonly unknown[] = [
   "variants": [
    {
     "case": "builtin",
-    "type": "99"
+    "type": "108"
    },
    {
     "case": "enum",
-    "type": "100"
+    "type": "109"
    },
    {
     "case": "array",
-    "type": "101"
+    "type": "110"
    },
    {
     "case": "object",
-    "type": "102"
+    "type": "111"
    },
    {
     "case": "alternate",
-    "type": "103"
+    "type": "112"
    },
    {
     "case": "command",
-    "type": "104"
+    "type": "113"
    },
    {
     "case": "event",
-    "type": "105"
+    "type": "114"
    }
   ],
-  "name": "54",
+  "name": "59",
   "meta-type": "object"
  },
  {
@@ -1723,12 +1948,12 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "55",
+  "name": "60",
   "meta-type": "object"
  },
  {
-  "element-type": "56",
-  "name": "[56]",
+  "element-type": "61",
+  "name": "[61]",
   "meta-type": "array"
  },
  {
@@ -1752,7 +1977,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "56",
+  "name": "61",
   "meta-type": "object"
  },
  {
@@ -1762,22 +1987,22 @@ export const introspection: readonly unknown[] = [
     "type": "[str]"
    }
   ],
-  "name": "57",
+  "name": "62",
   "meta-type": "object"
  },
  {
-  "element-type": "58",
-  "name": "[58]",
+  "element-type": "63",
+  "name": "[63]",
   "meta-type": "array"
  },
  {
   "members": [
    {
     "name": "properties",
-    "type": "[106]"
+    "type": "[115]"
    }
   ],
-  "name": "58",
+  "name": "63",
   "meta-type": "object"
  },
  {
@@ -1791,7 +2016,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "59",
+  "name": "64",
   "meta-type": "object"
  },
  {
@@ -1814,7 +2039,7 @@ export const introspection: readonly unknown[] = [
     "type": "any"
    }
   ],
-  "name": "60",
+  "name": "65",
   "meta-type": "object"
  },
  {
@@ -1830,12 +2055,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "61",
+  "name": "66",
   "meta-type": "object"
  },
  {
-  "element-type": "62",
-  "name": "[62]",
+  "element-type": "67",
+  "name": "[67]",
   "meta-type": "array"
  },
  {
@@ -1855,7 +2080,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "62",
+  "name": "67",
   "meta-type": "object"
  },
  {
@@ -1865,14 +2090,14 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "63",
+  "name": "68",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "qom-type",
-    "type": "107"
+    "type": "116"
    },
    {
     "name": "id",
@@ -1883,10 +2108,10 @@ export const introspection: readonly unknown[] = [
   "variants": [
    {
     "case": "iothread",
-    "type": "108"
+    "type": "117"
    }
   ],
-  "name": "64",
+  "name": "69",
   "meta-type": "object"
  },
  {
@@ -1896,7 +2121,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "65",
+  "name": "70",
   "meta-type": "object"
  },
  {
@@ -1926,7 +2151,7 @@ export const introspection: readonly unknown[] = [
    "failed",
    "nospace"
   ],
-  "name": "66",
+  "name": "71",
   "meta-type": "enum"
  },
  {
@@ -2038,32 +2263,32 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "timed_stats",
-    "type": "[109]"
+    "type": "[118]"
    },
    {
     "name": "rd_latency_histogram",
-    "type": "110",
+    "type": "119",
     "default": null
    },
    {
     "name": "wr_latency_histogram",
-    "type": "110",
+    "type": "119",
     "default": null
    },
    {
     "name": "flush_latency_histogram",
-    "type": "110",
+    "type": "119",
     "default": null
    }
   ],
-  "name": "67",
+  "name": "72",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "driver",
-    "type": "80"
+    "type": "85"
    }
   ],
   "tag": "driver",
@@ -2074,11 +2299,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "file",
-    "type": "111"
+    "type": "120"
    },
    {
     "case": "host_device",
-    "type": "111"
+    "type": "120"
    },
    {
     "case": "null-aio",
@@ -2097,7 +2322,7 @@ export const introspection: readonly unknown[] = [
     "type": "0"
    }
   ],
-  "name": "68",
+  "name": "73",
   "meta-type": "object"
  },
  {
@@ -2154,7 +2379,7 @@ export const introspection: readonly unknown[] = [
    "concluded",
    "null"
   ],
-  "name": "69",
+  "name": "74",
   "meta-type": "enum"
  },
  {
@@ -2174,7 +2399,7 @@ export const introspection: readonly unknown[] = [
    "on",
    "unmap"
   ],
-  "name": "70",
+  "name": "75",
   "meta-type": "enum"
  },
  {
@@ -2233,21 +2458,21 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "snapshots",
-    "type": "[112]",
+    "type": "[121]",
     "default": null
    },
    {
     "name": "backing-image",
-    "type": "71",
+    "type": "76",
     "default": null
    },
    {
     "name": "format-specific",
-    "type": "113",
+    "type": "122",
     "default": null
    }
   ],
-  "name": "71",
+  "name": "76",
   "meta-type": "object"
  },
  {
@@ -2265,12 +2490,12 @@ export const introspection: readonly unknown[] = [
     "type": "bool"
    }
   ],
-  "name": "72",
+  "name": "77",
   "meta-type": "object"
  },
  {
-  "element-type": "73",
-  "name": "[73]",
+  "element-type": "78",
+  "name": "[78]",
   "meta-type": "array"
  },
  {
@@ -2306,12 +2531,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "73",
+  "name": "78",
   "meta-type": "object"
  },
  {
-  "element-type": "74",
-  "name": "[74]",
+  "element-type": "79",
+  "name": "[79]",
   "meta-type": "array"
  },
  {
@@ -2322,19 +2547,19 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "type",
-    "type": "114"
+    "type": "123"
    },
    {
     "name": "name",
     "type": "str"
    }
   ],
-  "name": "74",
+  "name": "79",
   "meta-type": "object"
  },
  {
-  "element-type": "75",
-  "name": "[75]",
+  "element-type": "80",
+  "name": "[80]",
   "meta-type": "array"
  },
  {
@@ -2353,14 +2578,14 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "perm",
-    "type": "[115]"
+    "type": "[124]"
    },
    {
     "name": "shared-perm",
-    "type": "[115]"
+    "type": "[124]"
    }
   ],
-  "name": "75",
+  "name": "80",
   "meta-type": "object"
  },
  {
@@ -2376,7 +2601,7 @@ export const introspection: readonly unknown[] = [
    "read",
    "write"
   ],
-  "name": "76",
+  "name": "81",
   "meta-type": "enum"
  },
  {
@@ -2396,7 +2621,7 @@ export const introspection: readonly unknown[] = [
    "report",
    "stop"
   ],
-  "name": "77",
+  "name": "82",
   "meta-type": "enum"
  },
  {
@@ -2440,17 +2665,17 @@ export const introspection: readonly unknown[] = [
    "snapshot-save",
    "snapshot-delete"
   ],
-  "name": "78",
+  "name": "83",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "copy-mode",
-    "type": "116"
+    "type": "125"
    }
   ],
-  "name": "79",
+  "name": "84",
   "meta-type": "object"
  },
  {
@@ -2486,7 +2711,7 @@ export const introspection: readonly unknown[] = [
    "qcow2",
    "raw"
   ],
-  "name": "80",
+  "name": "85",
   "meta-type": "enum"
  },
  {
@@ -2502,7 +2727,7 @@ export const introspection: readonly unknown[] = [
    "ignore",
    "unmap"
   ],
-  "name": "81",
+  "name": "86",
   "meta-type": "enum"
  },
  {
@@ -2518,14 +2743,14 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "82",
+  "name": "87",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "image",
-    "type": "117"
+    "type": "126"
    },
    {
     "name": "config",
@@ -2564,26 +2789,26 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "inject-error",
-    "type": "[118]",
+    "type": "[127]",
     "default": null
    },
    {
     "name": "set-state",
-    "type": "[119]",
+    "type": "[128]",
     "default": null
    },
    {
     "name": "take-child-perms",
-    "type": "[115]",
+    "type": "[124]",
     "default": null
    },
    {
     "name": "unshare-child-perms",
-    "type": "[115]",
+    "type": "[124]",
     "default": null
    }
   ],
-  "name": "83",
+  "name": "88",
   "meta-type": "object"
  },
  {
@@ -2599,12 +2824,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "locking",
-    "type": "120",
+    "type": "129",
     "default": null
    },
    {
     "name": "aio",
-    "type": "121",
+    "type": "130",
     "default": null
    },
    {
@@ -2626,7 +2851,7 @@ export const introspection: readonly unknown[] = [
     ]
    }
   ],
-  "name": "84",
+  "name": "89",
   "meta-type": "object",
   "features": [
    "dynamic-auto-read-only"
@@ -2650,18 +2875,18 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "85",
+  "name": "90",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "file",
-    "type": "117"
+    "type": "126"
    },
    {
     "name": "backing",
-    "type": "122",
+    "type": "131",
     "default": null
    },
    {
@@ -2691,7 +2916,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "overlap-check",
-    "type": "123",
+    "type": "132",
     "default": null
    },
    {
@@ -2721,18 +2946,18 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "data-file",
-    "type": "117",
+    "type": "126",
     "default": null
    }
   ],
-  "name": "86",
+  "name": "91",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "file",
-    "type": "117"
+    "type": "126"
    },
    {
     "name": "offset",
@@ -2745,7 +2970,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "87",
+  "name": "92",
   "meta-type": "object"
  },
  {
@@ -2757,7 +2982,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "driver",
-    "type": "80"
+    "type": "85"
    }
   ],
   "tag": "driver",
@@ -2768,7 +2993,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "file",
-    "type": "124"
+    "type": "133"
    },
    {
     "case": "host_device",
@@ -2784,19 +3009,19 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "qcow2",
-    "type": "125"
+    "type": "134"
    },
    {
     "case": "raw",
     "type": "0"
    }
   ],
-  "name": "88",
+  "name": "93",
   "meta-type": "object"
  },
  {
-  "element-type": "89",
-  "name": "[89]",
+  "element-type": "94",
+  "name": "[94]",
   "meta-type": "array"
  },
  {
@@ -2808,36 +3033,121 @@ export const introspection: readonly unknown[] = [
     "type": "29"
    }
   ],
-  "name": "89",
+  "name": "94",
   "meta-type": "alternate"
  },
  {
   "members": [
    {
+    "name": "existing"
+   },
+   {
+    "name": "absolute-paths"
+   }
+  ],
+  "values": [
+   "existing",
+   "absolute-paths"
+  ],
+  "name": "95",
+  "meta-type": "enum"
+ },
+ {
+  "members": [
+   {
+    "name": "report"
+   },
+   {
+    "name": "ignore"
+   },
+   {
+    "name": "enospc"
+   },
+   {
+    "name": "stop"
+   },
+   {
+    "name": "auto"
+   }
+  ],
+  "values": [
+   "report",
+   "ignore",
+   "enospc",
+   "stop",
+   "auto"
+  ],
+  "name": "96",
+  "meta-type": "enum"
+ },
+ {
+  "element-type": "97",
+  "name": "[97]",
+  "meta-type": "array"
+ },
+ {
+  "members": [
+   {
     "name": "type",
-    "type": "126"
+    "type": "135"
+   }
+  ],
+  "tag": "type",
+  "variants": [
+   {
+    "case": "abort",
+    "type": "136"
+   },
+   {
+    "case": "blockdev-snapshot",
+    "type": "137"
+   },
+   {
+    "case": "blockdev-snapshot-sync",
+    "type": "138"
+   }
+  ],
+  "name": "97",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "completion-mode",
+    "type": "139",
+    "default": null
+   }
+  ],
+  "name": "98",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "type",
+    "type": "140"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "inet",
-    "type": "127"
+    "type": "141"
    },
    {
     "case": "unix",
-    "type": "128"
+    "type": "142"
    },
    {
     "case": "vsock",
-    "type": "129"
+    "type": "143"
    },
    {
     "case": "fd",
-    "type": "130"
+    "type": "144"
    }
   ],
-  "name": "90",
+  "name": "99",
   "meta-type": "object"
  },
  {
@@ -2853,7 +3163,7 @@ export const introspection: readonly unknown[] = [
    "safe",
    "hard"
   ],
-  "name": "91",
+  "name": "100",
   "meta-type": "enum"
  },
  {
@@ -2869,7 +3179,7 @@ export const introspection: readonly unknown[] = [
    "nbd",
    "fuse"
   ],
-  "name": "92",
+  "name": "101",
   "meta-type": "enum"
  },
  {
@@ -2881,7 +3191,7 @@ export const introspection: readonly unknown[] = [
     "type": "[str]"
    }
   ],
-  "name": "93",
+  "name": "102",
   "meta-type": "alternate"
  },
  {
@@ -2898,7 +3208,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmaps",
-    "type": "[89]",
+    "type": "[94]",
     "default": null
    },
    {
@@ -2907,7 +3217,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "94",
+  "name": "103",
   "meta-type": "object"
  },
  {
@@ -2923,7 +3233,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "allow-other",
-    "type": "131",
+    "type": "145",
     "default": null
    },
    {
@@ -2932,12 +3242,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "95",
+  "name": "104",
   "meta-type": "object"
  },
  {
-  "element-type": "96",
-  "name": "[96]",
+  "element-type": "105",
+  "name": "[105]",
   "meta-type": "array"
  },
  {
@@ -2949,7 +3259,7 @@ export const introspection: readonly unknown[] = [
   "values": [
    "oob"
   ],
-  "name": "96",
+  "name": "105",
   "meta-type": "enum"
  },
  {
@@ -2967,7 +3277,7 @@ export const introspection: readonly unknown[] = [
     "type": "int"
    }
   ],
-  "name": "97",
+  "name": "106",
   "meta-type": "object"
  },
  {
@@ -3003,7 +3313,7 @@ export const introspection: readonly unknown[] = [
    "command",
    "event"
   ],
-  "name": "98",
+  "name": "107",
   "meta-type": "enum"
  },
  {
@@ -3015,17 +3325,17 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "json-type",
-    "type": "132"
+    "type": "146"
    }
   ],
-  "name": "99",
+  "name": "108",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "members",
-    "type": "[133]"
+    "type": "[147]"
    },
    {
     "name": "values",
@@ -3035,7 +3345,7 @@ export const introspection: readonly unknown[] = [
     ]
    }
   ],
-  "name": "100",
+  "name": "109",
   "meta-type": "object"
  },
  {
@@ -3045,14 +3355,14 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "101",
+  "name": "110",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "members",
-    "type": "[134]"
+    "type": "[148]"
    },
    {
     "name": "tag",
@@ -3061,21 +3371,21 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "variants",
-    "type": "[135]",
+    "type": "[149]",
     "default": null
    }
   ],
-  "name": "102",
+  "name": "111",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "members",
-    "type": "[136]"
+    "type": "[150]"
    }
   ],
-  "name": "103",
+  "name": "112",
   "meta-type": "object"
  },
  {
@@ -3094,7 +3404,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "104",
+  "name": "113",
   "meta-type": "object"
  },
  {
@@ -3104,12 +3414,12 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "105",
+  "name": "114",
   "meta-type": "object"
  },
  {
-  "element-type": "106",
-  "name": "[106]",
+  "element-type": "115",
+  "name": "[115]",
   "meta-type": "array"
  },
  {
@@ -3128,7 +3438,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "106",
+  "name": "115",
   "meta-type": "object"
  },
  {
@@ -3140,7 +3450,7 @@ export const introspection: readonly unknown[] = [
   "values": [
    "iothread"
   ],
-  "name": "107",
+  "name": "116",
   "meta-type": "enum"
  },
  {
@@ -3176,12 +3486,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "108",
+  "name": "117",
   "meta-type": "object"
  },
  {
-  "element-type": "109",
-  "name": "[109]",
+  "element-type": "118",
+  "name": "[118]",
   "meta-type": "array"
  },
  {
@@ -3235,7 +3545,7 @@ export const introspection: readonly unknown[] = [
     "type": "number"
    }
   ],
-  "name": "109",
+  "name": "118",
   "meta-type": "object"
  },
  {
@@ -3249,7 +3559,7 @@ export const introspection: readonly unknown[] = [
     "type": "[int]"
    }
   ],
-  "name": "110",
+  "name": "119",
   "meta-type": "object"
  },
  {
@@ -3267,12 +3577,12 @@ export const introspection: readonly unknown[] = [
     "type": "int"
    }
   ],
-  "name": "111",
+  "name": "120",
   "meta-type": "object"
  },
  {
-  "element-type": "112",
-  "name": "[112]",
+  "element-type": "121",
+  "name": "[121]",
   "meta-type": "array"
  },
  {
@@ -3311,24 +3621,24 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "112",
+  "name": "121",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "137"
+    "type": "151"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "qcow2",
-    "type": "138"
+    "type": "152"
    }
   ],
-  "name": "113",
+  "name": "122",
   "meta-type": "object"
  },
  {
@@ -3348,12 +3658,12 @@ export const introspection: readonly unknown[] = [
    "block-job",
    "block-driver"
   ],
-  "name": "114",
+  "name": "123",
   "meta-type": "enum"
  },
  {
-  "element-type": "115",
-  "name": "[115]",
+  "element-type": "124",
+  "name": "[124]",
   "meta-type": "array"
  },
  {
@@ -3377,7 +3687,7 @@ export const introspection: readonly unknown[] = [
    "write-unchanged",
    "resize"
   ],
-  "name": "115",
+  "name": "124",
   "meta-type": "enum"
  },
  {
@@ -3393,7 +3703,7 @@ export const introspection: readonly unknown[] = [
    "background",
    "write-blocking"
   ],
-  "name": "116",
+  "name": "125",
   "meta-type": "enum"
  },
  {
@@ -3405,19 +3715,19 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "117",
+  "name": "126",
   "meta-type": "alternate"
  },
  {
-  "element-type": "118",
-  "name": "[118]",
+  "element-type": "127",
+  "name": "[127]",
   "meta-type": "array"
  },
  {
   "members": [
    {
     "name": "event",
-    "type": "139"
+    "type": "153"
    },
    {
     "name": "state",
@@ -3426,7 +3736,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "iotype",
-    "type": "140",
+    "type": "154",
     "default": null
    },
    {
@@ -3450,19 +3760,19 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "118",
+  "name": "127",
   "meta-type": "object"
  },
  {
-  "element-type": "119",
-  "name": "[119]",
+  "element-type": "128",
+  "name": "[128]",
   "meta-type": "array"
  },
  {
   "members": [
    {
     "name": "event",
-    "type": "139"
+    "type": "153"
    },
    {
     "name": "state",
@@ -3474,7 +3784,7 @@ export const introspection: readonly unknown[] = [
     "type": "int"
    }
   ],
-  "name": "119",
+  "name": "128",
   "meta-type": "object"
  },
  {
@@ -3494,7 +3804,7 @@ export const introspection: readonly unknown[] = [
    "on",
    "off"
   ],
-  "name": "120",
+  "name": "129",
   "meta-type": "enum"
  },
  {
@@ -3514,7 +3824,7 @@ export const introspection: readonly unknown[] = [
    "native",
    "io_uring"
   ],
-  "name": "121",
+  "name": "130",
   "meta-type": "enum"
  },
  {
@@ -3529,19 +3839,19 @@ export const introspection: readonly unknown[] = [
     "type": "null"
    }
   ],
-  "name": "122",
+  "name": "131",
   "meta-type": "alternate"
  },
  {
   "members": [
    {
-    "type": "141"
+    "type": "155"
    },
    {
-    "type": "142"
+    "type": "156"
    }
   ],
-  "name": "123",
+  "name": "132",
   "meta-type": "alternate"
  },
  {
@@ -3556,7 +3866,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "preallocation",
-    "type": "143",
+    "type": "157",
     "default": null
    },
    {
@@ -3570,18 +3880,18 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "124",
+  "name": "133",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "file",
-    "type": "117"
+    "type": "126"
    },
    {
     "name": "data-file",
-    "type": "117",
+    "type": "126",
     "default": null
    },
    {
@@ -3600,7 +3910,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "version",
-    "type": "144",
+    "type": "158",
     "default": null
    },
    {
@@ -3610,7 +3920,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "backing-fmt",
-    "type": "80",
+    "type": "85",
     "default": null
    },
    {
@@ -3620,7 +3930,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "preallocation",
-    "type": "143",
+    "type": "157",
     "default": null
    },
    {
@@ -3635,12 +3945,78 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "compression-type",
-    "type": "145",
+    "type": "159",
     "default": null
    }
   ],
-  "name": "125",
+  "name": "134",
   "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "abort"
+   },
+   {
+    "name": "blockdev-snapshot"
+   },
+   {
+    "name": "blockdev-snapshot-sync"
+   }
+  ],
+  "values": [
+   "abort",
+   "blockdev-snapshot",
+   "blockdev-snapshot-sync"
+  ],
+  "name": "135",
+  "meta-type": "enum"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "160"
+   }
+  ],
+  "name": "136",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "35"
+   }
+  ],
+  "name": "137",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "34"
+   }
+  ],
+  "name": "138",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "individual"
+   },
+   {
+    "name": "grouped"
+   }
+  ],
+  "values": [
+   "individual",
+   "grouped"
+  ],
+  "name": "139",
+  "meta-type": "enum"
  },
  {
   "members": [
@@ -3663,47 +4039,47 @@ export const introspection: readonly unknown[] = [
    "vsock",
    "fd"
   ],
-  "name": "126",
+  "name": "140",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "146"
+    "type": "161"
    }
   ],
-  "name": "127",
+  "name": "141",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "147"
+    "type": "162"
    }
   ],
-  "name": "128",
+  "name": "142",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "148"
+    "type": "163"
    }
   ],
-  "name": "129",
+  "name": "143",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "149"
+    "type": "164"
    }
   ],
-  "name": "130",
+  "name": "144",
   "meta-type": "object"
  },
  {
@@ -3723,7 +4099,7 @@ export const introspection: readonly unknown[] = [
    "on",
    "auto"
   ],
-  "name": "131",
+  "name": "145",
   "meta-type": "enum"
  },
  {
@@ -3763,12 +4139,12 @@ export const introspection: readonly unknown[] = [
    "array",
    "value"
   ],
-  "name": "132",
+  "name": "146",
   "meta-type": "enum"
  },
  {
-  "element-type": "133",
-  "name": "[133]",
+  "element-type": "147",
+  "name": "[147]",
   "meta-type": "array"
  },
  {
@@ -3783,12 +4159,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "133",
+  "name": "147",
   "meta-type": "object"
  },
  {
-  "element-type": "134",
-  "name": "[134]",
+  "element-type": "148",
+  "name": "[148]",
   "meta-type": "array"
  },
  {
@@ -3812,12 +4188,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "134",
+  "name": "148",
   "meta-type": "object"
  },
  {
-  "element-type": "135",
-  "name": "[135]",
+  "element-type": "149",
+  "name": "[149]",
   "meta-type": "array"
  },
  {
@@ -3831,12 +4207,12 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "135",
+  "name": "149",
   "meta-type": "object"
  },
  {
-  "element-type": "136",
-  "name": "[136]",
+  "element-type": "150",
+  "name": "[150]",
   "meta-type": "array"
  },
  {
@@ -3846,7 +4222,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "136",
+  "name": "150",
   "meta-type": "object"
  },
  {
@@ -3868,17 +4244,17 @@ export const introspection: readonly unknown[] = [
   "values": [
    "qcow2"
   ],
-  "name": "137",
+  "name": "151",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "150"
+    "type": "165"
    }
   ],
-  "name": "138",
+  "name": "152",
   "meta-type": "object"
  },
  {
@@ -4078,7 +4454,7 @@ export const introspection: readonly unknown[] = [
    "cluster_alloc_space",
    "none"
   ],
-  "name": "139",
+  "name": "153",
   "meta-type": "enum"
  },
  {
@@ -4110,7 +4486,7 @@ export const introspection: readonly unknown[] = [
    "flush",
    "block-status"
   ],
-  "name": "140",
+  "name": "154",
   "meta-type": "enum"
  },
  {
@@ -4122,7 +4498,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "template",
-    "type": "142",
+    "type": "156",
     "default": null
    },
    {
@@ -4171,7 +4547,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "141",
+  "name": "155",
   "meta-type": "object"
  },
  {
@@ -4195,7 +4571,7 @@ export const introspection: readonly unknown[] = [
    "cached",
    "all"
   ],
-  "name": "142",
+  "name": "156",
   "meta-type": "enum"
  },
  {
@@ -4219,7 +4595,7 @@ export const introspection: readonly unknown[] = [
    "falloc",
    "full"
   ],
-  "name": "143",
+  "name": "157",
   "meta-type": "enum"
  },
  {
@@ -4235,7 +4611,7 @@ export const introspection: readonly unknown[] = [
    "v2",
    "v3"
   ],
-  "name": "144",
+  "name": "158",
   "meta-type": "enum"
  },
  {
@@ -4251,8 +4627,13 @@ export const introspection: readonly unknown[] = [
    "zlib",
    "zstd"
   ],
-  "name": "145",
+  "name": "159",
   "meta-type": "enum"
+ },
+ {
+  "members": [],
+  "name": "160",
+  "meta-type": "object"
  },
  {
   "members": [
@@ -4295,7 +4676,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "146",
+  "name": "161",
   "meta-type": "object"
  },
  {
@@ -4315,7 +4696,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "147",
+  "name": "162",
   "meta-type": "object"
  },
  {
@@ -4329,7 +4710,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "148",
+  "name": "163",
   "meta-type": "object"
  },
  {
@@ -4339,7 +4720,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "149",
+  "name": "164",
   "meta-type": "object"
  },
  {
@@ -4379,20 +4760,20 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmaps",
-    "type": "[151]",
+    "type": "[166]",
     "default": null
    },
    {
     "name": "compression-type",
-    "type": "145"
+    "type": "159"
    }
   ],
-  "name": "150",
+  "name": "165",
   "meta-type": "object"
  },
  {
-  "element-type": "151",
-  "name": "[151]",
+  "element-type": "166",
+  "name": "[166]",
   "meta-type": "array"
  },
  {
@@ -4407,15 +4788,15 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "flags",
-    "type": "[152]"
+    "type": "[167]"
    }
   ],
-  "name": "151",
+  "name": "166",
   "meta-type": "object"
  },
  {
-  "element-type": "152",
-  "name": "[152]",
+  "element-type": "167",
+  "name": "[167]",
   "meta-type": "array"
  },
  {
@@ -4431,7 +4812,7 @@ export const introspection: readonly unknown[] = [
    "in-use",
    "auto"
   ],
-  "name": "152",
+  "name": "167",
   "meta-type": "enum"
  }
 ];

@@ -2484,6 +2484,354 @@ export const schemaData: GenSchema = {
    ],
    "implicit": true
   },
+  "BlockdevOnError": {
+   "kind": "enum",
+   "name": "BlockdevOnError",
+   "values": [
+    "report",
+    "ignore",
+    "enospc",
+    "stop",
+    "auto"
+   ],
+   "doc": "An enumeration of possible behaviors for errors on I/O operations. The exact meaning depends on whether the I/O was initiated by a guest or by a block job."
+  },
+  "NewImageMode": {
+   "kind": "enum",
+   "name": "NewImageMode",
+   "values": [
+    "existing",
+    "absolute-paths"
+   ],
+   "doc": "An enumeration that tells QEMU how to set the backing file path in a new image file."
+  },
+  "BlockdevSnapshotSync": {
+   "kind": "struct",
+   "name": "BlockdevSnapshotSync",
+   "members": [
+    {
+     "name": "device",
+     "type": "str",
+     "optional": true,
+     "doc": "the name of the device to take a snapshot of."
+    },
+    {
+     "name": "node-name",
+     "type": "str",
+     "optional": true,
+     "doc": "graph node name to generate the snapshot from (Since 2.0)"
+    },
+    {
+     "name": "snapshot-file",
+     "type": "str",
+     "optional": false,
+     "doc": "the target of the new overlay image. If the file exists, or if it is a device, the overlay will be created in the existing file/device. Otherwise, a new file will be created."
+    },
+    {
+     "name": "snapshot-node-name",
+     "type": "str",
+     "optional": true,
+     "doc": "the graph node name of the new image (Since 2.0)"
+    },
+    {
+     "name": "format",
+     "type": "str",
+     "optional": true,
+     "doc": "the format of the overlay image, default is 'qcow2'."
+    },
+    {
+     "name": "mode",
+     "type": "NewImageMode",
+     "optional": true,
+     "doc": "whether and how QEMU should create a new image, default is 'absolute-paths'."
+    }
+   ],
+   "doc": "Either @device or @node-name must be set but not both."
+  },
+  "BlockdevSnapshot": {
+   "kind": "struct",
+   "name": "BlockdevSnapshot",
+   "members": [
+    {
+     "name": "node",
+     "type": "str",
+     "optional": false,
+     "doc": "device or node name that will have a snapshot taken."
+    },
+    {
+     "name": "overlay",
+     "type": "str",
+     "optional": false,
+     "doc": "reference to the existing block device that will become the overlay of @node, as part of taking the snapshot. It must not have a current backing file (this can be achieved by passing \"backing\": null to blockdev-add)."
+    }
+   ]
+  },
+  "q_obj_block-commit-arg": {
+   "kind": "struct",
+   "name": "q_obj_block-commit-arg",
+   "members": [
+    {
+     "name": "job-id",
+     "type": "str",
+     "optional": true,
+     "doc": "identifier for the newly-created block job. If omitted, the device name will be used. (Since 2.7)"
+    },
+    {
+     "name": "device",
+     "type": "str",
+     "optional": false,
+     "doc": "the device name or node-name of a root node"
+    },
+    {
+     "name": "base-node",
+     "type": "str",
+     "optional": true,
+     "doc": "The node name of the backing image to write data into. If not specified, this is the deepest backing image. (since: 3.1)"
+    },
+    {
+     "name": "base",
+     "type": "str",
+     "optional": true,
+     "doc": "Same as @base-node, except that it is a file name rather than a node name.",
+     "features": [
+      "deprecated"
+     ]
+    },
+    {
+     "name": "top-node",
+     "type": "str",
+     "optional": true,
+     "doc": "The node name of the backing image within the image chain which contains the topmost data to be committed down. If not specified, this is the active layer. (since: 3.1)"
+    },
+    {
+     "name": "top",
+     "type": "str",
+     "optional": true,
+     "doc": "Same as @top-node, except that it is a file name rather than a node name.",
+     "features": [
+      "deprecated"
+     ]
+    },
+    {
+     "name": "backing-file",
+     "type": "str",
+     "optional": true,
+     "doc": "The backing file string to write into the overlay image of 'top'. (Since 2.8)"
+    },
+    {
+     "name": "speed",
+     "type": "int",
+     "optional": true,
+     "doc": "the maximum speed, in bytes per second"
+    },
+    {
+     "name": "on-error",
+     "type": "BlockdevOnError",
+     "optional": true,
+     "doc": "the action to take on an error. 'ignore' means that the request should be retried. (default: report; Since: 5.0)"
+    },
+    {
+     "name": "filter-node-name",
+     "type": "str",
+     "optional": true,
+     "doc": "the node name that should be assigned to the filter driver that the commit job inserts into the graph above @top. (Since 2.9)"
+    },
+    {
+     "name": "auto-finalize",
+     "type": "bool",
+     "optional": true,
+     "doc": "When false, this job will wait in a PENDING state after it has finished its work, waiting for block-job-finalize before making any block graph changes. (Since 3.1)"
+    },
+    {
+     "name": "auto-dismiss",
+     "type": "bool",
+     "optional": true,
+     "doc": "When false, this job will wait in a CONCLUDED state after it has completely ceased all work, and awaits block-job-dismiss. (Since 3.1)"
+    }
+   ],
+   "implicit": true
+  },
+  "q_obj_block-stream-arg": {
+   "kind": "struct",
+   "name": "q_obj_block-stream-arg",
+   "members": [
+    {
+     "name": "job-id",
+     "type": "str",
+     "optional": true,
+     "doc": "identifier for the newly-created block job. If omitted, the device name will be used. (Since 2.7)"
+    },
+    {
+     "name": "device",
+     "type": "str",
+     "optional": false,
+     "doc": "the device or node name of the top image"
+    },
+    {
+     "name": "base",
+     "type": "str",
+     "optional": true,
+     "doc": "the common backing file name. It cannot be set if @base-node or @bottom is also set."
+    },
+    {
+     "name": "base-node",
+     "type": "str",
+     "optional": true,
+     "doc": "the node name of the backing file. It cannot be set if @base or @bottom is also set. (Since 2.8)"
+    },
+    {
+     "name": "backing-file",
+     "type": "str",
+     "optional": true,
+     "doc": "The backing file string to write into the top image. This filename is not validated. (Since 2.1)"
+    },
+    {
+     "name": "bottom",
+     "type": "str",
+     "optional": true,
+     "doc": "the last node in the chain that should be streamed into top. It cannot be set if @base or @base-node is also set. It cannot be filter node. (Since 6.0)"
+    },
+    {
+     "name": "speed",
+     "type": "int",
+     "optional": true,
+     "doc": "the maximum speed, in bytes per second"
+    },
+    {
+     "name": "on-error",
+     "type": "BlockdevOnError",
+     "optional": true,
+     "doc": "the action to take on an error (default report). (Since 1.3)"
+    },
+    {
+     "name": "filter-node-name",
+     "type": "str",
+     "optional": true,
+     "doc": "the node name that should be assigned to the filter driver that the stream job inserts into the graph above @device. (Since 6.0)"
+    },
+    {
+     "name": "auto-finalize",
+     "type": "bool",
+     "optional": true,
+     "doc": "When false, this job will wait in a PENDING state after it has finished its work, waiting for block-job-finalize before making any block graph changes. (Since 3.1)"
+    },
+    {
+     "name": "auto-dismiss",
+     "type": "bool",
+     "optional": true,
+     "doc": "When false, this job will wait in a CONCLUDED state after it has completely ceased all work, and awaits block-job-dismiss. (Since 3.1)"
+    }
+   ],
+   "implicit": true
+  },
+  "Abort": {
+   "kind": "struct",
+   "name": "Abort",
+   "members": [],
+   "doc": "This action can be used to test transaction failure."
+  },
+  "ActionCompletionMode": {
+   "kind": "enum",
+   "name": "ActionCompletionMode",
+   "values": [
+    "individual",
+    "grouped"
+   ],
+   "doc": "An enumeration of Transactional completion modes."
+  },
+  "TransactionActionKind": {
+   "kind": "enum",
+   "name": "TransactionActionKind",
+   "values": [
+    "abort",
+    "blockdev-snapshot",
+    "blockdev-snapshot-sync"
+   ],
+   "doc": "The kind of a TransactionAction (qsd-ts: the actions it implements)."
+  },
+  "AbortWrapper": {
+   "kind": "struct",
+   "name": "AbortWrapper",
+   "members": [
+    {
+     "name": "data",
+     "type": "Abort",
+     "optional": false
+    }
+   ]
+  },
+  "BlockdevSnapshotWrapper": {
+   "kind": "struct",
+   "name": "BlockdevSnapshotWrapper",
+   "members": [
+    {
+     "name": "data",
+     "type": "BlockdevSnapshot",
+     "optional": false
+    }
+   ]
+  },
+  "BlockdevSnapshotSyncWrapper": {
+   "kind": "struct",
+   "name": "BlockdevSnapshotSyncWrapper",
+   "members": [
+    {
+     "name": "data",
+     "type": "BlockdevSnapshotSync",
+     "optional": false
+    }
+   ]
+  },
+  "TransactionAction": {
+   "kind": "union",
+   "name": "TransactionAction",
+   "members": [
+    {
+     "name": "type",
+     "type": "TransactionActionKind",
+     "optional": false
+    }
+   ],
+   "doc": "A discriminated record of operations that can be performed with @transaction.",
+   "discriminator": "type",
+   "variants": {
+    "abort": "AbortWrapper",
+    "blockdev-snapshot": "BlockdevSnapshotWrapper",
+    "blockdev-snapshot-sync": "BlockdevSnapshotSyncWrapper"
+   }
+  },
+  "TransactionProperties": {
+   "kind": "struct",
+   "name": "TransactionProperties",
+   "members": [
+    {
+     "name": "completion-mode",
+     "type": "ActionCompletionMode",
+     "optional": true,
+     "doc": "Controls how jobs launched asynchronously by Actions will complete or fail as a group. See ActionCompletionMode for details."
+    }
+   ],
+   "doc": "Optional arguments to modify the behavior of a Transaction."
+  },
+  "q_obj_transaction-arg": {
+   "kind": "struct",
+   "name": "q_obj_transaction-arg",
+   "members": [
+    {
+     "name": "actions",
+     "type": "[TransactionAction]",
+     "optional": false,
+     "doc": "List of TransactionAction; information needed for the respective operations."
+    },
+    {
+     "name": "properties",
+     "type": "TransactionProperties",
+     "optional": true,
+     "doc": "structure of additional options to control the execution of the transaction. See TransactionProperties for additional detail. (Since 2.5)"
+    }
+   ],
+   "implicit": true
+  },
   "JobType": {
    "kind": "enum",
    "name": "JobType",
@@ -4001,6 +4349,36 @@ export const schemaData: GenSchema = {
    "boxed": false,
    "doc": "Change the write threshold for a block drive. An event will be delivered if a write to this block drive crosses the configured threshold. The threshold is an offset, thus must be non-negative. Default is no write threshold. Setting the threshold to zero disables it.",
    "argType": "q_obj_block-set-write-threshold-arg"
+  },
+  {
+   "name": "blockdev-snapshot-sync",
+   "boxed": false,
+   "doc": "Takes a synchronous snapshot of a block device: creates the overlay image with the node's filename as its backing file, opens it, and puts it on top of the node.",
+   "argType": "BlockdevSnapshotSync"
+  },
+  {
+   "name": "blockdev-snapshot",
+   "boxed": false,
+   "doc": "Takes a snapshot of a block device: @overlay, already added and without a backing file, is put on top of @node; every parent of @node (exports, other nodes) uses @overlay afterwards. qsd-ts refuses it under an export that runs in an iothread.",
+   "argType": "BlockdevSnapshot"
+  },
+  {
+   "name": "block-commit",
+   "boxed": false,
+   "doc": "Live commit of data from overlay image nodes into backing nodes - i.e., writes data between 'top' and 'base' into 'base'. If top is the active layer, the job reaches 'ready' (BLOCK_JOB_READY) and needs job-complete, which makes base the active layer.",
+   "argType": "q_obj_block-commit-arg"
+  },
+  {
+   "name": "block-stream",
+   "boxed": false,
+   "doc": "Copy data from a backing file into a block device: the data of the backing chain down to @base is copied into the device, which then backs onto @base (or onto nothing).",
+   "argType": "q_obj_block-stream-arg"
+  },
+  {
+   "name": "transaction",
+   "boxed": false,
+   "doc": "Executes a number of transactionable QMP commands atomically: every action is prepared in order; if one fails, those already prepared are undone.",
+   "argType": "q_obj_transaction-arg"
   },
   {
    "name": "job-pause",

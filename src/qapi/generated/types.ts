@@ -770,6 +770,135 @@ export interface QObj_block_set_write_threshold_arg {
   "write-threshold": number | bigint;
 }
 
+/** An enumeration of possible behaviors for errors on I/O operations. The exact meaning depends on whether the I/O was initiated by a guest or by a block job. @since 1.3 */
+export type BlockdevOnError = "report" | "ignore" | "enospc" | "stop" | "auto";
+
+/** An enumeration that tells QEMU how to set the backing file path in a new image file. @since 1.1 */
+export type NewImageMode = "existing" | "absolute-paths";
+
+/** Either @device or @node-name must be set but not both. @since 1.1 */
+export interface BlockdevSnapshotSync {
+  /** the name of the device to take a snapshot of. */
+  "device"?: string;
+  /** graph node name to generate the snapshot from (Since 2.0) */
+  "node-name"?: string;
+  /** the target of the new overlay image. If the file exists, or if it is a device, the overlay will be created in the existing file/device. Otherwise, a new file will be created. */
+  "snapshot-file": string;
+  /** the graph node name of the new image (Since 2.0) */
+  "snapshot-node-name"?: string;
+  /** the format of the overlay image, default is 'qcow2'. */
+  "format"?: string;
+  /** whether and how QEMU should create a new image, default is 'absolute-paths'. */
+  "mode"?: NewImageMode;
+}
+
+/** @since 2.5 */
+export interface BlockdevSnapshot {
+  /** device or node name that will have a snapshot taken. */
+  "node": string;
+  /** reference to the existing block device that will become the overlay of @node, as part of taking the snapshot. It must not have a current backing file (this can be achieved by passing "backing": null to blockdev-add). */
+  "overlay": string;
+}
+
+export interface QObj_block_commit_arg {
+  /** identifier for the newly-created block job. If omitted, the device name will be used. (Since 2.7) */
+  "job-id"?: string;
+  /** the device name or node-name of a root node */
+  "device": string;
+  /** The node name of the backing image to write data into. If not specified, this is the deepest backing image. (since: 3.1) */
+  "base-node"?: string;
+  /** Same as @base-node, except that it is a file name rather than a node name. features: deprecated */
+  "base"?: string;
+  /** The node name of the backing image within the image chain which contains the topmost data to be committed down. If not specified, this is the active layer. (since: 3.1) */
+  "top-node"?: string;
+  /** Same as @top-node, except that it is a file name rather than a node name. features: deprecated */
+  "top"?: string;
+  /** The backing file string to write into the overlay image of 'top'. (Since 2.8) */
+  "backing-file"?: string;
+  /** the maximum speed, in bytes per second */
+  "speed"?: number;
+  /** the action to take on an error. 'ignore' means that the request should be retried. (default: report; Since: 5.0) */
+  "on-error"?: BlockdevOnError;
+  /** the node name that should be assigned to the filter driver that the commit job inserts into the graph above @top. (Since 2.9) */
+  "filter-node-name"?: string;
+  /** When false, this job will wait in a PENDING state after it has finished its work, waiting for block-job-finalize before making any block graph changes. (Since 3.1) */
+  "auto-finalize"?: boolean;
+  /** When false, this job will wait in a CONCLUDED state after it has completely ceased all work, and awaits block-job-dismiss. (Since 3.1) */
+  "auto-dismiss"?: boolean;
+}
+
+export interface QObj_block_stream_arg {
+  /** identifier for the newly-created block job. If omitted, the device name will be used. (Since 2.7) */
+  "job-id"?: string;
+  /** the device or node name of the top image */
+  "device": string;
+  /** the common backing file name. It cannot be set if @base-node or @bottom is also set. */
+  "base"?: string;
+  /** the node name of the backing file. It cannot be set if @base or @bottom is also set. (Since 2.8) */
+  "base-node"?: string;
+  /** The backing file string to write into the top image. This filename is not validated. (Since 2.1) */
+  "backing-file"?: string;
+  /** the last node in the chain that should be streamed into top. It cannot be set if @base or @base-node is also set. It cannot be filter node. (Since 6.0) */
+  "bottom"?: string;
+  /** the maximum speed, in bytes per second */
+  "speed"?: number;
+  /** the action to take on an error (default report). (Since 1.3) */
+  "on-error"?: BlockdevOnError;
+  /** the node name that should be assigned to the filter driver that the stream job inserts into the graph above @device. (Since 6.0) */
+  "filter-node-name"?: string;
+  /** When false, this job will wait in a PENDING state after it has finished its work, waiting for block-job-finalize before making any block graph changes. (Since 3.1) */
+  "auto-finalize"?: boolean;
+  /** When false, this job will wait in a CONCLUDED state after it has completely ceased all work, and awaits block-job-dismiss. (Since 3.1) */
+  "auto-dismiss"?: boolean;
+}
+
+/** This action can be used to test transaction failure. @since 1.6 */
+export interface Abort {
+}
+
+/** An enumeration of Transactional completion modes. @since 2.5 */
+export type ActionCompletionMode = "individual" | "grouped";
+
+/** The kind of a TransactionAction (qsd-ts: the actions it implements). @since 1.1 */
+export type TransactionActionKind = "abort" | "blockdev-snapshot" | "blockdev-snapshot-sync";
+
+/** @since 1.6 */
+export interface AbortWrapper {
+  "data": Abort;
+}
+
+/** @since 2.5 */
+export interface BlockdevSnapshotWrapper {
+  "data": BlockdevSnapshot;
+}
+
+/** @since 1.1 */
+export interface BlockdevSnapshotSyncWrapper {
+  "data": BlockdevSnapshotSync;
+}
+
+/** A discriminated record of operations that can be performed with @transaction. @since 1.1 */
+export interface TransactionActionBase {
+  "type": TransactionActionKind;
+}
+export type TransactionAction =
+  | (TransactionActionBase & { "type": "abort" } & AbortWrapper)
+  | (TransactionActionBase & { "type": "blockdev-snapshot" } & BlockdevSnapshotWrapper)
+  | (TransactionActionBase & { "type": "blockdev-snapshot-sync" } & BlockdevSnapshotSyncWrapper);
+
+/** Optional arguments to modify the behavior of a Transaction. @since 2.5 */
+export interface TransactionProperties {
+  /** Controls how jobs launched asynchronously by Actions will complete or fail as a group. See ActionCompletionMode for details. */
+  "completion-mode"?: ActionCompletionMode;
+}
+
+export interface QObj_transaction_arg {
+  /** List of TransactionAction; information needed for the respective operations. */
+  "actions": TransactionAction[];
+  /** structure of additional options to control the execution of the transaction. See TransactionProperties for additional detail. (Since 2.5) */
+  "properties"?: TransactionProperties;
+}
+
 /** @since 1.7 */
 export type JobType = "commit" | "stream" | "mirror" | "backup" | "create" | "amend" | "snapshot-load" | "snapshot-save" | "snapshot-delete";
 
@@ -1305,6 +1434,16 @@ export interface QmpCommands {
   "x-debug-block-dirty-bitmap-sha256": { args: BlockDirtyBitmap; ret: BlockDirtyBitmapSha256 };
   /** Change the write threshold for a block drive. An event will be delivered if a write to this block drive crosses the configured threshold. The threshold is an offset, thus must be non-negative. Default is no write threshold. Setting the threshold to zero disables it. @since 2.3 */
   "block-set-write-threshold": { args: QObj_block_set_write_threshold_arg; ret: Record<string, never> };
+  /** Takes a synchronous snapshot of a block device: creates the overlay image with the node's filename as its backing file, opens it, and puts it on top of the node. @since 0.14 */
+  "blockdev-snapshot-sync": { args: BlockdevSnapshotSync; ret: Record<string, never> };
+  /** Takes a snapshot of a block device: @overlay, already added and without a backing file, is put on top of @node; every parent of @node (exports, other nodes) uses @overlay afterwards. qsd-ts refuses it under an export that runs in an iothread. @since 2.5 */
+  "blockdev-snapshot": { args: BlockdevSnapshot; ret: Record<string, never> };
+  /** Live commit of data from overlay image nodes into backing nodes - i.e., writes data between 'top' and 'base' into 'base'. If top is the active layer, the job reaches 'ready' (BLOCK_JOB_READY) and needs job-complete, which makes base the active layer. @since 1.3 */
+  "block-commit": { args: QObj_block_commit_arg; ret: Record<string, never> };
+  /** Copy data from a backing file into a block device: the data of the backing chain down to @base is copied into the device, which then backs onto @base (or onto nothing). @since 1.1 */
+  "block-stream": { args: QObj_block_stream_arg; ret: Record<string, never> };
+  /** Executes a number of transactionable QMP commands atomically: every action is prepared in order; if one fails, those already prepared are undone. @since 1.1 */
+  "transaction": { args: QObj_transaction_arg; ret: Record<string, never> };
   /** Pause an active job; a job without pause points (blockdev-create) keeps its status. @since 3.0 */
   "job-pause": { args: QObj_job_pause_arg; ret: Record<string, never> };
   /** Resume a paused job. @since 3.0 */

@@ -7,6 +7,7 @@ import { qomCommands } from './qom.js';
 import { jobCommands } from './job.js';
 import { charCommands } from './char.js';
 import { blockDebugCommands } from './block-debug.js';
+import { blockJobCommands } from './block-jobs.js';
 import { blockDirtyBitmapCommands } from './block-dirty-bitmap.js';
 
 export const allCommands: Record<string, CommandHandler> = {
@@ -18,4 +19,5 @@ export const allCommands: Record<string, CommandHandler> = {
   ...charCommands,
   ...blockDebugCommands,
   ...blockDirtyBitmapCommands,
+  ...blockJobCommands,
 };

@@ -1,7 +1,7 @@
-// Commands of QEMU's job.json, blockdev-create (a job), and the block-job-* commands (no block jobs here).
+// Commands of QEMU's job.json and blockdev-create (a job); block jobs and block-job-* are in block-jobs.ts.
 import fs from 'node:fs';
 import type { CommandHandler } from './types.js';
-import { genericError, QmpError } from '../../qapi/errors.js';
+import { genericError } from '../../qapi/errors.js';
 import { strerror } from '../../util/errno.js';
 import { qcow2Create } from '../../block/qcow2/create.js';
 import type { NodeUser, Permission } from '../../block/graph.js';
@@ -35,11 +35,6 @@ async function createFile(opts: { filename: string; size: number; preallocation?
   } finally {
     await fh.close();
   }
-}
-
-/** QEMU's find_block_job() failure, which every block-job-* command reports first. */
-function noBlockJob(id: string): never {
-  throw new QmpError('DeviceNotActive', `Block job '${id}' not found`);
 }
 
 export const jobCommands: Record<string, CommandHandler> = {
@@ -103,21 +98,11 @@ export const jobCommands: Record<string, CommandHandler> = {
     return {};
   },
   'job-finalize'(args: { id: string }, { daemon }) {
-    daemon.jobs.find(args.id).checkVerb('finalize');
+    daemon.jobs.find(args.id).finalize();
     return {};
   },
   'job-complete'(args: { id: string }, { daemon }) {
-    daemon.jobs.find(args.id).checkVerb('complete');
+    daemon.jobs.find(args.id).complete();
     return {};
   },
-  // blockdev-create jobs are not block jobs (QEMU's are not either): there are none to list or act on.
-  'query-block-jobs': () => [],
-  'block-job-set-speed': (args: { device: string }) => noBlockJob(args.device),
-  'block-job-cancel': (args: { device: string }) => noBlockJob(args.device),
-  'block-job-pause': (args: { device: string }) => noBlockJob(args.device),
-  'block-job-resume': (args: { device: string }) => noBlockJob(args.device),
-  'block-job-complete': (args: { device: string }) => noBlockJob(args.device),
-  'block-job-dismiss': (args: { id: string }) => noBlockJob(args.id),
-  'block-job-finalize': (args: { id: string }) => noBlockJob(args.id),
-  'block-job-change': (args: { id: string }) => noBlockJob(args.id),
 };

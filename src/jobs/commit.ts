@@ -1,0 +1,144 @@
+// block-commit: copy the data of `top` (and the layers down to `base`) into `base`, then drop
+// them from the chain (QEMU's block/commit.c), or, when top is the active layer, QEMU's active
+// commit (block/mirror.c): copy, report ready, and on job-complete make `base` the active layer.
+import { nodeFilename } from '../block/graph.js';
+import type { BlockNode } from '../block/node.js';
+import { formatQmpJson } from '../qmp/json.js';
+import type { BlockJob, BlockJobHooks } from './block-job.js';
+import { allocatedAbove, copyRange, NodeHolds, type JobContext } from './job-context.js';
+
+/** QEMU's COMMIT_BUFFER_SIZE: one step of the commit loop. */
+const COMMIT_BUFFER_SIZE = 512 * 1024;
+const jsonFilename = (value: unknown) => formatQmpJson(value);
+
+export interface CommitParams {
+  /** The root node the command named ('device'). */
+  bs: BlockNode;
+  top: BlockNode;
+  base: BlockNode;
+  /** 'backing-file': the name written into the overlay's header instead of base's filename. */
+  backingFile?: string;
+}
+
+/** The nodes between top (inclusive) and base (exclusive). */
+function intermediates(top: BlockNode, base: BlockNode): BlockNode[] {
+  const out: BlockNode[] = [];
+  for (let n: BlockNode | undefined = top; n && n !== base; n = n.backing) out.push(n);
+  return out;
+}
+
+/** Makes base writable for the job; returns whether it was read-only. */
+async function openBaseWritable(ctx: JobContext, base: BlockNode): Promise<boolean> {
+  const wasReadOnly = base.readOnly;
+  if (wasReadOnly) await ctx.graph.setReadOnly(base, false);
+  return wasReadOnly;
+}
+
+/** Grows base to top's length, as QEMU does before copying. */
+async function growBase(base: BlockNode, len: number): Promise<void> {
+  if (base.getLength() < len) await base.truncate(len, false, 'off');
+}
+
+/** Holds the nodes as QEMU's commit_start() does; the returned holds are released in clean. */
+export async function setupCommit(ctx: JobContext, job: BlockJob, p: CommitParams, active: boolean): Promise<BlockJobHooks> {
+  const { bs, top, base } = p;
+  const holds = new NodeHolds(ctx.graph, job.type);
+  holds.hold(bs);
+  for (const n of intermediates(top, base)) if (n !== bs) holds.hold(n);
+  holds.hold(base);
+  holds.backend(base);
+  if (!active) holds.backend(top);
+  const baseWasReadOnly = await openBaseWritable(ctx, base);
+  const baseOverlay = ctx.graph.overlayOf(top, base);
+  const buf = Buffer.allocUnsafe(COMMIT_BUFFER_SIZE);
+
+  /** One pass over [0, len): copy what is allocated above base, with progress and rate limit. */
+  const pass = async (len: number, progress: boolean, limited: boolean): Promise<void> => {
+    let delay = 0;
+    for (let offset = 0, n = 0; offset < len; offset += n) {
+      if (limited) {
+        await job.sleep(delay);
+        if (job.isCancelled) return;
+      }
+      const r = await allocatedAbove(top, baseOverlay, offset, Math.min(COMMIT_BUFFER_SIZE, len - offset));
+      n = r.pnum;
+      if (r.allocated) await copyRange(top, base, offset, n, buf);
+      if (progress) job.currentProgress += n;
+      delay = r.allocated ? job.limit.delay(n) : 0;
+    }
+  };
+
+  const clean = async (): Promise<void> => {
+    holds.release();
+    if (!active && baseWasReadOnly) await ctx.graph.setReadOnly(base, true).catch(() => undefined);
+  };
+
+  if (!active) {
+    return {
+      async run() {
+        const len = top.getLength();
+        job.totalProgress = len;
+        await growBase(base, len);
+        await pass(len, true, true);
+      },
+      async prepare() {
+        // QEMU's bdrv_drop_intermediate(): top's overlay now backs onto base and names it.
+        const overlay = ctx.graph.overlayOf(bs, top);
+        if (!overlay) return;
+        const name = p.backingFile ?? nodeFilename(base, jsonFilename);
+        await ctx.exports.drained(bs, async () => {
+          holds.release();
+          await ctx.graph.setBacking(overlay, base);
+          await ctx.graph.changeBackingFile(overlay, name, base.driver.name);
+        });
+      },
+      clean,
+    };
+  }
+
+  // Active commit: the amount to copy is what is allocated above base (the initial dirty bitmap).
+  const dirtyBytes = async (len: number): Promise<number> => {
+    let total = 0;
+    for (let offset = 0, n = 0; offset < len; offset += n) {
+      const r = await allocatedAbove(top, baseOverlay, offset, len - offset);
+      n = r.pnum;
+      if (r.allocated) total += n;
+    }
+    return total;
+  };
+  return {
+    async run() {
+      const len = top.getLength();
+      await growBase(base, len);
+      job.totalProgress = await dirtyBytes(len);
+      let delay = 0;
+      for (let offset = 0, n = 0; offset < len; offset += n) {
+        await job.sleep(delay);
+        if (job.isCancelled) return;
+        const r = await allocatedAbove(top, baseOverlay, offset, Math.min(COMMIT_BUFFER_SIZE, len - offset));
+        n = r.pnum;
+        delay = 0;
+        if (r.allocated) {
+          await copyRange(top, base, offset, n, buf);
+          job.currentProgress += n;
+          delay = job.limit.delay(n);
+        }
+      }
+      job.currentProgress = job.totalProgress;
+      job.transitionToReady();
+      await job.waitReady();
+    },
+    async prepare() {
+      if (!job.shouldComplete) return;
+      // Writes since ready went to top only: copy again with the exports stopped, then every
+      // parent of top (exports) uses base.
+      await ctx.exports.drained(bs, async () => {
+        await pass(top.getLength(), false, false);
+        await base.flush();
+        holds.release();
+        ctx.graph.replaceNode(top, base);
+      });
+    },
+    clean,
+  };
+}

@@ -1,0 +1,89 @@
+// block-stream: copy what the backing chain down to `base` holds into the top node, then make
+// `base` its backing node (QEMU's block/stream.c, copy-on-read done under a drained section).
+import { nodeFilename } from '../block/graph.js';
+import type { BlockNode } from '../block/node.js';
+import { formatQmpJson } from '../qmp/json.js';
+import type { BlockJob, BlockJobHooks } from './block-job.js';
+import { allocatedAbove, layerAllocated, NodeHolds, type JobContext } from './job-context.js';
+
+/** QEMU's STREAM_CHUNK: one step of the stream loop. */
+const STREAM_CHUNK = 512 * 1024;
+const jsonFilename = (value: unknown) => formatQmpJson(value);
+
+export interface StreamParams {
+  bs: BlockNode;
+  /** The new backing node (undefined: stream the whole chain, no backing afterwards). */
+  base?: BlockNode;
+  /** The lowest node streamed ('bottom'; else the node above base, or the chain's end). */
+  bottom?: BlockNode;
+  backingFile?: string;
+}
+
+export async function setupStream(ctx: JobContext, job: BlockJob, p: StreamParams): Promise<BlockJobHooks> {
+  const { bs, base } = p;
+  const holds = new NodeHolds(ctx.graph, job.type);
+  holds.hold(bs);
+  let bottom = p.bottom;
+  if (!bottom) {
+    for (let n = bs.backing; n && n !== base; n = n.backing) bottom = n;
+  }
+  for (let n = bs.backing; n && n !== base; n = n.backing) {
+    holds.hold(n);
+    if (n === bottom) break;
+  }
+  const wasReadOnly = bs.readOnly;
+  if (wasReadOnly) await ctx.graph.setReadOnly(bs, false);
+  const buf = Buffer.allocUnsafe(STREAM_CHUNK);
+
+  /** Copy-on-read of [offset, offset+n) into bs, only where bs still has nothing of its own. */
+  const populate = (offset: number, n: number) => ctx.exports.drained(bs, async () => {
+    for (let pos = offset, k = 0; pos < offset + n; pos += k) {
+      const r = await layerAllocated(bs, pos, offset + n - pos);
+      k = r.pnum;
+      if (r.allocated) continue;
+      const view = buf.subarray(0, k);
+      await bs.read(pos, view);
+      await bs.write(pos, view);
+    }
+  });
+
+  return {
+    async run() {
+      const len = bs.getLength();
+      job.totalProgress = len;
+      const backing = bs.backing;
+      if (!backing || backing === base) {
+        job.currentProgress = len;
+        return;
+      }
+      let delay = 0;
+      for (let offset = 0, n = 0; offset < len; offset += n) {
+        await job.sleep(delay);
+        if (job.isCancelled) return;
+        let copy = false;
+        const own = await layerAllocated(bs, offset, Math.min(STREAM_CHUNK, len - offset));
+        n = own.pnum;
+        if (!own.allocated) {
+          const below = await allocatedAbove(backing, bottom, offset, n);
+          n = below.pnum;
+          copy = below.allocated;
+        }
+        if (copy) await populate(offset, n);
+        job.currentProgress += n;
+        delay = copy ? job.limit.delay(n) : 0;
+      }
+    },
+    async prepare() {
+      const name = base ? (p.backingFile ?? nodeFilename(base, jsonFilename)) : undefined;
+      await ctx.exports.drained(bs, async () => {
+        holds.release();
+        await ctx.graph.setBacking(bs, base);
+        await ctx.graph.changeBackingFile(bs, name, base?.driver.name);
+      });
+    },
+    async clean() {
+      holds.release();
+      if (wasReadOnly) await ctx.graph.setReadOnly(bs, true).catch(() => undefined);
+    },
+  };
+}

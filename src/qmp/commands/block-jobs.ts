@@ -1,0 +1,385 @@
+// Snapshots and chain-editing commands (blockdev-snapshot(-sync), block-stream, block-commit,
+// transaction) and the block-job-* commands, with QEMU 7.2's checks in QEMU's order.
+//
+// Exports in iothreads serve replicas of their node's stack, which cannot be re-opened on another
+// node from here: a snapshot or an active commit under such an export is refused (see
+// assertMovable); main-thread exports follow the graph change (BlockGraph.replaceNode).
+import fs from 'node:fs';
+import type { CommandContext, CommandHandler } from './types.js';
+import { genericError, QmpError } from '../../qapi/errors.js';
+import { BlockNode } from '../../block/node.js';
+import { nodeFilename } from '../../block/graph.js';
+import { findBlockDriver } from '../../block/registry.js';
+import { qcow2Create } from '../../block/qcow2/index.js';
+import { formatQmpJson } from '../json.js';
+import { strerror } from '../../util/errno.js';
+import { BlockJob } from '../../jobs/block-job.js';
+import { setupCommit } from '../../jobs/commit.js';
+import { setupStream } from '../../jobs/stream.js';
+import type { Daemon } from '../../daemon.js';
+
+const jsonFilename = (value: unknown) => formatQmpJson(value);
+
+// ---------------------------------------------------------------- helpers
+
+/** QEMU's bdrv_lookup_bs(device, node_name): qsd has no named devices, so only node names match. */
+function lookupBs(daemon: Daemon, device: string | undefined, nodeName: string | undefined): BlockNode {
+  const node = nodeName !== undefined ? daemon.graph.lookup(nodeName) : undefined;
+  if (!node) throw genericError(`Cannot find device='${device ?? ''}' nor node-name='${nodeName ?? ''}'`);
+  return node;
+}
+
+/** QEMU's bdrv_chain_contains(top, node). */
+function chainContains(top: BlockNode, node: BlockNode): boolean {
+  for (let n: BlockNode | undefined = top; n; n = n.backing) if (n === node) return true;
+  return false;
+}
+
+/** QEMU's bdrv_find_backing_image(): a node below `bs` by the filename its parent names it by. */
+function findBackingImage(bs: BlockNode, filename: string): BlockNode | undefined {
+  const real = (p: string) => { try { return fs.realpathSync(p); } catch { return undefined; } };
+  const wanted = real(filename);
+  for (let n = bs.backing; n; n = n.backing) {
+    const name = nodeFilename(n, jsonFilename);
+    if (name === filename || (wanted !== undefined && real(name) === wanted)) return n;
+  }
+  return undefined;
+}
+
+/** Exports in iothreads hold replicas that cannot follow a node replacement: refuse. */
+function assertMovable(daemon: Daemon, node: BlockNode): void {
+  for (const e of daemon.exports.usersOf(daemon.graph.ancestors(node))) {
+    const ctx = e.exp.common.contexts.find((c) => c.iothreadId !== undefined);
+    if (ctx) {
+      throw genericError(`Cannot change the graph under export '${e.exp.common.id}': it runs in iothread ` +
+        `'${ctx.iothreadId}' (qsd-ts cannot move an iothread export to another node)`);
+    }
+  }
+}
+
+/** Job options common to stream and commit. */
+function jobOptions(args: { speed?: number; 'auto-finalize'?: boolean; 'auto-dismiss'?: boolean }) {
+  return { speed: 0, autoFinalize: args['auto-finalize'] ?? true, autoDismiss: args['auto-dismiss'] ?? true };
+}
+
+/** QEMU's block_job_create(): the id (a missing one is the node's device name: '' here), then the speed. */
+function createBlockJob(daemon: Daemon, jobId: string | undefined, type: string, args: Parameters<typeof jobOptions>[0]): BlockJob {
+  const job = daemon.jobs.register(jobId ?? '', (id) => new BlockJob(id, type, daemon.jobs, jobOptions(args)));
+  try {
+    job.setSpeed(args.speed ?? 0);
+  } catch (err) {
+    job.earlyFail();
+    throw err;
+  }
+  return job;
+}
+
+/** Creates a snapshot overlay image with `backing` as its backing file (QEMU's bdrv_img_create). */
+async function createOverlayImage(filename: string, format: string, size: number, backingFile: string, backingFmt: string): Promise<void> {
+  if (!findBlockDriver(format) || findBlockDriver(format)!.isProtocol) throw genericError(`Unknown file format '${format}'`);
+  if (format !== 'qcow2') throw genericError(`Backing file not supported for file format '${format}'`);
+  let fd: number;
+  try {
+    fd = fs.openSync(filename, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_TRUNC, 0o644);
+  } catch (err) {
+    throw genericError(`Could not create '${filename}': ${strerror(err)}`);
+  }
+  fs.closeSync(fd);
+  const fileDriver = findBlockDriver('file')!;
+  const options = { driver: 'file', filename };
+  const file = new BlockNode({ nodeName: '', driver: fileDriver, readOnly: false, options });
+  file.state = await fileDriver.open(file, options);
+  try {
+    await qcow2Create(file, { size, 'backing-file': backingFile, 'backing-fmt': backingFmt });
+  } catch (err) {
+    throw err instanceof QmpError ? new QmpError(err.errorClass, `${filename}: ${err.message}`) : err;
+  } finally {
+    await fileDriver.close(file.state);
+  }
+}
+
+// ---------------------------------------------------------------- transaction actions
+
+/** One transaction action: QEMU's BlkActionOps (prepare, then commit all or abort all). */
+export interface TransactionActionImpl {
+  prepare(): Promise<void>;
+  commit?(): Promise<void>;
+  abort?(): Promise<void>;
+  clean?(): Promise<void>;
+}
+
+/** Builds an action from its 'data' and the transaction's completion mode. */
+export type TransactionActionFactory = (data: any, ctx: CommandContext, completionMode: string) => TransactionActionImpl;
+
+/** Action table of 'transaction', by TransactionActionKind; other modules add theirs with registerTransactionAction. */
+export const transactionActions = new Map<string, TransactionActionFactory>();
+
+export function registerTransactionAction(kind: string, factory: TransactionActionFactory): void {
+  transactionActions.set(kind, factory);
+}
+
+/** QEMU's action_check_completion_mode(): these actions only support 'individual'. */
+function checkCompletionMode(kind: string, mode: string): void {
+  if (mode !== 'individual') {
+    throw genericError(`Action '${kind}' does not support Transaction property completion-mode = ${mode}`);
+  }
+}
+
+/** QEMU's external_snapshot_prepare/commit/abort for blockdev-snapshot and blockdev-snapshot-sync. */
+function externalSnapshot(kind: 'blockdev-snapshot' | 'blockdev-snapshot-sync', data: any, { daemon }: CommandContext, mode: string): TransactionActionImpl {
+  const { graph } = daemon;
+  let oldName: string | undefined;
+  let overlayName: string | undefined;
+  let created = false;
+  let appended = false;
+  return {
+    async prepare() {
+      checkCompletionMode(kind, mode);
+      const old = kind === 'blockdev-snapshot' ? lookupBs(daemon, data.node, data.node) : lookupBs(daemon, data.device, data['node-name']);
+      oldName = old.nodeName;
+      graph.checkOp(old, 'external-snapshot');
+      if (!old.readOnly) await old.flush().catch(() => { throw genericError('Input/output error'); });
+      let overlay: BlockNode;
+      if (kind === 'blockdev-snapshot-sync') {
+        const format: string = data.format ?? 'qcow2';
+        const snapName: string | undefined = data['snapshot-node-name'];
+        if (data['node-name'] !== undefined && snapName === undefined) throw genericError('New overlay node-name missing');
+        if (snapName !== undefined && graph.lookup(snapName)) throw genericError('New overlay node-name already in use');
+        const filename: string = data['snapshot-file'];
+        if ((data.mode ?? 'absolute-paths') !== 'existing') {
+          await createOverlayImage(filename, format, old.getLength(), nodeFilename(old, jsonFilename), old.driver.name);
+        }
+        const options: Record<string, any> = { driver: format, file: { driver: 'file', filename }, backing: null };
+        if (snapName !== undefined) options['node-name'] = snapName;
+        overlay = await graph.openOverlay(options);
+        created = true;
+      } else {
+        overlay = lookupBs(daemon, data.overlay, data.overlay);
+      }
+      overlayName = overlay.nodeName;
+      if (graph.usersOf(overlay).some((u) => u.perms.has('consistent read'))) throw genericError('The overlay is already in use');
+      if (overlay.backing) throw genericError('The overlay already has a backing image');
+      if (overlay.driver.name !== 'qcow2') throw genericError('The overlay does not support backing images');
+      if (graph.reaches(old, overlay)) {
+        throw genericError(`Making '${old.nodeName}' a backing child of '${overlay.nodeName}' would create a cycle`);
+      }
+      assertMovable(daemon, old);
+      // QEMU's bdrv_append(): the overlay backs onto old, and old's parents move to the overlay.
+      await daemon.exports.drained(old, async () => {
+        await graph.setBacking(overlay, old);
+        graph.replaceNode(old, overlay);
+      });
+      appended = true;
+    },
+    async commit() {
+      // The old active layer is read-only from now on.
+      const old = oldName !== undefined ? graph.lookup(oldName) : undefined;
+      if (old) await graph.setReadOnly(old, true);
+    },
+    async abort() {
+      const old = oldName !== undefined ? graph.lookup(oldName) : undefined;
+      const overlay = overlayName !== undefined ? graph.lookup(overlayName) : undefined;
+      if (appended && old && overlay) {
+        await daemon.exports.drained(overlay, async () => {
+          graph.replaceNode(overlay, old);
+          await graph.setBacking(graph.lookup(overlayName!)!, undefined);
+        });
+      }
+      if (created && overlay) await graph.closeUnused(graph.lookup(overlayName!) ?? overlay);
+    },
+  };
+}
+
+registerTransactionAction('blockdev-snapshot', (data, ctx, mode) => externalSnapshot('blockdev-snapshot', data, ctx, mode));
+registerTransactionAction('blockdev-snapshot-sync', (data, ctx, mode) => externalSnapshot('blockdev-snapshot-sync', data, ctx, mode));
+registerTransactionAction('abort', (_data, _ctx, mode) => ({
+  async prepare() {
+    checkCompletionMode('abort', mode);
+    throw genericError('Transaction aborted using Abort action');
+  },
+}));
+
+/** QEMU's qmp_transaction(): prepare every action in order; commit all, or abort the prepared ones. */
+async function runTransaction(actions: Array<{ type: string; data?: unknown }>, mode: string, ctx: CommandContext): Promise<void> {
+  const prepared: TransactionActionImpl[] = [];
+  try {
+    for (const action of actions) {
+      const factory = transactionActions.get(action.type);
+      if (!factory) throw genericError(`Transaction action '${action.type}' is not supported`);
+      const impl = factory(action.data ?? {}, ctx, mode);
+      prepared.push(impl);
+      await impl.prepare();
+    }
+  } catch (err) {
+    for (const impl of [...prepared].reverse()) await impl.abort?.().catch(() => undefined);
+    for (const impl of prepared) await impl.clean?.().catch(() => undefined);
+    throw err;
+  }
+  for (const impl of prepared) await impl.commit?.();
+  for (const impl of prepared) await impl.clean?.().catch(() => undefined);
+}
+
+// ---------------------------------------------------------------- block jobs
+
+/** QEMU's find_block_job(). */
+function findBlockJob(daemon: Daemon, id: string): BlockJob {
+  const job = daemon.jobs.list().find((j) => j.id === id);
+  if (!(job instanceof BlockJob)) throw new QmpError('DeviceNotActive', `Block job '${id}' not found`);
+  return job;
+}
+
+interface CommitArgs {
+  'job-id'?: string; device: string; 'base-node'?: string; base?: string; 'top-node'?: string; top?: string;
+  'backing-file'?: string; speed?: number; 'on-error'?: string; 'filter-node-name'?: string;
+  'auto-finalize'?: boolean; 'auto-dismiss'?: boolean;
+}
+
+interface StreamArgs {
+  'job-id'?: string; device: string; base?: string; 'base-node'?: string; 'backing-file'?: string; bottom?: string;
+  speed?: number; 'on-error'?: string; 'filter-node-name'?: string; 'auto-finalize'?: boolean; 'auto-dismiss'?: boolean;
+}
+
+export const blockJobCommands: Record<string, CommandHandler> = {
+  async 'blockdev-snapshot'(args, ctx) {
+    await runTransaction([{ type: 'blockdev-snapshot', data: args }], 'individual', ctx);
+    return {};
+  },
+  async 'blockdev-snapshot-sync'(args, ctx) {
+    await runTransaction([{ type: 'blockdev-snapshot-sync', data: args }], 'individual', ctx);
+    return {};
+  },
+  async transaction(args: { actions: Array<{ type: string; data?: unknown }>; properties?: { 'completion-mode'?: string } }, ctx) {
+    await runTransaction(args.actions, args.properties?.['completion-mode'] ?? 'individual', ctx);
+    return {};
+  },
+
+  async 'block-commit'(args: CommitArgs, { daemon }) {
+    const { graph } = daemon;
+    const { device } = args;
+    const bs = graph.lookup(device);
+    if (!bs) throw new QmpError('DeviceNotFound', `Device '${device}' not found`);
+    if (!graph.isRoot(bs)) throw genericError('Need a root block node');
+    graph.checkOp(bs, 'commit-source');
+    let top: BlockNode | undefined = bs;
+    if (args['top-node'] !== undefined && args.top !== undefined) throw genericError("'top-node' and 'top' are mutually exclusive");
+    if (args['top-node'] !== undefined) {
+      top = lookupBs(daemon, undefined, args['top-node']);
+      if (!chainContains(bs, top)) throw genericError(`'${args['top-node']}' is not in this backing file chain`);
+    } else if (args.top !== undefined && nodeFilename(bs, jsonFilename) !== args.top) {
+      top = findBackingImage(bs, args.top);
+    }
+    if (!top) throw genericError(`Top image file ${args.top ?? 'NULL'} not found`);
+    let base: BlockNode | undefined;
+    if (args['base-node'] !== undefined && args.base !== undefined) throw genericError("'base-node' and 'base' are mutually exclusive");
+    if (args['base-node'] !== undefined) {
+      base = lookupBs(daemon, undefined, args['base-node']);
+      if (!chainContains(top, base)) throw genericError(`'${args['base-node']}' is not in this backing file chain`);
+    } else if (args.base !== undefined) {
+      base = findBackingImage(top, args.base);
+      if (!base) throw genericError(`Can't find '${args.base}' in the backing chain`);
+    } else {
+      base = top;
+      while (base.backing) base = base.backing;
+    }
+    for (let n: BlockNode | undefined = top; n; n = n.backing) {
+      graph.checkOp(n, 'commit-target');
+      if (n === base) break;
+    }
+    if (top === base) throw genericError('cannot commit an image into itself');
+    const active = top === bs || graph.usersOf(top).some((u) => u.perms.has('write'));
+    if (active) {
+      if (args['backing-file'] !== undefined) {
+        throw genericError(top === bs ? "'backing-file' specified, but 'top' is the active layer"
+          : "'backing-file' specified, but 'top' has a writer on it");
+      }
+      assertMovable(daemon, top);
+    } else {
+      const overlay = graph.overlayOf(bs, top);
+      if (overlay) graph.checkOp(overlay, 'commit-target');
+    }
+    const job = createBlockJob(daemon, args['job-id'], 'commit', args);
+    let hooks;
+    try {
+      hooks = await setupCommit(daemon, job, { bs, top, base, backingFile: args['backing-file'] }, active);
+    } catch (err) {
+      job.earlyFail();
+      throw err;
+    }
+    void job.start(hooks);
+    return {};
+  },
+
+  async 'block-stream'(args: StreamArgs, { daemon }) {
+    const { graph } = daemon;
+    const { device, base: baseName, 'base-node': baseNode, bottom: bottomName } = args;
+    if (baseName !== undefined && baseNode !== undefined) throw genericError("'base' and 'base-node' cannot be specified at the same time");
+    if (baseName !== undefined && bottomName !== undefined) throw genericError("'base' and 'bottom' cannot be specified at the same time");
+    if (bottomName !== undefined && baseNode !== undefined) throw genericError("'bottom' and 'base-node' cannot be specified at the same time");
+    const bs = lookupBs(daemon, device, device);
+    let base: BlockNode | undefined;
+    if (baseName !== undefined) {
+      base = findBackingImage(bs, baseName);
+      if (!base) throw genericError(`Can't find '${baseName}' in the backing chain`);
+    }
+    if (baseNode !== undefined) {
+      base = lookupBs(daemon, undefined, baseNode);
+      if (bs === base || !chainContains(bs, base)) throw genericError(`Node '${baseNode}' is not a backing image of '${device}'`);
+    }
+    let bottom: BlockNode | undefined;
+    if (bottomName !== undefined) {
+      bottom = lookupBs(daemon, undefined, bottomName);
+      if (!chainContains(bs, bottom)) throw genericError(`Node '${bottomName}' is not in a chain starting from '${device}'`);
+      base = bottom.backing;
+    }
+    const end = bottom ? bottom.backing : base;
+    for (let n: BlockNode | undefined = bs; n && n !== end; n = n.backing) graph.checkOp(n, 'stream');
+    if (!base && args['backing-file'] !== undefined) throw genericError('backing file specified, but streaming the entire chain');
+    const job = createBlockJob(daemon, args['job-id'], 'stream', args);
+    let hooks;
+    try {
+      hooks = await setupStream(daemon, job, { bs, base, bottom, backingFile: args['backing-file'] });
+    } catch (err) {
+      job.earlyFail();
+      throw err;
+    }
+    void job.start(hooks);
+    return {};
+  },
+
+  'query-block-jobs': (_args, { daemon }) =>
+    daemon.jobs.list().filter((j): j is BlockJob => j instanceof BlockJob).map((j) => j.blockInfo()),
+  'block-job-set-speed'(args: { device: string; speed: number }, { daemon }) {
+    findBlockJob(daemon, args.device).setSpeed(args.speed);
+    return {};
+  },
+  'block-job-cancel'(args: { device: string; force?: boolean }, { daemon }) {
+    findBlockJob(daemon, args.device).cancel(args.force ?? false);
+    return {};
+  },
+  'block-job-pause'(args: { device: string }, { daemon }) {
+    findBlockJob(daemon, args.device).pause();
+    return {};
+  },
+  'block-job-resume'(args: { device: string }, { daemon }) {
+    findBlockJob(daemon, args.device).resume();
+    return {};
+  },
+  'block-job-complete'(args: { device: string }, { daemon }) {
+    findBlockJob(daemon, args.device).complete();
+    return {};
+  },
+  'block-job-finalize'(args: { id: string }, { daemon }) {
+    findBlockJob(daemon, args.id).finalize();
+    return {};
+  },
+  'block-job-dismiss'(args: { id: string }, { daemon }) {
+    const job = findBlockJob(daemon, args.id);
+    daemon.jobs.dismiss(job.id);
+    return {};
+  },
+  'block-job-change'(args: { id: string; type: string }, { daemon }) {
+    const job = findBlockJob(daemon, args.id);
+    throw genericError(`Job type ${job.type} does not support changing options`);
+  },
+};
+
