@@ -2,7 +2,7 @@
 import { BlockGraph } from './block/graph.js';
 import { ExportManager } from './exports/manager.js';
 import { IoThread } from './iothread/iothread.js';
-import type { Chardev } from './qmp/server.js';
+import type { Chardev } from './chardev/chardev.js';
 import type { Monitor } from './qmp/connection.js';
 import { makeEvent } from './qmp/events.js';
 import type { CommandHandler } from './qmp/commands/types.js';

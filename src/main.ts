@@ -3,11 +3,13 @@
 import fs from 'node:fs';
 import { spawn } from 'node:child_process';
 import { Daemon } from './daemon.js';
-import { Chardev, type ChardevOptions } from './qmp/server.js';
+import { attachMonitor } from './qmp/server.js';
+import { addChardev, chardevBackendFromOpts, CHARDEV_BACKEND_NAMES } from './chardev/registry.js';
+import type { ChardevBackend } from './qapi/generated/types.js';
 import { QmpError } from './qapi/errors.js';
 import { validateType } from './qapi/schema.js';
 import { parseKeyval, isJsonArgument } from './cli/keyval.js';
-import { parseQemuOpts } from './cli/qemu-opts.js';
+import { parseQemuOpts, checkChardevOpts, formatQemuOptsHelp } from './cli/qemu-opts.js';
 import { parseQmpJson } from './qmp/json.js';
 import { objectAdd } from './qmp/commands/qom.js';
 import { nbdServerStart } from './nbd/server.js';
@@ -100,29 +102,20 @@ function validated(typeName: string, text: string, impliedKey?: string): Record<
   return validateType(typeName, value, { keyval });
 }
 
-function chardevOptions(text: string, warn: (message: string, hint: string) => void): ChardevOptions {
+function chardevOptions(text: string, warn: (message: string, hint: string) => void): { id: string; backend: ChardevBackend } {
   const parsed = parseQemuOpts(text, 'backend');
   for (const w of parsed.warnings) warn(w.message, w.hint);
-  const opts = parsed.options as Record<string, string | boolean | undefined>;
-  const id = parsed.id ?? (opts.id as string | undefined);
-  if (!id) fail('chardev: no id specified');
-  const backend = opts.backend;
-  const bool = (v: string | boolean | undefined, dflt: boolean) => {
-    if (v === undefined) return dflt;
-    if (typeof v === 'boolean') return v;
-    if (['on', 'yes', 'true', 'y'].includes(v)) return true;
-    if (['off', 'no', 'false', 'n'].includes(v)) return false;
-    fail(`Parameter '${String(v)}' expects 'on' or 'off'`);
-  };
-  if (backend === 'stdio') return { backend: 'stdio', id };
-  if (backend === 'socket') {
-    const path = opts.path as string | undefined;
-    const host = opts.host as string | undefined;
-    const port = opts.port as string | undefined;
-    if (path === undefined && port === undefined) fail('Unable to parse FD number ');
-    return { backend: 'socket', id, path, host, port, server: bool(opts.server, false), wait: bool(opts.wait, true) };
+  // `…,help`: the option list, exit 1; `help` as the backend: the backends, newest first, exit 0.
+  if (parsed.help) {
+    process.stdout.write(formatQemuOptsHelp());
+    process.exit(1);
   }
-  fail(`'${String(backend)}' is not a valid char driver name`);
+  const checked = checkChardevOpts(parsed);
+  if (checked === 'help') {
+    process.stdout.write(`Available chardev backend types: \n${[...CHARDEV_BACKEND_NAMES].reverse().map((n) => `  ${n}\n`).join('')}`);
+    process.exit(0);
+  }
+  return { id: checked.id, backend: chardevBackendFromOpts(checked.backend, parsed) };
 }
 
 async function processOption(daemon: Daemon, opt: CliOption): Promise<void> {
@@ -142,15 +135,9 @@ async function processOption(daemon: Daemon, opt: CliOption): Promise<void> {
       break;
     }
     case 'chardev': {
-      const options = chardevOptions(value, (message, hint) =>
+      const { id, backend } = chardevOptions(value, (message, hint) =>
         process.stderr.write(`${PROGRAM}: ${opt.spelled} ${value}: warning: ${message}\n${hint}`));
-      if (daemon.chardevs.has(options.id)) fail(`attempt to add duplicate property '${options.id}' to object (type 'container')`);
-      if (options.backend === 'stdio' && [...daemon.chardevs.values()].some((c) => c.options.backend === 'stdio')) {
-        fail('cannot use stdio by multiple character devices');
-      }
-      const chardev = new Chardev(daemon, options);
-      await chardev.open();
-      daemon.chardevs.set(options.id, chardev);
+      await addChardev(daemon, id, backend, 'cli');
       break;
     }
     case 'monitor': {
@@ -158,10 +145,7 @@ async function processOption(daemon: Daemon, opt: CliOption): Promise<void> {
       const chardev = daemon.chardevs.get(mon.chardev);
       if (!chardev) fail(`chardev "${mon.chardev}" not found`);
       if (mon.mode === 'readline') fail('Only QMP is supported');
-      const pretty = mon.pretty ?? false;
-      if (chardev.options.backend === 'stdio') chardev.attachStdio(pretty);
-      else chardev.monitorConfig = { pretty };
-      await chardev.waitForClientIfRequested();
+      attachMonitor(daemon, chardev, mon.pretty ?? false);
       break;
     }
     case 'export':

@@ -349,18 +349,54 @@ export const introspection: readonly unknown[] = [
  {
   "arg-type": "56",
   "ret-type": "0",
+  "name": "ringbuf-write",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "57",
+  "ret-type": "str",
+  "name": "ringbuf-read",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "58",
+  "ret-type": "59",
+  "name": "chardev-add",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "60",
+  "ret-type": "59",
+  "name": "chardev-change",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "61",
+  "ret-type": "0",
+  "name": "chardev-remove",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "62",
+  "ret-type": "0",
+  "name": "chardev-send-break",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "63",
+  "ret-type": "0",
   "name": "qmp_capabilities",
   "meta-type": "command"
  },
  {
   "arg-type": "0",
-  "ret-type": "57",
+  "ret-type": "64",
   "name": "query-version",
   "meta-type": "command"
  },
  {
   "arg-type": "0",
-  "ret-type": "[58]",
+  "ret-type": "[65]",
   "name": "query-commands",
   "meta-type": "command"
  },
@@ -372,54 +408,54 @@ export const introspection: readonly unknown[] = [
  },
  {
   "arg-type": "0",
-  "ret-type": "[59]",
+  "ret-type": "[66]",
   "name": "query-qmp-schema",
   "meta-type": "command"
  },
  {
-  "arg-type": "60",
-  "ret-type": "[61]",
+  "arg-type": "67",
+  "ret-type": "[68]",
   "name": "qom-list",
   "meta-type": "command"
  },
  {
-  "arg-type": "62",
-  "ret-type": "[63]",
+  "arg-type": "69",
+  "ret-type": "[70]",
   "name": "qom-list-get",
   "meta-type": "command"
  },
  {
-  "arg-type": "64",
+  "arg-type": "71",
   "ret-type": "any",
   "name": "qom-get",
   "meta-type": "command"
  },
  {
-  "arg-type": "65",
+  "arg-type": "72",
   "ret-type": "0",
   "name": "qom-set",
   "meta-type": "command"
  },
  {
-  "arg-type": "66",
-  "ret-type": "[67]",
+  "arg-type": "73",
+  "ret-type": "[74]",
   "name": "qom-list-types",
   "meta-type": "command"
  },
  {
-  "arg-type": "68",
-  "ret-type": "[61]",
+  "arg-type": "75",
+  "ret-type": "[68]",
   "name": "qom-list-properties",
   "meta-type": "command"
  },
  {
-  "arg-type": "69",
+  "arg-type": "76",
   "ret-type": "0",
   "name": "object-add",
   "meta-type": "command"
  },
  {
-  "arg-type": "70",
+  "arg-type": "77",
   "ret-type": "0",
   "name": "object-del",
   "meta-type": "command"
@@ -469,7 +505,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "io-status",
-    "type": "71",
+    "type": "78",
     "default": null
    }
   ],
@@ -511,11 +547,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "stats",
-    "type": "72"
+    "type": "79"
    },
    {
     "name": "driver-specific",
-    "type": "73",
+    "type": "80",
     "default": null
    },
    {
@@ -569,7 +605,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "io-status",
-    "type": "71"
+    "type": "78"
    },
    {
     "name": "ready",
@@ -577,7 +613,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "status",
-    "type": "74"
+    "type": "81"
    },
    {
     "name": "auto-finalize",
@@ -666,7 +702,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "detect_zeroes",
-    "type": "75"
+    "type": "82"
    },
    {
     "name": "bps",
@@ -694,7 +730,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "image",
-    "type": "76"
+    "type": "83"
    },
    {
     "name": "bps_max",
@@ -768,7 +804,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "cache",
-    "type": "77"
+    "type": "84"
    },
    {
     "name": "write_threshold",
@@ -776,7 +812,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "dirty-bitmaps",
-    "type": "[78]",
+    "type": "[85]",
     "default": null
    }
   ],
@@ -787,11 +823,11 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "nodes",
-    "type": "[79]"
+    "type": "[86]"
    },
    {
     "name": "edges",
-    "type": "[80]"
+    "type": "[87]"
    }
   ],
   "name": "8",
@@ -843,11 +879,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "operation",
-    "type": "81"
+    "type": "88"
    },
    {
     "name": "action",
-    "type": "82"
+    "type": "89"
    },
    {
     "name": "nospace",
@@ -866,7 +902,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "type",
-    "type": "83"
+    "type": "90"
    },
    {
     "name": "device",
@@ -897,7 +933,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "type",
-    "type": "83"
+    "type": "90"
    },
    {
     "name": "device",
@@ -927,11 +963,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "operation",
-    "type": "81"
+    "type": "88"
    },
    {
     "name": "action",
-    "type": "82"
+    "type": "89"
    }
   ],
   "name": "13",
@@ -941,7 +977,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "type",
-    "type": "83"
+    "type": "90"
    },
    {
     "name": "device",
@@ -967,7 +1003,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "type",
-    "type": "83"
+    "type": "90"
    },
    {
     "name": "id",
@@ -1064,7 +1100,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "type",
-    "type": "83"
+    "type": "90"
    }
   ],
   "tag": "type",
@@ -1079,7 +1115,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "mirror",
-    "type": "84"
+    "type": "91"
    },
    {
     "case": "backup",
@@ -1113,7 +1149,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "driver",
-    "type": "85"
+    "type": "92"
    },
    {
     "name": "node-name",
@@ -1122,12 +1158,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "discard",
-    "type": "86",
+    "type": "93",
     "default": null
    },
    {
     "name": "cache",
-    "type": "87",
+    "type": "94",
     "default": null
    },
    {
@@ -1147,7 +1183,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "detect-zeroes",
-    "type": "75",
+    "type": "82",
     "default": null
    }
   ],
@@ -1155,31 +1191,31 @@ export const introspection: readonly unknown[] = [
   "variants": [
    {
     "case": "blkdebug",
-    "type": "88"
+    "type": "95"
    },
    {
     "case": "file",
-    "type": "89"
+    "type": "96"
    },
    {
     "case": "host_device",
-    "type": "89"
+    "type": "96"
    },
    {
     "case": "null-aio",
-    "type": "90"
+    "type": "97"
    },
    {
     "case": "null-co",
-    "type": "90"
+    "type": "97"
    },
    {
     "case": "qcow2",
-    "type": "91"
+    "type": "98"
    },
    {
     "case": "raw",
-    "type": "92"
+    "type": "99"
    }
   ],
   "name": "24",
@@ -1213,7 +1249,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "options",
-    "type": "93"
+    "type": "100"
    }
   ],
   "name": "27",
@@ -1274,7 +1310,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmaps",
-    "type": "[94]"
+    "type": "[101]"
    }
   ],
   "name": "30",
@@ -1350,7 +1386,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "mode",
-    "type": "95",
+    "type": "102",
     "default": null
    }
   ],
@@ -1420,7 +1456,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "on-error",
-    "type": "96",
+    "type": "103",
     "default": null
    },
    {
@@ -1480,7 +1516,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "on-error",
-    "type": "96",
+    "type": "103",
     "default": null
    },
    {
@@ -1506,11 +1542,11 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "actions",
-    "type": "[97]"
+    "type": "[104]"
    },
    {
     "name": "properties",
-    "type": "98",
+    "type": "105",
     "default": null
    }
   ],
@@ -1525,7 +1561,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "status",
-    "type": "74"
+    "type": "81"
    }
   ],
   "name": "39",
@@ -1604,11 +1640,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "type",
-    "type": "83"
+    "type": "90"
    },
    {
     "name": "status",
-    "type": "74"
+    "type": "81"
    },
    {
     "name": "current-progress",
@@ -1651,7 +1687,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "addr",
-    "type": "99"
+    "type": "106"
    }
   ],
   "name": "47",
@@ -1695,7 +1731,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "mode",
-    "type": "100",
+    "type": "107",
     "default": null
    }
   ],
@@ -1706,7 +1742,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "type",
-    "type": "101"
+    "type": "108"
    },
    {
     "name": "id",
@@ -1719,7 +1755,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "iothread",
-    "type": "102",
+    "type": "109",
     "default": null
    },
    {
@@ -1746,11 +1782,11 @@ export const introspection: readonly unknown[] = [
   "variants": [
    {
     "case": "nbd",
-    "type": "103"
+    "type": "110"
    },
    {
     "case": "fuse",
-    "type": "104"
+    "type": "111"
    }
   ],
   "name": "50",
@@ -1764,7 +1800,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "mode",
-    "type": "100",
+    "type": "107",
     "default": null
    }
   ],
@@ -1794,7 +1830,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "type",
-    "type": "101"
+    "type": "108"
    },
    {
     "name": "node-name",
@@ -1849,8 +1885,16 @@ export const introspection: readonly unknown[] = [
  {
   "members": [
    {
-    "name": "enable",
-    "type": "[105]",
+    "name": "device",
+    "type": "str"
+   },
+   {
+    "name": "data",
+    "type": "str"
+   },
+   {
+    "name": "format",
+    "type": "112",
     "default": null
    }
   ],
@@ -1860,20 +1904,114 @@ export const introspection: readonly unknown[] = [
  {
   "members": [
    {
-    "name": "qemu",
-    "type": "106"
+    "name": "device",
+    "type": "str"
    },
    {
-    "name": "package",
-    "type": "str"
+    "name": "size",
+    "type": "int"
+   },
+   {
+    "name": "format",
+    "type": "112",
+    "default": null
    }
   ],
   "name": "57",
   "meta-type": "object"
  },
  {
-  "element-type": "58",
-  "name": "[58]",
+  "json-type": "string",
+  "name": "str",
+  "meta-type": "builtin"
+ },
+ {
+  "members": [
+   {
+    "name": "id",
+    "type": "str"
+   },
+   {
+    "name": "backend",
+    "type": "113"
+   }
+  ],
+  "name": "58",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "pty",
+    "type": "str",
+    "default": null
+   }
+  ],
+  "name": "59",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "id",
+    "type": "str"
+   },
+   {
+    "name": "backend",
+    "type": "113"
+   }
+  ],
+  "name": "60",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "id",
+    "type": "str"
+   }
+  ],
+  "name": "61",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "id",
+    "type": "str"
+   }
+  ],
+  "name": "62",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "enable",
+    "type": "[114]",
+    "default": null
+   }
+  ],
+  "name": "63",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "qemu",
+    "type": "115"
+   },
+   {
+    "name": "package",
+    "type": "str"
+   }
+  ],
+  "name": "64",
+  "meta-type": "object"
+ },
+ {
+  "element-type": "65",
+  "name": "[65]",
   "meta-type": "array"
  },
  {
@@ -1883,12 +2021,12 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "58",
+  "name": "65",
   "meta-type": "object"
  },
  {
-  "element-type": "59",
-  "name": "[59]",
+  "element-type": "66",
+  "name": "[66]",
   "meta-type": "array"
  },
  {
@@ -1899,7 +2037,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "meta-type",
-    "type": "107"
+    "type": "116"
    },
    {
     "name": "features",
@@ -1911,34 +2049,34 @@ export const introspection: readonly unknown[] = [
   "variants": [
    {
     "case": "builtin",
-    "type": "108"
+    "type": "117"
    },
    {
     "case": "enum",
-    "type": "109"
+    "type": "118"
    },
    {
     "case": "array",
-    "type": "110"
+    "type": "119"
    },
    {
     "case": "object",
-    "type": "111"
+    "type": "120"
    },
    {
     "case": "alternate",
-    "type": "112"
+    "type": "121"
    },
    {
     "case": "command",
-    "type": "113"
+    "type": "122"
    },
    {
     "case": "event",
-    "type": "114"
+    "type": "123"
    }
   ],
-  "name": "59",
+  "name": "66",
   "meta-type": "object"
  },
  {
@@ -1948,12 +2086,12 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "60",
+  "name": "67",
   "meta-type": "object"
  },
  {
-  "element-type": "61",
-  "name": "[61]",
+  "element-type": "68",
+  "name": "[68]",
   "meta-type": "array"
  },
  {
@@ -1977,7 +2115,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "61",
+  "name": "68",
   "meta-type": "object"
  },
  {
@@ -1987,22 +2125,22 @@ export const introspection: readonly unknown[] = [
     "type": "[str]"
    }
   ],
-  "name": "62",
+  "name": "69",
   "meta-type": "object"
  },
  {
-  "element-type": "63",
-  "name": "[63]",
+  "element-type": "70",
+  "name": "[70]",
   "meta-type": "array"
  },
  {
   "members": [
    {
     "name": "properties",
-    "type": "[115]"
+    "type": "[124]"
    }
   ],
-  "name": "63",
+  "name": "70",
   "meta-type": "object"
  },
  {
@@ -2016,7 +2154,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "64",
+  "name": "71",
   "meta-type": "object"
  },
  {
@@ -2039,7 +2177,7 @@ export const introspection: readonly unknown[] = [
     "type": "any"
    }
   ],
-  "name": "65",
+  "name": "72",
   "meta-type": "object"
  },
  {
@@ -2055,12 +2193,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "66",
+  "name": "73",
   "meta-type": "object"
  },
  {
-  "element-type": "67",
-  "name": "[67]",
+  "element-type": "74",
+  "name": "[74]",
   "meta-type": "array"
  },
  {
@@ -2080,7 +2218,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "67",
+  "name": "74",
   "meta-type": "object"
  },
  {
@@ -2090,14 +2228,14 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "68",
+  "name": "75",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "qom-type",
-    "type": "116"
+    "type": "125"
    },
    {
     "name": "id",
@@ -2108,10 +2246,10 @@ export const introspection: readonly unknown[] = [
   "variants": [
    {
     "case": "iothread",
-    "type": "117"
+    "type": "126"
    }
   ],
-  "name": "69",
+  "name": "76",
   "meta-type": "object"
  },
  {
@@ -2121,13 +2259,8 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "70",
+  "name": "77",
   "meta-type": "object"
- },
- {
-  "json-type": "string",
-  "name": "str",
-  "meta-type": "builtin"
  },
  {
   "json-type": "boolean",
@@ -2151,7 +2284,7 @@ export const introspection: readonly unknown[] = [
    "failed",
    "nospace"
   ],
-  "name": "71",
+  "name": "78",
   "meta-type": "enum"
  },
  {
@@ -2263,32 +2396,32 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "timed_stats",
-    "type": "[118]"
+    "type": "[127]"
    },
    {
     "name": "rd_latency_histogram",
-    "type": "119",
+    "type": "128",
     "default": null
    },
    {
     "name": "wr_latency_histogram",
-    "type": "119",
+    "type": "128",
     "default": null
    },
    {
     "name": "flush_latency_histogram",
-    "type": "119",
+    "type": "128",
     "default": null
    }
   ],
-  "name": "72",
+  "name": "79",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "driver",
-    "type": "85"
+    "type": "92"
    }
   ],
   "tag": "driver",
@@ -2299,11 +2432,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "file",
-    "type": "120"
+    "type": "129"
    },
    {
     "case": "host_device",
-    "type": "120"
+    "type": "129"
    },
    {
     "case": "null-aio",
@@ -2322,7 +2455,7 @@ export const introspection: readonly unknown[] = [
     "type": "0"
    }
   ],
-  "name": "73",
+  "name": "80",
   "meta-type": "object"
  },
  {
@@ -2379,7 +2512,7 @@ export const introspection: readonly unknown[] = [
    "concluded",
    "null"
   ],
-  "name": "74",
+  "name": "81",
   "meta-type": "enum"
  },
  {
@@ -2399,7 +2532,7 @@ export const introspection: readonly unknown[] = [
    "on",
    "unmap"
   ],
-  "name": "75",
+  "name": "82",
   "meta-type": "enum"
  },
  {
@@ -2458,21 +2591,21 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "snapshots",
-    "type": "[121]",
+    "type": "[130]",
     "default": null
    },
    {
     "name": "backing-image",
-    "type": "76",
+    "type": "83",
     "default": null
    },
    {
     "name": "format-specific",
-    "type": "122",
+    "type": "131",
     "default": null
    }
   ],
-  "name": "76",
+  "name": "83",
   "meta-type": "object"
  },
  {
@@ -2490,12 +2623,12 @@ export const introspection: readonly unknown[] = [
     "type": "bool"
    }
   ],
-  "name": "77",
+  "name": "84",
   "meta-type": "object"
  },
  {
-  "element-type": "78",
-  "name": "[78]",
+  "element-type": "85",
+  "name": "[85]",
   "meta-type": "array"
  },
  {
@@ -2531,12 +2664,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "78",
+  "name": "85",
   "meta-type": "object"
  },
  {
-  "element-type": "79",
-  "name": "[79]",
+  "element-type": "86",
+  "name": "[86]",
   "meta-type": "array"
  },
  {
@@ -2547,19 +2680,19 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "type",
-    "type": "123"
+    "type": "132"
    },
    {
     "name": "name",
     "type": "str"
    }
   ],
-  "name": "79",
+  "name": "86",
   "meta-type": "object"
  },
  {
-  "element-type": "80",
-  "name": "[80]",
+  "element-type": "87",
+  "name": "[87]",
   "meta-type": "array"
  },
  {
@@ -2578,14 +2711,14 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "perm",
-    "type": "[124]"
+    "type": "[133]"
    },
    {
     "name": "shared-perm",
-    "type": "[124]"
+    "type": "[133]"
    }
   ],
-  "name": "80",
+  "name": "87",
   "meta-type": "object"
  },
  {
@@ -2601,7 +2734,7 @@ export const introspection: readonly unknown[] = [
    "read",
    "write"
   ],
-  "name": "81",
+  "name": "88",
   "meta-type": "enum"
  },
  {
@@ -2621,7 +2754,7 @@ export const introspection: readonly unknown[] = [
    "report",
    "stop"
   ],
-  "name": "82",
+  "name": "89",
   "meta-type": "enum"
  },
  {
@@ -2665,17 +2798,17 @@ export const introspection: readonly unknown[] = [
    "snapshot-save",
    "snapshot-delete"
   ],
-  "name": "83",
+  "name": "90",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "copy-mode",
-    "type": "125"
+    "type": "134"
    }
   ],
-  "name": "84",
+  "name": "91",
   "meta-type": "object"
  },
  {
@@ -2711,7 +2844,7 @@ export const introspection: readonly unknown[] = [
    "qcow2",
    "raw"
   ],
-  "name": "85",
+  "name": "92",
   "meta-type": "enum"
  },
  {
@@ -2727,7 +2860,7 @@ export const introspection: readonly unknown[] = [
    "ignore",
    "unmap"
   ],
-  "name": "86",
+  "name": "93",
   "meta-type": "enum"
  },
  {
@@ -2743,14 +2876,14 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "87",
+  "name": "94",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "image",
-    "type": "126"
+    "type": "135"
    },
    {
     "name": "config",
@@ -2789,26 +2922,26 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "inject-error",
-    "type": "[127]",
+    "type": "[136]",
     "default": null
    },
    {
     "name": "set-state",
-    "type": "[128]",
+    "type": "[137]",
     "default": null
    },
    {
     "name": "take-child-perms",
-    "type": "[124]",
+    "type": "[133]",
     "default": null
    },
    {
     "name": "unshare-child-perms",
-    "type": "[124]",
+    "type": "[133]",
     "default": null
    }
   ],
-  "name": "88",
+  "name": "95",
   "meta-type": "object"
  },
  {
@@ -2824,12 +2957,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "locking",
-    "type": "129",
+    "type": "138",
     "default": null
    },
    {
     "name": "aio",
-    "type": "130",
+    "type": "139",
     "default": null
    },
    {
@@ -2851,7 +2984,7 @@ export const introspection: readonly unknown[] = [
     ]
    }
   ],
-  "name": "89",
+  "name": "96",
   "meta-type": "object",
   "features": [
    "dynamic-auto-read-only"
@@ -2875,18 +3008,18 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "90",
+  "name": "97",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "file",
-    "type": "126"
+    "type": "135"
    },
    {
     "name": "backing",
-    "type": "131",
+    "type": "140",
     "default": null
    },
    {
@@ -2916,7 +3049,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "overlap-check",
-    "type": "132",
+    "type": "141",
     "default": null
    },
    {
@@ -2946,18 +3079,18 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "data-file",
-    "type": "126",
+    "type": "135",
     "default": null
    }
   ],
-  "name": "91",
+  "name": "98",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "file",
-    "type": "126"
+    "type": "135"
    },
    {
     "name": "offset",
@@ -2970,7 +3103,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "92",
+  "name": "99",
   "meta-type": "object"
  },
  {
@@ -2982,7 +3115,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "driver",
-    "type": "85"
+    "type": "92"
    }
   ],
   "tag": "driver",
@@ -2993,7 +3126,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "file",
-    "type": "133"
+    "type": "142"
    },
    {
     "case": "host_device",
@@ -3009,19 +3142,19 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "qcow2",
-    "type": "134"
+    "type": "143"
    },
    {
     "case": "raw",
     "type": "0"
    }
   ],
-  "name": "93",
+  "name": "100",
   "meta-type": "object"
  },
  {
-  "element-type": "94",
-  "name": "[94]",
+  "element-type": "101",
+  "name": "[101]",
   "meta-type": "array"
  },
  {
@@ -3033,7 +3166,7 @@ export const introspection: readonly unknown[] = [
     "type": "29"
    }
   ],
-  "name": "94",
+  "name": "101",
   "meta-type": "alternate"
  },
  {
@@ -3049,7 +3182,7 @@ export const introspection: readonly unknown[] = [
    "existing",
    "absolute-paths"
   ],
-  "name": "95",
+  "name": "102",
   "meta-type": "enum"
  },
  {
@@ -3077,77 +3210,77 @@ export const introspection: readonly unknown[] = [
    "stop",
    "auto"
   ],
-  "name": "96",
+  "name": "103",
   "meta-type": "enum"
  },
  {
-  "element-type": "97",
-  "name": "[97]",
+  "element-type": "104",
+  "name": "[104]",
   "meta-type": "array"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "135"
+    "type": "144"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "abort",
-    "type": "136"
+    "type": "145"
    },
    {
     "case": "blockdev-snapshot",
-    "type": "137"
+    "type": "146"
    },
    {
     "case": "blockdev-snapshot-sync",
-    "type": "138"
+    "type": "147"
    }
   ],
-  "name": "97",
+  "name": "104",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "completion-mode",
-    "type": "139",
+    "type": "148",
     "default": null
    }
   ],
-  "name": "98",
+  "name": "105",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "140"
+    "type": "149"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "inet",
-    "type": "141"
+    "type": "150"
    },
    {
     "case": "unix",
-    "type": "142"
+    "type": "151"
    },
    {
     "case": "vsock",
-    "type": "143"
+    "type": "152"
    },
    {
     "case": "fd",
-    "type": "144"
+    "type": "153"
    }
   ],
-  "name": "99",
+  "name": "106",
   "meta-type": "object"
  },
  {
@@ -3163,7 +3296,7 @@ export const introspection: readonly unknown[] = [
    "safe",
    "hard"
   ],
-  "name": "100",
+  "name": "107",
   "meta-type": "enum"
  },
  {
@@ -3179,7 +3312,7 @@ export const introspection: readonly unknown[] = [
    "nbd",
    "fuse"
   ],
-  "name": "101",
+  "name": "108",
   "meta-type": "enum"
  },
  {
@@ -3191,7 +3324,7 @@ export const introspection: readonly unknown[] = [
     "type": "[str]"
    }
   ],
-  "name": "102",
+  "name": "109",
   "meta-type": "alternate"
  },
  {
@@ -3208,7 +3341,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmaps",
-    "type": "[94]",
+    "type": "[101]",
     "default": null
    },
    {
@@ -3217,7 +3350,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "103",
+  "name": "110",
   "meta-type": "object"
  },
  {
@@ -3233,7 +3366,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "allow-other",
-    "type": "145",
+    "type": "154",
     "default": null
    },
    {
@@ -3242,12 +3375,69 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "104",
+  "name": "111",
   "meta-type": "object"
  },
  {
-  "element-type": "105",
-  "name": "[105]",
+  "members": [
+   {
+    "name": "utf8"
+   },
+   {
+    "name": "base64"
+   }
+  ],
+  "values": [
+   "utf8",
+   "base64"
+  ],
+  "name": "112",
+  "meta-type": "enum"
+ },
+ {
+  "members": [
+   {
+    "name": "type",
+    "type": "155"
+   }
+  ],
+  "tag": "type",
+  "variants": [
+   {
+    "case": "file",
+    "type": "156"
+   },
+   {
+    "case": "pipe",
+    "type": "157"
+   },
+   {
+    "case": "socket",
+    "type": "158"
+   },
+   {
+    "case": "null",
+    "type": "159"
+   },
+   {
+    "case": "stdio",
+    "type": "160"
+   },
+   {
+    "case": "ringbuf",
+    "type": "161"
+   },
+   {
+    "case": "memory",
+    "type": "161"
+   }
+  ],
+  "name": "113",
+  "meta-type": "object"
+ },
+ {
+  "element-type": "114",
+  "name": "[114]",
   "meta-type": "array"
  },
  {
@@ -3259,7 +3449,7 @@ export const introspection: readonly unknown[] = [
   "values": [
    "oob"
   ],
-  "name": "105",
+  "name": "114",
   "meta-type": "enum"
  },
  {
@@ -3277,7 +3467,7 @@ export const introspection: readonly unknown[] = [
     "type": "int"
    }
   ],
-  "name": "106",
+  "name": "115",
   "meta-type": "object"
  },
  {
@@ -3313,7 +3503,7 @@ export const introspection: readonly unknown[] = [
    "command",
    "event"
   ],
-  "name": "107",
+  "name": "116",
   "meta-type": "enum"
  },
  {
@@ -3325,17 +3515,17 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "json-type",
-    "type": "146"
+    "type": "162"
    }
   ],
-  "name": "108",
+  "name": "117",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "members",
-    "type": "[147]"
+    "type": "[163]"
    },
    {
     "name": "values",
@@ -3345,7 +3535,7 @@ export const introspection: readonly unknown[] = [
     ]
    }
   ],
-  "name": "109",
+  "name": "118",
   "meta-type": "object"
  },
  {
@@ -3355,14 +3545,14 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "110",
+  "name": "119",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "members",
-    "type": "[148]"
+    "type": "[164]"
    },
    {
     "name": "tag",
@@ -3371,21 +3561,21 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "variants",
-    "type": "[149]",
+    "type": "[165]",
     "default": null
    }
   ],
-  "name": "111",
+  "name": "120",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "members",
-    "type": "[150]"
+    "type": "[166]"
    }
   ],
-  "name": "112",
+  "name": "121",
   "meta-type": "object"
  },
  {
@@ -3404,7 +3594,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "113",
+  "name": "122",
   "meta-type": "object"
  },
  {
@@ -3414,12 +3604,12 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "114",
+  "name": "123",
   "meta-type": "object"
  },
  {
-  "element-type": "115",
-  "name": "[115]",
+  "element-type": "124",
+  "name": "[124]",
   "meta-type": "array"
  },
  {
@@ -3438,7 +3628,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "115",
+  "name": "124",
   "meta-type": "object"
  },
  {
@@ -3450,7 +3640,7 @@ export const introspection: readonly unknown[] = [
   "values": [
    "iothread"
   ],
-  "name": "116",
+  "name": "125",
   "meta-type": "enum"
  },
  {
@@ -3486,12 +3676,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "117",
+  "name": "126",
   "meta-type": "object"
  },
  {
-  "element-type": "118",
-  "name": "[118]",
+  "element-type": "127",
+  "name": "[127]",
   "meta-type": "array"
  },
  {
@@ -3545,7 +3735,7 @@ export const introspection: readonly unknown[] = [
     "type": "number"
    }
   ],
-  "name": "118",
+  "name": "127",
   "meta-type": "object"
  },
  {
@@ -3559,7 +3749,7 @@ export const introspection: readonly unknown[] = [
     "type": "[int]"
    }
   ],
-  "name": "119",
+  "name": "128",
   "meta-type": "object"
  },
  {
@@ -3577,12 +3767,12 @@ export const introspection: readonly unknown[] = [
     "type": "int"
    }
   ],
-  "name": "120",
+  "name": "129",
   "meta-type": "object"
  },
  {
-  "element-type": "121",
-  "name": "[121]",
+  "element-type": "130",
+  "name": "[130]",
   "meta-type": "array"
  },
  {
@@ -3621,24 +3811,24 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "121",
+  "name": "130",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "151"
+    "type": "167"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "qcow2",
-    "type": "152"
+    "type": "168"
    }
   ],
-  "name": "122",
+  "name": "131",
   "meta-type": "object"
  },
  {
@@ -3658,12 +3848,12 @@ export const introspection: readonly unknown[] = [
    "block-job",
    "block-driver"
   ],
-  "name": "123",
+  "name": "132",
   "meta-type": "enum"
  },
  {
-  "element-type": "124",
-  "name": "[124]",
+  "element-type": "133",
+  "name": "[133]",
   "meta-type": "array"
  },
  {
@@ -3687,7 +3877,7 @@ export const introspection: readonly unknown[] = [
    "write-unchanged",
    "resize"
   ],
-  "name": "124",
+  "name": "133",
   "meta-type": "enum"
  },
  {
@@ -3703,7 +3893,7 @@ export const introspection: readonly unknown[] = [
    "background",
    "write-blocking"
   ],
-  "name": "125",
+  "name": "134",
   "meta-type": "enum"
  },
  {
@@ -3715,19 +3905,19 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "126",
+  "name": "135",
   "meta-type": "alternate"
  },
  {
-  "element-type": "127",
-  "name": "[127]",
+  "element-type": "136",
+  "name": "[136]",
   "meta-type": "array"
  },
  {
   "members": [
    {
     "name": "event",
-    "type": "153"
+    "type": "169"
    },
    {
     "name": "state",
@@ -3736,7 +3926,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "iotype",
-    "type": "154",
+    "type": "170",
     "default": null
    },
    {
@@ -3760,19 +3950,19 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "127",
+  "name": "136",
   "meta-type": "object"
  },
  {
-  "element-type": "128",
-  "name": "[128]",
+  "element-type": "137",
+  "name": "[137]",
   "meta-type": "array"
  },
  {
   "members": [
    {
     "name": "event",
-    "type": "153"
+    "type": "169"
    },
    {
     "name": "state",
@@ -3784,7 +3974,7 @@ export const introspection: readonly unknown[] = [
     "type": "int"
    }
   ],
-  "name": "128",
+  "name": "137",
   "meta-type": "object"
  },
  {
@@ -3804,7 +3994,7 @@ export const introspection: readonly unknown[] = [
    "on",
    "off"
   ],
-  "name": "129",
+  "name": "138",
   "meta-type": "enum"
  },
  {
@@ -3824,7 +4014,7 @@ export const introspection: readonly unknown[] = [
    "native",
    "io_uring"
   ],
-  "name": "130",
+  "name": "139",
   "meta-type": "enum"
  },
  {
@@ -3839,19 +4029,19 @@ export const introspection: readonly unknown[] = [
     "type": "null"
    }
   ],
-  "name": "131",
+  "name": "140",
   "meta-type": "alternate"
  },
  {
   "members": [
    {
-    "type": "155"
+    "type": "171"
    },
    {
-    "type": "156"
+    "type": "172"
    }
   ],
-  "name": "132",
+  "name": "141",
   "meta-type": "alternate"
  },
  {
@@ -3866,7 +4056,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "preallocation",
-    "type": "157",
+    "type": "173",
     "default": null
    },
    {
@@ -3880,18 +4070,18 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "133",
+  "name": "142",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "file",
-    "type": "126"
+    "type": "135"
    },
    {
     "name": "data-file",
-    "type": "126",
+    "type": "135",
     "default": null
    },
    {
@@ -3910,7 +4100,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "version",
-    "type": "158",
+    "type": "174",
     "default": null
    },
    {
@@ -3920,7 +4110,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "backing-fmt",
-    "type": "85",
+    "type": "92",
     "default": null
    },
    {
@@ -3930,7 +4120,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "preallocation",
-    "type": "157",
+    "type": "173",
     "default": null
    },
    {
@@ -3945,11 +4135,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "compression-type",
-    "type": "159",
+    "type": "175",
     "default": null
    }
   ],
-  "name": "134",
+  "name": "143",
   "meta-type": "object"
  },
  {
@@ -3969,17 +4159,17 @@ export const introspection: readonly unknown[] = [
    "blockdev-snapshot",
    "blockdev-snapshot-sync"
   ],
-  "name": "135",
+  "name": "144",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "160"
+    "type": "176"
    }
   ],
-  "name": "136",
+  "name": "145",
   "meta-type": "object"
  },
  {
@@ -3989,7 +4179,7 @@ export const introspection: readonly unknown[] = [
     "type": "35"
    }
   ],
-  "name": "137",
+  "name": "146",
   "meta-type": "object"
  },
  {
@@ -3999,7 +4189,7 @@ export const introspection: readonly unknown[] = [
     "type": "34"
    }
   ],
-  "name": "138",
+  "name": "147",
   "meta-type": "object"
  },
  {
@@ -4015,7 +4205,7 @@ export const introspection: readonly unknown[] = [
    "individual",
    "grouped"
   ],
-  "name": "139",
+  "name": "148",
   "meta-type": "enum"
  },
  {
@@ -4039,47 +4229,47 @@ export const introspection: readonly unknown[] = [
    "vsock",
    "fd"
   ],
-  "name": "140",
+  "name": "149",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "161"
+    "type": "177"
    }
   ],
-  "name": "141",
+  "name": "150",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "162"
+    "type": "178"
    }
   ],
-  "name": "142",
+  "name": "151",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "163"
+    "type": "179"
    }
   ],
-  "name": "143",
+  "name": "152",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "164"
+    "type": "180"
    }
   ],
-  "name": "144",
+  "name": "153",
   "meta-type": "object"
  },
  {
@@ -4099,8 +4289,104 @@ export const introspection: readonly unknown[] = [
    "on",
    "auto"
   ],
-  "name": "145",
+  "name": "154",
   "meta-type": "enum"
+ },
+ {
+  "members": [
+   {
+    "name": "file"
+   },
+   {
+    "name": "pipe"
+   },
+   {
+    "name": "socket"
+   },
+   {
+    "name": "null"
+   },
+   {
+    "name": "stdio"
+   },
+   {
+    "name": "ringbuf"
+   },
+   {
+    "name": "memory"
+   }
+  ],
+  "values": [
+   "file",
+   "pipe",
+   "socket",
+   "null",
+   "stdio",
+   "ringbuf",
+   "memory"
+  ],
+  "name": "155",
+  "meta-type": "enum"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "181"
+   }
+  ],
+  "name": "156",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "182"
+   }
+  ],
+  "name": "157",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "183"
+   }
+  ],
+  "name": "158",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "184"
+   }
+  ],
+  "name": "159",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "185"
+   }
+  ],
+  "name": "160",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "186"
+   }
+  ],
+  "name": "161",
+  "meta-type": "object"
  },
  {
   "members": [
@@ -4139,12 +4425,12 @@ export const introspection: readonly unknown[] = [
    "array",
    "value"
   ],
-  "name": "146",
+  "name": "162",
   "meta-type": "enum"
  },
  {
-  "element-type": "147",
-  "name": "[147]",
+  "element-type": "163",
+  "name": "[163]",
   "meta-type": "array"
  },
  {
@@ -4159,12 +4445,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "147",
+  "name": "163",
   "meta-type": "object"
  },
  {
-  "element-type": "148",
-  "name": "[148]",
+  "element-type": "164",
+  "name": "[164]",
   "meta-type": "array"
  },
  {
@@ -4188,12 +4474,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "148",
+  "name": "164",
   "meta-type": "object"
  },
  {
-  "element-type": "149",
-  "name": "[149]",
+  "element-type": "165",
+  "name": "[165]",
   "meta-type": "array"
  },
  {
@@ -4207,12 +4493,12 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "149",
+  "name": "165",
   "meta-type": "object"
  },
  {
-  "element-type": "150",
-  "name": "[150]",
+  "element-type": "166",
+  "name": "[166]",
   "meta-type": "array"
  },
  {
@@ -4222,7 +4508,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "150",
+  "name": "166",
   "meta-type": "object"
  },
  {
@@ -4244,17 +4530,17 @@ export const introspection: readonly unknown[] = [
   "values": [
    "qcow2"
   ],
-  "name": "151",
+  "name": "167",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "165"
+    "type": "187"
    }
   ],
-  "name": "152",
+  "name": "168",
   "meta-type": "object"
  },
  {
@@ -4454,7 +4740,7 @@ export const introspection: readonly unknown[] = [
    "cluster_alloc_space",
    "none"
   ],
-  "name": "153",
+  "name": "169",
   "meta-type": "enum"
  },
  {
@@ -4486,7 +4772,7 @@ export const introspection: readonly unknown[] = [
    "flush",
    "block-status"
   ],
-  "name": "154",
+  "name": "170",
   "meta-type": "enum"
  },
  {
@@ -4498,7 +4784,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "template",
-    "type": "156",
+    "type": "172",
     "default": null
    },
    {
@@ -4547,7 +4833,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "155",
+  "name": "171",
   "meta-type": "object"
  },
  {
@@ -4571,7 +4857,7 @@ export const introspection: readonly unknown[] = [
    "cached",
    "all"
   ],
-  "name": "156",
+  "name": "172",
   "meta-type": "enum"
  },
  {
@@ -4595,7 +4881,7 @@ export const introspection: readonly unknown[] = [
    "falloc",
    "full"
   ],
-  "name": "157",
+  "name": "173",
   "meta-type": "enum"
  },
  {
@@ -4611,7 +4897,7 @@ export const introspection: readonly unknown[] = [
    "v2",
    "v3"
   ],
-  "name": "158",
+  "name": "174",
   "meta-type": "enum"
  },
  {
@@ -4627,12 +4913,12 @@ export const introspection: readonly unknown[] = [
    "zlib",
    "zstd"
   ],
-  "name": "159",
+  "name": "175",
   "meta-type": "enum"
  },
  {
   "members": [],
-  "name": "160",
+  "name": "176",
   "meta-type": "object"
  },
  {
@@ -4676,7 +4962,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "161",
+  "name": "177",
   "meta-type": "object"
  },
  {
@@ -4696,7 +4982,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "162",
+  "name": "178",
   "meta-type": "object"
  },
  {
@@ -4710,7 +4996,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "163",
+  "name": "179",
   "meta-type": "object"
  },
  {
@@ -4720,7 +5006,180 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "164",
+  "name": "180",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "logfile",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "logappend",
+    "type": "bool",
+    "default": null
+   },
+   {
+    "name": "in",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "out",
+    "type": "str"
+   },
+   {
+    "name": "append",
+    "type": "bool",
+    "default": null
+   }
+  ],
+  "name": "181",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "logfile",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "logappend",
+    "type": "bool",
+    "default": null
+   },
+   {
+    "name": "device",
+    "type": "str"
+   }
+  ],
+  "name": "182",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "logfile",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "logappend",
+    "type": "bool",
+    "default": null
+   },
+   {
+    "name": "addr",
+    "type": "106"
+   },
+   {
+    "name": "tls-creds",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "tls-authz",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "server",
+    "type": "bool",
+    "default": null
+   },
+   {
+    "name": "wait",
+    "type": "bool",
+    "default": null
+   },
+   {
+    "name": "nodelay",
+    "type": "bool",
+    "default": null
+   },
+   {
+    "name": "telnet",
+    "type": "bool",
+    "default": null
+   },
+   {
+    "name": "tn3270",
+    "type": "bool",
+    "default": null
+   },
+   {
+    "name": "websocket",
+    "type": "bool",
+    "default": null
+   },
+   {
+    "name": "reconnect",
+    "type": "int",
+    "default": null
+   }
+  ],
+  "name": "183",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "logfile",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "logappend",
+    "type": "bool",
+    "default": null
+   }
+  ],
+  "name": "184",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "logfile",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "logappend",
+    "type": "bool",
+    "default": null
+   },
+   {
+    "name": "signal",
+    "type": "bool",
+    "default": null
+   }
+  ],
+  "name": "185",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "logfile",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "logappend",
+    "type": "bool",
+    "default": null
+   },
+   {
+    "name": "size",
+    "type": "int",
+    "default": null
+   }
+  ],
+  "name": "186",
   "meta-type": "object"
  },
  {
@@ -4760,20 +5219,20 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmaps",
-    "type": "[166]",
+    "type": "[188]",
     "default": null
    },
    {
     "name": "compression-type",
-    "type": "159"
+    "type": "175"
    }
   ],
-  "name": "165",
+  "name": "187",
   "meta-type": "object"
  },
  {
-  "element-type": "166",
-  "name": "[166]",
+  "element-type": "188",
+  "name": "[188]",
   "meta-type": "array"
  },
  {
@@ -4788,15 +5247,15 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "flags",
-    "type": "[167]"
+    "type": "[189]"
    }
   ],
-  "name": "166",
+  "name": "188",
   "meta-type": "object"
  },
  {
-  "element-type": "167",
-  "name": "[167]",
+  "element-type": "189",
+  "name": "[189]",
   "meta-type": "array"
  },
  {
@@ -4812,7 +5271,7 @@ export const introspection: readonly unknown[] = [
    "in-use",
    "auto"
   ],
-  "name": "167",
+  "name": "189",
   "meta-type": "enum"
  }
 ];

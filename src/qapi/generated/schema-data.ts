@@ -3578,6 +3578,405 @@ export const schemaData: GenSchema = {
    ],
    "doc": "Information about a character device backend."
   },
+  "DataFormat": {
+   "kind": "enum",
+   "name": "DataFormat",
+   "values": [
+    "utf8",
+    "base64"
+   ],
+   "doc": "An enumeration of data format."
+  },
+  "q_obj_ringbuf-write-arg": {
+   "kind": "struct",
+   "name": "q_obj_ringbuf-write-arg",
+   "members": [
+    {
+     "name": "device",
+     "type": "str",
+     "optional": false,
+     "doc": "the ring buffer character device name"
+    },
+    {
+     "name": "data",
+     "type": "str",
+     "optional": false,
+     "doc": "data to write"
+    },
+    {
+     "name": "format",
+     "type": "DataFormat",
+     "optional": true,
+     "doc": "data encoding (default 'utf8')."
+    }
+   ],
+   "implicit": true
+  },
+  "q_obj_ringbuf-read-arg": {
+   "kind": "struct",
+   "name": "q_obj_ringbuf-read-arg",
+   "members": [
+    {
+     "name": "device",
+     "type": "str",
+     "optional": false,
+     "doc": "the ring buffer character device name"
+    },
+    {
+     "name": "size",
+     "type": "int",
+     "optional": false,
+     "doc": "how many bytes to read at most"
+    },
+    {
+     "name": "format",
+     "type": "DataFormat",
+     "optional": true,
+     "doc": "data encoding (default 'utf8'); utf8 replaces invalid sequences with U+FFFD and stops at a NUL byte."
+    }
+   ],
+   "implicit": true
+  },
+  "ChardevCommon": {
+   "kind": "struct",
+   "name": "ChardevCommon",
+   "members": [
+    {
+     "name": "logfile",
+     "type": "str",
+     "optional": true,
+     "doc": "The name of a logfile to save output."
+    },
+    {
+     "name": "logappend",
+     "type": "bool",
+     "optional": true,
+     "doc": "true to append instead of truncate (default to false to truncate)."
+    }
+   ],
+   "doc": "Configuration shared across all chardev backends."
+  },
+  "ChardevFile": {
+   "kind": "struct",
+   "name": "ChardevFile",
+   "members": [
+    {
+     "name": "in",
+     "type": "str",
+     "optional": true,
+     "doc": "The name of the input file."
+    },
+    {
+     "name": "out",
+     "type": "str",
+     "optional": false,
+     "doc": "The name of the output file."
+    },
+    {
+     "name": "append",
+     "type": "bool",
+     "optional": true,
+     "doc": "Open the file in append mode (default false to truncate) (Since 2.6)."
+    }
+   ],
+   "doc": "Configuration info for file chardevs.",
+   "base": "ChardevCommon"
+  },
+  "ChardevHostdev": {
+   "kind": "struct",
+   "name": "ChardevHostdev",
+   "members": [
+    {
+     "name": "device",
+     "type": "str",
+     "optional": false,
+     "doc": "The name of the special file for the device, i.e. /dev/ttyS0 on Unix; for a pipe, DEVICE.in and DEVICE.out (else DEVICE itself)."
+    }
+   ],
+   "doc": "Configuration info for device and pipe chardevs.",
+   "base": "ChardevCommon"
+  },
+  "ChardevSocket": {
+   "kind": "struct",
+   "name": "ChardevSocket",
+   "members": [
+    {
+     "name": "addr",
+     "type": "SocketAddressLegacy",
+     "optional": false,
+     "doc": "socket address to listen on (server=true) or connect to (server=false)"
+    },
+    {
+     "name": "tls-creds",
+     "type": "str",
+     "optional": true,
+     "doc": "the ID of the TLS credentials object (since 2.6)"
+    },
+    {
+     "name": "tls-authz",
+     "type": "str",
+     "optional": true,
+     "doc": "the ID of the QAuthZ authorization object against which the client's x509 distinguished name will be validated (since 4.0)."
+    },
+    {
+     "name": "server",
+     "type": "bool",
+     "optional": true,
+     "doc": "create server socket (default: true)"
+    },
+    {
+     "name": "wait",
+     "type": "bool",
+     "optional": true,
+     "doc": "wait for incoming connection on server sockets (default: false). Silently ignored with server: false. This use is deprecated."
+    },
+    {
+     "name": "nodelay",
+     "type": "bool",
+     "optional": true,
+     "doc": "set TCP_NODELAY socket option (default: false)"
+    },
+    {
+     "name": "telnet",
+     "type": "bool",
+     "optional": true,
+     "doc": "enable telnet protocol on server sockets (default: false); not supported by qsd-ts"
+    },
+    {
+     "name": "tn3270",
+     "type": "bool",
+     "optional": true,
+     "doc": "enable tn3270 protocol on server sockets (default: false) (Since: 2.10); not supported by qsd-ts"
+    },
+    {
+     "name": "websocket",
+     "type": "bool",
+     "optional": true,
+     "doc": "enable websocket protocol on server sockets (default: false) (Since: 3.1); not supported by qsd-ts"
+    },
+    {
+     "name": "reconnect",
+     "type": "int",
+     "optional": true,
+     "doc": "For a client socket, if a socket is disconnected, then attempt a reconnect after the given number of seconds. Setting this to zero disables this function. (default: 0) (Since: 2.2)"
+    }
+   ],
+   "doc": "Configuration info for (stream) socket chardevs.",
+   "base": "ChardevCommon"
+  },
+  "ChardevStdio": {
+   "kind": "struct",
+   "name": "ChardevStdio",
+   "members": [
+    {
+     "name": "signal",
+     "type": "bool",
+     "optional": true,
+     "doc": "Allow signals (such as SIGINT triggered by ^C) be delivered to qemu. Default: true."
+    }
+   ],
+   "doc": "Configuration info for stdio chardevs.",
+   "base": "ChardevCommon"
+  },
+  "ChardevRingbuf": {
+   "kind": "struct",
+   "name": "ChardevRingbuf",
+   "members": [
+    {
+     "name": "size",
+     "type": "int",
+     "optional": true,
+     "doc": "ring buffer size, must be power of two, default is 65536"
+    }
+   ],
+   "doc": "Configuration info for ring buffer chardevs.",
+   "base": "ChardevCommon"
+  },
+  "ChardevFileWrapper": {
+   "kind": "struct",
+   "name": "ChardevFileWrapper",
+   "members": [
+    {
+     "name": "data",
+     "type": "ChardevFile",
+     "optional": false,
+     "doc": "Configuration info for file chardevs"
+    }
+   ]
+  },
+  "ChardevHostdevWrapper": {
+   "kind": "struct",
+   "name": "ChardevHostdevWrapper",
+   "members": [
+    {
+     "name": "data",
+     "type": "ChardevHostdev",
+     "optional": false,
+     "doc": "Configuration info for device and pipe chardevs"
+    }
+   ]
+  },
+  "ChardevSocketWrapper": {
+   "kind": "struct",
+   "name": "ChardevSocketWrapper",
+   "members": [
+    {
+     "name": "data",
+     "type": "ChardevSocket",
+     "optional": false,
+     "doc": "Configuration info for (stream) socket chardevs"
+    }
+   ]
+  },
+  "ChardevCommonWrapper": {
+   "kind": "struct",
+   "name": "ChardevCommonWrapper",
+   "members": [
+    {
+     "name": "data",
+     "type": "ChardevCommon",
+     "optional": false,
+     "doc": "Configuration shared across all chardev backends"
+    }
+   ]
+  },
+  "ChardevStdioWrapper": {
+   "kind": "struct",
+   "name": "ChardevStdioWrapper",
+   "members": [
+    {
+     "name": "data",
+     "type": "ChardevStdio",
+     "optional": false,
+     "doc": "Configuration info for stdio chardevs"
+    }
+   ]
+  },
+  "ChardevRingbufWrapper": {
+   "kind": "struct",
+   "name": "ChardevRingbufWrapper",
+   "members": [
+    {
+     "name": "data",
+     "type": "ChardevRingbuf",
+     "optional": false,
+     "doc": "Configuration info for ring buffer chardevs"
+    }
+   ]
+  },
+  "ChardevBackendKind": {
+   "kind": "enum",
+   "name": "ChardevBackendKind",
+   "values": [
+    "file",
+    "pipe",
+    "socket",
+    "null",
+    "stdio",
+    "ringbuf",
+    "memory"
+   ],
+   "doc": "The chardev backends qsd-ts has, in QEMU's order (QEMU also has serial, parallel, udp, pty, mux, …)."
+  },
+  "ChardevBackend": {
+   "kind": "union",
+   "name": "ChardevBackend",
+   "members": [
+    {
+     "name": "type",
+     "type": "ChardevBackendKind",
+     "optional": false
+    }
+   ],
+   "doc": "Configuration info for the new chardev backend.",
+   "discriminator": "type",
+   "variants": {
+    "file": "ChardevFileWrapper",
+    "pipe": "ChardevHostdevWrapper",
+    "socket": "ChardevSocketWrapper",
+    "null": "ChardevCommonWrapper",
+    "stdio": "ChardevStdioWrapper",
+    "ringbuf": "ChardevRingbufWrapper",
+    "memory": "ChardevRingbufWrapper"
+   }
+  },
+  "ChardevReturn": {
+   "kind": "struct",
+   "name": "ChardevReturn",
+   "members": [
+    {
+     "name": "pty",
+     "type": "str",
+     "optional": true,
+     "doc": "name of the slave pseudoterminal device, present if and only if a chardev of type 'pty' was created"
+    }
+   ],
+   "doc": "Return info about the chardev backend just created."
+  },
+  "q_obj_chardev-add-arg": {
+   "kind": "struct",
+   "name": "q_obj_chardev-add-arg",
+   "members": [
+    {
+     "name": "id",
+     "type": "str",
+     "optional": false,
+     "doc": "the chardev's ID, must be unique"
+    },
+    {
+     "name": "backend",
+     "type": "ChardevBackend",
+     "optional": false,
+     "doc": "backend type and parameters"
+    }
+   ],
+   "implicit": true
+  },
+  "q_obj_chardev-change-arg": {
+   "kind": "struct",
+   "name": "q_obj_chardev-change-arg",
+   "members": [
+    {
+     "name": "id",
+     "type": "str",
+     "optional": false,
+     "doc": "the chardev's ID, must exist"
+    },
+    {
+     "name": "backend",
+     "type": "ChardevBackend",
+     "optional": false,
+     "doc": "new backend type and parameters"
+    }
+   ],
+   "implicit": true
+  },
+  "q_obj_chardev-remove-arg": {
+   "kind": "struct",
+   "name": "q_obj_chardev-remove-arg",
+   "members": [
+    {
+     "name": "id",
+     "type": "str",
+     "optional": false,
+     "doc": "the chardev's ID, must exist and not be in use"
+    }
+   ],
+   "implicit": true
+  },
+  "q_obj_chardev-send-break-arg": {
+   "kind": "struct",
+   "name": "q_obj_chardev-send-break-arg",
+   "members": [
+    {
+     "name": "id",
+     "type": "str",
+     "optional": false,
+     "doc": "the chardev's ID, must exist"
+    }
+   ],
+   "implicit": true
+  },
   "QMPCapability": {
    "kind": "enum",
    "name": "QMPCapability",
@@ -4473,8 +4872,47 @@ export const schemaData: GenSchema = {
   {
    "name": "query-chardev-backends",
    "boxed": false,
-   "doc": "Returns information about the chardev backends qsd-ts has (socket, stdio).",
+   "doc": "Returns information about the chardev backends qsd-ts has (pipe, null, ringbuf, stdio, socket, file, memory).",
    "returns": "[ChardevBackendInfo]"
+  },
+  {
+   "name": "ringbuf-write",
+   "boxed": false,
+   "doc": "Write to a ring buffer character device.",
+   "argType": "q_obj_ringbuf-write-arg"
+  },
+  {
+   "name": "ringbuf-read",
+   "boxed": false,
+   "doc": "Read from a ring buffer character device.",
+   "argType": "q_obj_ringbuf-read-arg",
+   "returns": "str"
+  },
+  {
+   "name": "chardev-add",
+   "boxed": false,
+   "doc": "Add a character device backend.",
+   "argType": "q_obj_chardev-add-arg",
+   "returns": "ChardevReturn"
+  },
+  {
+   "name": "chardev-change",
+   "boxed": false,
+   "doc": "Change a character device backend (only of a chardev no monitor uses).",
+   "argType": "q_obj_chardev-change-arg",
+   "returns": "ChardevReturn"
+  },
+  {
+   "name": "chardev-remove",
+   "boxed": false,
+   "doc": "Remove a character device backend.",
+   "argType": "q_obj_chardev-remove-arg"
+  },
+  {
+   "name": "chardev-send-break",
+   "boxed": false,
+   "doc": "Send a break to a character device.",
+   "argType": "q_obj_chardev-send-break-arg"
   },
   {
    "name": "qmp_capabilities",

@@ -1171,6 +1171,169 @@ export interface ChardevBackendInfo {
   "name": string;
 }
 
+/** An enumeration of data format. @since 1.4 */
+export type DataFormat = "utf8" | "base64";
+
+export interface QObj_ringbuf_write_arg {
+  /** the ring buffer character device name */
+  "device": string;
+  /** data to write */
+  "data": string;
+  /** data encoding (default 'utf8'). */
+  "format"?: DataFormat;
+}
+
+export interface QObj_ringbuf_read_arg {
+  /** the ring buffer character device name */
+  "device": string;
+  /** how many bytes to read at most */
+  "size": number;
+  /** data encoding (default 'utf8'); utf8 replaces invalid sequences with U+FFFD and stops at a NUL byte. */
+  "format"?: DataFormat;
+}
+
+/** Configuration shared across all chardev backends. @since 2.6 */
+export interface ChardevCommon {
+  /** The name of a logfile to save output. */
+  "logfile"?: string;
+  /** true to append instead of truncate (default to false to truncate). */
+  "logappend"?: boolean;
+}
+
+/** Configuration info for file chardevs. @since 1.4 */
+export interface ChardevFile extends ChardevCommon {
+  /** The name of the input file. */
+  "in"?: string;
+  /** The name of the output file. */
+  "out": string;
+  /** Open the file in append mode (default false to truncate) (Since 2.6). @since 2.6 */
+  "append"?: boolean;
+}
+
+/** Configuration info for device and pipe chardevs. @since 1.4 */
+export interface ChardevHostdev extends ChardevCommon {
+  /** The name of the special file for the device, i.e. /dev/ttyS0 on Unix; for a pipe, DEVICE.in and DEVICE.out (else DEVICE itself). */
+  "device": string;
+}
+
+/** Configuration info for (stream) socket chardevs. @since 1.4 */
+export interface ChardevSocket extends ChardevCommon {
+  /** socket address to listen on (server=true) or connect to (server=false) */
+  "addr": SocketAddressLegacy;
+  /** the ID of the TLS credentials object (since 2.6) */
+  "tls-creds"?: string;
+  /** the ID of the QAuthZ authorization object against which the client's x509 distinguished name will be validated (since 4.0). */
+  "tls-authz"?: string;
+  /** create server socket (default: true) */
+  "server"?: boolean;
+  /** wait for incoming connection on server sockets (default: false). Silently ignored with server: false. This use is deprecated. */
+  "wait"?: boolean;
+  /** set TCP_NODELAY socket option (default: false) */
+  "nodelay"?: boolean;
+  /** enable telnet protocol on server sockets (default: false); not supported by qsd-ts */
+  "telnet"?: boolean;
+  /** enable tn3270 protocol on server sockets (default: false) (Since: 2.10); not supported by qsd-ts */
+  "tn3270"?: boolean;
+  /** enable websocket protocol on server sockets (default: false) (Since: 3.1); not supported by qsd-ts */
+  "websocket"?: boolean;
+  /** For a client socket, if a socket is disconnected, then attempt a reconnect after the given number of seconds. Setting this to zero disables this function. (default: 0) (Since: 2.2) */
+  "reconnect"?: number;
+}
+
+/** Configuration info for stdio chardevs. @since 1.5 */
+export interface ChardevStdio extends ChardevCommon {
+  /** Allow signals (such as SIGINT triggered by ^C) be delivered to qemu. Default: true. */
+  "signal"?: boolean;
+}
+
+/** Configuration info for ring buffer chardevs. @since 1.5 */
+export interface ChardevRingbuf extends ChardevCommon {
+  /** ring buffer size, must be power of two, default is 65536 */
+  "size"?: number;
+}
+
+/** @since 1.4 */
+export interface ChardevFileWrapper {
+  /** Configuration info for file chardevs */
+  "data": ChardevFile;
+}
+
+/** @since 1.4 */
+export interface ChardevHostdevWrapper {
+  /** Configuration info for device and pipe chardevs */
+  "data": ChardevHostdev;
+}
+
+/** @since 1.4 */
+export interface ChardevSocketWrapper {
+  /** Configuration info for (stream) socket chardevs */
+  "data": ChardevSocket;
+}
+
+/** @since 2.6 */
+export interface ChardevCommonWrapper {
+  /** Configuration shared across all chardev backends */
+  "data": ChardevCommon;
+}
+
+/** @since 1.5 */
+export interface ChardevStdioWrapper {
+  /** Configuration info for stdio chardevs */
+  "data": ChardevStdio;
+}
+
+/** @since 1.5 */
+export interface ChardevRingbufWrapper {
+  /** Configuration info for ring buffer chardevs */
+  "data": ChardevRingbuf;
+}
+
+/** The chardev backends qsd-ts has, in QEMU's order (QEMU also has serial, parallel, udp, pty, mux, …). @since 1.4 */
+export type ChardevBackendKind = "file" | "pipe" | "socket" | "null" | "stdio" | "ringbuf" | "memory";
+
+/** Configuration info for the new chardev backend. @since 1.4 */
+export interface ChardevBackendBase {
+  "type": ChardevBackendKind;
+}
+export type ChardevBackend =
+  | (ChardevBackendBase & { "type": "file" } & ChardevFileWrapper)
+  | (ChardevBackendBase & { "type": "pipe" } & ChardevHostdevWrapper)
+  | (ChardevBackendBase & { "type": "socket" } & ChardevSocketWrapper)
+  | (ChardevBackendBase & { "type": "null" } & ChardevCommonWrapper)
+  | (ChardevBackendBase & { "type": "stdio" } & ChardevStdioWrapper)
+  | (ChardevBackendBase & { "type": "ringbuf" } & ChardevRingbufWrapper)
+  | (ChardevBackendBase & { "type": "memory" } & ChardevRingbufWrapper);
+
+/** Return info about the chardev backend just created. @since 1.4 */
+export interface ChardevReturn {
+  /** name of the slave pseudoterminal device, present if and only if a chardev of type 'pty' was created */
+  "pty"?: string;
+}
+
+export interface QObj_chardev_add_arg {
+  /** the chardev's ID, must be unique */
+  "id": string;
+  /** backend type and parameters */
+  "backend": ChardevBackend;
+}
+
+export interface QObj_chardev_change_arg {
+  /** the chardev's ID, must exist */
+  "id": string;
+  /** new backend type and parameters */
+  "backend": ChardevBackend;
+}
+
+export interface QObj_chardev_remove_arg {
+  /** the chardev's ID, must exist and not be in use */
+  "id": string;
+}
+
+export interface QObj_chardev_send_break_arg {
+  /** the chardev's ID, must exist */
+  "id": string;
+}
+
 /** QMP protocol capabilities. @since 2.12 */
 export type QMPCapability = "oob";
 
@@ -1473,8 +1636,20 @@ export interface QmpCommands {
   /** @since 5.2 */
   "query-block-exports": { args: Record<string, never>; ret: BlockExportInfo[] };
   "query-chardev": { args: Record<string, never>; ret: ChardevInfo[] };
-  /** Returns information about the chardev backends qsd-ts has (socket, stdio). @since 2.0 */
+  /** Returns information about the chardev backends qsd-ts has (pipe, null, ringbuf, stdio, socket, file, memory). @since 2.0 */
   "query-chardev-backends": { args: Record<string, never>; ret: ChardevBackendInfo[] };
+  /** Write to a ring buffer character device. @since 1.4 */
+  "ringbuf-write": { args: QObj_ringbuf_write_arg; ret: Record<string, never> };
+  /** Read from a ring buffer character device. @since 1.4 */
+  "ringbuf-read": { args: QObj_ringbuf_read_arg; ret: string };
+  /** Add a character device backend. @since 1.4 */
+  "chardev-add": { args: QObj_chardev_add_arg; ret: ChardevReturn };
+  /** Change a character device backend (only of a chardev no monitor uses). @since 2.10 */
+  "chardev-change": { args: QObj_chardev_change_arg; ret: ChardevReturn };
+  /** Remove a character device backend. @since 1.4 */
+  "chardev-remove": { args: QObj_chardev_remove_arg; ret: Record<string, never> };
+  /** Send a break to a character device. @since 2.10 */
+  "chardev-send-break": { args: QObj_chardev_send_break_arg; ret: Record<string, never> };
   /** Leave capabilities negotiation mode and enable the given capabilities. */
   "qmp_capabilities": { args: QObj_qmp_capabilities_arg; ret: Record<string, never> };
   "query-version": { args: Record<string, never>; ret: VersionInfo };

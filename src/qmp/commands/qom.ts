@@ -3,7 +3,8 @@ import type { CommandHandler, CommandContext } from './types.js';
 import { genericError, QmpError } from '../../qapi/errors.js';
 import { idWellformed } from '../../block/graph.js';
 import { IoThread } from '../../iothread/iothread.js';
-import type { Chardev } from '../server.js';
+import type { Chardev } from '../../chardev/chardev.js';
+import { SocketChardev, chardevOrder } from '../../chardev/registry.js';
 import { qdictKeyOrder } from '../json.js';
 import type { Daemon } from '../../daemon.js';
 
@@ -158,7 +159,10 @@ const QOM_TYPES: readonly QomType[] = [
   { name: 'container', parent: 'object', properties: [TYPE_PROPERTY] },
   { name: 'interface', abstract: true },
   { name: 'iothread', parent: 'event-loop-base', properties: [TYPE_PROPERTY, ...intProps(IOTHREAD_PROPERTIES)] },
+  { name: 'chardev-pipe', parent: 'chardev-fd', properties: [TYPE_PROPERTY] },
   { name: 'chardev-fd', parent: 'chardev', abstract: true, properties: [TYPE_PROPERTY] },
+  { name: 'chardev-null', parent: 'chardev', properties: [TYPE_PROPERTY] },
+  { name: 'chardev-ringbuf', parent: 'chardev', properties: [TYPE_PROPERTY] },
   { name: 'event-loop-base', parent: 'object', abstract: true, interfaces: ['user-creatable'],
     properties: [TYPE_PROPERTY, ...intProps(EVENT_LOOP_PROPERTIES)] },
   { name: 'chardev-stdio', parent: 'chardev-fd', properties: [TYPE_PROPERTY] },
@@ -166,6 +170,8 @@ const QOM_TYPES: readonly QomType[] = [
   { name: 'user-creatable', parent: 'interface', abstract: true },
   { name: 'chardev-socket', parent: 'chardev',
     properties: [TYPE_PROPERTY, { name: 'connected', type: 'bool' }, { name: 'addr', type: 'SocketAddress' }] },
+  { name: 'chardev-file', parent: 'chardev-fd', properties: [TYPE_PROPERTY] },
+  { name: 'chardev-memory', parent: 'chardev-ringbuf', properties: [TYPE_PROPERTY] },
   { name: 'object', abstract: true, properties: [TYPE_PROPERTY] },
 ];
 const typeByName = new Map(QOM_TYPES.map((t) => [t.name, t]));
@@ -200,15 +206,11 @@ function objectTable(daemon: Daemon): GHashOrder {
   return table;
 }
 
-/** Chardevs are created on the command line only, never removed: insertion order replays them. */
-export function chardevOrder(daemon: Daemon): Chardev[] {
-  return new GHashOrder(daemon.chardevs.keys()).order().map((id) => daemon.chardevs.get(id)!);
-}
 
 function typeOf(o: QomObject): string {
   if (o.kind === 'container') return 'container';
   if (o.kind === 'iothread') return 'iothread';
-  return o.chardev.options.backend === 'socket' ? 'chardev-socket' : 'chardev-stdio';
+  return o.chardev.qomType;
 }
 
 /** Child objects in GHashTable iteration order. */
@@ -283,34 +285,15 @@ const IOTHREAD_DEFAULTS: Record<string, number> = {
   'thread-pool-min': 0, 'aio-max-batch': 0, 'thread-pool-max': 64, 'poll-max-ns': 32768, 'poll-grow': 0, 'poll-shrink': 0,
 };
 
-/** The address a socket chardev listens on, as QEMU's SocketAddress after the bind. */
-export function chardevAddress(chardev: Chardev): Record<string, unknown> | undefined {
-  const opts = chardev.options;
-  if (opts.backend !== 'socket') return undefined;
-  if (opts.path !== undefined) return { type: 'unix', path: opts.path };
-  // Without a host QEMU listens on every address and reports the listener as an empty fd address.
-  if (!opts.host) return { type: 'fd', str: '' };
-  const bound = chardev.server?.address();
-  if (!bound || typeof bound === 'string') return { type: 'inet', host: opts.host, port: String(opts.port) };
-  const v6 = bound.family === 'IPv6';
-  return { type: 'inet', host: bound.address, port: String(bound.port), ...(v6 ? { ipv6: true } : { ipv4: true }) };
-}
-
-/** Whether a client is connected to a socket chardev. */
-export function chardevConnected(chardev: Chardev): boolean {
-  // The socket set is the chardev's own bookkeeping; read it rather than keep a second copy.
-  return chardev.options.backend === 'socket' && chardev['sockets'].size > 0;
-}
-
 function getProperty(o: QomObject, property: string, daemon: Daemon): unknown {
   if (property === 'type') return typeOf(o);
   if (o.kind === 'iothread' && IOTHREAD_PROPERTIES.includes(property)) {
     const props = o.obj.properties as Record<string, unknown>;
     return props[property] ?? IOTHREAD_DEFAULTS[property];
   }
-  if (o.kind === 'chardev' && o.chardev.options.backend === 'socket') {
-    if (property === 'connected') return chardevConnected(o.chardev);
-    if (property === 'addr') return chardevAddress(o.chardev);
+  if (o.kind === 'chardev' && o.chardev instanceof SocketChardev) {
+    if (property === 'connected') return o.chardev.connected;
+    if (property === 'addr') return o.chardev.address();
   }
   const child = children(daemon, o).find(([name]) => name === property);
   if (child) return child[1].path; // a child<> property reads as the child's canonical path
