@@ -146,6 +146,11 @@ export class BlockGraph {
     return node;
   }
 
+  /** A name as QEMU gives an implicit node (a job's filter), for messages naming one. */
+  anonymousNodeName(): string {
+    return this.generateNodeName();
+  }
+
   /** QEMU's id_generate(ID_BLOCK): "#block" + counter + two random digits. */
   private generateNodeName(): string {
     for (;;) {

@@ -223,8 +223,8 @@ export class BlockJob extends Job {
     }
     this.busy = false;
     if (error !== undefined || this.cancelled) {
+      // query-jobs shows a cancelled job's error as QEMU words ECANCELED.
       this.error = error ?? 'Operation canceled';
-      if (error === undefined) this.error = undefined;
       this.transition('aborting');
       await hooks.abort?.(this).catch(() => undefined);
     }

@@ -4,6 +4,7 @@
 import { nodeFilename } from '../block/graph.js';
 import type { BlockNode } from '../block/node.js';
 import { formatQmpJson } from '../qmp/json.js';
+import { genericError } from '../qapi/errors.js';
 import type { BlockJob, BlockJobHooks } from './block-job.js';
 import { allocatedAbove, copyRange, NodeHolds, type JobContext } from './job-context.js';
 
@@ -42,6 +43,16 @@ async function growBase(base: BlockNode, len: number): Promise<void> {
 /** Holds the nodes as QEMU's commit_start() does; the returned holds are released in clean. */
 export async function setupCommit(ctx: JobContext, job: BlockJob, p: CommitParams, active: boolean): Promise<BlockJobHooks> {
   const { bs, top, base } = p;
+  if (active) {
+    // The mirror job's filter on top unshares resize, which a writable FUSE export holds.
+    const resizer = ctx.graph.usersOf(top).find((u) => !u.parent && u.perms.has('resize'));
+    if (resizer) {
+      const filter = ctx.graph.anonymousNodeName();
+      throw genericError(`Permission conflict on node '${filter}': permissions 'resize' are both required by an unnamed ` +
+        `block device (uses node '${filter}' as 'root' child) and unshared by commit job '${job.id}' (uses node ` +
+        `'${filter}' as 'main node' child).`);
+    }
+  }
   const holds = new NodeHolds(ctx.graph, job.type);
   holds.hold(bs);
   for (const n of intermediates(top, base)) if (n !== bs) holds.hold(n);
@@ -96,6 +107,34 @@ export async function setupCommit(ctx: JobContext, job: BlockJob, p: CommitParam
     };
   }
 
+  /**
+   * Completion of an active commit: what changed since ready (granules, as QEMU's dirty bitmap
+   * counts them) is copied and added to the progress, as QEMU's final mirror pass does.
+   */
+  const syncDirty = async (): Promise<void> => {
+    const len = top.getLength();
+    const granule = (base.driver.imageInfo?.(base.state)['cluster-size'] as number | undefined) ?? 65536;
+    const old = Buffer.allocUnsafe(COMMIT_BUFFER_SIZE);
+    let dirty = 0;
+    for (let offset = 0, n = 0; offset < len; offset += n) {
+      const r = await allocatedAbove(top, baseOverlay, offset, Math.min(COMMIT_BUFFER_SIZE, len - offset));
+      n = r.pnum;
+      if (!r.allocated) continue;
+      await top.read(offset, buf.subarray(0, n));
+      await base.read(offset, old.subarray(0, n));
+      for (let pos = 0; pos < n;) {
+        const end = Math.min(n, (Math.floor((offset + pos) / granule) + 1) * granule - offset);
+        if (!buf.subarray(pos, end).equals(old.subarray(pos, end))) {
+          await base.write(offset + pos, buf.subarray(pos, end));
+          dirty += end - pos;
+        }
+        pos = end;
+      }
+    }
+    job.totalProgress += dirty;
+    job.currentProgress += dirty;
+  };
+
   // Active commit: the amount to copy is what is allocated above base (the initial dirty bitmap).
   const dirtyBytes = async (len: number): Promise<number> => {
     let total = 0;
@@ -127,13 +166,20 @@ export async function setupCommit(ctx: JobContext, job: BlockJob, p: CommitParam
       job.currentProgress = job.totalProgress;
       job.transitionToReady();
       await job.waitReady();
+      if (job.shouldComplete && !job.isCancelled) {
+        // QEMU 7.2's completion drains the job's nodes twice; each drain parks a ready job in standby.
+        for (let i = 0; i < 2; i++) {
+          job.transition('standby');
+          job.transition('ready');
+        }
+      }
     },
     async prepare() {
       if (!job.shouldComplete) return;
       // Writes since ready went to top only: copy again with the exports stopped, then every
       // parent of top (exports) uses base.
       await ctx.exports.drained(bs, async () => {
-        await pass(top.getLength(), false, false);
+        await syncDirty();
         await base.flush();
         holds.release();
         ctx.graph.replaceNode(top, base);
