@@ -3,6 +3,7 @@
 import { nodeFilename } from '../block/graph.js';
 import type { BlockNode } from '../block/node.js';
 import { formatQmpJson } from '../qmp/json.js';
+import { genericError } from '../qapi/errors.js';
 import type { BlockJob, BlockJobHooks } from './block-job.js';
 import { allocatedAbove, layerAllocated, NodeHolds, type JobContext } from './job-context.js';
 
@@ -21,6 +22,13 @@ export interface StreamParams {
 
 export async function setupStream(ctx: JobContext, job: BlockJob, p: StreamParams): Promise<BlockJobHooks> {
   const { bs, base } = p;
+  // QEMU's copy-on-read filter above bs unshares resize, which a writable FUSE export holds.
+  if (ctx.graph.usersOf(bs).some((u) => !u.parent && u.perms.has('resize'))) {
+    const filter = ctx.graph.anonymousNodeName();
+    throw genericError(`Permission conflict on node '${filter}': permissions 'resize' are both required by an unnamed ` +
+      `block device (uses node '${filter}' as 'root' child) and unshared by an unnamed block device (uses node ` +
+      `'${filter}' as 'root' child).`);
+  }
   const holds = new NodeHolds(ctx.graph, job.type);
   holds.hold(bs);
   let bottom = p.bottom;
