@@ -23,6 +23,13 @@ export class Daemon {
   readonly monitors = new Set<Monitor>();
   readonly jobs = new JobManager((name, data) => this.emitEvent(name, data));
   readonly commands: Record<string, CommandHandler> = allCommands;
+  /** True once the command line is processed (main.ts); monitors run commands only then. */
+  started = false;
+  private markStarted!: () => void;
+  /** Resolves when the command line is processed (or startup failed and the daemon exits). */
+  readonly startup = new Promise<void>((resolve) => {
+    this.markStarted = resolve;
+  });
   /** Set by quit and signals; the main loop winds down once the current command answered. */
   exitRequested = false;
   private shuttingDown?: Promise<void>;
@@ -31,6 +38,12 @@ export class Daemon {
 
   /** QEMU's daemon runs until quit or a signal, whatever else the loop has (or lacks) to do. */
   private readonly keepAlive = setInterval(() => undefined, 1 << 30);
+
+  /** The command line is done: monitors start running the commands they received. */
+  startupDone(): void {
+    this.started = true;
+    this.markStarted();
+  }
 
   constructor() {
     this.exports = new ExportManager({

@@ -270,6 +270,7 @@ export async function main(argv: string[]): Promise<void> {
       process.exit(1);
     }
   }
+  daemon.startupDone();
   if (isDaemonChild && process.send) {
     process.send('ready');
     process.disconnect?.();

@@ -111,6 +111,9 @@ export class Monitor {
     if (this.busy) return;
     this.busy = true;
     try {
+      // Like QEMU, whose main loop first runs once every command-line option is done: a piped
+      // stdio monitor must not run commands before the --blockdev/--export after it exist.
+      if (!this.daemon.started) await this.daemon.startup;
       while (this.queue.length > 0 && !this.closed) {
         const item = this.queue.shift()!;
         let rsp: QmpResponse;
