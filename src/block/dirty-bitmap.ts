@@ -370,6 +370,10 @@ export class DirtyBitmap {
   /** In use by an export or job: no changes through QMP. */
   busy = false;
   persistent = false;
+  /** Loaded from an image where it was in use (not stored cleanly): its bits are unknown. */
+  inconsistent = false;
+  /** Loaded from a read-only image: no changes through QMP. */
+  readonly = false;
   private released = false;
 
   constructor(readonly node: BlockNode, readonly name: string, granularity: number, length: number) {
@@ -450,6 +454,21 @@ export class DirtyBitmap {
 
   clear(): void {
     this.i32.fill(0, this.data, this.data + this.words);
+  }
+
+  /**
+   * The bits as qcow2 stores them (QEMU's hbitmap serialization: little-endian, bit i of byte k
+   * is bitmap bit 8k + i): ceil(bits / 8) bytes viewed in place. Loaders fill it, then trimTail().
+   */
+  serialized(): Uint8Array {
+    return new Uint8Array(this.i32.buffer, this.data * 4, Math.ceil(this.bits / 8));
+  }
+
+  /** Clears bits past the end that a loaded image may have set (hbitmap_deserialize_finish). */
+  trimTail(): void {
+    const r = this.bits % 32;
+    if (r !== 0) this.i32[this.data + Math.floor(this.bits / 32)] &= (1 << r) - 1;
+    this.i32.fill(0, this.data + Math.ceil(this.bits / 32), this.data + this.words);
   }
 
   /** Mark [offset, offset + bytes) regardless of the enabled state (merges, tests). */

@@ -7,6 +7,7 @@ import {
   COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPAT_EXTL2, OFF_INCOMPAT, OFF_L1_SIZE, OFF_SIZE,
   QCOW_MAX_L1_SIZE, type Qcow2Header,
 } from './header.js';
+import { bitmapClusters, type BitmapDirectory } from './bitmaps.js';
 import { Refcounts, setTableEntry, tableOffset } from './refcount.js';
 import { Mutex, TableCache, type CachedTable } from './table-cache.js';
 
@@ -70,6 +71,8 @@ export class Qcow2Image {
   private lastCompressed = -1;
   private readonly lastCompressedBuf: Buffer;
   dirty: boolean;
+  /** The stored persistent bitmaps (bitmaps.ts), when the image has a valid bitmaps extension. */
+  bitmapDir: BitmapDirectory | undefined;
   /**
    * Direct I/O epochs: reads and in-place writes look a mapping up without the lock and then touch
    * the host cluster; a cluster freed meanwhile must not be reused before they finish. Each such
@@ -348,6 +351,7 @@ export class Qcow2Image {
     refRange(0, cs); // header and extensions
     if (this.l1.length > 0) refRange(this.l1Offset, this.l1.length);
     refRange(this.rc.tableOffset, this.rc.tableClusters * cs);
+    for (const c of await bitmapClusters(this)) ref(c);
     for (let i = 0; i < this.rc.tableClusters * cs / 8; i++) {
       const rb = tableOffset(this.rc.table, i);
       if (rb !== 0) ref(rb / cs);

@@ -25,6 +25,7 @@ import { genericError } from '../../qapi/errors.js';
 import { QCOW2_MAGIC } from './header.js';
 import type { Qcow2Image } from './image.js';
 import { openImage } from './open.js';
+import { checkCanStoreNew, loadBitmaps, removeStoredBitmap, storeBitmaps } from './bitmaps.js';
 
 export { qcow2BackingInfo } from './header.js';
 export { qcow2Create, type Qcow2CreateOptions } from './create.js';
@@ -47,6 +48,19 @@ function fullBackingName(imageFilename: string | undefined, backing: string): st
   return dir + backing;
 }
 
+/**
+ * QEMU's bdrv_can_store_new_dirty_bitmap for a qcow2 node: throws an Error whose message is
+ * QEMU's reason (the caller adds "Can't make bitmap … persistent in …: ").
+ */
+export function qcow2CheckCanStoreBitmap(state: Qcow2State, name: string, granularity: number): void {
+  checkCanStoreNew(state.img, name, granularity);
+}
+
+/** Removes a persistent bitmap from the image right away (block-dirty-bitmap-remove). */
+export function qcow2RemoveStoredBitmap(state: Qcow2State, name: string): Promise<void> {
+  return removeStoredBitmap(state.img, name);
+}
+
 export const qcow2Driver: BlockDriver<Qcow2State> = {
   metadataChild: true,
   name: 'qcow2',
@@ -62,11 +76,15 @@ export const qcow2Driver: BlockDriver<Qcow2State> = {
     const unmap = options.discard === 'unmap';
     const passDiscard = (options['pass-discard-request'] as boolean | undefined) ?? unmap;
     const img = await openImage(file, node.children.get('backing'), { readOnly: node.readOnly, passDiscard });
+    await loadBitmaps(img, node, node.readOnly);
     return { img, node, unmap };
   },
 
   async close(state) {
-    if (!state.node.readOnly) await state.img.flush();
+    if (state.node.readOnly) return;
+    // Persistent bitmaps go back to the image (in_use cleared) before the final flush.
+    await storeBitmaps(state.img, state.node);
+    await state.img.flush();
   },
 
   getLength(state) {

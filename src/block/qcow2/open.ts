@@ -1,7 +1,8 @@
 // Opens a qcow2 image on a file child: reads the header, L1 and refcount tables into a Qcow2Image.
 import type { BlockNode } from '../node.js';
 import { genericError } from '../../qapi/errors.js';
-import { INCOMPAT_CORRUPT, OFF_AUTOCLEAR, readHeader } from './header.js';
+import { AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT, OFF_AUTOCLEAR, readHeader } from './header.js';
+import { EXT_BITMAPS, readBitmapDirectory, writeBitmapsHeader } from './bitmaps.js';
 import { Qcow2Image } from './image.js';
 
 export interface OpenOptions {
@@ -24,13 +25,23 @@ export async function openImage(file: BlockNode, backing: BlockNode | undefined,
   if (l1.length > 0) await readPadded(file, h.l1TableOffset, l1);
   const rt = Buffer.alloc(h.refcountTableClusters * cs);
   if (rt.length > 0) await readPadded(file, h.refcountTableOffset, rt);
-  if (!opts.readOnly && h.version >= 3 && h.autoclear !== 0n) {
-    // We keep no bitmaps in sync: clearing the autoclear bits tells others they are stale.
-    h.autoclear = 0n;
-    await file.write(OFF_AUTOCLEAR, Buffer.alloc(8));
+  // Unknown autoclear bits are cleared (their extensions are stale once we write); the bitmaps
+  // bit stays: we keep bitmaps in sync (bitmaps.ts).
+  const keep = BigInt(AUTOCLEAR_BITMAPS);
+  if (!opts.readOnly && h.version >= 3 && (h.autoclear & ~keep) !== 0n) {
+    h.autoclear &= keep;
+    const b = Buffer.alloc(8);
+    b.writeBigUInt64BE(h.autoclear);
+    await file.write(OFF_AUTOCLEAR, b);
     await file.flush();
   }
   const img = new Qcow2Image(file, backing, h, l1, rt, opts.passDiscard);
+  img.bitmapDir = await readBitmapDirectory(img);
+  // A bitmaps extension without the autoclear bit was left by a program without bitmap support:
+  // QEMU ignores the bitmaps and drops the extension at a read-write open.
+  if (!opts.readOnly && img.bitmapDir === undefined && h.extensions.some((e) => e.type === EXT_BITMAPS)) {
+    await writeBitmapsHeader(img);
+  }
   // A dirty image opened read-write is repaired first, as QEMU's qcow2_do_open() does.
   if (!opts.readOnly) await img.repairRefcounts();
   return img;

@@ -66,6 +66,7 @@ async function blockDeviceInfo(node: BlockNode, flat: boolean): Promise<Record<s
   if (bitmaps.length > 0) {
     info['dirty-bitmaps'] = bitmaps.map((b) => ({
       name: b.name, count: b.count(), granularity: b.granularity, recording: b.recording, busy: b.busy, persistent: b.persistent,
+      ...(b.inconsistent ? { inconsistent: true } : {}),
     }));
   }
   return info;

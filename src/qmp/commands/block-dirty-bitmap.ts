@@ -3,6 +3,7 @@ import type { CommandHandler } from './types.js';
 import { genericError } from '../../qapi/errors.js';
 import type { BlockNode } from '../../block/node.js';
 import type { Daemon } from '../../daemon.js';
+import { qcow2CheckCanStoreBitmap, qcow2RemoveStoredBitmap, type Qcow2State } from '../../block/qcow2/index.js';
 import {
   BITMAP_MAX_NAME_SIZE, DirtyBitmap, findDirtyBitmap, nodeTracking, setBitmapGraphAccess, setWriteThresholdListener,
 } from '../../block/dirty-bitmap.js';
@@ -14,10 +15,16 @@ const CHECK_INCONSISTENT = 4;
 export const BITMAP_CHECK_DEFAULT = CHECK_BUSY | CHECK_RO | CHECK_INCONSISTENT;
 export const BITMAP_CHECK_ALLOW_RO = CHECK_BUSY | CHECK_INCONSISTENT;
 
-/** QEMU's bdrv_dirty_bitmap_check (qsd-ts has no read-only or inconsistent bitmaps yet). */
+/** QEMU's bdrv_dirty_bitmap_check. */
 export function checkBitmap(bitmap: DirtyBitmap, flags: number): void {
   if (flags & CHECK_BUSY && bitmap.busy) {
     throw genericError(`Bitmap '${bitmap.name}' is currently in use by another operation and cannot be used`);
+  }
+  if (flags & CHECK_RO && bitmap.readonly) {
+    throw genericError(`Bitmap '${bitmap.name}' is readonly and cannot be modified`);
+  }
+  if (flags & CHECK_INCONSISTENT && bitmap.inconsistent) {
+    throw genericError(`Bitmap '${bitmap.name}' is inconsistent and cannot be used`);
   }
 }
 
@@ -60,20 +67,30 @@ export const blockDirtyBitmapCommands: Record<string, CommandHandler> = {
     if (granularity !== undefined && (granularity < 512 || (granularity & (granularity - 1)) !== 0)) {
       throw genericError('Granularity must be power of 2 and at least 512');
     }
+    const gran = granularity ?? defaultGranularity(bs);
     if (persistent) {
-      // TODO(#persistent-bitmaps): the qcow2 bitmaps extension; every driver refuses for now.
-      throw genericError(`Can't store persistent bitmaps to ${bs.nodeName}: Operation not supported`);
+      // Only qcow2 stores bitmaps (its bitmaps extension); other drivers refuse as QEMU's do.
+      if (bs.driver.name !== 'qcow2') throw genericError(`Can't store persistent bitmaps to ${bs.nodeName}: Operation not supported`);
+      try {
+        qcow2CheckCanStoreBitmap(bs.state as Qcow2State, name, gran);
+      } catch (e) {
+        throw genericError(`Can't make bitmap '${name}' persistent in '${bs.nodeName}': ${(e as Error).message}`);
+      }
     }
     if (findDirtyBitmap(bs, name)) throw genericError(`Bitmap already exists: ${name}`);
     if (Buffer.byteLength(name) > BITMAP_MAX_NAME_SIZE) throw genericError(`Bitmap name too long: ${name}`);
-    const bitmap = new DirtyBitmap(bs, name, granularity ?? defaultGranularity(bs), bs.getLength());
+    const bitmap = new DirtyBitmap(bs, name, gran, bs.getLength());
     if (disabled) bitmap.setEnabled(false);
+    bitmap.persistent = persistent;
     return {};
   },
 
-  'block-dirty-bitmap-remove'(args: { node: string; name: string }, { daemon }) {
+  async 'block-dirty-bitmap-remove'(args: { node: string; name: string }, { daemon }) {
     const bitmap = lookupBitmap(daemon, args.node, args.name);
     checkBitmap(bitmap, CHECK_BUSY | CHECK_RO);
+    if (bitmap.persistent && bitmap.node.driver.name === 'qcow2') {
+      await qcow2RemoveStoredBitmap(bitmap.node.state as Qcow2State, bitmap.name);
+    }
     bitmap.release();
     return {};
   },
