@@ -137,7 +137,7 @@ async function processOption(daemon: Daemon, opt: CliOption): Promise<void> {
     case 'chardev': {
       const { id, backend } = chardevOptions(value, (message, hint) =>
         process.stderr.write(`${PROGRAM}: ${opt.spelled} ${value}: warning: ${message}\n${hint}`));
-      await addChardev(daemon, id, backend, 'cli');
+      await addChardev(daemon, id, backend, { cli: `${opt.spelled} ${value}` });
       break;
     }
     case 'monitor': {

@@ -108,9 +108,6 @@ export abstract class Chardev {
     this.startFrontend();
   }
 
-  /** For backends that can wait for a client (socket server=on,wait=on); nothing by default. */
-  async waitForClient(_where: 'cli' | 'qmp'): Promise<void> {}
-
   /** chardev-send-break: only serial and socket-telnet chardevs act on it, and qsd-ts has neither. */
   sendBreak(): void {}
 

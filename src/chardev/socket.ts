@@ -16,8 +16,11 @@ type FlatAddress =
   | { type: 'vsock'; cid: string; port: string }
   | { type: 'fd'; str: string };
 
-/** Where the chardev was created: the command line and QMP print the wait notice differently. */
-export type ChardevOrigin = 'cli' | 'qmp';
+/**
+ * Where the chardev was created: QMP, or the command line with the location QEMU prefixes to
+ * its notices ("--chardev socket,id=w,path=…,server=on").
+ */
+export type ChardevOrigin = 'qmp' | { cli: string };
 
 /** getaddrinfo's messages for the codes Node reports (gai_strerror). */
 const GAI_MESSAGES: Record<string, string> = {
@@ -181,7 +184,7 @@ export class SocketChardev extends Chardev {
   private async waitForFirstClient(): Promise<void> {
     if (this.connected) return;
     const where = `disconnected:${this.addressString()},server=on`;
-    const prefix = this.origin === 'cli' ? `${this.host.programName}: -chardev socket,id=${this.id}: ` : '';
+    const prefix = this.origin === 'qmp' ? '' : `${this.host.programName}: ${this.origin.cli}: `;
     process.stderr.write(`${prefix}info: QEMU waiting for connection on: ${where}\n`);
     await new Promise<void>((resolve) => (this.firstClient = resolve));
   }
