@@ -192,8 +192,11 @@ export async function loadBitmaps(img: Qcow2Image, node: BlockNode, readOnly: bo
   }
 }
 
-/** QEMU's qcow2_co_can_store_new_dirty_bitmap; throws the reason without QEMU's prefix. */
-export function checkCanStoreNew(img: Qcow2Image, name: string, granularity: number): void {
+/**
+ * QEMU's qcow2_co_can_store_new_dirty_bitmap; throws the reason without QEMU's prefix. The limits
+ * count the node's persistent bitmaps in memory (every stored one is loaded), plus the new one.
+ */
+export function checkCanStoreNew(img: Qcow2Image, node: BlockNode, name: string, granularity: number): void {
   if (img.h.version < 3) throw new Error('Cannot store dirty bitmaps in qcow2 v2 files');
   const bits = Math.log2(granularity);
   if (bits < BME_MIN_GRANULARITY_BITS) throw new Error(`Granularity exceeds minimum (${2 ** BME_MIN_GRANULARITY_BITS} bytes)`);
@@ -203,13 +206,15 @@ export function checkCanStoreNew(img: Qcow2Image, name: string, granularity: num
     throw new Error('Too much space will be occupied by the bitmap. Use larger granularity');
   }
   if (Buffer.byteLength(name) > BME_MAX_NAME_SIZE) throw new Error(`Name length exceeds maximum (${BME_MAX_NAME_SIZE} characters)`);
-  const dir = img.bitmapDir;
-  if (dir === undefined || dir.list.length === 0) return;
-  if (dir.list.length >= QCOW2_MAX_BITMAPS) throw new Error('Maximum number of persistent bitmaps is already reached');
-  if (dir.size + entrySize(Buffer.byteLength(name), 0) > QCOW2_MAX_BITMAP_DIRECTORY_SIZE) {
-    throw new Error('Not enough space in the bitmap directory');
+  let count = 1;
+  let dirSize = entrySize(Buffer.byteLength(name), 0);
+  for (const b of nodeBitmaps(node)) {
+    if (!b.persistent) continue;
+    count++;
+    dirSize += entrySize(Buffer.byteLength(b.name), 0);
   }
-  if (dir.list.some((b) => b.name === name)) throw new Error('Bitmap with the same name is already stored');
+  if (count > QCOW2_MAX_BITMAPS) throw new Error('Maximum number of persistent bitmaps is already reached');
+  if (dirSize > QCOW2_MAX_BITMAP_DIRECTORY_SIZE) throw new Error('Not enough space in the bitmap directory');
 }
 
 /** Frees a bitmap's data clusters and table (caller holds the metadata lock). */
@@ -292,7 +297,9 @@ export async function writeBitmapsHeader(img: Qcow2Image): Promise<void> {
     h.backingFileOffset = backingOffset;
   }
   h.extensions = exts;
+  // The bit says the extension is in sync; without bitmaps QEMU clears it.
   if (dir !== undefined) h.autoclear |= BigInt(AUTOCLEAR_BITMAPS);
+  else h.autoclear &= ~BigInt(AUTOCLEAR_BITMAPS);
   const ac = Buffer.alloc(8);
   ac.writeBigUInt64BE(h.autoclear);
   await img.file.write(OFF_AUTOCLEAR, ac);

@@ -53,7 +53,7 @@ function fullBackingName(imageFilename: string | undefined, backing: string): st
  * QEMU's reason (the caller adds "Can't make bitmap … persistent in …: ").
  */
 export function qcow2CheckCanStoreBitmap(state: Qcow2State, name: string, granularity: number): void {
-  checkCanStoreNew(state.img, name, granularity);
+  checkCanStoreNew(state.img, state.node, name, granularity);
 }
 
 /** Removes a persistent bitmap from the image right away (block-dirty-bitmap-remove). */
