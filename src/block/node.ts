@@ -43,6 +43,12 @@ export class BlockNode {
    * null until the node first needs it. Writes check it once: null or idle = nothing to do.
    */
   tracking: NodeTracking | null = null;
+  /**
+   * Main thread only: awaited before a tracked write, zero write or discard reaches the driver
+   * (a backup job's copy-before-write). Whoever installs one also raises the node's tracking
+   * active count, so writes take the tracked path. Throwing fails the write.
+   */
+  writeInterceptors: Array<(offset: number, bytes: number) => Promise<void>> | null = null;
 
   constructor(init: BlockNodeInit) {
     this.nodeName = init.nodeName;
@@ -138,6 +144,7 @@ export class BlockNode {
     const t = this.tracking;
     if (t === null || t.idle()) return this.driver.write(this.state, offset, buf, flags);
     t.beforeWrite(offset, buf.length);
+    if (this.writeInterceptors !== null) for (const f of this.writeInterceptors) await f(offset, buf.length);
     try {
       return await this.driver.write(this.state, offset, buf, flags);
     } finally {
@@ -156,6 +163,7 @@ export class BlockNode {
     const t = this.tracking;
     if (t === null || t.idle()) return this.doWriteZeroes(offset, bytes, flags);
     t.beforeWrite(offset, bytes);
+    if (this.writeInterceptors !== null) for (const f of this.writeInterceptors) await f(offset, bytes);
     try {
       return await this.doWriteZeroes(offset, bytes, flags);
     } finally {
@@ -184,6 +192,7 @@ export class BlockNode {
     if (t !== null && !t.idle()) {
       // QEMU tracks a discard as a write even when the driver ignores it.
       t.beforeWrite(offset, bytes);
+      if (this.writeInterceptors !== null) for (const f of this.writeInterceptors) await f(offset, bytes);
       try {
         if (this.driver.discard) {
           this.writeGen++;

@@ -231,64 +231,91 @@ export const introspection: readonly unknown[] = [
  {
   "arg-type": "38",
   "ret-type": "0",
-  "name": "transaction",
-  "meta-type": "command"
+  "name": "drive-backup",
+  "meta-type": "command",
+  "features": [
+   "deprecated"
+  ]
  },
  {
   "arg-type": "39",
-  "name": "JOB_STATUS_CHANGE",
-  "meta-type": "event"
+  "ret-type": "0",
+  "name": "blockdev-backup",
+  "meta-type": "command"
  },
  {
   "arg-type": "40",
   "ret-type": "0",
-  "name": "job-pause",
+  "name": "drive-mirror",
   "meta-type": "command"
  },
  {
   "arg-type": "41",
   "ret-type": "0",
-  "name": "job-resume",
+  "name": "blockdev-mirror",
   "meta-type": "command"
  },
  {
   "arg-type": "42",
   "ret-type": "0",
-  "name": "job-cancel",
+  "name": "transaction",
   "meta-type": "command"
  },
  {
   "arg-type": "43",
+  "name": "JOB_STATUS_CHANGE",
+  "meta-type": "event"
+ },
+ {
+  "arg-type": "44",
+  "ret-type": "0",
+  "name": "job-pause",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "45",
+  "ret-type": "0",
+  "name": "job-resume",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "46",
+  "ret-type": "0",
+  "name": "job-cancel",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "47",
   "ret-type": "0",
   "name": "job-complete",
   "meta-type": "command"
  },
  {
-  "arg-type": "44",
+  "arg-type": "48",
   "ret-type": "0",
   "name": "job-dismiss",
   "meta-type": "command"
  },
  {
-  "arg-type": "45",
+  "arg-type": "49",
   "ret-type": "0",
   "name": "job-finalize",
   "meta-type": "command"
  },
  {
   "arg-type": "0",
-  "ret-type": "[46]",
+  "ret-type": "[50]",
   "name": "query-jobs",
   "meta-type": "command"
  },
  {
-  "arg-type": "47",
+  "arg-type": "51",
   "ret-type": "0",
   "name": "nbd-server-start",
   "meta-type": "command"
  },
  {
-  "arg-type": "48",
+  "arg-type": "52",
   "ret-type": "0",
   "name": "nbd-server-add",
   "meta-type": "command",
@@ -297,7 +324,7 @@ export const introspection: readonly unknown[] = [
   ]
  },
  {
-  "arg-type": "49",
+  "arg-type": "53",
   "ret-type": "0",
   "name": "nbd-server-remove",
   "meta-type": "command",
@@ -312,91 +339,91 @@ export const introspection: readonly unknown[] = [
   "meta-type": "command"
  },
  {
-  "arg-type": "50",
+  "arg-type": "54",
   "ret-type": "0",
   "name": "block-export-add",
   "meta-type": "command"
  },
  {
-  "arg-type": "51",
+  "arg-type": "55",
   "ret-type": "0",
   "name": "block-export-del",
   "meta-type": "command"
  },
  {
-  "arg-type": "52",
+  "arg-type": "56",
   "name": "BLOCK_EXPORT_DELETED",
   "meta-type": "event"
  },
  {
   "arg-type": "0",
-  "ret-type": "[53]",
+  "ret-type": "[57]",
   "name": "query-block-exports",
   "meta-type": "command"
  },
  {
   "arg-type": "0",
-  "ret-type": "[54]",
+  "ret-type": "[58]",
   "name": "query-chardev",
   "meta-type": "command"
  },
  {
   "arg-type": "0",
-  "ret-type": "[55]",
+  "ret-type": "[59]",
   "name": "query-chardev-backends",
   "meta-type": "command"
  },
  {
-  "arg-type": "56",
+  "arg-type": "60",
   "ret-type": "0",
   "name": "ringbuf-write",
   "meta-type": "command"
  },
  {
-  "arg-type": "57",
+  "arg-type": "61",
   "ret-type": "str",
   "name": "ringbuf-read",
   "meta-type": "command"
  },
  {
-  "arg-type": "58",
-  "ret-type": "59",
+  "arg-type": "62",
+  "ret-type": "63",
   "name": "chardev-add",
   "meta-type": "command"
  },
  {
-  "arg-type": "60",
-  "ret-type": "59",
+  "arg-type": "64",
+  "ret-type": "63",
   "name": "chardev-change",
   "meta-type": "command"
  },
  {
-  "arg-type": "61",
+  "arg-type": "65",
   "ret-type": "0",
   "name": "chardev-remove",
   "meta-type": "command"
  },
  {
-  "arg-type": "62",
+  "arg-type": "66",
   "ret-type": "0",
   "name": "chardev-send-break",
   "meta-type": "command"
  },
  {
-  "arg-type": "63",
+  "arg-type": "67",
   "ret-type": "0",
   "name": "qmp_capabilities",
   "meta-type": "command"
  },
  {
   "arg-type": "0",
-  "ret-type": "64",
+  "ret-type": "68",
   "name": "query-version",
   "meta-type": "command"
  },
  {
   "arg-type": "0",
-  "ret-type": "[65]",
+  "ret-type": "[69]",
   "name": "query-commands",
   "meta-type": "command"
  },
@@ -408,54 +435,54 @@ export const introspection: readonly unknown[] = [
  },
  {
   "arg-type": "0",
-  "ret-type": "[66]",
+  "ret-type": "[70]",
   "name": "query-qmp-schema",
   "meta-type": "command"
  },
  {
-  "arg-type": "67",
-  "ret-type": "[68]",
-  "name": "qom-list",
-  "meta-type": "command"
- },
- {
-  "arg-type": "69",
-  "ret-type": "[70]",
-  "name": "qom-list-get",
-  "meta-type": "command"
- },
- {
   "arg-type": "71",
-  "ret-type": "any",
-  "name": "qom-get",
-  "meta-type": "command"
- },
- {
-  "arg-type": "72",
-  "ret-type": "0",
-  "name": "qom-set",
+  "ret-type": "[72]",
+  "name": "qom-list",
   "meta-type": "command"
  },
  {
   "arg-type": "73",
   "ret-type": "[74]",
-  "name": "qom-list-types",
+  "name": "qom-list-get",
   "meta-type": "command"
  },
  {
   "arg-type": "75",
-  "ret-type": "[68]",
-  "name": "qom-list-properties",
+  "ret-type": "any",
+  "name": "qom-get",
   "meta-type": "command"
  },
  {
   "arg-type": "76",
   "ret-type": "0",
-  "name": "object-add",
+  "name": "qom-set",
   "meta-type": "command"
  },
  {
   "arg-type": "77",
+  "ret-type": "[78]",
+  "name": "qom-list-types",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "79",
+  "ret-type": "[72]",
+  "name": "qom-list-properties",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "80",
+  "ret-type": "0",
+  "name": "object-add",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "81",
   "ret-type": "0",
   "name": "object-del",
   "meta-type": "command"
@@ -505,7 +532,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "io-status",
-    "type": "78",
+    "type": "82",
     "default": null
    }
   ],
@@ -547,11 +574,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "stats",
-    "type": "79"
+    "type": "83"
    },
    {
     "name": "driver-specific",
-    "type": "80",
+    "type": "84",
     "default": null
    },
    {
@@ -605,7 +632,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "io-status",
-    "type": "78"
+    "type": "82"
    },
    {
     "name": "ready",
@@ -613,7 +640,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "status",
-    "type": "81"
+    "type": "85"
    },
    {
     "name": "auto-finalize",
@@ -702,7 +729,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "detect_zeroes",
-    "type": "82"
+    "type": "86"
    },
    {
     "name": "bps",
@@ -730,7 +757,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "image",
-    "type": "83"
+    "type": "87"
    },
    {
     "name": "bps_max",
@@ -804,7 +831,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "cache",
-    "type": "84"
+    "type": "88"
    },
    {
     "name": "write_threshold",
@@ -812,7 +839,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "dirty-bitmaps",
-    "type": "[85]",
+    "type": "[89]",
     "default": null
    }
   ],
@@ -823,11 +850,11 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "nodes",
-    "type": "[86]"
+    "type": "[90]"
    },
    {
     "name": "edges",
-    "type": "[87]"
+    "type": "[91]"
    }
   ],
   "name": "8",
@@ -879,11 +906,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "operation",
-    "type": "88"
+    "type": "92"
    },
    {
     "name": "action",
-    "type": "89"
+    "type": "93"
    },
    {
     "name": "nospace",
@@ -902,7 +929,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "type",
-    "type": "90"
+    "type": "94"
    },
    {
     "name": "device",
@@ -933,7 +960,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "type",
-    "type": "90"
+    "type": "94"
    },
    {
     "name": "device",
@@ -963,11 +990,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "operation",
-    "type": "88"
+    "type": "92"
    },
    {
     "name": "action",
-    "type": "89"
+    "type": "93"
    }
   ],
   "name": "13",
@@ -977,7 +1004,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "type",
-    "type": "90"
+    "type": "94"
    },
    {
     "name": "device",
@@ -1003,7 +1030,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "type",
-    "type": "90"
+    "type": "94"
    },
    {
     "name": "id",
@@ -1100,7 +1127,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "type",
-    "type": "90"
+    "type": "94"
    }
   ],
   "tag": "type",
@@ -1115,7 +1142,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "mirror",
-    "type": "91"
+    "type": "95"
    },
    {
     "case": "backup",
@@ -1149,7 +1176,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "driver",
-    "type": "92"
+    "type": "96"
    },
    {
     "name": "node-name",
@@ -1158,12 +1185,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "discard",
-    "type": "93",
+    "type": "97",
     "default": null
    },
    {
     "name": "cache",
-    "type": "94",
+    "type": "98",
     "default": null
    },
    {
@@ -1183,7 +1210,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "detect-zeroes",
-    "type": "82",
+    "type": "86",
     "default": null
    }
   ],
@@ -1191,31 +1218,31 @@ export const introspection: readonly unknown[] = [
   "variants": [
    {
     "case": "blkdebug",
-    "type": "95"
+    "type": "99"
    },
    {
     "case": "file",
-    "type": "96"
+    "type": "100"
    },
    {
     "case": "host_device",
-    "type": "96"
+    "type": "100"
    },
    {
     "case": "null-aio",
-    "type": "97"
+    "type": "101"
    },
    {
     "case": "null-co",
-    "type": "97"
+    "type": "101"
    },
    {
     "case": "qcow2",
-    "type": "98"
+    "type": "102"
    },
    {
     "case": "raw",
-    "type": "99"
+    "type": "103"
    }
   ],
   "name": "24",
@@ -1249,7 +1276,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "options",
-    "type": "100"
+    "type": "104"
    }
   ],
   "name": "27",
@@ -1310,7 +1337,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmaps",
-    "type": "[101]"
+    "type": "[105]"
    }
   ],
   "name": "30",
@@ -1386,7 +1413,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "mode",
-    "type": "102",
+    "type": "106",
     "default": null
    }
   ],
@@ -1456,7 +1483,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "on-error",
-    "type": "103",
+    "type": "107",
     "default": null
    },
    {
@@ -1516,7 +1543,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "on-error",
-    "type": "103",
+    "type": "107",
     "default": null
    },
    {
@@ -1541,12 +1568,83 @@ export const introspection: readonly unknown[] = [
  {
   "members": [
    {
-    "name": "actions",
-    "type": "[104]"
+    "name": "job-id",
+    "type": "str",
+    "default": null
    },
    {
-    "name": "properties",
-    "type": "105",
+    "name": "device",
+    "type": "str"
+   },
+   {
+    "name": "sync",
+    "type": "108"
+   },
+   {
+    "name": "speed",
+    "type": "int",
+    "default": null
+   },
+   {
+    "name": "bitmap",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "bitmap-mode",
+    "type": "109",
+    "default": null
+   },
+   {
+    "name": "compress",
+    "type": "bool",
+    "default": null
+   },
+   {
+    "name": "on-source-error",
+    "type": "107",
+    "default": null
+   },
+   {
+    "name": "on-target-error",
+    "type": "107",
+    "default": null
+   },
+   {
+    "name": "auto-finalize",
+    "type": "bool",
+    "default": null
+   },
+   {
+    "name": "auto-dismiss",
+    "type": "bool",
+    "default": null
+   },
+   {
+    "name": "filter-node-name",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "x-perf",
+    "type": "110",
+    "default": null,
+    "features": [
+     "unstable"
+    ]
+   },
+   {
+    "name": "target",
+    "type": "str"
+   },
+   {
+    "name": "format",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "mode",
+    "type": "106",
     "default": null
    }
   ],
@@ -1556,12 +1654,74 @@ export const introspection: readonly unknown[] = [
  {
   "members": [
    {
-    "name": "id",
+    "name": "job-id",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "device",
     "type": "str"
    },
    {
-    "name": "status",
-    "type": "81"
+    "name": "sync",
+    "type": "108"
+   },
+   {
+    "name": "speed",
+    "type": "int",
+    "default": null
+   },
+   {
+    "name": "bitmap",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "bitmap-mode",
+    "type": "109",
+    "default": null
+   },
+   {
+    "name": "compress",
+    "type": "bool",
+    "default": null
+   },
+   {
+    "name": "on-source-error",
+    "type": "107",
+    "default": null
+   },
+   {
+    "name": "on-target-error",
+    "type": "107",
+    "default": null
+   },
+   {
+    "name": "auto-finalize",
+    "type": "bool",
+    "default": null
+   },
+   {
+    "name": "auto-dismiss",
+    "type": "bool",
+    "default": null
+   },
+   {
+    "name": "filter-node-name",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "x-perf",
+    "type": "110",
+    "default": null,
+    "features": [
+     "unstable"
+    ]
+   },
+   {
+    "name": "target",
+    "type": "str"
    }
   ],
   "name": "39",
@@ -1570,8 +1730,86 @@ export const introspection: readonly unknown[] = [
  {
   "members": [
    {
-    "name": "id",
+    "name": "job-id",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "device",
     "type": "str"
+   },
+   {
+    "name": "target",
+    "type": "str"
+   },
+   {
+    "name": "format",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "node-name",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "replaces",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "sync",
+    "type": "108"
+   },
+   {
+    "name": "mode",
+    "type": "106",
+    "default": null
+   },
+   {
+    "name": "speed",
+    "type": "int",
+    "default": null
+   },
+   {
+    "name": "granularity",
+    "type": "int",
+    "default": null
+   },
+   {
+    "name": "buf-size",
+    "type": "int",
+    "default": null
+   },
+   {
+    "name": "on-source-error",
+    "type": "107",
+    "default": null
+   },
+   {
+    "name": "on-target-error",
+    "type": "107",
+    "default": null
+   },
+   {
+    "name": "unmap",
+    "type": "bool",
+    "default": null
+   },
+   {
+    "name": "copy-mode",
+    "type": "111",
+    "default": null
+   },
+   {
+    "name": "auto-finalize",
+    "type": "bool",
+    "default": null
+   },
+   {
+    "name": "auto-dismiss",
+    "type": "bool",
+    "default": null
    }
   ],
   "name": "40",
@@ -1580,8 +1818,71 @@ export const introspection: readonly unknown[] = [
  {
   "members": [
    {
-    "name": "id",
+    "name": "job-id",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "device",
     "type": "str"
+   },
+   {
+    "name": "target",
+    "type": "str"
+   },
+   {
+    "name": "replaces",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "sync",
+    "type": "108"
+   },
+   {
+    "name": "speed",
+    "type": "int",
+    "default": null
+   },
+   {
+    "name": "granularity",
+    "type": "int",
+    "default": null
+   },
+   {
+    "name": "buf-size",
+    "type": "int",
+    "default": null
+   },
+   {
+    "name": "on-source-error",
+    "type": "107",
+    "default": null
+   },
+   {
+    "name": "on-target-error",
+    "type": "107",
+    "default": null
+   },
+   {
+    "name": "filter-node-name",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "copy-mode",
+    "type": "111",
+    "default": null
+   },
+   {
+    "name": "auto-finalize",
+    "type": "bool",
+    "default": null
+   },
+   {
+    "name": "auto-dismiss",
+    "type": "bool",
+    "default": null
    }
   ],
   "name": "41",
@@ -1590,8 +1891,13 @@ export const introspection: readonly unknown[] = [
  {
   "members": [
    {
-    "name": "id",
-    "type": "str"
+    "name": "actions",
+    "type": "[112]"
+   },
+   {
+    "name": "properties",
+    "type": "113",
+    "default": null
    }
   ],
   "name": "42",
@@ -1602,6 +1908,10 @@ export const introspection: readonly unknown[] = [
    {
     "name": "id",
     "type": "str"
+   },
+   {
+    "name": "status",
+    "type": "85"
    }
   ],
   "name": "43",
@@ -1628,8 +1938,48 @@ export const introspection: readonly unknown[] = [
   "meta-type": "object"
  },
  {
-  "element-type": "46",
-  "name": "[46]",
+  "members": [
+   {
+    "name": "id",
+    "type": "str"
+   }
+  ],
+  "name": "46",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "id",
+    "type": "str"
+   }
+  ],
+  "name": "47",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "id",
+    "type": "str"
+   }
+  ],
+  "name": "48",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "id",
+    "type": "str"
+   }
+  ],
+  "name": "49",
+  "meta-type": "object"
+ },
+ {
+  "element-type": "50",
+  "name": "[50]",
   "meta-type": "array"
  },
  {
@@ -1640,11 +1990,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "type",
-    "type": "90"
+    "type": "94"
    },
    {
     "name": "status",
-    "type": "81"
+    "type": "85"
    },
    {
     "name": "current-progress",
@@ -1660,7 +2010,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "46",
+  "name": "50",
   "meta-type": "object"
  },
  {
@@ -1687,10 +2037,10 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "addr",
-    "type": "106"
+    "type": "114"
    }
   ],
-  "name": "47",
+  "name": "51",
   "meta-type": "object"
  },
  {
@@ -1720,7 +2070,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "48",
+  "name": "52",
   "meta-type": "object"
  },
  {
@@ -1731,18 +2081,18 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "mode",
-    "type": "107",
+    "type": "115",
     "default": null
    }
   ],
-  "name": "49",
+  "name": "53",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "108"
+    "type": "116"
    },
    {
     "name": "id",
@@ -1755,7 +2105,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "iothread",
-    "type": "109",
+    "type": "117",
     "default": null
    },
    {
@@ -1782,14 +2132,14 @@ export const introspection: readonly unknown[] = [
   "variants": [
    {
     "case": "nbd",
-    "type": "110"
+    "type": "118"
    },
    {
     "case": "fuse",
-    "type": "111"
+    "type": "119"
    }
   ],
-  "name": "50",
+  "name": "54",
   "meta-type": "object"
  },
  {
@@ -1800,11 +2150,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "mode",
-    "type": "107",
+    "type": "115",
     "default": null
    }
   ],
-  "name": "51",
+  "name": "55",
   "meta-type": "object"
  },
  {
@@ -1814,12 +2164,12 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "52",
+  "name": "56",
   "meta-type": "object"
  },
  {
-  "element-type": "53",
-  "name": "[53]",
+  "element-type": "57",
+  "name": "[57]",
   "meta-type": "array"
  },
  {
@@ -1830,7 +2180,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "type",
-    "type": "108"
+    "type": "116"
    },
    {
     "name": "node-name",
@@ -1841,12 +2191,12 @@ export const introspection: readonly unknown[] = [
     "type": "bool"
    }
   ],
-  "name": "53",
+  "name": "57",
   "meta-type": "object"
  },
  {
-  "element-type": "54",
-  "name": "[54]",
+  "element-type": "58",
+  "name": "[58]",
   "meta-type": "array"
  },
  {
@@ -1864,12 +2214,12 @@ export const introspection: readonly unknown[] = [
     "type": "bool"
    }
   ],
-  "name": "54",
+  "name": "58",
   "meta-type": "object"
  },
  {
-  "element-type": "55",
-  "name": "[55]",
+  "element-type": "59",
+  "name": "[59]",
   "meta-type": "array"
  },
  {
@@ -1879,7 +2229,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "55",
+  "name": "59",
   "meta-type": "object"
  },
  {
@@ -1894,11 +2244,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "format",
-    "type": "112",
+    "type": "120",
     "default": null
    }
   ],
-  "name": "56",
+  "name": "60",
   "meta-type": "object"
  },
  {
@@ -1913,11 +2263,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "format",
-    "type": "112",
+    "type": "120",
     "default": null
    }
   ],
-  "name": "57",
+  "name": "61",
   "meta-type": "object"
  },
  {
@@ -1933,10 +2283,10 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "backend",
-    "type": "113"
+    "type": "121"
    }
   ],
-  "name": "58",
+  "name": "62",
   "meta-type": "object"
  },
  {
@@ -1947,7 +2297,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "59",
+  "name": "63",
   "meta-type": "object"
  },
  {
@@ -1958,60 +2308,60 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "backend",
-    "type": "113"
-   }
-  ],
-  "name": "60",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "id",
-    "type": "str"
-   }
-  ],
-  "name": "61",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "id",
-    "type": "str"
-   }
-  ],
-  "name": "62",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "enable",
-    "type": "[114]",
-    "default": null
-   }
-  ],
-  "name": "63",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "qemu",
-    "type": "115"
-   },
-   {
-    "name": "package",
-    "type": "str"
+    "type": "121"
    }
   ],
   "name": "64",
   "meta-type": "object"
  },
  {
-  "element-type": "65",
-  "name": "[65]",
+  "members": [
+   {
+    "name": "id",
+    "type": "str"
+   }
+  ],
+  "name": "65",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "id",
+    "type": "str"
+   }
+  ],
+  "name": "66",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "enable",
+    "type": "[122]",
+    "default": null
+   }
+  ],
+  "name": "67",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "qemu",
+    "type": "123"
+   },
+   {
+    "name": "package",
+    "type": "str"
+   }
+  ],
+  "name": "68",
+  "meta-type": "object"
+ },
+ {
+  "element-type": "69",
+  "name": "[69]",
   "meta-type": "array"
  },
  {
@@ -2021,12 +2371,12 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "65",
+  "name": "69",
   "meta-type": "object"
  },
  {
-  "element-type": "66",
-  "name": "[66]",
+  "element-type": "70",
+  "name": "[70]",
   "meta-type": "array"
  },
  {
@@ -2037,7 +2387,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "meta-type",
-    "type": "116"
+    "type": "124"
    },
    {
     "name": "features",
@@ -2049,34 +2399,34 @@ export const introspection: readonly unknown[] = [
   "variants": [
    {
     "case": "builtin",
-    "type": "117"
+    "type": "125"
    },
    {
     "case": "enum",
-    "type": "118"
+    "type": "126"
    },
    {
     "case": "array",
-    "type": "119"
+    "type": "127"
    },
    {
     "case": "object",
-    "type": "120"
+    "type": "128"
    },
    {
     "case": "alternate",
-    "type": "121"
+    "type": "129"
    },
    {
     "case": "command",
-    "type": "122"
+    "type": "130"
    },
    {
     "case": "event",
-    "type": "123"
+    "type": "131"
    }
   ],
-  "name": "66",
+  "name": "70",
   "meta-type": "object"
  },
  {
@@ -2086,12 +2436,12 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "67",
+  "name": "71",
   "meta-type": "object"
  },
  {
-  "element-type": "68",
-  "name": "[68]",
+  "element-type": "72",
+  "name": "[72]",
   "meta-type": "array"
  },
  {
@@ -2115,7 +2465,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "68",
+  "name": "72",
   "meta-type": "object"
  },
  {
@@ -2125,22 +2475,22 @@ export const introspection: readonly unknown[] = [
     "type": "[str]"
    }
   ],
-  "name": "69",
+  "name": "73",
   "meta-type": "object"
  },
  {
-  "element-type": "70",
-  "name": "[70]",
+  "element-type": "74",
+  "name": "[74]",
   "meta-type": "array"
  },
  {
   "members": [
    {
     "name": "properties",
-    "type": "[124]"
+    "type": "[132]"
    }
   ],
-  "name": "70",
+  "name": "74",
   "meta-type": "object"
  },
  {
@@ -2154,7 +2504,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "71",
+  "name": "75",
   "meta-type": "object"
  },
  {
@@ -2177,7 +2527,7 @@ export const introspection: readonly unknown[] = [
     "type": "any"
    }
   ],
-  "name": "72",
+  "name": "76",
   "meta-type": "object"
  },
  {
@@ -2193,12 +2543,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "73",
+  "name": "77",
   "meta-type": "object"
  },
  {
-  "element-type": "74",
-  "name": "[74]",
+  "element-type": "78",
+  "name": "[78]",
   "meta-type": "array"
  },
  {
@@ -2218,7 +2568,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "74",
+  "name": "78",
   "meta-type": "object"
  },
  {
@@ -2228,14 +2578,14 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "75",
+  "name": "79",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "qom-type",
-    "type": "125"
+    "type": "133"
    },
    {
     "name": "id",
@@ -2246,10 +2596,10 @@ export const introspection: readonly unknown[] = [
   "variants": [
    {
     "case": "iothread",
-    "type": "126"
+    "type": "134"
    }
   ],
-  "name": "76",
+  "name": "80",
   "meta-type": "object"
  },
  {
@@ -2259,7 +2609,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "77",
+  "name": "81",
   "meta-type": "object"
  },
  {
@@ -2284,7 +2634,7 @@ export const introspection: readonly unknown[] = [
    "failed",
    "nospace"
   ],
-  "name": "78",
+  "name": "82",
   "meta-type": "enum"
  },
  {
@@ -2396,32 +2746,32 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "timed_stats",
-    "type": "[127]"
+    "type": "[135]"
    },
    {
     "name": "rd_latency_histogram",
-    "type": "128",
+    "type": "136",
     "default": null
    },
    {
     "name": "wr_latency_histogram",
-    "type": "128",
+    "type": "136",
     "default": null
    },
    {
     "name": "flush_latency_histogram",
-    "type": "128",
+    "type": "136",
     "default": null
    }
   ],
-  "name": "79",
+  "name": "83",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "driver",
-    "type": "92"
+    "type": "96"
    }
   ],
   "tag": "driver",
@@ -2432,11 +2782,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "file",
-    "type": "129"
+    "type": "137"
    },
    {
     "case": "host_device",
-    "type": "129"
+    "type": "137"
    },
    {
     "case": "null-aio",
@@ -2455,7 +2805,7 @@ export const introspection: readonly unknown[] = [
     "type": "0"
    }
   ],
-  "name": "80",
+  "name": "84",
   "meta-type": "object"
  },
  {
@@ -2512,7 +2862,7 @@ export const introspection: readonly unknown[] = [
    "concluded",
    "null"
   ],
-  "name": "81",
+  "name": "85",
   "meta-type": "enum"
  },
  {
@@ -2532,7 +2882,7 @@ export const introspection: readonly unknown[] = [
    "on",
    "unmap"
   ],
-  "name": "82",
+  "name": "86",
   "meta-type": "enum"
  },
  {
@@ -2591,21 +2941,21 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "snapshots",
-    "type": "[130]",
+    "type": "[138]",
     "default": null
    },
    {
     "name": "backing-image",
-    "type": "83",
+    "type": "87",
     "default": null
    },
    {
     "name": "format-specific",
-    "type": "131",
+    "type": "139",
     "default": null
    }
   ],
-  "name": "83",
+  "name": "87",
   "meta-type": "object"
  },
  {
@@ -2623,12 +2973,12 @@ export const introspection: readonly unknown[] = [
     "type": "bool"
    }
   ],
-  "name": "84",
+  "name": "88",
   "meta-type": "object"
  },
  {
-  "element-type": "85",
-  "name": "[85]",
+  "element-type": "89",
+  "name": "[89]",
   "meta-type": "array"
  },
  {
@@ -2664,12 +3014,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "85",
+  "name": "89",
   "meta-type": "object"
  },
  {
-  "element-type": "86",
-  "name": "[86]",
+  "element-type": "90",
+  "name": "[90]",
   "meta-type": "array"
  },
  {
@@ -2680,19 +3030,19 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "type",
-    "type": "132"
+    "type": "140"
    },
    {
     "name": "name",
     "type": "str"
    }
   ],
-  "name": "86",
+  "name": "90",
   "meta-type": "object"
  },
  {
-  "element-type": "87",
-  "name": "[87]",
+  "element-type": "91",
+  "name": "[91]",
   "meta-type": "array"
  },
  {
@@ -2711,14 +3061,14 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "perm",
-    "type": "[133]"
+    "type": "[141]"
    },
    {
     "name": "shared-perm",
-    "type": "[133]"
+    "type": "[141]"
    }
   ],
-  "name": "87",
+  "name": "91",
   "meta-type": "object"
  },
  {
@@ -2734,7 +3084,7 @@ export const introspection: readonly unknown[] = [
    "read",
    "write"
   ],
-  "name": "88",
+  "name": "92",
   "meta-type": "enum"
  },
  {
@@ -2754,7 +3104,7 @@ export const introspection: readonly unknown[] = [
    "report",
    "stop"
   ],
-  "name": "89",
+  "name": "93",
   "meta-type": "enum"
  },
  {
@@ -2798,17 +3148,17 @@ export const introspection: readonly unknown[] = [
    "snapshot-save",
    "snapshot-delete"
   ],
-  "name": "90",
+  "name": "94",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "copy-mode",
-    "type": "134"
+    "type": "111"
    }
   ],
-  "name": "91",
+  "name": "95",
   "meta-type": "object"
  },
  {
@@ -2844,7 +3194,7 @@ export const introspection: readonly unknown[] = [
    "qcow2",
    "raw"
   ],
-  "name": "92",
+  "name": "96",
   "meta-type": "enum"
  },
  {
@@ -2860,7 +3210,7 @@ export const introspection: readonly unknown[] = [
    "ignore",
    "unmap"
   ],
-  "name": "93",
+  "name": "97",
   "meta-type": "enum"
  },
  {
@@ -2876,14 +3226,14 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "94",
+  "name": "98",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "image",
-    "type": "135"
+    "type": "142"
    },
    {
     "name": "config",
@@ -2922,26 +3272,26 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "inject-error",
-    "type": "[136]",
+    "type": "[143]",
     "default": null
    },
    {
     "name": "set-state",
-    "type": "[137]",
+    "type": "[144]",
     "default": null
    },
    {
     "name": "take-child-perms",
-    "type": "[133]",
+    "type": "[141]",
     "default": null
    },
    {
     "name": "unshare-child-perms",
-    "type": "[133]",
+    "type": "[141]",
     "default": null
    }
   ],
-  "name": "95",
+  "name": "99",
   "meta-type": "object"
  },
  {
@@ -2957,12 +3307,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "locking",
-    "type": "138",
+    "type": "145",
     "default": null
    },
    {
     "name": "aio",
-    "type": "139",
+    "type": "146",
     "default": null
    },
    {
@@ -2984,7 +3334,7 @@ export const introspection: readonly unknown[] = [
     ]
    }
   ],
-  "name": "96",
+  "name": "100",
   "meta-type": "object",
   "features": [
    "dynamic-auto-read-only"
@@ -3008,18 +3358,18 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "97",
+  "name": "101",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "file",
-    "type": "135"
+    "type": "142"
    },
    {
     "name": "backing",
-    "type": "140",
+    "type": "147",
     "default": null
    },
    {
@@ -3049,7 +3399,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "overlap-check",
-    "type": "141",
+    "type": "148",
     "default": null
    },
    {
@@ -3079,18 +3429,18 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "data-file",
-    "type": "135",
+    "type": "142",
     "default": null
    }
   ],
-  "name": "98",
+  "name": "102",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "file",
-    "type": "135"
+    "type": "142"
    },
    {
     "name": "offset",
@@ -3103,7 +3453,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "99",
+  "name": "103",
   "meta-type": "object"
  },
  {
@@ -3115,7 +3465,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "driver",
-    "type": "92"
+    "type": "96"
    }
   ],
   "tag": "driver",
@@ -3126,7 +3476,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "file",
-    "type": "142"
+    "type": "149"
    },
    {
     "case": "host_device",
@@ -3142,19 +3492,19 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "qcow2",
-    "type": "143"
+    "type": "150"
    },
    {
     "case": "raw",
     "type": "0"
    }
   ],
-  "name": "100",
+  "name": "104",
   "meta-type": "object"
  },
  {
-  "element-type": "101",
-  "name": "[101]",
+  "element-type": "105",
+  "name": "[105]",
   "meta-type": "array"
  },
  {
@@ -3166,7 +3516,7 @@ export const introspection: readonly unknown[] = [
     "type": "29"
    }
   ],
-  "name": "101",
+  "name": "105",
   "meta-type": "alternate"
  },
  {
@@ -3182,7 +3532,7 @@ export const introspection: readonly unknown[] = [
    "existing",
    "absolute-paths"
   ],
-  "name": "102",
+  "name": "106",
   "meta-type": "enum"
  },
  {
@@ -3210,77 +3560,194 @@ export const introspection: readonly unknown[] = [
    "stop",
    "auto"
   ],
-  "name": "103",
+  "name": "107",
   "meta-type": "enum"
  },
  {
-  "element-type": "104",
-  "name": "[104]",
+  "members": [
+   {
+    "name": "top"
+   },
+   {
+    "name": "full"
+   },
+   {
+    "name": "none"
+   },
+   {
+    "name": "incremental"
+   },
+   {
+    "name": "bitmap"
+   }
+  ],
+  "values": [
+   "top",
+   "full",
+   "none",
+   "incremental",
+   "bitmap"
+  ],
+  "name": "108",
+  "meta-type": "enum"
+ },
+ {
+  "members": [
+   {
+    "name": "on-success"
+   },
+   {
+    "name": "never"
+   },
+   {
+    "name": "always"
+   }
+  ],
+  "values": [
+   "on-success",
+   "never",
+   "always"
+  ],
+  "name": "109",
+  "meta-type": "enum"
+ },
+ {
+  "members": [
+   {
+    "name": "use-copy-range",
+    "type": "bool",
+    "default": null
+   },
+   {
+    "name": "max-workers",
+    "type": "int",
+    "default": null
+   },
+   {
+    "name": "max-chunk",
+    "type": "int",
+    "default": null
+   }
+  ],
+  "name": "110",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "background"
+   },
+   {
+    "name": "write-blocking"
+   }
+  ],
+  "values": [
+   "background",
+   "write-blocking"
+  ],
+  "name": "111",
+  "meta-type": "enum"
+ },
+ {
+  "element-type": "112",
+  "name": "[112]",
   "meta-type": "array"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "144"
+    "type": "151"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "abort",
-    "type": "145"
+    "type": "152"
+   },
+   {
+    "case": "block-dirty-bitmap-add",
+    "type": "153"
+   },
+   {
+    "case": "block-dirty-bitmap-remove",
+    "type": "154"
+   },
+   {
+    "case": "block-dirty-bitmap-clear",
+    "type": "154"
+   },
+   {
+    "case": "block-dirty-bitmap-enable",
+    "type": "154"
+   },
+   {
+    "case": "block-dirty-bitmap-disable",
+    "type": "154"
+   },
+   {
+    "case": "block-dirty-bitmap-merge",
+    "type": "155"
+   },
+   {
+    "case": "blockdev-backup",
+    "type": "156"
    },
    {
     "case": "blockdev-snapshot",
-    "type": "146"
+    "type": "157"
    },
    {
     "case": "blockdev-snapshot-sync",
-    "type": "147"
+    "type": "158"
+   },
+   {
+    "case": "drive-backup",
+    "type": "159"
    }
   ],
-  "name": "104",
+  "name": "112",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "completion-mode",
-    "type": "148",
+    "type": "160",
     "default": null
    }
   ],
-  "name": "105",
+  "name": "113",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "149"
+    "type": "161"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "inet",
-    "type": "150"
+    "type": "162"
    },
    {
     "case": "unix",
-    "type": "151"
+    "type": "163"
    },
    {
     "case": "vsock",
-    "type": "152"
+    "type": "164"
    },
    {
     "case": "fd",
-    "type": "153"
+    "type": "165"
    }
   ],
-  "name": "106",
+  "name": "114",
   "meta-type": "object"
  },
  {
@@ -3296,7 +3763,7 @@ export const introspection: readonly unknown[] = [
    "safe",
    "hard"
   ],
-  "name": "107",
+  "name": "115",
   "meta-type": "enum"
  },
  {
@@ -3312,7 +3779,7 @@ export const introspection: readonly unknown[] = [
    "nbd",
    "fuse"
   ],
-  "name": "108",
+  "name": "116",
   "meta-type": "enum"
  },
  {
@@ -3324,7 +3791,7 @@ export const introspection: readonly unknown[] = [
     "type": "[str]"
    }
   ],
-  "name": "109",
+  "name": "117",
   "meta-type": "alternate"
  },
  {
@@ -3341,7 +3808,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmaps",
-    "type": "[101]",
+    "type": "[105]",
     "default": null
    },
    {
@@ -3350,7 +3817,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "110",
+  "name": "118",
   "meta-type": "object"
  },
  {
@@ -3366,7 +3833,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "allow-other",
-    "type": "154",
+    "type": "166",
     "default": null
    },
    {
@@ -3375,7 +3842,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "111",
+  "name": "119",
   "meta-type": "object"
  },
  {
@@ -3391,53 +3858,53 @@ export const introspection: readonly unknown[] = [
    "utf8",
    "base64"
   ],
-  "name": "112",
+  "name": "120",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "155"
+    "type": "167"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "file",
-    "type": "156"
+    "type": "168"
    },
    {
     "case": "pipe",
-    "type": "157"
+    "type": "169"
    },
    {
     "case": "socket",
-    "type": "158"
+    "type": "170"
    },
    {
     "case": "null",
-    "type": "159"
+    "type": "171"
    },
    {
     "case": "stdio",
-    "type": "160"
+    "type": "172"
    },
    {
     "case": "ringbuf",
-    "type": "161"
+    "type": "173"
    },
    {
     "case": "memory",
-    "type": "161"
+    "type": "173"
    }
   ],
-  "name": "113",
+  "name": "121",
   "meta-type": "object"
  },
  {
-  "element-type": "114",
-  "name": "[114]",
+  "element-type": "122",
+  "name": "[122]",
   "meta-type": "array"
  },
  {
@@ -3449,7 +3916,7 @@ export const introspection: readonly unknown[] = [
   "values": [
    "oob"
   ],
-  "name": "114",
+  "name": "122",
   "meta-type": "enum"
  },
  {
@@ -3467,7 +3934,7 @@ export const introspection: readonly unknown[] = [
     "type": "int"
    }
   ],
-  "name": "115",
+  "name": "123",
   "meta-type": "object"
  },
  {
@@ -3503,7 +3970,7 @@ export const introspection: readonly unknown[] = [
    "command",
    "event"
   ],
-  "name": "116",
+  "name": "124",
   "meta-type": "enum"
  },
  {
@@ -3515,17 +3982,17 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "json-type",
-    "type": "162"
+    "type": "174"
    }
   ],
-  "name": "117",
+  "name": "125",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "members",
-    "type": "[163]"
+    "type": "[175]"
    },
    {
     "name": "values",
@@ -3535,7 +4002,7 @@ export const introspection: readonly unknown[] = [
     ]
    }
   ],
-  "name": "118",
+  "name": "126",
   "meta-type": "object"
  },
  {
@@ -3545,14 +4012,14 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "119",
+  "name": "127",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "members",
-    "type": "[164]"
+    "type": "[176]"
    },
    {
     "name": "tag",
@@ -3561,21 +4028,21 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "variants",
-    "type": "[165]",
+    "type": "[177]",
     "default": null
    }
   ],
-  "name": "120",
+  "name": "128",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "members",
-    "type": "[166]"
+    "type": "[178]"
    }
   ],
-  "name": "121",
+  "name": "129",
   "meta-type": "object"
  },
  {
@@ -3594,7 +4061,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "122",
+  "name": "130",
   "meta-type": "object"
  },
  {
@@ -3604,12 +4071,12 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "123",
+  "name": "131",
   "meta-type": "object"
  },
  {
-  "element-type": "124",
-  "name": "[124]",
+  "element-type": "132",
+  "name": "[132]",
   "meta-type": "array"
  },
  {
@@ -3628,7 +4095,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "124",
+  "name": "132",
   "meta-type": "object"
  },
  {
@@ -3640,7 +4107,7 @@ export const introspection: readonly unknown[] = [
   "values": [
    "iothread"
   ],
-  "name": "125",
+  "name": "133",
   "meta-type": "enum"
  },
  {
@@ -3676,12 +4143,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "126",
+  "name": "134",
   "meta-type": "object"
  },
  {
-  "element-type": "127",
-  "name": "[127]",
+  "element-type": "135",
+  "name": "[135]",
   "meta-type": "array"
  },
  {
@@ -3735,7 +4202,7 @@ export const introspection: readonly unknown[] = [
     "type": "number"
    }
   ],
-  "name": "127",
+  "name": "135",
   "meta-type": "object"
  },
  {
@@ -3749,7 +4216,7 @@ export const introspection: readonly unknown[] = [
     "type": "[int]"
    }
   ],
-  "name": "128",
+  "name": "136",
   "meta-type": "object"
  },
  {
@@ -3767,12 +4234,12 @@ export const introspection: readonly unknown[] = [
     "type": "int"
    }
   ],
-  "name": "129",
+  "name": "137",
   "meta-type": "object"
  },
  {
-  "element-type": "130",
-  "name": "[130]",
+  "element-type": "138",
+  "name": "[138]",
   "meta-type": "array"
  },
  {
@@ -3811,24 +4278,24 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "130",
+  "name": "138",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "167"
+    "type": "179"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "qcow2",
-    "type": "168"
+    "type": "180"
    }
   ],
-  "name": "131",
+  "name": "139",
   "meta-type": "object"
  },
  {
@@ -3848,12 +4315,12 @@ export const introspection: readonly unknown[] = [
    "block-job",
    "block-driver"
   ],
-  "name": "132",
+  "name": "140",
   "meta-type": "enum"
  },
  {
-  "element-type": "133",
-  "name": "[133]",
+  "element-type": "141",
+  "name": "[141]",
   "meta-type": "array"
  },
  {
@@ -3877,23 +4344,7 @@ export const introspection: readonly unknown[] = [
    "write-unchanged",
    "resize"
   ],
-  "name": "133",
-  "meta-type": "enum"
- },
- {
-  "members": [
-   {
-    "name": "background"
-   },
-   {
-    "name": "write-blocking"
-   }
-  ],
-  "values": [
-   "background",
-   "write-blocking"
-  ],
-  "name": "134",
+  "name": "141",
   "meta-type": "enum"
  },
  {
@@ -3905,19 +4356,19 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "135",
+  "name": "142",
   "meta-type": "alternate"
  },
  {
-  "element-type": "136",
-  "name": "[136]",
+  "element-type": "143",
+  "name": "[143]",
   "meta-type": "array"
  },
  {
   "members": [
    {
     "name": "event",
-    "type": "169"
+    "type": "181"
    },
    {
     "name": "state",
@@ -3926,7 +4377,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "iotype",
-    "type": "170",
+    "type": "182",
     "default": null
    },
    {
@@ -3950,19 +4401,19 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "136",
+  "name": "143",
   "meta-type": "object"
  },
  {
-  "element-type": "137",
-  "name": "[137]",
+  "element-type": "144",
+  "name": "[144]",
   "meta-type": "array"
  },
  {
   "members": [
    {
     "name": "event",
-    "type": "169"
+    "type": "181"
    },
    {
     "name": "state",
@@ -3974,7 +4425,7 @@ export const introspection: readonly unknown[] = [
     "type": "int"
    }
   ],
-  "name": "137",
+  "name": "144",
   "meta-type": "object"
  },
  {
@@ -3994,7 +4445,7 @@ export const introspection: readonly unknown[] = [
    "on",
    "off"
   ],
-  "name": "138",
+  "name": "145",
   "meta-type": "enum"
  },
  {
@@ -4014,7 +4465,7 @@ export const introspection: readonly unknown[] = [
    "native",
    "io_uring"
   ],
-  "name": "139",
+  "name": "146",
   "meta-type": "enum"
  },
  {
@@ -4029,19 +4480,19 @@ export const introspection: readonly unknown[] = [
     "type": "null"
    }
   ],
-  "name": "140",
+  "name": "147",
   "meta-type": "alternate"
  },
  {
   "members": [
    {
-    "type": "171"
+    "type": "183"
    },
    {
-    "type": "172"
+    "type": "184"
    }
   ],
-  "name": "141",
+  "name": "148",
   "meta-type": "alternate"
  },
  {
@@ -4056,7 +4507,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "preallocation",
-    "type": "173",
+    "type": "185",
     "default": null
    },
    {
@@ -4070,18 +4521,18 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "142",
+  "name": "149",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "file",
-    "type": "135"
+    "type": "142"
    },
    {
     "name": "data-file",
-    "type": "135",
+    "type": "142",
     "default": null
    },
    {
@@ -4100,7 +4551,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "version",
-    "type": "174",
+    "type": "186",
     "default": null
    },
    {
@@ -4110,7 +4561,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "backing-fmt",
-    "type": "92",
+    "type": "96",
     "default": null
    },
    {
@@ -4120,7 +4571,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "preallocation",
-    "type": "173",
+    "type": "185",
     "default": null
    },
    {
@@ -4135,11 +4586,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "compression-type",
-    "type": "175",
+    "type": "187",
     "default": null
    }
   ],
-  "name": "143",
+  "name": "150",
   "meta-type": "object"
  },
  {
@@ -4148,28 +4599,100 @@ export const introspection: readonly unknown[] = [
     "name": "abort"
    },
    {
+    "name": "block-dirty-bitmap-add"
+   },
+   {
+    "name": "block-dirty-bitmap-remove"
+   },
+   {
+    "name": "block-dirty-bitmap-clear"
+   },
+   {
+    "name": "block-dirty-bitmap-enable"
+   },
+   {
+    "name": "block-dirty-bitmap-disable"
+   },
+   {
+    "name": "block-dirty-bitmap-merge"
+   },
+   {
+    "name": "blockdev-backup"
+   },
+   {
     "name": "blockdev-snapshot"
    },
    {
     "name": "blockdev-snapshot-sync"
+   },
+   {
+    "name": "drive-backup"
    }
   ],
   "values": [
    "abort",
+   "block-dirty-bitmap-add",
+   "block-dirty-bitmap-remove",
+   "block-dirty-bitmap-clear",
+   "block-dirty-bitmap-enable",
+   "block-dirty-bitmap-disable",
+   "block-dirty-bitmap-merge",
+   "blockdev-backup",
    "blockdev-snapshot",
-   "blockdev-snapshot-sync"
+   "blockdev-snapshot-sync",
+   "drive-backup"
   ],
-  "name": "144",
+  "name": "151",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "176"
+    "type": "188"
    }
   ],
-  "name": "145",
+  "name": "152",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "28"
+   }
+  ],
+  "name": "153",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "29"
+   }
+  ],
+  "name": "154",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "30"
+   }
+  ],
+  "name": "155",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "39"
+   }
+  ],
+  "name": "156",
   "meta-type": "object"
  },
  {
@@ -4179,7 +4702,7 @@ export const introspection: readonly unknown[] = [
     "type": "35"
    }
   ],
-  "name": "146",
+  "name": "157",
   "meta-type": "object"
  },
  {
@@ -4189,7 +4712,17 @@ export const introspection: readonly unknown[] = [
     "type": "34"
    }
   ],
-  "name": "147",
+  "name": "158",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "38"
+   }
+  ],
+  "name": "159",
   "meta-type": "object"
  },
  {
@@ -4205,7 +4738,7 @@ export const introspection: readonly unknown[] = [
    "individual",
    "grouped"
   ],
-  "name": "148",
+  "name": "160",
   "meta-type": "enum"
  },
  {
@@ -4229,47 +4762,47 @@ export const introspection: readonly unknown[] = [
    "vsock",
    "fd"
   ],
-  "name": "149",
+  "name": "161",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "177"
+    "type": "189"
    }
   ],
-  "name": "150",
+  "name": "162",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "178"
+    "type": "190"
    }
   ],
-  "name": "151",
+  "name": "163",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "179"
+    "type": "191"
    }
   ],
-  "name": "152",
+  "name": "164",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "180"
+    "type": "192"
    }
   ],
-  "name": "153",
+  "name": "165",
   "meta-type": "object"
  },
  {
@@ -4289,7 +4822,7 @@ export const introspection: readonly unknown[] = [
    "on",
    "auto"
   ],
-  "name": "154",
+  "name": "166",
   "meta-type": "enum"
  },
  {
@@ -4325,67 +4858,67 @@ export const introspection: readonly unknown[] = [
    "ringbuf",
    "memory"
   ],
-  "name": "155",
+  "name": "167",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "181"
+    "type": "193"
    }
   ],
-  "name": "156",
+  "name": "168",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "182"
+    "type": "194"
    }
   ],
-  "name": "157",
+  "name": "169",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "183"
+    "type": "195"
    }
   ],
-  "name": "158",
+  "name": "170",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "184"
+    "type": "196"
    }
   ],
-  "name": "159",
+  "name": "171",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "185"
+    "type": "197"
    }
   ],
-  "name": "160",
+  "name": "172",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "186"
+    "type": "198"
    }
   ],
-  "name": "161",
+  "name": "173",
   "meta-type": "object"
  },
  {
@@ -4425,12 +4958,12 @@ export const introspection: readonly unknown[] = [
    "array",
    "value"
   ],
-  "name": "162",
+  "name": "174",
   "meta-type": "enum"
  },
  {
-  "element-type": "163",
-  "name": "[163]",
+  "element-type": "175",
+  "name": "[175]",
   "meta-type": "array"
  },
  {
@@ -4445,12 +4978,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "163",
+  "name": "175",
   "meta-type": "object"
  },
  {
-  "element-type": "164",
-  "name": "[164]",
+  "element-type": "176",
+  "name": "[176]",
   "meta-type": "array"
  },
  {
@@ -4474,12 +5007,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "164",
+  "name": "176",
   "meta-type": "object"
  },
  {
-  "element-type": "165",
-  "name": "[165]",
+  "element-type": "177",
+  "name": "[177]",
   "meta-type": "array"
  },
  {
@@ -4493,12 +5026,12 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "165",
+  "name": "177",
   "meta-type": "object"
  },
  {
-  "element-type": "166",
-  "name": "[166]",
+  "element-type": "178",
+  "name": "[178]",
   "meta-type": "array"
  },
  {
@@ -4508,7 +5041,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "166",
+  "name": "178",
   "meta-type": "object"
  },
  {
@@ -4530,17 +5063,17 @@ export const introspection: readonly unknown[] = [
   "values": [
    "qcow2"
   ],
-  "name": "167",
+  "name": "179",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "187"
+    "type": "199"
    }
   ],
-  "name": "168",
+  "name": "180",
   "meta-type": "object"
  },
  {
@@ -4740,7 +5273,7 @@ export const introspection: readonly unknown[] = [
    "cluster_alloc_space",
    "none"
   ],
-  "name": "169",
+  "name": "181",
   "meta-type": "enum"
  },
  {
@@ -4772,7 +5305,7 @@ export const introspection: readonly unknown[] = [
    "flush",
    "block-status"
   ],
-  "name": "170",
+  "name": "182",
   "meta-type": "enum"
  },
  {
@@ -4784,7 +5317,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "template",
-    "type": "172",
+    "type": "184",
     "default": null
    },
    {
@@ -4833,7 +5366,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "171",
+  "name": "183",
   "meta-type": "object"
  },
  {
@@ -4857,7 +5390,7 @@ export const introspection: readonly unknown[] = [
    "cached",
    "all"
   ],
-  "name": "172",
+  "name": "184",
   "meta-type": "enum"
  },
  {
@@ -4881,7 +5414,7 @@ export const introspection: readonly unknown[] = [
    "falloc",
    "full"
   ],
-  "name": "173",
+  "name": "185",
   "meta-type": "enum"
  },
  {
@@ -4897,7 +5430,7 @@ export const introspection: readonly unknown[] = [
    "v2",
    "v3"
   ],
-  "name": "174",
+  "name": "186",
   "meta-type": "enum"
  },
  {
@@ -4913,12 +5446,12 @@ export const introspection: readonly unknown[] = [
    "zlib",
    "zstd"
   ],
-  "name": "175",
+  "name": "187",
   "meta-type": "enum"
  },
  {
   "members": [],
-  "name": "176",
+  "name": "188",
   "meta-type": "object"
  },
  {
@@ -4962,7 +5495,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "177",
+  "name": "189",
   "meta-type": "object"
  },
  {
@@ -4982,7 +5515,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "178",
+  "name": "190",
   "meta-type": "object"
  },
  {
@@ -4996,7 +5529,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "179",
+  "name": "191",
   "meta-type": "object"
  },
  {
@@ -5006,7 +5539,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "180",
+  "name": "192",
   "meta-type": "object"
  },
  {
@@ -5036,7 +5569,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "181",
+  "name": "193",
   "meta-type": "object"
  },
  {
@@ -5056,7 +5589,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "182",
+  "name": "194",
   "meta-type": "object"
  },
  {
@@ -5073,7 +5606,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "addr",
-    "type": "106"
+    "type": "114"
    },
    {
     "name": "tls-creds",
@@ -5121,7 +5654,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "183",
+  "name": "195",
   "meta-type": "object"
  },
  {
@@ -5137,7 +5670,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "184",
+  "name": "196",
   "meta-type": "object"
  },
  {
@@ -5158,7 +5691,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "185",
+  "name": "197",
   "meta-type": "object"
  },
  {
@@ -5179,7 +5712,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "186",
+  "name": "198",
   "meta-type": "object"
  },
  {
@@ -5219,20 +5752,20 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmaps",
-    "type": "[188]",
+    "type": "[200]",
     "default": null
    },
    {
     "name": "compression-type",
-    "type": "175"
+    "type": "187"
    }
   ],
-  "name": "187",
+  "name": "199",
   "meta-type": "object"
  },
  {
-  "element-type": "188",
-  "name": "[188]",
+  "element-type": "200",
+  "name": "[200]",
   "meta-type": "array"
  },
  {
@@ -5247,15 +5780,15 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "flags",
-    "type": "[189]"
+    "type": "[201]"
    }
   ],
-  "name": "188",
+  "name": "200",
   "meta-type": "object"
  },
  {
-  "element-type": "189",
-  "name": "[189]",
+  "element-type": "201",
+  "name": "[201]",
   "meta-type": "array"
  },
  {
@@ -5271,7 +5804,7 @@ export const introspection: readonly unknown[] = [
    "in-use",
    "auto"
   ],
-  "name": "189",
+  "name": "201",
   "meta-type": "enum"
  }
 ];

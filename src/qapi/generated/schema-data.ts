@@ -2724,6 +2724,381 @@ export const schemaData: GenSchema = {
    ],
    "implicit": true
   },
+  "MirrorSyncMode": {
+   "kind": "enum",
+   "name": "MirrorSyncMode",
+   "values": [
+    "top",
+    "full",
+    "none",
+    "incremental",
+    "bitmap"
+   ],
+   "doc": "An enumeration of possible behaviors for the initial synchronization phase of storage mirroring."
+  },
+  "BitmapSyncMode": {
+   "kind": "enum",
+   "name": "BitmapSyncMode",
+   "values": [
+    "on-success",
+    "never",
+    "always"
+   ],
+   "doc": "An enumeration of possible behaviors for the synchronization of a bitmap when used for data copy operations."
+  },
+  "BackupPerf": {
+   "kind": "struct",
+   "name": "BackupPerf",
+   "members": [
+    {
+     "name": "use-copy-range",
+     "type": "bool",
+     "optional": true,
+     "doc": "Use copy offloading. Default false."
+    },
+    {
+     "name": "max-workers",
+     "type": "int",
+     "optional": true,
+     "doc": "Maximum number of parallel requests for the sustained background copying process."
+    },
+    {
+     "name": "max-chunk",
+     "type": "int",
+     "optional": true,
+     "doc": "Maximum request length for the sustained background copying process."
+    }
+   ],
+   "doc": "Optional parameters for backup. These parameters don't affect functionality, but may significantly affect performance."
+  },
+  "BackupCommon": {
+   "kind": "struct",
+   "name": "BackupCommon",
+   "members": [
+    {
+     "name": "job-id",
+     "type": "str",
+     "optional": true,
+     "doc": "identifier for the newly-created block job. If omitted, the device name will be used. (Since 2.7)"
+    },
+    {
+     "name": "device",
+     "type": "str",
+     "optional": false,
+     "doc": "the device name or node-name of a root node which should be copied."
+    },
+    {
+     "name": "sync",
+     "type": "MirrorSyncMode",
+     "optional": false,
+     "doc": "what parts of the disk image should be copied to the destination (all the disk, only the sectors allocated in the topmost image, from a dirty bitmap, or only new I/O)."
+    },
+    {
+     "name": "speed",
+     "type": "int",
+     "optional": true,
+     "doc": "the maximum speed, in bytes per second. The default is 0, for unlimited."
+    },
+    {
+     "name": "bitmap",
+     "type": "str",
+     "optional": true,
+     "doc": "The name of a dirty bitmap to use. Must be present if sync is 'bitmap' or 'incremental'. Can be present if sync is 'full' or 'top'. Must not be present otherwise. (Since 2.4 (drive-backup), 3.1 (blockdev-backup))"
+    },
+    {
+     "name": "bitmap-mode",
+     "type": "BitmapSyncMode",
+     "optional": true,
+     "doc": "Specifies the type of data the bitmap should contain after the operation concludes. Must be present if a bitmap was provided, Must NOT be present otherwise. (Since 4.2)"
+    },
+    {
+     "name": "compress",
+     "type": "bool",
+     "optional": true,
+     "doc": "true to compress data, if the target format supports it. (default: false) (since 2.8)"
+    },
+    {
+     "name": "on-source-error",
+     "type": "BlockdevOnError",
+     "optional": true,
+     "doc": "the action to take on an error on the source, default 'report'."
+    },
+    {
+     "name": "on-target-error",
+     "type": "BlockdevOnError",
+     "optional": true,
+     "doc": "the action to take on an error on the target, default 'report'."
+    },
+    {
+     "name": "auto-finalize",
+     "type": "bool",
+     "optional": true,
+     "doc": "When false, this job will wait in a PENDING state after it has finished its work, waiting for block-job-finalize before making any block graph changes. (Since 2.12)"
+    },
+    {
+     "name": "auto-dismiss",
+     "type": "bool",
+     "optional": true,
+     "doc": "When false, this job will wait in a CONCLUDED state after it has completely ceased all work, and awaits block-job-dismiss. (Since 2.12)"
+    },
+    {
+     "name": "filter-node-name",
+     "type": "str",
+     "optional": true,
+     "doc": "the node name that should be assigned to the filter driver that the backup job inserts into the graph above node specified by @drive. (Since: 4.2)"
+    },
+    {
+     "name": "x-perf",
+     "type": "BackupPerf",
+     "optional": true,
+     "doc": "Performance options. (Since 6.0)",
+     "features": [
+      "unstable"
+     ]
+    }
+   ],
+   "doc": "Parameters common to blockdev-backup and drive-backup."
+  },
+  "DriveBackup": {
+   "kind": "struct",
+   "name": "DriveBackup",
+   "members": [
+    {
+     "name": "target",
+     "type": "str",
+     "optional": false,
+     "doc": "the target of the new image. If the file exists, or if it is a device, the existing file/device will be used as the new destination. If it does not exist, a new file will be created."
+    },
+    {
+     "name": "format",
+     "type": "str",
+     "optional": true,
+     "doc": "the format of the new destination, default is to probe if @mode is 'existing', else the format of the source"
+    },
+    {
+     "name": "mode",
+     "type": "NewImageMode",
+     "optional": true,
+     "doc": "whether and how QEMU should create a new image, default is 'absolute-paths'."
+    }
+   ],
+   "doc": "Arguments of drive-backup.",
+   "base": "BackupCommon"
+  },
+  "BlockdevBackup": {
+   "kind": "struct",
+   "name": "BlockdevBackup",
+   "members": [
+    {
+     "name": "target",
+     "type": "str",
+     "optional": false,
+     "doc": "the device name or node-name of the backup target node."
+    }
+   ],
+   "doc": "Arguments of blockdev-backup.",
+   "base": "BackupCommon"
+  },
+  "DriveMirror": {
+   "kind": "struct",
+   "name": "DriveMirror",
+   "members": [
+    {
+     "name": "job-id",
+     "type": "str",
+     "optional": true,
+     "doc": "identifier for the newly-created block job. If omitted, the device name will be used. (Since 2.7)"
+    },
+    {
+     "name": "device",
+     "type": "str",
+     "optional": false,
+     "doc": "the device name or node-name of a root node whose writes should be mirrored."
+    },
+    {
+     "name": "target",
+     "type": "str",
+     "optional": false,
+     "doc": "the target of the new image. If the file exists, or if it is a device, the existing file/device will be used as the new destination. If it does not exist, a new file will be created."
+    },
+    {
+     "name": "format",
+     "type": "str",
+     "optional": true,
+     "doc": "the format of the new destination, default is to probe if @mode is 'existing', else the format of the source"
+    },
+    {
+     "name": "node-name",
+     "type": "str",
+     "optional": true,
+     "doc": "the new block driver state node name in the graph (Since 2.1)"
+    },
+    {
+     "name": "replaces",
+     "type": "str",
+     "optional": true,
+     "doc": "with sync=full graph node name to be replaced by the new image when a whole image copy is done."
+    },
+    {
+     "name": "sync",
+     "type": "MirrorSyncMode",
+     "optional": false,
+     "doc": "what parts of the disk image should be copied to the destination (all the disk, only the sectors allocated in the topmost image, or only new I/O)."
+    },
+    {
+     "name": "mode",
+     "type": "NewImageMode",
+     "optional": true,
+     "doc": "whether and how QEMU should create a new image, default is 'absolute-paths'."
+    },
+    {
+     "name": "speed",
+     "type": "int",
+     "optional": true,
+     "doc": "the maximum speed, in bytes per second"
+    },
+    {
+     "name": "granularity",
+     "type": "uint32",
+     "optional": true,
+     "doc": "granularity of the dirty bitmap, default is 64K if the image format doesn't have clusters, 4K if the clusters are smaller than that, else the cluster size. Must be a power of 2 between 512 and 64M (since 1.4)."
+    },
+    {
+     "name": "buf-size",
+     "type": "int",
+     "optional": true,
+     "doc": "maximum amount of data in flight from source to target (since 1.4)."
+    },
+    {
+     "name": "on-source-error",
+     "type": "BlockdevOnError",
+     "optional": true,
+     "doc": "the action to take on an error on the source, default 'report'."
+    },
+    {
+     "name": "on-target-error",
+     "type": "BlockdevOnError",
+     "optional": true,
+     "doc": "the action to take on an error on the target, default 'report'."
+    },
+    {
+     "name": "unmap",
+     "type": "bool",
+     "optional": true,
+     "doc": "Whether to try to unmap target sectors where source has only zero. (default: true) (Since 2.4)"
+    },
+    {
+     "name": "copy-mode",
+     "type": "MirrorCopyMode",
+     "optional": true,
+     "doc": "when to copy data to the destination; defaults to 'background' (Since: 3.0)"
+    },
+    {
+     "name": "auto-finalize",
+     "type": "bool",
+     "optional": true,
+     "doc": "When false, this job will wait in a PENDING state after it has finished its work, waiting for block-job-finalize before making any block graph changes. (Since 3.1)"
+    },
+    {
+     "name": "auto-dismiss",
+     "type": "bool",
+     "optional": true,
+     "doc": "When false, this job will wait in a CONCLUDED state after it has completely ceased all work, and awaits block-job-dismiss. (Since 3.1)"
+    }
+   ],
+   "doc": "A set of parameters describing drive mirror setup."
+  },
+  "q_obj_blockdev-mirror-arg": {
+   "kind": "struct",
+   "name": "q_obj_blockdev-mirror-arg",
+   "members": [
+    {
+     "name": "job-id",
+     "type": "str",
+     "optional": true,
+     "doc": "identifier for the newly-created block job. If omitted, the device name will be used. (Since 2.7)"
+    },
+    {
+     "name": "device",
+     "type": "str",
+     "optional": false,
+     "doc": "The device name or node-name of a root node whose writes should be mirrored."
+    },
+    {
+     "name": "target",
+     "type": "str",
+     "optional": false,
+     "doc": "the id or node-name of the block device to mirror to. This mustn't be attached to guest."
+    },
+    {
+     "name": "replaces",
+     "type": "str",
+     "optional": true,
+     "doc": "with sync=full graph node name to be replaced by the new image when a whole image copy is done."
+    },
+    {
+     "name": "sync",
+     "type": "MirrorSyncMode",
+     "optional": false,
+     "doc": "what parts of the disk image should be copied to the destination (all the disk, only the sectors allocated in the topmost image, or only new I/O)."
+    },
+    {
+     "name": "speed",
+     "type": "int",
+     "optional": true,
+     "doc": "the maximum speed, in bytes per second"
+    },
+    {
+     "name": "granularity",
+     "type": "uint32",
+     "optional": true,
+     "doc": "granularity of the dirty bitmap, default is 64K. Must be a power of 2 between 512 and 64M"
+    },
+    {
+     "name": "buf-size",
+     "type": "int",
+     "optional": true,
+     "doc": "maximum amount of data in flight from source to target"
+    },
+    {
+     "name": "on-source-error",
+     "type": "BlockdevOnError",
+     "optional": true,
+     "doc": "the action to take on an error on the source, default 'report'."
+    },
+    {
+     "name": "on-target-error",
+     "type": "BlockdevOnError",
+     "optional": true,
+     "doc": "the action to take on an error on the target, default 'report'."
+    },
+    {
+     "name": "filter-node-name",
+     "type": "str",
+     "optional": true,
+     "doc": "the node name that should be assigned to the filter driver that the mirror job inserts into the graph above @device. (Since 2.9)"
+    },
+    {
+     "name": "copy-mode",
+     "type": "MirrorCopyMode",
+     "optional": true,
+     "doc": "when to copy data to the destination; defaults to 'background' (Since: 3.0)"
+    },
+    {
+     "name": "auto-finalize",
+     "type": "bool",
+     "optional": true,
+     "doc": "When false, this job will wait in a PENDING state after it has finished its work, waiting for block-job-finalize before making any block graph changes. (Since 3.1)"
+    },
+    {
+     "name": "auto-dismiss",
+     "type": "bool",
+     "optional": true,
+     "doc": "When false, this job will wait in a CONCLUDED state after it has completely ceased all work, and awaits block-job-dismiss. (Since 3.1)"
+    }
+   ],
+   "implicit": true
+  },
   "Abort": {
    "kind": "struct",
    "name": "Abort",
@@ -2744,8 +3119,16 @@ export const schemaData: GenSchema = {
    "name": "TransactionActionKind",
    "values": [
     "abort",
+    "block-dirty-bitmap-add",
+    "block-dirty-bitmap-remove",
+    "block-dirty-bitmap-clear",
+    "block-dirty-bitmap-enable",
+    "block-dirty-bitmap-disable",
+    "block-dirty-bitmap-merge",
+    "blockdev-backup",
     "blockdev-snapshot",
-    "blockdev-snapshot-sync"
+    "blockdev-snapshot-sync",
+    "drive-backup"
    ],
    "doc": "The kind of a TransactionAction (qsd-ts: the actions it implements)."
   },
@@ -2782,6 +3165,61 @@ export const schemaData: GenSchema = {
     }
    ]
   },
+  "BlockdevBackupWrapper": {
+   "kind": "struct",
+   "name": "BlockdevBackupWrapper",
+   "members": [
+    {
+     "name": "data",
+     "type": "BlockdevBackup",
+     "optional": false
+    }
+   ]
+  },
+  "DriveBackupWrapper": {
+   "kind": "struct",
+   "name": "DriveBackupWrapper",
+   "members": [
+    {
+     "name": "data",
+     "type": "DriveBackup",
+     "optional": false
+    }
+   ]
+  },
+  "BlockDirtyBitmapAddWrapper": {
+   "kind": "struct",
+   "name": "BlockDirtyBitmapAddWrapper",
+   "members": [
+    {
+     "name": "data",
+     "type": "BlockDirtyBitmapAdd",
+     "optional": false
+    }
+   ]
+  },
+  "BlockDirtyBitmapWrapper": {
+   "kind": "struct",
+   "name": "BlockDirtyBitmapWrapper",
+   "members": [
+    {
+     "name": "data",
+     "type": "BlockDirtyBitmap",
+     "optional": false
+    }
+   ]
+  },
+  "BlockDirtyBitmapMergeWrapper": {
+   "kind": "struct",
+   "name": "BlockDirtyBitmapMergeWrapper",
+   "members": [
+    {
+     "name": "data",
+     "type": "BlockDirtyBitmapMerge",
+     "optional": false
+    }
+   ]
+  },
   "TransactionAction": {
    "kind": "union",
    "name": "TransactionAction",
@@ -2797,7 +3235,15 @@ export const schemaData: GenSchema = {
    "variants": {
     "abort": "AbortWrapper",
     "blockdev-snapshot": "BlockdevSnapshotWrapper",
-    "blockdev-snapshot-sync": "BlockdevSnapshotSyncWrapper"
+    "blockdev-snapshot-sync": "BlockdevSnapshotSyncWrapper",
+    "blockdev-backup": "BlockdevBackupWrapper",
+    "drive-backup": "DriveBackupWrapper",
+    "block-dirty-bitmap-add": "BlockDirtyBitmapAddWrapper",
+    "block-dirty-bitmap-remove": "BlockDirtyBitmapWrapper",
+    "block-dirty-bitmap-clear": "BlockDirtyBitmapWrapper",
+    "block-dirty-bitmap-enable": "BlockDirtyBitmapWrapper",
+    "block-dirty-bitmap-disable": "BlockDirtyBitmapWrapper",
+    "block-dirty-bitmap-merge": "BlockDirtyBitmapMergeWrapper"
    }
   },
   "TransactionProperties": {
@@ -4772,6 +5218,33 @@ export const schemaData: GenSchema = {
    "boxed": false,
    "doc": "Copy data from a backing file into a block device: the data of the backing chain down to @base is copied into the device, which then backs onto @base (or onto nothing).",
    "argType": "q_obj_block-stream-arg"
+  },
+  {
+   "name": "drive-backup",
+   "boxed": true,
+   "doc": "Start a point-in-time copy of a block device to a new destination. The status of ongoing drive-backup operations can be checked with query-block-jobs where the BlockJobInfo.type field has the value 'backup'.",
+   "features": [
+    "deprecated"
+   ],
+   "argType": "DriveBackup"
+  },
+  {
+   "name": "blockdev-backup",
+   "boxed": true,
+   "doc": "Start a point-in-time copy of a block device to a new destination.",
+   "argType": "BlockdevBackup"
+  },
+  {
+   "name": "drive-mirror",
+   "boxed": true,
+   "doc": "Start mirroring a block device's writes to a new destination.",
+   "argType": "DriveMirror"
+  },
+  {
+   "name": "blockdev-mirror",
+   "boxed": false,
+   "doc": "Start mirroring a block device's writes to a new destination.",
+   "argType": "q_obj_blockdev-mirror-arg"
   },
   {
    "name": "transaction",

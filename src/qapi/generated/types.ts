@@ -852,6 +852,137 @@ export interface QObj_block_stream_arg {
   "auto-dismiss"?: boolean;
 }
 
+/** An enumeration of possible behaviors for the initial synchronization phase of storage mirroring. @since 1.3 */
+export type MirrorSyncMode = "top" | "full" | "none" | "incremental" | "bitmap";
+
+/** An enumeration of possible behaviors for the synchronization of a bitmap when used for data copy operations. @since 4.2 */
+export type BitmapSyncMode = "on-success" | "never" | "always";
+
+/** Optional parameters for backup. These parameters don't affect functionality, but may significantly affect performance. @since 6.0 */
+export interface BackupPerf {
+  /** Use copy offloading. Default false. */
+  "use-copy-range"?: boolean;
+  /** Maximum number of parallel requests for the sustained background copying process. */
+  "max-workers"?: number;
+  /** Maximum request length for the sustained background copying process. */
+  "max-chunk"?: number;
+}
+
+/** Parameters common to blockdev-backup and drive-backup. @since 4.2 */
+export interface BackupCommon {
+  /** identifier for the newly-created block job. If omitted, the device name will be used. (Since 2.7) */
+  "job-id"?: string;
+  /** the device name or node-name of a root node which should be copied. */
+  "device": string;
+  /** what parts of the disk image should be copied to the destination (all the disk, only the sectors allocated in the topmost image, from a dirty bitmap, or only new I/O). */
+  "sync": MirrorSyncMode;
+  /** the maximum speed, in bytes per second. The default is 0, for unlimited. */
+  "speed"?: number;
+  /** The name of a dirty bitmap to use. Must be present if sync is 'bitmap' or 'incremental'. Can be present if sync is 'full' or 'top'. Must not be present otherwise. (Since 2.4 (drive-backup), 3.1 (blockdev-backup)) */
+  "bitmap"?: string;
+  /** Specifies the type of data the bitmap should contain after the operation concludes. Must be present if a bitmap was provided, Must NOT be present otherwise. (Since 4.2) */
+  "bitmap-mode"?: BitmapSyncMode;
+  /** true to compress data, if the target format supports it. (default: false) (since 2.8) */
+  "compress"?: boolean;
+  /** the action to take on an error on the source, default 'report'. */
+  "on-source-error"?: BlockdevOnError;
+  /** the action to take on an error on the target, default 'report'. */
+  "on-target-error"?: BlockdevOnError;
+  /** When false, this job will wait in a PENDING state after it has finished its work, waiting for block-job-finalize before making any block graph changes. (Since 2.12) */
+  "auto-finalize"?: boolean;
+  /** When false, this job will wait in a CONCLUDED state after it has completely ceased all work, and awaits block-job-dismiss. (Since 2.12) */
+  "auto-dismiss"?: boolean;
+  /** the node name that should be assigned to the filter driver that the backup job inserts into the graph above node specified by @drive. (Since: 4.2) */
+  "filter-node-name"?: string;
+  /** Performance options. (Since 6.0) features: unstable */
+  "x-perf"?: BackupPerf;
+}
+
+/** Arguments of drive-backup. @since 1.6 */
+export interface DriveBackup extends BackupCommon {
+  /** the target of the new image. If the file exists, or if it is a device, the existing file/device will be used as the new destination. If it does not exist, a new file will be created. */
+  "target": string;
+  /** the format of the new destination, default is to probe if @mode is 'existing', else the format of the source */
+  "format"?: string;
+  /** whether and how QEMU should create a new image, default is 'absolute-paths'. */
+  "mode"?: NewImageMode;
+}
+
+/** Arguments of blockdev-backup. @since 2.3 */
+export interface BlockdevBackup extends BackupCommon {
+  /** the device name or node-name of the backup target node. */
+  "target": string;
+}
+
+/** A set of parameters describing drive mirror setup. @since 1.3 */
+export interface DriveMirror {
+  /** identifier for the newly-created block job. If omitted, the device name will be used. (Since 2.7) */
+  "job-id"?: string;
+  /** the device name or node-name of a root node whose writes should be mirrored. */
+  "device": string;
+  /** the target of the new image. If the file exists, or if it is a device, the existing file/device will be used as the new destination. If it does not exist, a new file will be created. */
+  "target": string;
+  /** the format of the new destination, default is to probe if @mode is 'existing', else the format of the source */
+  "format"?: string;
+  /** the new block driver state node name in the graph (Since 2.1) */
+  "node-name"?: string;
+  /** with sync=full graph node name to be replaced by the new image when a whole image copy is done. */
+  "replaces"?: string;
+  /** what parts of the disk image should be copied to the destination (all the disk, only the sectors allocated in the topmost image, or only new I/O). */
+  "sync": MirrorSyncMode;
+  /** whether and how QEMU should create a new image, default is 'absolute-paths'. */
+  "mode"?: NewImageMode;
+  /** the maximum speed, in bytes per second */
+  "speed"?: number;
+  /** granularity of the dirty bitmap, default is 64K if the image format doesn't have clusters, 4K if the clusters are smaller than that, else the cluster size. Must be a power of 2 between 512 and 64M (since 1.4). */
+  "granularity"?: number;
+  /** maximum amount of data in flight from source to target (since 1.4). */
+  "buf-size"?: number;
+  /** the action to take on an error on the source, default 'report'. */
+  "on-source-error"?: BlockdevOnError;
+  /** the action to take on an error on the target, default 'report'. */
+  "on-target-error"?: BlockdevOnError;
+  /** Whether to try to unmap target sectors where source has only zero. (default: true) (Since 2.4) */
+  "unmap"?: boolean;
+  /** when to copy data to the destination; defaults to 'background' (Since: 3.0) */
+  "copy-mode"?: MirrorCopyMode;
+  /** When false, this job will wait in a PENDING state after it has finished its work, waiting for block-job-finalize before making any block graph changes. (Since 3.1) */
+  "auto-finalize"?: boolean;
+  /** When false, this job will wait in a CONCLUDED state after it has completely ceased all work, and awaits block-job-dismiss. (Since 3.1) */
+  "auto-dismiss"?: boolean;
+}
+
+export interface QObj_blockdev_mirror_arg {
+  /** identifier for the newly-created block job. If omitted, the device name will be used. (Since 2.7) */
+  "job-id"?: string;
+  /** The device name or node-name of a root node whose writes should be mirrored. */
+  "device": string;
+  /** the id or node-name of the block device to mirror to. This mustn't be attached to guest. */
+  "target": string;
+  /** with sync=full graph node name to be replaced by the new image when a whole image copy is done. */
+  "replaces"?: string;
+  /** what parts of the disk image should be copied to the destination (all the disk, only the sectors allocated in the topmost image, or only new I/O). */
+  "sync": MirrorSyncMode;
+  /** the maximum speed, in bytes per second */
+  "speed"?: number;
+  /** granularity of the dirty bitmap, default is 64K. Must be a power of 2 between 512 and 64M */
+  "granularity"?: number;
+  /** maximum amount of data in flight from source to target */
+  "buf-size"?: number;
+  /** the action to take on an error on the source, default 'report'. */
+  "on-source-error"?: BlockdevOnError;
+  /** the action to take on an error on the target, default 'report'. */
+  "on-target-error"?: BlockdevOnError;
+  /** the node name that should be assigned to the filter driver that the mirror job inserts into the graph above @device. (Since 2.9) */
+  "filter-node-name"?: string;
+  /** when to copy data to the destination; defaults to 'background' (Since: 3.0) */
+  "copy-mode"?: MirrorCopyMode;
+  /** When false, this job will wait in a PENDING state after it has finished its work, waiting for block-job-finalize before making any block graph changes. (Since 3.1) */
+  "auto-finalize"?: boolean;
+  /** When false, this job will wait in a CONCLUDED state after it has completely ceased all work, and awaits block-job-dismiss. (Since 3.1) */
+  "auto-dismiss"?: boolean;
+}
+
 /** This action can be used to test transaction failure. @since 1.6 */
 export interface Abort {
 }
@@ -860,7 +991,7 @@ export interface Abort {
 export type ActionCompletionMode = "individual" | "grouped";
 
 /** The kind of a TransactionAction (qsd-ts: the actions it implements). @since 1.1 */
-export type TransactionActionKind = "abort" | "blockdev-snapshot" | "blockdev-snapshot-sync";
+export type TransactionActionKind = "abort" | "block-dirty-bitmap-add" | "block-dirty-bitmap-remove" | "block-dirty-bitmap-clear" | "block-dirty-bitmap-enable" | "block-dirty-bitmap-disable" | "block-dirty-bitmap-merge" | "blockdev-backup" | "blockdev-snapshot" | "blockdev-snapshot-sync" | "drive-backup";
 
 /** @since 1.6 */
 export interface AbortWrapper {
@@ -877,14 +1008,47 @@ export interface BlockdevSnapshotSyncWrapper {
   "data": BlockdevSnapshotSync;
 }
 
+/** @since 2.3 */
+export interface BlockdevBackupWrapper {
+  "data": BlockdevBackup;
+}
+
+/** @since 1.6 */
+export interface DriveBackupWrapper {
+  "data": DriveBackup;
+}
+
+/** @since 2.5 */
+export interface BlockDirtyBitmapAddWrapper {
+  "data": BlockDirtyBitmapAdd;
+}
+
+/** @since 2.5 */
+export interface BlockDirtyBitmapWrapper {
+  "data": BlockDirtyBitmap;
+}
+
+/** @since 4.0 */
+export interface BlockDirtyBitmapMergeWrapper {
+  "data": BlockDirtyBitmapMerge;
+}
+
 /** A discriminated record of operations that can be performed with @transaction. @since 1.1 */
 export interface TransactionActionBase {
   "type": TransactionActionKind;
 }
 export type TransactionAction =
   | (TransactionActionBase & { "type": "abort" } & AbortWrapper)
+  | (TransactionActionBase & { "type": "block-dirty-bitmap-add" } & BlockDirtyBitmapAddWrapper)
+  | (TransactionActionBase & { "type": "block-dirty-bitmap-remove" } & BlockDirtyBitmapWrapper)
+  | (TransactionActionBase & { "type": "block-dirty-bitmap-clear" } & BlockDirtyBitmapWrapper)
+  | (TransactionActionBase & { "type": "block-dirty-bitmap-enable" } & BlockDirtyBitmapWrapper)
+  | (TransactionActionBase & { "type": "block-dirty-bitmap-disable" } & BlockDirtyBitmapWrapper)
+  | (TransactionActionBase & { "type": "block-dirty-bitmap-merge" } & BlockDirtyBitmapMergeWrapper)
+  | (TransactionActionBase & { "type": "blockdev-backup" } & BlockdevBackupWrapper)
   | (TransactionActionBase & { "type": "blockdev-snapshot" } & BlockdevSnapshotWrapper)
-  | (TransactionActionBase & { "type": "blockdev-snapshot-sync" } & BlockdevSnapshotSyncWrapper);
+  | (TransactionActionBase & { "type": "blockdev-snapshot-sync" } & BlockdevSnapshotSyncWrapper)
+  | (TransactionActionBase & { "type": "drive-backup" } & DriveBackupWrapper);
 
 /** Optional arguments to modify the behavior of a Transaction. @since 2.5 */
 export interface TransactionProperties {
@@ -1605,6 +1769,14 @@ export interface QmpCommands {
   "block-commit": { args: QObj_block_commit_arg; ret: Record<string, never> };
   /** Copy data from a backing file into a block device: the data of the backing chain down to @base is copied into the device, which then backs onto @base (or onto nothing). @since 1.1 */
   "block-stream": { args: QObj_block_stream_arg; ret: Record<string, never> };
+  /** Start a point-in-time copy of a block device to a new destination. The status of ongoing drive-backup operations can be checked with query-block-jobs where the BlockJobInfo.type field has the value 'backup'. @since 1.6 features: deprecated */
+  "drive-backup": { args: DriveBackup; ret: Record<string, never> };
+  /** Start a point-in-time copy of a block device to a new destination. @since 2.3 */
+  "blockdev-backup": { args: BlockdevBackup; ret: Record<string, never> };
+  /** Start mirroring a block device's writes to a new destination. @since 1.3 */
+  "drive-mirror": { args: DriveMirror; ret: Record<string, never> };
+  /** Start mirroring a block device's writes to a new destination. @since 2.6 */
+  "blockdev-mirror": { args: QObj_blockdev_mirror_arg; ret: Record<string, never> };
   /** Executes a number of transactionable QMP commands atomically: every action is prepared in order; if one fails, those already prepared are undone. @since 1.1 */
   "transaction": { args: QObj_transaction_arg; ret: Record<string, never> };
   /** Pause an active job; a job without pause points (blockdev-create) keeps its status. @since 3.0 */

@@ -16,6 +16,10 @@ import { strerror } from '../../util/errno.js';
 import { BlockJob } from '../../jobs/block-job.js';
 import { setupCommit } from '../../jobs/commit.js';
 import { setupStream } from '../../jobs/stream.js';
+import { abandonBackup, setupBackup, type BackupSync, type BitmapSyncMode } from '../../jobs/backup.js';
+import type { BlockJobHooks } from '../../jobs/block-job.js';
+import { findDirtyBitmap, type DirtyBitmap } from '../../block/dirty-bitmap.js';
+import { blockDirtyBitmapCommands, checkBitmap, lookupBitmap, BITMAP_CHECK_ALLOW_RO, BITMAP_CHECK_DEFAULT } from './block-dirty-bitmap.js';
 import type { Daemon } from '../../daemon.js';
 
 const jsonFilename = (value: unknown) => formatQmpJson(value);
@@ -199,6 +203,227 @@ registerTransactionAction('abort', (_data, _ctx, mode) => ({
   },
 }));
 
+// ---------------------------------------------------------------- backup
+
+interface BackupArgs {
+  'job-id'?: string; device: string; target: string; sync: string; speed?: number; bitmap?: string;
+  'bitmap-mode'?: BitmapSyncMode; compress?: boolean; 'auto-finalize'?: boolean; 'auto-dismiss'?: boolean;
+  format?: string; mode?: string;
+}
+
+/** Exports in iothreads write through replicas that cannot copy before writing: refuse. */
+function assertMainLoopWriters(daemon: Daemon, node: BlockNode): void {
+  for (const e of daemon.exports.usersOf(daemon.graph.ancestors(node))) {
+    const ctx = e.exp.common.contexts.find((c) => c.iothreadId !== undefined);
+    if (ctx) {
+      throw genericError(`Cannot back up node '${node.nodeName}' under export '${e.exp.common.id}': it runs in iothread ` +
+        `'${ctx.iothreadId}' (qsd-ts copies before writes in the main loop only)`);
+    }
+  }
+}
+
+/** Creates drive-backup's new image (QEMU's bdrv_img_create): raw or qcow2, with an optional backing file. */
+async function createBackupImage(filename: string, format: string, size: number, backing?: { file: string; fmt: string }): Promise<void> {
+  const drv = findBlockDriver(format);
+  if (!drv || drv.isProtocol) throw genericError(`Unknown file format '${format}'`);
+  if (backing && format !== 'qcow2') throw genericError(`Backing file not supported for file format '${format}'`);
+  if (format !== 'qcow2' && format !== 'raw') throw genericError(`Format driver '${format}' does not support image creation`);
+  let fd: number;
+  try {
+    fd = fs.openSync(filename, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_TRUNC, 0o644);
+  } catch (err) {
+    throw genericError(`Could not create '${filename}': ${strerror(err)}`);
+  }
+  if (format === 'raw') {
+    fs.ftruncateSync(fd, size);
+    fs.closeSync(fd);
+    return;
+  }
+  fs.closeSync(fd);
+  const fileDriver = findBlockDriver('file')!;
+  const options = { driver: 'file', filename };
+  const file = new BlockNode({ nodeName: '', driver: fileDriver, readOnly: false, options });
+  file.state = await fileDriver.open(file, options);
+  try {
+    await qcow2Create(file, backing ? { size, 'backing-file': backing.file, 'backing-fmt': backing.fmt } : { size });
+  } catch (err) {
+    throw err instanceof QmpError ? new QmpError(err.errorClass, `${filename}: ${err.message}`) : err;
+  } finally {
+    await fileDriver.close(file.state);
+  }
+}
+
+/** drive-backup's target: create it unless mode is 'existing', then open it as an anonymous node. */
+async function openDriveBackupTarget(daemon: Daemon, bs: BlockNode, args: BackupArgs): Promise<BlockNode> {
+  const mode = args.mode ?? 'absolute-paths';
+  let format = args.format ?? (mode === 'existing' ? undefined : bs.driver.name);
+  daemon.graph.checkOp(bs, 'commit-target');
+  let source: BlockNode | undefined;
+  if (args.sync === 'top') source = bs.backing;
+  if (args.sync === 'none') source = bs;
+  if (mode !== 'existing') {
+    await createBackupImage(args.target, format!, bs.getLength(),
+      source ? { file: nodeFilename(source, jsonFilename), fmt: source.driver.name } : undefined);
+  }
+  if (format === undefined) {
+    let magic = Buffer.alloc(4);
+    try {
+      const fd = fs.openSync(args.target, 'r');
+      fs.readSync(fd, magic, 0, 4, 0);
+      fs.closeSync(fd);
+    } catch (err) {
+      throw genericError(`Could not open '${args.target}': ${strerror(err)}`);
+    }
+    format = magic.toString('latin1') === 'QFI\xfb' ? 'qcow2' : 'raw';
+    magic = Buffer.alloc(0);
+  }
+  const options: Record<string, any> = { driver: format, file: { driver: 'file', filename: args.target }, discard: 'unmap' };
+  if (format === 'qcow2') options.backing = null;
+  return daemon.graph.openOverlay(options);
+}
+
+/** QEMU's do_backup_common() and backup_job_create(): checks in QEMU's order, then the job ('created'). */
+function createBackup(daemon: Daemon, bs: BlockNode, target: BlockNode, args: BackupArgs): { job: BlockJob; hooks: BlockJobHooks } {
+  let sync = args.sync;
+  let mode = args['bitmap-mode'];
+  if ((sync === 'bitmap' || sync === 'incremental') && args.bitmap === undefined) {
+    throw genericError(`must provide a valid bitmap name for '${sync}' sync mode`);
+  }
+  if (sync === 'incremental') {
+    if (mode !== undefined && mode !== 'on-success') {
+      throw genericError(`Bitmap sync mode must be 'on-success' when using sync mode 'incremental'`);
+    }
+    sync = 'bitmap';
+    mode = 'on-success';
+  }
+  let bitmap: DirtyBitmap | undefined;
+  if (args.bitmap !== undefined) {
+    bitmap = findDirtyBitmap(bs, args.bitmap);
+    if (!bitmap) throw genericError(`Bitmap '${args.bitmap}' could not be found`);
+    if (mode === undefined) throw genericError('Bitmap sync mode must be given when providing a bitmap');
+    checkBitmap(bitmap, BITMAP_CHECK_ALLOW_RO);
+    if (sync === 'none') throw genericError(`sync mode '${sync}' does not produce meaningful bitmap outputs`);
+    if (mode === 'never' && sync !== 'bitmap') {
+      throw genericError(`Bitmap sync mode '${mode}' has no meaningful effect when combined with sync mode '${sync}'`);
+    }
+  }
+  if (args.bitmap === undefined && mode !== undefined) throw genericError('Cannot specify bitmap sync mode without a bitmap');
+  if (bs === target) throw genericError('Source and target cannot be the same');
+  // qsd-ts writes a qcow2 target uncompressed; formats without compressed writes refuse as QEMU does.
+  if (args.compress && target.driver.name !== 'qcow2') throw genericError('Compression is not supported for this drive ');
+  daemon.graph.checkOp(bs, 'commit-target');
+  daemon.graph.checkOp(target, 'commit-target');
+  if (bitmap && mode !== 'never') checkBitmap(bitmap, BITMAP_CHECK_DEFAULT);
+  if (bs.getLength() !== target.getLength()) throw genericError('Source and target image have different sizes');
+  assertMainLoopWriters(daemon, bs);
+  const job = createBlockJob(daemon, args['job-id'], 'backup', args);
+  const hooks = setupBackup(daemon, job, { source: bs, target, sync: sync as BackupSync, bitmap, bitmapMode: mode });
+  return { job, hooks };
+}
+
+/** QEMU's blockdev_backup_prepare/drive_backup_prepare: the job starts on commit, is dropped on abort. */
+function backupAction(kind: 'blockdev-backup' | 'drive-backup', data: BackupArgs, { daemon }: CommandContext): TransactionActionImpl {
+  let created: { job: BlockJob; hooks: BlockJobHooks } | undefined;
+  let driveTarget: BlockNode | undefined;
+  return {
+    async prepare() {
+      const bs = lookupBs(daemon, data.device, data.device);
+      let target: BlockNode;
+      if (kind === 'blockdev-backup') {
+        target = lookupBs(daemon, data.target, data.target);
+      } else {
+        target = driveTarget = await openDriveBackupTarget(daemon, bs, data);
+      }
+      created = createBackup(daemon, bs, target, data);
+    },
+    async commit() {
+      if (!created) return;
+      const { job, hooks } = created;
+      const t = driveTarget;
+      void job.start(t ? { ...hooks, clean: async (j) => { await hooks.clean?.(j); await daemon.graph.closeUnused(t); } } : hooks);
+    },
+    async abort() {
+      if (created) {
+        const { job, hooks } = created;
+        job.transition('aborting');
+        await abandonBackup(hooks, job);
+        job.transition('concluded');
+        daemon.jobs.remove(job);
+      }
+      if (driveTarget) await daemon.graph.closeUnused(driveTarget);
+    },
+  };
+}
+
+registerTransactionAction('blockdev-backup', (data, ctx) => backupAction('blockdev-backup', data, ctx));
+registerTransactionAction('drive-backup', (data, ctx) => backupAction('drive-backup', data, ctx));
+
+// ---------------------------------------------------------------- dirty bitmap actions
+
+/** The bitmap commands as transaction actions (QEMU's block_dirty_bitmap_*_prepare/abort). */
+function bitmapAction(kind: string, data: any, ctx: CommandContext, completionMode: string): TransactionActionImpl {
+  const { daemon } = ctx;
+  let undo: (() => void) | undefined;
+  let commit: (() => void) | undefined;
+  return {
+    async prepare() {
+      checkCompletionMode(kind, completionMode);
+      switch (kind) {
+        case 'block-dirty-bitmap-add':
+          await blockDirtyBitmapCommands['block-dirty-bitmap-add']!(data, ctx);
+          undo = () => findDirtyBitmap(daemon.graph.lookup(data.node)!, data.name)?.release();
+          break;
+        case 'block-dirty-bitmap-remove': {
+          // Removed on commit; until then it is busy and disabled (QEMU's remove_prepare).
+          const b = lookupBitmap(daemon, data.node, data.name);
+          checkBitmap(b, BITMAP_CHECK_DEFAULT);
+          const was = b.recording;
+          b.setEnabled(false);
+          b.busy = true;
+          undo = () => { b.busy = false; b.setEnabled(was); };
+          commit = () => { b.busy = false; b.release(); };
+          break;
+        }
+        case 'block-dirty-bitmap-clear': {
+          const b = lookupBitmap(daemon, data.node, data.name);
+          checkBitmap(b, BITMAP_CHECK_DEFAULT);
+          const bits = b.snapshot();
+          b.clear();
+          undo = () => b.restore(bits);
+          break;
+        }
+        case 'block-dirty-bitmap-enable':
+        case 'block-dirty-bitmap-disable': {
+          const b = lookupBitmap(daemon, data.node, data.name);
+          checkBitmap(b, BITMAP_CHECK_ALLOW_RO);
+          const was = b.recording;
+          b.setEnabled(kind === 'block-dirty-bitmap-enable');
+          undo = () => b.setEnabled(was);
+          break;
+        }
+        case 'block-dirty-bitmap-merge': {
+          const b = lookupBitmap(daemon, data.node, data.target);
+          const bits = b.snapshot();
+          await blockDirtyBitmapCommands['block-dirty-bitmap-merge']!(data, ctx);
+          undo = () => b.restore(bits);
+          break;
+        }
+      }
+    },
+    async commit() {
+      commit?.();
+    },
+    async abort() {
+      undo?.();
+    },
+  };
+}
+
+for (const kind of ['block-dirty-bitmap-add', 'block-dirty-bitmap-remove', 'block-dirty-bitmap-clear',
+  'block-dirty-bitmap-enable', 'block-dirty-bitmap-disable', 'block-dirty-bitmap-merge']) {
+  registerTransactionAction(kind, (data, ctx, mode) => bitmapAction(kind, data, ctx, mode));
+}
+
 /** QEMU's qmp_transaction(): prepare every action in order; commit all, or abort the prepared ones. */
 async function runTransaction(actions: Array<{ type: string; data?: unknown }>, mode: string, ctx: CommandContext): Promise<void> {
   const prepared: TransactionActionImpl[] = [];
@@ -246,6 +471,14 @@ export const blockJobCommands: Record<string, CommandHandler> = {
   },
   async 'blockdev-snapshot-sync'(args, ctx) {
     await runTransaction([{ type: 'blockdev-snapshot-sync', data: args }], 'individual', ctx);
+    return {};
+  },
+  async 'blockdev-backup'(args, ctx) {
+    await runTransaction([{ type: 'blockdev-backup', data: args }], 'individual', ctx);
+    return {};
+  },
+  async 'drive-backup'(args, ctx) {
+    await runTransaction([{ type: 'drive-backup', data: args }], 'individual', ctx);
     return {};
   },
   async transaction(args: { actions: Array<{ type: string; data?: unknown }>; properties?: { 'completion-mode'?: string } }, ctx) {
