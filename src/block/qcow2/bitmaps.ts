@@ -201,8 +201,8 @@ export function checkCanStoreNew(img: Qcow2Image, node: BlockNode, name: string,
   const bits = Math.log2(granularity);
   if (bits < BME_MIN_GRANULARITY_BITS) throw new Error(`Granularity exceeds minimum (${2 ** BME_MIN_GRANULARITY_BITS} bytes)`);
   if (bits > BME_MAX_GRANULARITY_BITS) throw new Error(`Granularity exceeds maximum (${2 ** BME_MAX_GRANULARITY_BITS} bytes)`);
-  const len = img.size;
-  if (len > BME_MAX_PHYS_SIZE * granularity || len > BME_MAX_TABLE_SIZE * img.cs * granularity) {
+  const bytes = bitmapBytes(img.size, granularity);
+  if (bytes > BME_MAX_PHYS_SIZE || Math.ceil(bytes / img.cs) > BME_MAX_TABLE_SIZE) {
     throw new Error('Too much space will be occupied by the bitmap. Use larger granularity');
   }
   if (Buffer.byteLength(name) > BME_MAX_NAME_SIZE) throw new Error(`Name length exceeds maximum (${BME_MAX_NAME_SIZE} characters)`);
@@ -219,7 +219,8 @@ export function checkCanStoreNew(img: Qcow2Image, node: BlockNode, name: string,
 
 /** Frees a bitmap's data clusters and table (caller holds the metadata lock). */
 async function freeTable(img: Qcow2Image, sb: StoredBitmap): Promise<void> {
-  if (sb.tableOffset === 0 || sb.tableSize === 0) return;
+  // A dirty image's refcounts are not trusted: leak rather than free (as image.ts does).
+  if (sb.tableOffset === 0 || sb.tableSize === 0 || img.rc.appendOnly) return;
   const table = await readTable(img, sb);
   for (let i = 0; i < sb.tableSize; i++) {
     const off = tableOffset(table, i);
@@ -248,7 +249,7 @@ async function replaceDirectory(img: Qcow2Image, list: StoredBitmap[], freeAfter
   }
   img.bitmapDir = list.length > 0 ? { list, offset, size } : undefined;
   await writeBitmapsHeader(img);
-  if (old !== undefined && old.size > 0) {
+  if (old !== undefined && old.size > 0 && !img.rc.appendOnly) {
     const n = Math.ceil(old.size / img.cs);
     for (let c = 0; c < n; c++) await img.rc.add(old.offset / img.cs + c, -1);
   }

@@ -25,6 +25,7 @@ import { genericError } from '../../qapi/errors.js';
 import { QCOW2_MAGIC } from './header.js';
 import type { Qcow2Image } from './image.js';
 import { openImage } from './open.js';
+import { nodeBitmaps } from '../dirty-bitmap.js';
 import { checkCanStoreNew, loadBitmaps, removeStoredBitmap, storeBitmaps } from './bitmaps.js';
 
 export { qcow2BackingInfo } from './header.js';
@@ -76,7 +77,13 @@ export const qcow2Driver: BlockDriver<Qcow2State> = {
     const unmap = options.discard === 'unmap';
     const passDiscard = (options['pass-discard-request'] as boolean | undefined) ?? unmap;
     const img = await openImage(file, node.children.get('backing'), { readOnly: node.readOnly, passDiscard });
-    await loadBitmaps(img, node, node.readOnly);
+    try {
+      await loadBitmaps(img, node, node.readOnly);
+    } catch (e) {
+      // The node never comes to exist: drop what was loaded before the error.
+      for (const b of [...nodeBitmaps(node)]) b.release();
+      throw e;
+    }
     return { img, node, unmap };
   },
 
