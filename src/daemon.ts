@@ -9,6 +9,7 @@ import type { CommandHandler } from './qmp/commands/types.js';
 import { allCommands } from './qmp/commands/index.js';
 import { log } from './log.js';
 import { JobManager } from './jobs/job.js';
+import { BlockJob } from './jobs/block-job.js';
 import { PACKAGE_VERSION, QEMU_VERSION } from './version.js';
 
 export class Daemon {
@@ -66,6 +67,12 @@ export class Daemon {
   async closeExports(): Promise<void> {
     this.exitRequested = true;
     await this.exports.closeAll();
+    await this.cancelJobs();
+  }
+
+  /** QEMU cancels the jobs that are left (job_cancel_sync_all) before it closes the graph. */
+  private async cancelJobs(): Promise<void> {
+    for (const job of this.jobs.all()) if (job instanceof BlockJob) await job.cancelForExit();
   }
 
   /** Finish shutting down; idempotent. */
@@ -78,6 +85,7 @@ export class Daemon {
   private async shutdown(): Promise<void> {
     try {
       await this.exports.closeAll();
+      await this.cancelJobs();
       await this.graph.closeAll();
       for (const iothread of this.objects.values()) await iothread.stop();
       for (const chardev of this.chardevs.values()) await chardev.close();

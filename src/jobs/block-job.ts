@@ -51,6 +51,9 @@ export interface BlockJobHooks {
   clean?(job: BlockJob): Promise<void>;
 }
 
+/** The states job_cancel accepts (QEMU's JobVerbTable for CANCEL). */
+const VERBS_CANCEL: JobStatus[] = ['created', 'running', 'paused', 'ready', 'standby', 'pending'];
+
 export class BlockJob extends Job {
   speed = 0;
   readonly autoFinalize: boolean;
@@ -68,6 +71,9 @@ export class BlockJob extends Job {
   private finalizeWaiter: (() => void) | undefined;
   /** Set for the failed-before-start case (QEMU's job_early_fail). */
   private started = false;
+  private markFinished!: () => void;
+  /** Resolves once start() has run the job to 'concluded' (and 'null' with auto-dismiss). */
+  readonly finished = new Promise<void>((resolve) => (this.markFinished = resolve));
 
   constructor(id: string, type: string, manager: JobManager, opts: BlockJobOptions) {
     super(id, type, manager);
@@ -200,6 +206,8 @@ export class BlockJob extends Job {
     this.transition('running');
     let error: string | undefined;
     try {
+      // QEMU enters the job's coroutine from the main loop: the command's reply goes out first.
+      await new Promise((resolve) => setImmediate(resolve));
       await hooks.run(this);
     } catch (err) {
       error = (err as Error).message;
@@ -233,6 +241,31 @@ export class BlockJob extends Job {
     else this.manager.emit('BLOCK_JOB_COMPLETED', this.eventData(error));
     this.transition('concluded');
     if (this.autoDismiss) this.manager.remove(this);
+    this.markFinished();
+  }
+
+  /**
+   * The daemon exits (QEMU's bdrv_drain_all_begin + job_cancel_sync_all): a running or ready job
+   * is paused by the drain and resumed by the cancel, then cancelled hard and awaited; a
+   * concluded job is dismissed.
+   */
+  async cancelForExit(): Promise<void> {
+    if (!this.started) return;
+    if (this.status === 'concluded') {
+      this.manager.remove(this);
+      return;
+    }
+    if (this.status === 'running') {
+      this.transition('paused');
+      this.transition('running');
+    } else if (this.status === 'ready') {
+      this.transition('standby');
+      this.transition('ready');
+    }
+    if (VERBS_CANCEL.includes(this.status)) this.cancel(true);
+    await this.finished;
+    // The await ran the job on: its status is whatever it reached, not what was checked above.
+    if ((this.status as JobStatus) === 'concluded') this.manager.remove(this);
   }
 
   /** query-block-jobs' BlockJobInfo, members in QEMU's order. */

@@ -152,17 +152,19 @@ export async function setupCommit(ctx: JobContext, job: BlockJob, p: CommitParam
       job.totalProgress = await dirtyBytes(len);
       let delay = 0;
       for (let offset = 0, n = 0; offset < len; offset += n) {
+        // Like mirror's dirty-bitmap walk, clean stretches are skipped whole and without a pause:
+        // an empty top reaches 'ready' at once, as on QEMU.
+        const r = await allocatedAbove(top, baseOverlay, offset, len - offset);
+        n = r.pnum;
+        if (!r.allocated) continue;
         await job.sleep(delay);
         if (job.isCancelled) return;
-        const r = await allocatedAbove(top, baseOverlay, offset, Math.min(COMMIT_BUFFER_SIZE, len - offset));
-        n = r.pnum;
-        delay = 0;
-        if (r.allocated) {
-          await copyRange(top, base, offset, n, buf);
-          job.currentProgress += n;
-          delay = job.limit.delay(n);
-        }
+        n = Math.min(n, COMMIT_BUFFER_SIZE);
+        await copyRange(top, base, offset, n, buf);
+        job.currentProgress += n;
+        delay = job.limit.delay(n);
       }
+      if (job.isCancelled) return;
       job.currentProgress = job.totalProgress;
       job.transitionToReady();
       await job.waitReady();

@@ -154,6 +154,11 @@ export class JobManager {
     this.remove(job);
   }
 
+  /** Every job, oldest first (shutdown cancels them in this order). */
+  all(): Job[] {
+    return [...this.jobs.values()];
+  }
+
   /** Jobs newest first, as QEMU's query-jobs lists them. */
   list(): Job[] {
     return [...this.jobs.values()].reverse();

@@ -36,6 +36,13 @@ export async function setupStream(ctx: JobContext, job: BlockJob, p: StreamParam
     for (let n = bs.backing; n && n !== base; n = n.backing) bottom = n;
   }
   for (let n = bs.backing; n && n !== base; n = n.backing) {
+    // The job takes each streamed node as an 'intermediate node' child that unshares write, so a
+    // writable export of one of them (a root user that writes) conflicts, as on QEMU.
+    if (ctx.graph.usersOf(n).some((u) => !u.parent && u.perms.has('write'))) {
+      throw genericError(`Permission conflict on node '${n.nodeName}': permissions 'write' are both required by an ` +
+        `unnamed block device (uses node '${n.nodeName}' as 'root' child) and unshared by stream job '${job.id}' ` +
+        `(uses node '${n.nodeName}' as 'intermediate node' child).`);
+    }
     holds.hold(n);
     if (n === bottom) break;
   }

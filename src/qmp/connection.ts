@@ -129,6 +129,9 @@ export class Monitor {
         this.send(rsp);
         this.maybeResumeInput();
         if (this.daemon.exitRequested) this.daemon.requestExit();
+        // QEMU's monitor dispatches from the main loop, so jobs and I/O get a turn between two
+        // queued commands (a job started by one has run on before the next is looked at).
+        if (this.queue.length > 0) await new Promise((resolve) => setImmediate(resolve));
       }
     } finally {
       this.busy = false;
