@@ -98,7 +98,6 @@ export function setupBackup(ctx: JobContext, job: BlockJob, p: BackupParams): Bl
 
   const holds = new NodeHolds(ctx.graph, job.type);
   holds.hold(target);
-  holds.backend(target);
 
   // QEMU freezes the sync bitmap and records new writes in a successor; here the bitmap itself
   // records the new writes while its content at the start is kept aside.
@@ -201,6 +200,8 @@ export function setupBackup(ctx: JobContext, job: BlockJob, p: BackupParams): Bl
       }
       let delay = 0;
       for (let c = 0; c < copy.clusters;) {
+        // A cancel during the last copy found no sleeper to wake: look before sleeping.
+        if (job.isCancelled) return;
         await job.sleep(delay);
         if (job.isCancelled) return;
         delay = 0;
@@ -210,6 +211,9 @@ export function setupBackup(ctx: JobContext, job: BlockJob, p: BackupParams): Bl
         }
         let end = c + 1;
         while (end < copy.clusters && (end - c) * cluster < MAX_CHUNK && copy.get(end)) end++;
+        // One task never crosses a change between data and zeroes (QEMU's block-copy status).
+        const st = await source.blockStatus(c * cluster, Math.min(end * cluster, len) - c * cluster);
+        if (st.pnum > 0) end = Math.min(end, c + Math.max(1, Math.ceil(st.pnum / cluster)));
         const start = c;
         const n = await lock.run(async () => {
           // A guest write may have copied some of them meanwhile.
