@@ -64,8 +64,15 @@ function bitmapBytes(length: number, granularity: number): number {
  */
 export async function readBitmapDirectory(img: Qcow2Image): Promise<BitmapDirectory | undefined> {
   const ext = img.h.extensions.find((e) => e.type === EXT_BITMAPS);
-  if (ext === undefined || img.h.version < 3) return undefined;
-  if ((img.h.autoclear & BigInt(AUTOCLEAR_BITMAPS)) === 0n) return undefined;
+  if (ext === undefined) return undefined;
+  if ((img.h.autoclear & BigInt(AUTOCLEAR_BITMAPS)) === 0n) {
+    // QEMU's warn_report and hint (the hint without a final newline, as QEMU prints it).
+    const what = img.h.version < 3
+      ? 'This qcow2 v2 image contains bitmaps, but they may have been modified by a program without persistent bitmap support; so now they must all be considered inconsistent'
+      : 'a program lacking bitmap support modified this file, so all bitmaps are now considered inconsistent';
+    process.stderr.write(`qsd-ts: warning: ${what}\nSome clusters may be leaked, run 'qemu-img check -r' on the image file to fix.`);
+    return undefined;
+  }
   const d = ext.data;
   if (d.length !== 24) throw genericError('bitmaps_ext: Invalid extension length');
   const nb = d.readUInt32BE(0);
@@ -301,9 +308,12 @@ export async function writeBitmapsHeader(img: Qcow2Image): Promise<void> {
   // The bit says the extension is in sync; without bitmaps QEMU clears it.
   if (dir !== undefined) h.autoclear |= BigInt(AUTOCLEAR_BITMAPS);
   else h.autoclear &= ~BigInt(AUTOCLEAR_BITMAPS);
-  const ac = Buffer.alloc(8);
-  ac.writeBigUInt64BE(h.autoclear);
-  await img.file.write(OFF_AUTOCLEAR, ac);
+  if (h.version >= 3) {
+    // v2 headers end at byte 72: there is no autoclear field.
+    const ac = Buffer.alloc(8);
+    ac.writeBigUInt64BE(h.autoclear);
+    await img.file.write(OFF_AUTOCLEAR, ac);
+  }
   await img.file.flush();
 }
 
@@ -337,11 +347,15 @@ async function storeData(img: Qcow2Image, bm: DirtyBitmap): Promise<{ tableOffse
  * read-only bitmaps keep their stored state.
  */
 export async function storeBitmaps(img: Qcow2Image, node: BlockNode): Promise<void> {
-  const mem = nodeBitmaps(node).filter((b) => b.persistent && !b.inconsistent && !b.readonly);
+  const all = nodeBitmaps(node).filter((b) => b.persistent);
+  const mem = all.filter((b) => !b.inconsistent && !b.readonly);
   if (mem.length === 0 && img.bitmapDir === undefined) return;
   await img.meta.run(async () => {
-    const list = img.bitmapDir ? img.bitmapDir.list.map((b) => ({ ...b })) : [];
-    const freeAfter: StoredBitmap[] = [];
+    // Every stored bitmap was loaded at open; one no longer in memory was released by a path that
+    // could not reach the image (a transaction's remove): it leaves the directory now.
+    const stored = img.bitmapDir ? img.bitmapDir.list.map((b) => ({ ...b })) : [];
+    const list = stored.filter((sb) => all.some((b) => b.name === sb.name));
+    const freeAfter: StoredBitmap[] = stored.filter((sb) => !list.includes(sb));
     for (const bm of mem) {
       let sb = list.find((b) => b.name === bm.name);
       if (sb === undefined) {
