@@ -89,9 +89,13 @@ export const qcow2Driver: BlockDriver<Qcow2State> = {
 
   async close(state) {
     if (state.node.readOnly) return;
-    // Persistent bitmaps go back to the image (in_use cleared) before the final flush.
-    await storeBitmaps(state.img, state.node);
-    await state.img.flush();
+    // Persistent bitmaps go back to the image (in_use cleared) before the final flush; if that
+    // fails they stay in_use (inconsistent next time) but the image data is still flushed.
+    try {
+      await storeBitmaps(state.img, state.node);
+    } finally {
+      await state.img.flush();
+    }
   },
 
   getLength(state) {
