@@ -145,6 +145,7 @@ async function processOption(daemon: Daemon, opt: CliOption): Promise<void> {
       const chardev = daemon.chardevs.get(mon.chardev);
       if (!chardev) fail(`chardev "${mon.chardev}" not found`);
       if (mon.mode === 'readline') fail('Only QMP is supported');
+      if (chardev.frontend) fail(`Device '${mon.chardev}' is in use`);
       attachMonitor(daemon, chardev, mon.pretty ?? false);
       break;
     }
