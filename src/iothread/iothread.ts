@@ -21,6 +21,13 @@ export interface IoThreadProperties {
   'thread-pool-max'?: number;
 }
 
+/** How an iothread busy-polls its loop before it blocks (QEMU's poll-* properties). */
+export interface PollingSettings {
+  maxNs: number;
+  grow: number;
+  shrink: number;
+}
+
 let nextQueueId = 1;
 
 class WorkerQueueHandle implements QueueHandle {
@@ -53,7 +60,7 @@ export class IoThread implements IoContext {
     this.iothreadId = id;
     // Under tsx the worker needs the TS loader too (Node 20 does not pass --import hooks on).
     const execArgv = workerUrl.pathname.endsWith('.ts') ? ['--import', 'tsx'] : undefined;
-    this.worker = new Worker(workerUrl, { name: `iothread ${id}`, execArgv });
+    this.worker = new Worker(workerUrl, { name: `iothread ${id}`, execArgv, workerData: { polling: this.polling() } });
     this.worker.on('message', (reply: WorkerReply) => {
       const waiter = this.pending.get(reply.reqId);
       if (!waiter) return;
@@ -72,6 +79,17 @@ export class IoThread implements IoContext {
 
   get name(): string {
     return this.id;
+  }
+
+  /** poll-max-ns/-grow/-shrink with QEMU's defaults (32768 ns on Linux, factors 0 = QEMU's own). */
+  private polling(): PollingSettings {
+    const p = this.properties;
+    return { maxNs: p['poll-max-ns'] ?? 32768, grow: p['poll-grow'] ?? 0, shrink: p['poll-shrink'] ?? 0 };
+  }
+
+  /** qom-set changed a poll-* property: the thread adopts it. */
+  applyPolling(): void {
+    this.request({ op: 'polling', polling: this.polling() }).catch(() => undefined);
   }
 
   private dead = false;

@@ -161,6 +161,13 @@ export interface NativeAddon {
   threadAffinity(): number[];
   /** Restrict the calling thread to cpus (sched_setaffinity); 0, or a negative errno. */
   setThreadAffinity(cpus: number[]): number;
+  /**
+   * Busy-poll this thread's loop for up to maxNs before it blocks, adapting the window as QEMU's
+   * iothreads do (grow/shrink factors, 0 = QEMU's defaults); maxNs 0 turns polling off.
+   */
+  setLoopPolling(maxNs: number, grow: number, shrink: number): number;
+  /** This thread's current polling window in ns, or -1 if polling was never set up here. */
+  loopPollingNs(): number;
 }
 
 function load(): NativeAddon {

@@ -329,6 +329,8 @@ function setIothreadProperty(props: Record<string, unknown>, property: string, v
 function setProperty(o: QomObject, property: string, value: unknown, daemon: Daemon): void {
   if (o.kind === 'iothread' && IOTHREAD_PROPERTIES.includes(property)) {
     setIothreadProperty(o.obj.properties as Record<string, unknown>, property, value);
+    // The thread polls its loop with the new window from its next wait on (as QEMU applies it).
+    if (property.startsWith('poll-')) (o.obj as IoThread).applyPolling();
     return;
   }
   getProperty(o, property, daemon); // not found → QEMU's message
