@@ -376,8 +376,15 @@ export class DirtyBitmap {
   readonly = false;
   private released = false;
 
+  /**
+   * The tracking the bits live in, held directly: the graph's node replacement swaps BlockNode
+   * objects' fields, and the bitmap must stay with its bits whichever object carries them.
+   */
+  private readonly trk: NodeTracking;
+
   constructor(readonly node: BlockNode, readonly name: string, granularity: number, length: number) {
     const tracking = nodeTracking(node);
+    this.trk = tracking;
     this.granularity = granularity;
     this.size = length;
     this.bits = Math.max(1, Math.ceil(length / granularity));
@@ -395,7 +402,7 @@ export class DirtyBitmap {
   }
 
   private get i32(): Int32Array {
-    return this.node.tracking!.i32;
+    return this.trk.i32;
   }
 
   /** QEMU's bdrv_dirty_bitmap_recording: enabled (no successor in qsd-ts). */
@@ -406,7 +413,7 @@ export class DirtyBitmap {
   setEnabled(enabled: boolean): void {
     if (enabled === this.enabled || this.released) return;
     this.enabled = enabled;
-    const tracking = this.node.tracking!;
+    const tracking = this.trk;
     Atomics.store(this.i32, this.slot + S_STATE, enabled ? SLOT_ENABLED : SLOT_DISABLED);
     tracking.adjustActive(enabled ? 1 : -1);
   }
@@ -414,7 +421,7 @@ export class DirtyBitmap {
   /** Detach from the node; the bits' region is reused only after replicas left it. */
   release(): void {
     if (this.released) return;
-    const tracking = this.node.tracking!;
+    const tracking = this.trk;
     if (this.enabled) tracking.adjustActive(-1);
     Atomics.store(this.i32, this.slot + S_STATE, SLOT_FREE);
     tracking.waitReaders();
@@ -431,7 +438,7 @@ export class DirtyBitmap {
    */
   resize(length: number): void {
     if (length === this.size || this.released) return;
-    const tracking = this.node.tracking!;
+    const tracking = this.trk;
     const i32 = tracking.i32;
     const bits = Math.max(1, Math.ceil(length / this.granularity));
     const words = Math.ceil(bits / 64) * 2;
@@ -477,6 +484,24 @@ export class DirtyBitmap {
     const first = Math.floor(offset / this.granularity);
     const last = Math.min(Math.floor((offset + bytes - 1) / this.granularity), this.bits - 1);
     if (first <= last) setBits(this.i32, this.data, first, last);
+  }
+
+  /**
+   * QEMU's bdrv_reset_dirty_bitmap: clear the granules in [offset, offset + bytes). Atomic per
+   * word, so marks that replicas make meanwhile in the same words are kept (the mirror job).
+   */
+  resetRange(offset: number, bytes: number): void {
+    if (bytes <= 0) return;
+    const first = Math.floor(offset / this.granularity);
+    const last = Math.min(Math.floor((offset + bytes - 1) / this.granularity), this.bits - 1);
+    for (let bit = first; bit <= last;) {
+      const w = bit >> 5;
+      const lo = bit & 31;
+      const hi = Math.min(31, last - w * 32);
+      const mask = hi - lo === 31 ? -1 : (((1 << (hi - lo + 1)) - 1) << lo);
+      Atomics.and(this.i32, this.data + w, ~mask);
+      bit = (w + 1) * 32;
+    }
   }
 
   getBit(bit: number): boolean {

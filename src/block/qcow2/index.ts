@@ -40,6 +40,8 @@ export interface Qcow2State {
   node: BlockNode;
   /** discard=unmap on this node: discards and MAY_UNMAP are honoured. */
   unmap: boolean;
+  /** Opened read-write: stored bitmaps were marked in_use and must be written back at close. */
+  openedRw: boolean;
 }
 
 /** QEMU's path_combine(): a relative backing name is relative to the image's directory. */
@@ -84,11 +86,26 @@ export const qcow2Driver: BlockDriver<Qcow2State> = {
       for (const b of [...nodeBitmaps(node)]) b.release();
       throw e;
     }
-    return { img, node, unmap };
+    return { img, node, unmap, openedRw: !node.readOnly };
   },
 
   async close(state) {
-    if (state.node.readOnly) return;
+    if (state.node.readOnly) {
+      // Opened read-write, made read-only later (e.g. under a snapshot overlay): QEMU stores the
+      // bitmaps when it reopens the node read-only; there is no reopen hook here, so they are
+      // stored now, through the file opened read-write at open (its descriptor still is).
+      if (!state.openedRw) return;
+      const file = state.img.file;
+      const fileRo = file.readOnly;
+      file.readOnly = false;
+      try {
+        await storeBitmaps(state.img, state.node);
+        await state.img.flush();
+      } finally {
+        file.readOnly = fileRo;
+      }
+      return;
+    }
     // Persistent bitmaps go back to the image (in_use cleared) before the final flush; if that
     // fails they stay in_use (inconsistent next time) but the image data is still flushed.
     try {

@@ -88,9 +88,9 @@ export const blockDirtyBitmapCommands: Record<string, CommandHandler> = {
   async 'block-dirty-bitmap-remove'(args: { node: string; name: string }, { daemon }) {
     const bitmap = lookupBitmap(daemon, args.node, args.name);
     checkBitmap(bitmap, CHECK_BUSY | CHECK_RO);
-    if (bitmap.persistent && bitmap.node.driver.name === 'qcow2') {
-      await qcow2RemoveStoredBitmap(bitmap.node.state as Qcow2State, bitmap.name);
-    }
+    // The node by name: after a node replacement bitmap.node may be the other object.
+    const bs = daemon.graph.lookup(args.node)!;
+    if (bitmap.persistent && bs.driver.name === 'qcow2') await qcow2RemoveStoredBitmap(bs.state as Qcow2State, bitmap.name);
     bitmap.release();
     return {};
   },
