@@ -21,6 +21,8 @@ export class Daemon {
   /** QEMU creates /objects with the first user-creatable object; it stays afterwards. */
   objectsContainer = false;
   readonly chardevs = new Map<string, Chardev>();
+  /** Chardevs still opening (a server with wait=on waiting for its client): shutdown closes them too. */
+  readonly openingChardevs = new Set<Chardev>();
   readonly monitors = new Set<Monitor>();
   readonly jobs = new JobManager((name, data) => this.emitEvent(name, data));
   readonly commands: Record<string, CommandHandler> = allCommands;
@@ -88,7 +90,7 @@ export class Daemon {
       await this.cancelJobs();
       await this.graph.closeAll();
       for (const iothread of this.objects.values()) await iothread.stop();
-      for (const chardev of this.chardevs.values()) await chardev.close();
+      for (const chardev of [...this.openingChardevs, ...this.chardevs.values()]) await chardev.close();
     } catch (err) {
       log.error({ err }, 'error during shutdown');
     }

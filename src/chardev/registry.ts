@@ -56,11 +56,14 @@ function register(daemon: Daemon, chardev: Chardev): void {
 export async function addChardev(daemon: Daemon, id: string, backend: ChardevBackend, origin: ChardevOrigin): Promise<Chardev> {
   if (origin === 'qmp' && daemon.chardevs.has(id)) throw genericError(`Chardev with id '${id}' already exists`);
   const chardev = createChardev(daemon, id, backend, origin);
+  daemon.openingChardevs.add(chardev);
   try {
     await chardev.open();
   } catch (err) {
     if (origin === 'qmp' && err instanceof QmpError) throw new QmpError(err.errorClass, `Failed to add chardev '${id}': ${err.message}`, err.hint);
     throw err;
+  } finally {
+    daemon.openingChardevs.delete(chardev);
   }
   if (daemon.chardevs.has(id)) {
     await chardev.close();
