@@ -343,12 +343,18 @@ export class BlockGraph {
 
   /** Close everything at exit: parents before children. */
   async closeAll(): Promise<void> {
-    for (const entry of this.list()) {
-      if (!this.entries.has(entry.node.nodeName)) continue;
-      const hasParent = [...entry.users].some((u) => u.parent);
-      if (!hasParent) await this.closeEntry(entry).catch(() => undefined);
+    // Rounds, because closing a parent is what frees its children (a snapshot's old top and its
+    // file): a format node writes metadata back through its file child when it closes (qcow2
+    // bitmaps, the dirty flag), so no child may close before every parent has.
+    for (;;) {
+      const open = this.list();
+      if (open.length === 0) return;
+      const parentless = open.filter((e) => ![...e.users].some((u) => u.parent && this.entries.has(u.parent.node.nodeName)));
+      // A cycle cannot be built; should one exist anyway, close the rest rather than loop.
+      for (const entry of parentless.length ? parentless : open) {
+        if (this.entries.has(entry.node.nodeName)) await this.closeEntry(entry).catch(() => undefined);
+      }
     }
-    for (const entry of this.list()) await this.closeEntry(entry).catch(() => undefined);
   }
 
   /** The parents (transitively) of a node, the node included. */

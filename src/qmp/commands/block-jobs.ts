@@ -82,24 +82,7 @@ function createBlockJob(daemon: Daemon, jobId: string | undefined, type: string,
 async function createOverlayImage(filename: string, format: string, size: number, backingFile: string, backingFmt: string): Promise<void> {
   if (!findBlockDriver(format) || findBlockDriver(format)!.isProtocol) throw genericError(`Unknown file format '${format}'`);
   if (format !== 'qcow2') throw genericError(`Backing file not supported for file format '${format}'`);
-  let fd: number;
-  try {
-    fd = fs.openSync(filename, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_TRUNC, 0o644);
-  } catch (err) {
-    throw genericError(`Could not create '${filename}': ${strerror(err)}`);
-  }
-  fs.closeSync(fd);
-  const fileDriver = findBlockDriver('file')!;
-  const options = { driver: 'file', filename };
-  const file = new BlockNode({ nodeName: '', driver: fileDriver, readOnly: false, options });
-  file.state = await fileDriver.open(file, options);
-  try {
-    await qcow2Create(file, { size, 'backing-file': backingFile, 'backing-fmt': backingFmt });
-  } catch (err) {
-    throw err instanceof QmpError ? new QmpError(err.errorClass, `${filename}: ${err.message}`) : err;
-  } finally {
-    await fileDriver.close(file.state);
-  }
+  await createBackupImage(filename, format, size, { file: backingFile, fmt: backingFmt });
 }
 
 // ---------------------------------------------------------------- transaction actions
@@ -228,6 +211,12 @@ async function createBackupImage(filename: string, format: string, size: number,
   if (!drv || drv.isProtocol) throw genericError(`Unknown file format '${format}'`);
   if (backing && format !== 'qcow2') throw genericError(`Backing file not supported for file format '${format}'`);
   if (format !== 'qcow2' && format !== 'raw') throw genericError(`Format driver '${format}' does not support image creation`);
+  // bdrv_img_create is not quiet here: QEMU's daemon prints this on its stdout.
+  const opts = format === 'raw'
+    ? `size=${size}`
+    : `cluster_size=65536 extended_l2=off compression_type=zlib size=${size}` +
+      (backing ? ` backing_file=${backing.file} backing_fmt=${backing.fmt}` : '') + ' lazy_refcounts=off refcount_bits=16';
+  process.stdout.write(`Formatting '${filename}', fmt=${format} ${opts}\n`);
   let fd: number;
   try {
     fd = fs.openSync(filename, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_TRUNC, 0o644);
