@@ -17,6 +17,7 @@ import { BlockJob } from '../../jobs/block-job.js';
 import { setupCommit } from '../../jobs/commit.js';
 import { setupStream } from '../../jobs/stream.js';
 import { abandonBackup, setupBackup, type BackupSync, type BitmapSyncMode } from '../../jobs/backup.js';
+import { setupMirror, type MirrorSync } from '../../jobs/mirror.js';
 import type { BlockJobHooks } from '../../jobs/block-job.js';
 import { findDirtyBitmap, type DirtyBitmap } from '../../block/dirty-bitmap.js';
 import { blockDirtyBitmapCommands, checkBitmap, lookupBitmap, BITMAP_CHECK_ALLOW_RO, BITMAP_CHECK_DEFAULT } from './block-dirty-bitmap.js';
@@ -433,6 +434,118 @@ async function runTransaction(actions: Array<{ type: string; data?: unknown }>, 
   for (const impl of prepared) await impl.clean?.().catch(() => undefined);
 }
 
+// ---------------------------------------------------------------- mirror
+
+interface MirrorArgs {
+  'job-id'?: string; device: string; target: string; replaces?: string; sync: string; speed?: number;
+  granularity?: number; 'buf-size'?: number; 'on-source-error'?: string; 'on-target-error'?: string;
+  'filter-node-name'?: string; 'copy-mode'?: string; 'auto-finalize'?: boolean; 'auto-dismiss'?: boolean;
+}
+
+interface DriveMirrorArgs extends MirrorArgs {
+  format?: string; 'node-name'?: string; mode?: string; unmap?: boolean;
+}
+
+/** QEMU's qmp_get_root_bs(): the node, which must be a root (no parent, no job). */
+function lookupRootBs(daemon: Daemon, name: string): BlockNode {
+  const bs = lookupBs(daemon, name, name);
+  if (!daemon.graph.isRoot(bs)) throw genericError('Need a root block node');
+  return bs;
+}
+
+/** Exports in iothreads cannot follow the target's taking the source's place: refuse. */
+function assertMirrorMovable(daemon: Daemon, node: BlockNode): void {
+  for (const e of daemon.exports.usersOf(daemon.graph.ancestors(node))) {
+    const ctx = e.exp.common.contexts.find((c) => c.iothreadId !== undefined);
+    if (ctx) {
+      throw genericError(`Cannot mirror node '${node.nodeName}' under export '${e.exp.common.id}': it runs in iothread ` +
+        `'${ctx.iothreadId}' (qsd-ts cannot move an iothread export to the mirror target)`);
+    }
+  }
+}
+
+/**
+ * QEMU's blockdev_mirror_common(), mirror_start() and mirror_start_job(): the checks in QEMU's
+ * order, then the job, started. `sourceBackingChain`: drive-mirror made a new image.
+ */
+function startMirror(daemon: Daemon, bs: BlockNode, target: BlockNode, args: MirrorArgs, sourceBackingChain: boolean,
+  zeroTarget: boolean, cleanup?: () => Promise<void>): void {
+  const { graph } = daemon;
+  graph.checkOp(bs, 'commit-target');
+  graph.checkOp(target, 'commit-target');
+  const granularity = args.granularity ?? 0;
+  if (granularity !== 0 && (granularity < 512 || granularity > 64 * 1048576)) {
+    throw genericError("Parameter 'granularity' expects a value in range [512B, 64MB]");
+  }
+  if (granularity & (granularity - 1)) throw genericError("Parameter 'granularity' expects a power of 2");
+  let replaces: BlockNode | undefined;
+  if (args.replaces !== undefined) {
+    replaces = graph.lookup(args.replaces);
+    if (!replaces) throw genericError(`Failed to find node with node-name='${args.replaces}'`);
+    // QEMU lets a node be replaced only when it shows the source's data (the source itself here).
+    if (replaces !== bs) {
+      throw genericError(`Cannot replace '${args.replaces}' by a node mirrored from '${args.device}', because it cannot ` +
+        'be guaranteed that doing so would not lead to an abrupt change of visible data');
+    }
+  }
+  if (args.sync === 'incremental' || args.sync === 'bitmap') throw genericError(`Sync mode '${args.sync}' not supported`);
+  const bufSize = args['buf-size'] ?? 0;
+  if (bufSize < 0) throw genericError("Invalid parameter 'buf-size'");
+  if (bs === target) throw genericError("Can't mirror node into itself");
+  const filterName = args['filter-node-name'];
+  if (filterName !== undefined && graph.lookup(filterName)) throw genericError(`Duplicate nodes with node-name='${filterName}'`);
+  // Write-blocking needs the guest's data at the source's write, which qsd-ts does not hand to jobs.
+  if ((args['copy-mode'] ?? 'background') !== 'background') throw genericError("Parameter 'copy-mode' expects 'background'");
+  assertMirrorMovable(daemon, bs);
+  const job = createBlockJob(daemon, args['job-id'], 'mirror', args);
+  if (target.readOnly) {
+    job.earlyFail();
+    throw genericError('Block node is read-only');
+  }
+  const hooks = setupMirror(daemon, job, {
+    source: bs, target, sync: args.sync as MirrorSync, granularity, bufSize, replaces, sourceBackingChain, zeroTarget,
+  });
+  void job.start(cleanup ? { ...hooks, clean: async (j) => { await hooks.clean?.(j); await cleanup(); } } : hooks);
+}
+
+/** QEMU's bdrv_has_zero_init(): a new image reads as zeroes (raw files, qcow2 without backing). */
+function hasZeroInit(node: BlockNode): boolean {
+  if (node.driver.name === 'qcow2') return !node.backing;
+  return node.driver.name === 'raw' || node.driver.name === 'file';
+}
+
+/** drive-mirror's target: created unless mode is 'existing' (QEMU's bdrv_img_create), then opened. */
+async function openDriveMirrorTarget(daemon: Daemon, bs: BlockNode, args: DriveMirrorArgs): Promise<BlockNode> {
+  const mode = args.mode ?? 'absolute-paths';
+  let format = args.format ?? (mode === 'existing' ? undefined : bs.driver.name);
+  if (args.replaces !== undefined && args['node-name'] === undefined) {
+    throw genericError('a node-name must be provided when replacing a named node of the graph');
+  }
+  let backing: BlockNode | undefined;
+  if (args.sync === 'top') backing = bs.backing;
+  if (args.sync === 'none') backing = bs;
+  if (mode !== 'existing') {
+    await createBackupImage(args.target, format!, bs.getLength(),
+      args.sync !== 'full' && backing ? { file: nodeFilename(backing, jsonFilename), fmt: backing.driver.name } : undefined);
+  }
+  if (format === undefined) {
+    const magic = Buffer.alloc(4);
+    try {
+      const fd = fs.openSync(args.target, 'r');
+      fs.readSync(fd, magic, 0, 4, 0);
+      fs.closeSync(fd);
+    } catch (err) {
+      throw genericError(`Could not open '${args.target}': ${strerror(err)}`);
+    }
+    format = magic.toString('latin1') === 'QFI\xfb' ? 'qcow2' : 'raw';
+  }
+  const options: Record<string, any> = { driver: format, file: { driver: 'file', filename: args.target } };
+  if (args['node-name'] !== undefined) options['node-name'] = args['node-name'];
+  // A new image's backing is set on completion (QEMU's MIRROR_SOURCE_BACKING_CHAIN); an existing one keeps its own.
+  if (format === 'qcow2' && (mode !== 'existing' || args.sync === 'full')) options.backing = null;
+  return daemon.graph.openOverlay(options);
+}
+
 // ---------------------------------------------------------------- block jobs
 
 /** QEMU's find_block_job(). */
@@ -565,6 +678,32 @@ export const blockJobCommands: Record<string, CommandHandler> = {
       throw err;
     }
     void job.start(hooks);
+    return {};
+  },
+
+  async 'blockdev-mirror'(args: MirrorArgs, { daemon }) {
+    const bs = lookupRootBs(daemon, args.device);
+    const target = lookupBs(daemon, args.target, args.target);
+    startMirror(daemon, bs, target, args, false, args.sync === 'full');
+    return {};
+  },
+  async 'drive-mirror'(args: DriveMirrorArgs, { daemon }) {
+    const bs = lookupRootBs(daemon, args.device);
+    const target = await openDriveMirrorTarget(daemon, bs, args);
+    // By name: on completion the objects trade identities (BlockGraph.replaceNode).
+    const name = target.nodeName;
+    const closeTarget = async (): Promise<void> => {
+      const node = daemon.graph.lookup(name);
+      if (node) await daemon.graph.closeUnused(node);
+    };
+    try {
+      const mode = args.mode ?? 'absolute-paths';
+      startMirror(daemon, bs, target, args, mode === 'absolute-paths',
+        args.sync === 'full' && (mode === 'existing' || !hasZeroInit(target)), closeTarget);
+    } catch (err) {
+      await closeTarget();
+      throw err;
+    }
     return {};
   },
 
