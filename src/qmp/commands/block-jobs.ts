@@ -498,6 +498,15 @@ function startMirror(daemon: Daemon, bs: BlockNode, target: BlockNode, args: Mir
   if ((args['copy-mode'] ?? 'background') !== 'background') throw genericError("Parameter 'copy-mode' expects 'background'");
   assertMirrorMovable(daemon, bs);
   const job = createBlockJob(daemon, args['job-id'], 'mirror', args);
+  // The job's filter above the source unshares resize, which a writable FUSE export holds.
+  const resizer = graph.usersOf(bs).find((u) => !u.parent && u.perms.has('resize'));
+  if (resizer) {
+    job.earlyFail();
+    const filter = graph.anonymousNodeName();
+    throw genericError(`Permission conflict on node '${filter}': permissions 'resize' are both required by an unnamed ` +
+      `block device (uses node '${filter}' as 'root' child) and unshared by mirror job '${job.id}' (uses node ` +
+      `'${filter}' as 'main node' child).`);
+  }
   if (target.readOnly) {
     job.earlyFail();
     throw genericError('Block node is read-only');
