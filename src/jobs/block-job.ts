@@ -125,7 +125,8 @@ export class BlockJob extends Job {
 
   override complete(): void {
     this.checkVerb('complete');
-    if (this.userPaused || this.cancelled) throw genericError(`The active block job '${this.id}' cannot be completed`);
+    // QEMU refuses only a job being cancelled; a paused (standby) job completes once resumed.
+    if (this.cancelled) throw genericError(`The active block job '${this.id}' cannot be completed`);
     this.shouldComplete = true;
     this.kick();
   }
@@ -163,7 +164,8 @@ export class BlockJob extends Job {
     if (!this.userPaused || this.cancelled) return;
     const was: JobStatus = this.status;
     this.busy = false;
-    this.transition('paused');
+    // QEMU's job_pause_point: a ready job parks in 'standby' (still ready), any other in 'paused'.
+    this.transition(was === 'ready' ? 'standby' : 'paused');
     while (this.userPaused && !this.cancelled) await new Promise<void>((r) => (this.resumeWaiter = r));
     this.resumeWaiter = undefined;
     this.transition(was === 'ready' ? 'ready' : 'running');

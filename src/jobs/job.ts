@@ -15,7 +15,7 @@ const VERBS: Record<JobVerb, JobStatus[]> = {
   pause: ['created', 'running', 'paused', 'ready', 'standby'],
   resume: ['created', 'running', 'paused', 'ready', 'standby'],
   'set-speed': ['created', 'running', 'paused', 'ready', 'standby'],
-  complete: ['ready'],
+  complete: ['ready', 'standby'],
   finalize: ['pending'],
   dismiss: ['concluded'],
   change: ['running', 'ready'],
