@@ -1,8 +1,10 @@
-// Test-only file protocol node on synchronous node:fs calls, for driver tests that run a format
-// (qcow2) over a real image file without the io_uring file driver underneath.
+// Test-only nodes for driver tests: a file protocol node on synchronous node:fs calls, and qcow2
+// over it, to run the format on real images without the io_uring file driver underneath.
+import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import type { BlockDriver } from '../../../src/block/driver.js';
 import { BlockNode } from '../../../src/block/node.js';
+import { qcow2Driver } from '../../../src/block/qcow2/index.js';
 
 /** Test-only file protocol driver on synchronous node:fs calls (the real one lives elsewhere). */
 export interface FsState { fd: number; size: number }
@@ -37,4 +39,24 @@ export async function fileNode(filename: string, readOnly = false): Promise<Bloc
   const n = new BlockNode({ nodeName: 'file-' + filename, driver: fsDriver, readOnly, options: { filename } });
   n.state = await fsDriver.open(n, { filename });
   return n;
+}
+
+export async function qcow2Node(filename: string, opts: { readOnly?: boolean; backing?: BlockNode; options?: Record<string, unknown>; nodeName?: string } = {}): Promise<BlockNode> {
+  const file = await fileNode(filename, opts.readOnly ?? false);
+  const children = new Map<string, BlockNode>([['file', file]]);
+  if (opts.backing) children.set('backing', opts.backing);
+  const options = { driver: 'qcow2', file: 'f', ...(opts.options ?? {}) };
+  const n = new BlockNode({ nodeName: opts.nodeName ?? 'q', driver: qcow2Driver, readOnly: opts.readOnly ?? false, options, children });
+  n.state = await qcow2Driver.open(n, options);
+  return n;
+}
+
+export async function closeNode(n: BlockNode): Promise<void> {
+  await n.driver.close(n.state);
+  const f = n.children.get('file');
+  if (f) await f.driver.close(f.state);
+}
+
+export function sh(cmd: string, args: string[]): string {
+  return execFileSync(cmd, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
 }

@@ -5,29 +5,9 @@ import * as fs from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { BlockNode } from '../../../src/block/node.js';
-import { fileNode } from './fs-file-node.js';
+import { closeNode, fileNode, qcow2Node, sh } from './fs-file-node.js';
 import { QmpError } from '../../../src/qapi/errors.js';
-import { qcow2BackingInfo, qcow2Create, qcow2Driver } from '../../../src/block/qcow2/index.js';
-
-async function qcow2Node(filename: string, opts: { readOnly?: boolean; backing?: BlockNode; options?: Record<string, unknown> } = {}): Promise<BlockNode> {
-  const file = await fileNode(filename, opts.readOnly ?? false);
-  const children = new Map<string, BlockNode>([['file', file]]);
-  if (opts.backing) children.set('backing', opts.backing);
-  const options = { driver: 'qcow2', file: 'f', ...(opts.options ?? {}) };
-  const n = new BlockNode({ nodeName: 'q', driver: qcow2Driver, readOnly: opts.readOnly ?? false, options, children });
-  n.state = await qcow2Driver.open(n, options);
-  return n;
-}
-
-async function closeNode(n: BlockNode): Promise<void> {
-  await n.driver.close(n.state);
-  const f = n.children.get('file');
-  if (f) await f.driver.close(f.state);
-}
-
-function sh(cmd: string, args: string[]): string {
-  return execFileSync(cmd, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
-}
+import { qcow2BackingInfo, qcow2Create } from '../../../src/block/qcow2/index.js';
 
 let dir = '';
 const p = (name: string) => join(dir, name);
