@@ -20,6 +20,9 @@ import { strerror } from './util/errno.js';
 import { native } from './native/binding.js';
 
 const PROGRAM = 'qsd-ts';
+/** The main loop's busy-polling window (QEMU's iothread default poll-max-ns). */
+const MAIN_LOOP_POLL_MAX_NS = 32768;
+
 /** Set in the child of --daemonize: the parent waits for our "ready" message. */
 const DAEMONIZED_ENV = 'QSD_TS_DAEMONIZED';
 
@@ -235,6 +238,12 @@ export async function main(argv: string[]): Promise<void> {
   if (isDaemonChild) process.stderr.on('error', () => undefined);
 
   const daemon = new Daemon();
+  // The main loop (QMP, NBD, exports without an iothread) polls like an iothread with QEMU's
+  // default window: a queue-depth-1 NBD client gets 2.5x the requests through on this VM (40k
+  // against 16k IOPS, 4k reads) because the loop is awake when the next one arrives. QEMU's own
+  // main loop does not poll; the window drops to 0 whenever the loop idles, so an idle daemon
+  // does not spin.
+  native.setLoopPolling(MAIN_LOOP_POLL_MAX_NS, 0, 0);
   let pidfileWritten = false;
   daemon.onExit = (code) => {
     if (pidfileWritten && pidfile) fs.rmSync(pidfile, { force: true });
