@@ -21,6 +21,9 @@ export interface IoThreadProperties {
   'thread-pool-max'?: number;
 }
 
+/** V8 young generation of each iothread's isolate (see the Worker options below). */
+const IOTHREAD_YOUNG_GENERATION_MB = 4;
+
 /** How an iothread busy-polls its loop before it blocks (QEMU's poll-* properties). */
 export interface PollingSettings {
   maxNs: number;
@@ -60,7 +63,13 @@ export class IoThread implements IoContext {
     this.iothreadId = id;
     // Under tsx the worker needs the TS loader too (Node 20 does not pass --import hooks on).
     const execArgv = workerUrl.pathname.endsWith('.ts') ? ['--import', 'tsx'] : undefined;
-    this.worker = new Worker(workerUrl, { name: `iothread ${id}`, execArgv, workerData: { polling: this.polling() } });
+    this.worker = new Worker(workerUrl, {
+      name: `iothread ${id}`, execArgv, workerData: { polling: this.polling() },
+      // A queue allocates little per request (its promises), so a small young generation costs
+      // no measurable IOPS here, while V8's default let each of four loaded iothreads hold
+      // 4-5 MiB more: peak RSS with 4 iothreads under 4 fio jobs went from 150 to 135 MiB.
+      resourceLimits: { maxYoungGenerationSizeMb: IOTHREAD_YOUNG_GENERATION_MB },
+    });
     this.worker.on('message', (reply: WorkerReply) => {
       const waiter = this.pending.get(reply.reqId);
       if (!waiter) return;
