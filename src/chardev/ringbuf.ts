@@ -1,6 +1,7 @@
 // ringbuf/memory chardevs (a power-of-two ring of the newest output) and the byte codecs of ringbuf-read/-write.
 import { Chardev, type ChardevData } from './chardev.js';
 import { genericError } from '../qapi/errors.js';
+import { cStringForMessage } from '../qmp/json.js';
 
 /** QEMU's default ring size. */
 const DEFAULT_SIZE = 65536;
@@ -90,48 +91,14 @@ export function encodeModifiedUtf8(text: string): Buffer {
   return Buffer.concat(parts.flatMap((p, i) => (i ? [NUL_MUTF8, p] : [p])));
 }
 
-const MIN_CP = [0x80, 0x800, 0x10000, 0x200000, 0x4000000];
-
 /**
  * What ringbuf-read's utf8 format returns for raw bytes: QEMU hands them to its JSON writer as a C
  * string, so output stops at the first NUL byte, C0 80 reads as U+0000, and each invalid sequence
  * (stray continuation, truncated, overlong, surrogate, noncharacter, beyond U+10FFFF) becomes U+FFFD.
  */
 export function decodeQemuString(b: Uint8Array): string {
-  let out = '';
-  let i = 0;
-  while (i < b.length && b[i] !== 0) {
-    let byte = b[i]!;
-    let p = i + 1;
-    let cp: number;
-    if (byte < 0x80) {
-      cp = byte;
-    } else if (byte >= 0xfe || (byte & 0x40) === 0) {
-      cp = -1;
-    } else {
-      let len = 0;
-      let mask = 0x80;
-      for (; byte & mask; mask >>= 1) len++;
-      cp = byte & (mask - 1);
-      for (let k = 1; k < len; k++) {
-        byte = p < b.length ? b[p]! : 0;
-        if ((byte & 0xc0) !== 0x80) {
-          cp = -2; // missing continuation byte: it is not consumed
-          break;
-        }
-        p++;
-        cp = cp * 64 + (byte & 0x3f);
-      }
-      if (cp === -2) cp = -1;
-      else if (cp > 0x10ffff) cp = -1;
-      else if ((cp >= 0xfdd0 && cp <= 0xfdef) || (cp & 0xfffe) === 0xfffe) cp = -1;
-      else if (cp >= 0xd800 && cp <= 0xdfff) cp = -1;
-      else if (cp < MIN_CP[len - 2]! && !(cp === 0 && len === 2)) cp = -1;
-    }
-    out += String.fromCodePoint(cp < 0 ? 0xfffd : cp);
-    i = p;
-  }
-  return out;
+  // The same reading as the JSON parser's quoting of raw input (QEMU's modified UTF-8).
+  return cStringForMessage(b, 0, b.length);
 }
 
 const BASE64_ALPHABET = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/';

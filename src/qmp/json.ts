@@ -215,7 +215,7 @@ function modUtf8Codepoint(b: Uint8Array, i: number, end: number): number {
  * Bytes of a C string as QEMU's JSON writer would read them: stop at NUL, invalid sequences become U+FFFD.
  * Used for error messages that quote raw input, so our writer reproduces QEMU's output exactly.
  */
-function cStringForMessage(b: Uint8Array, start: number, end: number): string {
+export function cStringForMessage(b: Uint8Array, start: number, end: number): string {
   let out = '';
   for (let i = start; i < end && b[i] !== 0; i = decodedEnd) {
     const cp = modUtf8Codepoint(b, i, end);
