@@ -2597,6 +2597,10 @@ export const introspection: readonly unknown[] = [
    {
     "case": "iothread",
     "type": "134"
+   },
+   {
+    "case": "secret",
+    "type": "135"
    }
   ],
   "name": "80",
@@ -2746,21 +2750,21 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "timed_stats",
-    "type": "[135]"
+    "type": "[136]"
    },
    {
     "name": "rd_latency_histogram",
-    "type": "136",
+    "type": "137",
     "default": null
    },
    {
     "name": "wr_latency_histogram",
-    "type": "136",
+    "type": "137",
     "default": null
    },
    {
     "name": "flush_latency_histogram",
-    "type": "136",
+    "type": "137",
     "default": null
    }
   ],
@@ -2782,11 +2786,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "file",
-    "type": "137"
+    "type": "138"
    },
    {
     "case": "host_device",
-    "type": "137"
+    "type": "138"
    },
    {
     "case": "null-aio",
@@ -2941,7 +2945,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "snapshots",
-    "type": "[138]",
+    "type": "[139]",
     "default": null
    },
    {
@@ -2951,7 +2955,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "format-specific",
-    "type": "139",
+    "type": "140",
     "default": null
    }
   ],
@@ -3030,7 +3034,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "type",
-    "type": "140"
+    "type": "141"
    },
    {
     "name": "name",
@@ -3061,11 +3065,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "perm",
-    "type": "[141]"
+    "type": "[142]"
    },
    {
     "name": "shared-perm",
-    "type": "[141]"
+    "type": "[142]"
    }
   ],
   "name": "91",
@@ -3233,7 +3237,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "image",
-    "type": "142"
+    "type": "143"
    },
    {
     "name": "config",
@@ -3272,22 +3276,22 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "inject-error",
-    "type": "[143]",
-    "default": null
-   },
-   {
-    "name": "set-state",
     "type": "[144]",
     "default": null
    },
    {
+    "name": "set-state",
+    "type": "[145]",
+    "default": null
+   },
+   {
     "name": "take-child-perms",
-    "type": "[141]",
+    "type": "[142]",
     "default": null
    },
    {
     "name": "unshare-child-perms",
-    "type": "[141]",
+    "type": "[142]",
     "default": null
    }
   ],
@@ -3307,12 +3311,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "locking",
-    "type": "145",
+    "type": "146",
     "default": null
    },
    {
     "name": "aio",
-    "type": "146",
+    "type": "147",
     "default": null
    },
    {
@@ -3365,11 +3369,11 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "file",
-    "type": "142"
+    "type": "143"
    },
    {
     "name": "backing",
-    "type": "147",
+    "type": "148",
     "default": null
    },
    {
@@ -3399,7 +3403,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "overlap-check",
-    "type": "148",
+    "type": "149",
     "default": null
    },
    {
@@ -3429,7 +3433,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "data-file",
-    "type": "142",
+    "type": "143",
     "default": null
    }
   ],
@@ -3440,7 +3444,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "file",
-    "type": "142"
+    "type": "143"
    },
    {
     "name": "offset",
@@ -3476,7 +3480,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "file",
-    "type": "149"
+    "type": "150"
    },
    {
     "case": "host_device",
@@ -3492,7 +3496,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "qcow2",
-    "type": "150"
+    "type": "151"
    },
    {
     "case": "raw",
@@ -3657,54 +3661,54 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "type",
-    "type": "151"
+    "type": "152"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "abort",
-    "type": "152"
-   },
-   {
-    "case": "block-dirty-bitmap-add",
     "type": "153"
    },
    {
+    "case": "block-dirty-bitmap-add",
+    "type": "154"
+   },
+   {
     "case": "block-dirty-bitmap-remove",
-    "type": "154"
-   },
-   {
-    "case": "block-dirty-bitmap-clear",
-    "type": "154"
-   },
-   {
-    "case": "block-dirty-bitmap-enable",
-    "type": "154"
-   },
-   {
-    "case": "block-dirty-bitmap-disable",
-    "type": "154"
-   },
-   {
-    "case": "block-dirty-bitmap-merge",
     "type": "155"
    },
    {
-    "case": "blockdev-backup",
+    "case": "block-dirty-bitmap-clear",
+    "type": "155"
+   },
+   {
+    "case": "block-dirty-bitmap-enable",
+    "type": "155"
+   },
+   {
+    "case": "block-dirty-bitmap-disable",
+    "type": "155"
+   },
+   {
+    "case": "block-dirty-bitmap-merge",
     "type": "156"
    },
    {
-    "case": "blockdev-snapshot",
+    "case": "blockdev-backup",
     "type": "157"
    },
    {
-    "case": "blockdev-snapshot-sync",
+    "case": "blockdev-snapshot",
     "type": "158"
    },
    {
-    "case": "drive-backup",
+    "case": "blockdev-snapshot-sync",
     "type": "159"
+   },
+   {
+    "case": "drive-backup",
+    "type": "160"
    }
   ],
   "name": "112",
@@ -3714,7 +3718,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "completion-mode",
-    "type": "160",
+    "type": "161",
     "default": null
    }
   ],
@@ -3725,26 +3729,26 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "type",
-    "type": "161"
+    "type": "162"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "inet",
-    "type": "162"
-   },
-   {
-    "case": "unix",
     "type": "163"
    },
    {
-    "case": "vsock",
+    "case": "unix",
     "type": "164"
    },
    {
-    "case": "fd",
+    "case": "vsock",
     "type": "165"
+   },
+   {
+    "case": "fd",
+    "type": "166"
    }
   ],
   "name": "114",
@@ -3833,7 +3837,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "allow-other",
-    "type": "166",
+    "type": "167",
     "default": null
    },
    {
@@ -3865,38 +3869,38 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "type",
-    "type": "167"
+    "type": "168"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "file",
-    "type": "168"
-   },
-   {
-    "case": "pipe",
     "type": "169"
    },
    {
-    "case": "socket",
+    "case": "pipe",
     "type": "170"
    },
    {
-    "case": "null",
+    "case": "socket",
     "type": "171"
    },
    {
-    "case": "stdio",
+    "case": "null",
     "type": "172"
    },
    {
-    "case": "ringbuf",
+    "case": "stdio",
     "type": "173"
    },
    {
+    "case": "ringbuf",
+    "type": "174"
+   },
+   {
     "case": "memory",
-    "type": "173"
+    "type": "174"
    }
   ],
   "name": "121",
@@ -3982,7 +3986,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "json-type",
-    "type": "174"
+    "type": "175"
    }
   ],
   "name": "125",
@@ -3992,7 +3996,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "members",
-    "type": "[175]"
+    "type": "[176]"
    },
    {
     "name": "values",
@@ -4019,7 +4023,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "members",
-    "type": "[176]"
+    "type": "[177]"
    },
    {
     "name": "tag",
@@ -4028,7 +4032,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "variants",
-    "type": "[177]",
+    "type": "[178]",
     "default": null
    }
   ],
@@ -4039,7 +4043,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "members",
-    "type": "[178]"
+    "type": "[179]"
    }
   ],
   "name": "129",
@@ -4102,10 +4106,14 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "iothread"
+   },
+   {
+    "name": "secret"
    }
   ],
   "values": [
-   "iothread"
+   "iothread",
+   "secret"
   ],
   "name": "133",
   "meta-type": "enum"
@@ -4147,8 +4155,44 @@ export const introspection: readonly unknown[] = [
   "meta-type": "object"
  },
  {
-  "element-type": "135",
-  "name": "[135]",
+  "members": [
+   {
+    "name": "loaded",
+    "type": "bool",
+    "default": null
+   },
+   {
+    "name": "format",
+    "type": "180",
+    "default": null
+   },
+   {
+    "name": "keyid",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "iv",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "data",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "file",
+    "type": "str",
+    "default": null
+   }
+  ],
+  "name": "135",
+  "meta-type": "object"
+ },
+ {
+  "element-type": "136",
+  "name": "[136]",
   "meta-type": "array"
  },
  {
@@ -4202,7 +4246,7 @@ export const introspection: readonly unknown[] = [
     "type": "number"
    }
   ],
-  "name": "135",
+  "name": "136",
   "meta-type": "object"
  },
  {
@@ -4216,7 +4260,7 @@ export const introspection: readonly unknown[] = [
     "type": "[int]"
    }
   ],
-  "name": "136",
+  "name": "137",
   "meta-type": "object"
  },
  {
@@ -4234,12 +4278,12 @@ export const introspection: readonly unknown[] = [
     "type": "int"
    }
   ],
-  "name": "137",
+  "name": "138",
   "meta-type": "object"
  },
  {
-  "element-type": "138",
-  "name": "[138]",
+  "element-type": "139",
+  "name": "[139]",
   "meta-type": "array"
  },
  {
@@ -4278,24 +4322,24 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "138",
+  "name": "139",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "179"
+    "type": "181"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "qcow2",
-    "type": "180"
+    "type": "182"
    }
   ],
-  "name": "139",
+  "name": "140",
   "meta-type": "object"
  },
  {
@@ -4315,12 +4359,12 @@ export const introspection: readonly unknown[] = [
    "block-job",
    "block-driver"
   ],
-  "name": "140",
+  "name": "141",
   "meta-type": "enum"
  },
  {
-  "element-type": "141",
-  "name": "[141]",
+  "element-type": "142",
+  "name": "[142]",
   "meta-type": "array"
  },
  {
@@ -4344,7 +4388,7 @@ export const introspection: readonly unknown[] = [
    "write-unchanged",
    "resize"
   ],
-  "name": "141",
+  "name": "142",
   "meta-type": "enum"
  },
  {
@@ -4356,19 +4400,19 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "142",
+  "name": "143",
   "meta-type": "alternate"
  },
  {
-  "element-type": "143",
-  "name": "[143]",
+  "element-type": "144",
+  "name": "[144]",
   "meta-type": "array"
  },
  {
   "members": [
    {
     "name": "event",
-    "type": "181"
+    "type": "183"
    },
    {
     "name": "state",
@@ -4377,7 +4421,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "iotype",
-    "type": "182",
+    "type": "184",
     "default": null
    },
    {
@@ -4401,19 +4445,19 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "143",
+  "name": "144",
   "meta-type": "object"
  },
  {
-  "element-type": "144",
-  "name": "[144]",
+  "element-type": "145",
+  "name": "[145]",
   "meta-type": "array"
  },
  {
   "members": [
    {
     "name": "event",
-    "type": "181"
+    "type": "183"
    },
    {
     "name": "state",
@@ -4425,7 +4469,7 @@ export const introspection: readonly unknown[] = [
     "type": "int"
    }
   ],
-  "name": "144",
+  "name": "145",
   "meta-type": "object"
  },
  {
@@ -4445,7 +4489,7 @@ export const introspection: readonly unknown[] = [
    "on",
    "off"
   ],
-  "name": "145",
+  "name": "146",
   "meta-type": "enum"
  },
  {
@@ -4465,7 +4509,7 @@ export const introspection: readonly unknown[] = [
    "native",
    "io_uring"
   ],
-  "name": "146",
+  "name": "147",
   "meta-type": "enum"
  },
  {
@@ -4480,19 +4524,19 @@ export const introspection: readonly unknown[] = [
     "type": "null"
    }
   ],
-  "name": "147",
+  "name": "148",
   "meta-type": "alternate"
  },
  {
   "members": [
    {
-    "type": "183"
+    "type": "185"
    },
    {
-    "type": "184"
+    "type": "186"
    }
   ],
-  "name": "148",
+  "name": "149",
   "meta-type": "alternate"
  },
  {
@@ -4507,7 +4551,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "preallocation",
-    "type": "185",
+    "type": "187",
     "default": null
    },
    {
@@ -4521,18 +4565,18 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "149",
+  "name": "150",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "file",
-    "type": "142"
+    "type": "143"
    },
    {
     "name": "data-file",
-    "type": "142",
+    "type": "143",
     "default": null
    },
    {
@@ -4551,7 +4595,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "version",
-    "type": "186",
+    "type": "188",
     "default": null
    },
    {
@@ -4571,7 +4615,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "preallocation",
-    "type": "185",
+    "type": "187",
     "default": null
    },
    {
@@ -4586,11 +4630,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "compression-type",
-    "type": "187",
+    "type": "189",
     "default": null
    }
   ],
-  "name": "150",
+  "name": "151",
   "meta-type": "object"
  },
  {
@@ -4642,24 +4686,14 @@ export const introspection: readonly unknown[] = [
    "blockdev-snapshot-sync",
    "drive-backup"
   ],
-  "name": "151",
+  "name": "152",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "188"
-   }
-  ],
-  "name": "152",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "28"
+    "type": "190"
    }
   ],
   "name": "153",
@@ -4669,7 +4703,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "29"
+    "type": "28"
    }
   ],
   "name": "154",
@@ -4679,7 +4713,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "30"
+    "type": "29"
    }
   ],
   "name": "155",
@@ -4689,7 +4723,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "39"
+    "type": "30"
    }
   ],
   "name": "156",
@@ -4699,7 +4733,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "35"
+    "type": "39"
    }
   ],
   "name": "157",
@@ -4709,7 +4743,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "34"
+    "type": "35"
    }
   ],
   "name": "158",
@@ -4719,10 +4753,20 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "38"
+    "type": "34"
    }
   ],
   "name": "159",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "38"
+   }
+  ],
+  "name": "160",
   "meta-type": "object"
  },
  {
@@ -4738,7 +4782,7 @@ export const introspection: readonly unknown[] = [
    "individual",
    "grouped"
   ],
-  "name": "160",
+  "name": "161",
   "meta-type": "enum"
  },
  {
@@ -4762,24 +4806,14 @@ export const introspection: readonly unknown[] = [
    "vsock",
    "fd"
   ],
-  "name": "161",
+  "name": "162",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "189"
-   }
-  ],
-  "name": "162",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "190"
+    "type": "191"
    }
   ],
   "name": "163",
@@ -4789,7 +4823,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "191"
+    "type": "192"
    }
   ],
   "name": "164",
@@ -4799,10 +4833,20 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "192"
+    "type": "193"
    }
   ],
   "name": "165",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "194"
+   }
+  ],
+  "name": "166",
   "meta-type": "object"
  },
  {
@@ -4822,7 +4866,7 @@ export const introspection: readonly unknown[] = [
    "on",
    "auto"
   ],
-  "name": "166",
+  "name": "167",
   "meta-type": "enum"
  },
  {
@@ -4858,24 +4902,14 @@ export const introspection: readonly unknown[] = [
    "ringbuf",
    "memory"
   ],
-  "name": "167",
+  "name": "168",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "193"
-   }
-  ],
-  "name": "168",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "194"
+    "type": "195"
    }
   ],
   "name": "169",
@@ -4885,7 +4919,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "195"
+    "type": "196"
    }
   ],
   "name": "170",
@@ -4895,7 +4929,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "196"
+    "type": "197"
    }
   ],
   "name": "171",
@@ -4905,7 +4939,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "197"
+    "type": "198"
    }
   ],
   "name": "172",
@@ -4915,10 +4949,20 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "198"
+    "type": "199"
    }
   ],
   "name": "173",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "200"
+   }
+  ],
+  "name": "174",
   "meta-type": "object"
  },
  {
@@ -4958,12 +5002,12 @@ export const introspection: readonly unknown[] = [
    "array",
    "value"
   ],
-  "name": "174",
+  "name": "175",
   "meta-type": "enum"
  },
  {
-  "element-type": "175",
-  "name": "[175]",
+  "element-type": "176",
+  "name": "[176]",
   "meta-type": "array"
  },
  {
@@ -4978,12 +5022,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "175",
+  "name": "176",
   "meta-type": "object"
  },
  {
-  "element-type": "176",
-  "name": "[176]",
+  "element-type": "177",
+  "name": "[177]",
   "meta-type": "array"
  },
  {
@@ -5007,12 +5051,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "176",
+  "name": "177",
   "meta-type": "object"
  },
  {
-  "element-type": "177",
-  "name": "[177]",
+  "element-type": "178",
+  "name": "[178]",
   "meta-type": "array"
  },
  {
@@ -5026,12 +5070,12 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "177",
+  "name": "178",
   "meta-type": "object"
  },
  {
-  "element-type": "178",
-  "name": "[178]",
+  "element-type": "179",
+  "name": "[179]",
   "meta-type": "array"
  },
  {
@@ -5041,8 +5085,24 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "178",
+  "name": "179",
   "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "raw"
+   },
+   {
+    "name": "base64"
+   }
+  ],
+  "values": [
+   "raw",
+   "base64"
+  ],
+  "name": "180",
+  "meta-type": "enum"
  },
  {
   "json-type": "number",
@@ -5063,17 +5123,17 @@ export const introspection: readonly unknown[] = [
   "values": [
    "qcow2"
   ],
-  "name": "179",
+  "name": "181",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "199"
+    "type": "201"
    }
   ],
-  "name": "180",
+  "name": "182",
   "meta-type": "object"
  },
  {
@@ -5273,7 +5333,7 @@ export const introspection: readonly unknown[] = [
    "cluster_alloc_space",
    "none"
   ],
-  "name": "181",
+  "name": "183",
   "meta-type": "enum"
  },
  {
@@ -5305,7 +5365,7 @@ export const introspection: readonly unknown[] = [
    "flush",
    "block-status"
   ],
-  "name": "182",
+  "name": "184",
   "meta-type": "enum"
  },
  {
@@ -5317,7 +5377,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "template",
-    "type": "184",
+    "type": "186",
     "default": null
    },
    {
@@ -5366,7 +5426,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "183",
+  "name": "185",
   "meta-type": "object"
  },
  {
@@ -5390,7 +5450,7 @@ export const introspection: readonly unknown[] = [
    "cached",
    "all"
   ],
-  "name": "184",
+  "name": "186",
   "meta-type": "enum"
  },
  {
@@ -5414,7 +5474,7 @@ export const introspection: readonly unknown[] = [
    "falloc",
    "full"
   ],
-  "name": "185",
+  "name": "187",
   "meta-type": "enum"
  },
  {
@@ -5430,7 +5490,7 @@ export const introspection: readonly unknown[] = [
    "v2",
    "v3"
   ],
-  "name": "186",
+  "name": "188",
   "meta-type": "enum"
  },
  {
@@ -5446,12 +5506,12 @@ export const introspection: readonly unknown[] = [
    "zlib",
    "zstd"
   ],
-  "name": "187",
+  "name": "189",
   "meta-type": "enum"
  },
  {
   "members": [],
-  "name": "188",
+  "name": "190",
   "meta-type": "object"
  },
  {
@@ -5495,7 +5555,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "189",
+  "name": "191",
   "meta-type": "object"
  },
  {
@@ -5515,7 +5575,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "190",
+  "name": "192",
   "meta-type": "object"
  },
  {
@@ -5529,7 +5589,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "191",
+  "name": "193",
   "meta-type": "object"
  },
  {
@@ -5539,7 +5599,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "192",
+  "name": "194",
   "meta-type": "object"
  },
  {
@@ -5569,7 +5629,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "193",
+  "name": "195",
   "meta-type": "object"
  },
  {
@@ -5589,7 +5649,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "194",
+  "name": "196",
   "meta-type": "object"
  },
  {
@@ -5654,7 +5714,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "195",
+  "name": "197",
   "meta-type": "object"
  },
  {
@@ -5670,7 +5730,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "196",
+  "name": "198",
   "meta-type": "object"
  },
  {
@@ -5691,7 +5751,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "197",
+  "name": "199",
   "meta-type": "object"
  },
  {
@@ -5712,7 +5772,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "198",
+  "name": "200",
   "meta-type": "object"
  },
  {
@@ -5752,20 +5812,20 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmaps",
-    "type": "[200]",
+    "type": "[202]",
     "default": null
    },
    {
     "name": "compression-type",
-    "type": "187"
+    "type": "189"
    }
   ],
-  "name": "199",
+  "name": "201",
   "meta-type": "object"
  },
  {
-  "element-type": "200",
-  "name": "[200]",
+  "element-type": "202",
+  "name": "[202]",
   "meta-type": "array"
  },
  {
@@ -5780,15 +5840,15 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "flags",
-    "type": "[201]"
+    "type": "[203]"
    }
   ],
-  "name": "200",
+  "name": "202",
   "meta-type": "object"
  },
  {
-  "element-type": "201",
-  "name": "[201]",
+  "element-type": "203",
+  "name": "[203]",
   "meta-type": "array"
  },
  {
@@ -5804,7 +5864,7 @@ export const introspection: readonly unknown[] = [
    "in-use",
    "auto"
   ],
-  "name": "201",
+  "name": "203",
   "meta-type": "enum"
  }
 ];

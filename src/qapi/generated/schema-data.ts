@@ -4988,11 +4988,70 @@ export const schemaData: GenSchema = {
    ],
    "base": "EventLoopBaseProperties"
   },
+  "QCryptoSecretFormat": {
+   "kind": "enum",
+   "name": "QCryptoSecretFormat",
+   "values": [
+    "raw",
+    "base64"
+   ],
+   "doc": "The data format that the secret is provided in."
+  },
+  "SecretCommonProperties": {
+   "kind": "struct",
+   "name": "SecretCommonProperties",
+   "members": [
+    {
+     "name": "loaded",
+     "type": "bool",
+     "optional": true,
+     "doc": "if true, the secret is loaded immediately when applying this option and will probably fail when processing the next option. Don't use; only provided for compatibility. (default: false)"
+    },
+    {
+     "name": "format",
+     "type": "QCryptoSecretFormat",
+     "optional": true,
+     "doc": "the data format that the secret is provided in (default: raw)"
+    },
+    {
+     "name": "keyid",
+     "type": "str",
+     "optional": true,
+     "doc": "the name of another secret that should be used to decrypt the provided data. If not present, the data is assumed to be unencrypted."
+    },
+    {
+     "name": "iv",
+     "type": "str",
+     "optional": true,
+     "doc": "the random initialization vector used for encryption of this particular secret. Should be a base64 encrypted string of the 16-byte IV. Mandatory if @keyid is given. Ignored if @keyid is absent."
+    }
+   ]
+  },
+  "SecretProperties": {
+   "kind": "struct",
+   "name": "SecretProperties",
+   "members": [
+    {
+     "name": "data",
+     "type": "str",
+     "optional": true,
+     "doc": "the associated with the secret from"
+    },
+    {
+     "name": "file",
+     "type": "str",
+     "optional": true,
+     "doc": "the filename to load the data associated with the secret from"
+    }
+   ],
+   "base": "SecretCommonProperties"
+  },
   "ObjectType": {
    "kind": "enum",
    "name": "ObjectType",
    "values": [
-    "iothread"
+    "iothread",
+    "secret"
    ],
    "doc": "QOM types object-add can create here."
   },
@@ -5014,7 +5073,8 @@ export const schemaData: GenSchema = {
    ],
    "discriminator": "qom-type",
    "variants": {
-    "iothread": "IothreadProperties"
+    "iothread": "IothreadProperties",
+    "secret": "SecretProperties"
    }
   },
   "q_obj_object-del-arg": {

@@ -1692,8 +1692,31 @@ export interface IothreadProperties extends EventLoopBaseProperties {
   "poll-shrink"?: number;
 }
 
+/** The data format that the secret is provided in. @since 2.6 */
+export type QCryptoSecretFormat = "raw" | "base64";
+
+/** @since 2.6 */
+export interface SecretCommonProperties {
+  /** if true, the secret is loaded immediately when applying this option and will probably fail when processing the next option. Don't use; only provided for compatibility. (default: false) */
+  "loaded"?: boolean;
+  /** the data format that the secret is provided in (default: raw) */
+  "format"?: QCryptoSecretFormat;
+  /** the name of another secret that should be used to decrypt the provided data. If not present, the data is assumed to be unencrypted. */
+  "keyid"?: string;
+  /** the random initialization vector used for encryption of this particular secret. Should be a base64 encrypted string of the 16-byte IV. Mandatory if @keyid is given. Ignored if @keyid is absent. */
+  "iv"?: string;
+}
+
+/** @since 2.6 */
+export interface SecretProperties extends SecretCommonProperties {
+  /** the associated with the secret from */
+  "data"?: string;
+  /** the filename to load the data associated with the secret from */
+  "file"?: string;
+}
+
 /** QOM types object-add can create here. @since 6.0 */
-export type ObjectType = "iothread";
+export type ObjectType = "iothread" | "secret";
 
 /** @since 6.0 */
 export interface ObjectOptionsBase {
@@ -1702,7 +1725,8 @@ export interface ObjectOptionsBase {
   "id": string;
 }
 export type ObjectOptions =
-  | (ObjectOptionsBase & { "qom-type": "iothread" } & IothreadProperties);
+  | (ObjectOptionsBase & { "qom-type": "iothread" } & IothreadProperties)
+  | (ObjectOptionsBase & { "qom-type": "secret" } & SecretProperties);
 
 export interface QObj_object_del_arg {
   "id": string;

@@ -7,6 +7,8 @@ import type { Chardev } from '../../chardev/chardev.js';
 import { SocketChardev, chardevOrder } from '../../chardev/registry.js';
 import { qdictKeyOrder } from '../json.js';
 import type { Daemon } from '../../daemon.js';
+import { userObjects, type UserObject } from '../../objects/user-object.js';
+import { checkSecretProperties, createSecret } from '../../objects/secret.js';
 
 // ---------------------------------------------------------------------------------------------
 // GLib's GHashTable iteration order. QOM keeps an object's children in a GHashTable keyed by
@@ -155,10 +157,16 @@ const EVENT_LOOP_PROPERTIES = ['thread-pool-min', 'aio-max-batch', 'thread-pool-
 const IOTHREAD_PROPERTIES = [...EVENT_LOOP_PROPERTIES, 'poll-max-ns', 'poll-grow', 'poll-shrink'];
 const intProps = (names: string[]) => names.map((name) => ({ name, type: 'int' }));
 
+const SECRET_COMMON_PROPERTIES = [TYPE_PROPERTY, { name: 'iv', type: 'string' }, { name: 'keyid', type: 'string' },
+  { name: 'loaded', type: 'bool' }, { name: 'format', type: 'QCryptoSecretFormat' }];
+
 const QOM_TYPES: readonly QomType[] = [
+  { name: 'secret_common', parent: 'object', abstract: true, interfaces: ['user-creatable'], properties: SECRET_COMMON_PROPERTIES },
   { name: 'container', parent: 'object', properties: [TYPE_PROPERTY] },
   { name: 'interface', abstract: true },
   { name: 'iothread', parent: 'event-loop-base', properties: [TYPE_PROPERTY, ...intProps(IOTHREAD_PROPERTIES)] },
+  { name: 'secret', parent: 'secret_common',
+    properties: [...SECRET_COMMON_PROPERTIES, { name: 'file', type: 'string' }, { name: 'data', type: 'string' }] },
   { name: 'chardev-pipe', parent: 'chardev-fd', properties: [TYPE_PROPERTY] },
   { name: 'chardev-fd', parent: 'chardev', abstract: true, properties: [TYPE_PROPERTY] },
   { name: 'chardev-null', parent: 'chardev', properties: [TYPE_PROPERTY] },
@@ -196,6 +204,7 @@ function typeClosure(name: string): Set<string> {
 type QomObject =
   | { kind: 'container'; path: string }
   | { kind: 'iothread'; path: string; obj: IoThread }
+  | { kind: 'user'; path: string; obj: UserObject }
   | { kind: 'chardev'; path: string; chardev: Chardev };
 
 /** /objects' children table per daemon, replaying object-add/object-del for QEMU's order. */
@@ -210,6 +219,7 @@ function objectTable(daemon: Daemon): GHashOrder {
 function typeOf(o: QomObject): string {
   if (o.kind === 'container') return 'container';
   if (o.kind === 'iothread') return 'iothread';
+  if (o.kind === 'user') return o.obj.qomType;
   return o.chardev.qomType;
 }
 
@@ -224,7 +234,11 @@ function children(daemon: Daemon, o: QomObject): Array<[string, QomObject]> {
     return new GHashOrder(names).order().map((n) => [n, { kind: 'container', path: at(n) }]);
   }
   if (o.path === '/objects') {
-    return objectTable(daemon).order().map((id) => [id, { kind: 'iothread', path: at(id), obj: daemon.objects.get(id)! }]);
+    const others = userObjects(daemon);
+    return objectTable(daemon).order().map((id): [string, QomObject] => {
+      const other = others.get(id);
+      return [id, other ? { kind: 'user', path: at(id), obj: other } : { kind: 'iothread', path: at(id), obj: daemon.objects.get(id)! }];
+    });
   }
   return chardevOrder(daemon).map((c) => [c.id, { kind: 'chardev', path: at(c.id), chardev: c }]);
 }
@@ -291,6 +305,10 @@ function getProperty(o: QomObject, property: string, daemon: Daemon): unknown {
     const props = o.obj.properties as Record<string, unknown>;
     return props[property] ?? IOTHREAD_DEFAULTS[property];
   }
+  if (o.kind === 'user') {
+    const value = o.obj.getProperty(property);
+    if (value !== undefined) return value;
+  }
   if (o.kind === 'chardev' && o.chardev instanceof SocketChardev) {
     if (property === 'connected') return o.chardev.connected;
     if (property === 'addr') return o.chardev.address();
@@ -333,8 +351,20 @@ function setProperty(o: QomObject, property: string, value: unknown, daemon: Dae
     if (property.startsWith('poll-')) (o.obj as IoThread).applyPolling();
     return;
   }
+  if (o.kind === 'user' && o.obj.setProperty(property, value)) return;
   getProperty(o, property, daemon); // not found → QEMU's message
   throw genericError(`Property '${typeOf(o)}.${property}' is not writable`);
+}
+
+/** Setting the properties of a non-iothread type, before it joins /objects. */
+function precheckUserObject(type: string, props: Record<string, any>): void {
+  if (type === 'secret') checkSecretProperties(props);
+}
+
+/** The non-iothread types object-add creates (the schema has checked type and properties). */
+function createUserObject(daemon: Daemon, type: string, id: string, props: Record<string, any>): UserObject {
+  if (type === 'secret') return createSecret(daemon, id, props);
+  throw genericError(`Parameter 'qom-type' does not accept value '${type}'`);
 }
 
 export function objectAdd(daemon: Daemon, args: Record<string, any>): void {
@@ -342,10 +372,24 @@ export function objectAdd(daemon: Daemon, args: Record<string, any>): void {
   if (!idWellformed(id)) {
     throw genericError("Parameter 'id' expects an identifier", "Identifiers consist of letters, digits, '-', '.', '_', starting with a letter.\n");
   }
-  if (daemon.objects.has(id)) {
+  if (daemon.objects.has(id) || userObjects(daemon).has(id)) {
     throw genericError(`attempt to add duplicate property '${id}' to object (type 'container')`);
   }
-  if (type !== 'iothread') throw genericError(`Invalid parameter type for 'qom-type', expected: iothread`);
+  if (type !== 'iothread') {
+    precheckUserObject(type, props);
+    // QEMU adds the child before completing it and deletes it on failure: the table keeps a tombstone.
+    objectTable(daemon).insert(id);
+    let obj: UserObject;
+    try {
+      obj = createUserObject(daemon, type, id, props);
+    } catch (err) {
+      objectTable(daemon).remove(id);
+      throw err;
+    }
+    userObjects(daemon).set(id, obj);
+    daemon.objectsContainer = true;
+    return;
+  }
   // QEMU sets the properties in QDict order, then checks the thread pool when the object completes.
   const checked: Record<string, unknown> = {};
   for (const key of qdictKeyOrder(Object.keys(props))) {
@@ -365,6 +409,14 @@ export const qomCommands: Record<string, CommandHandler> = {
     return {};
   },
   async 'object-del'(args: { id: string }, { daemon }) {
+    const other = userObjects(daemon).get(args.id);
+    if (other) {
+      if (other.inUse?.()) throw genericError(`object '${args.id}' is in use, can not be deleted`);
+      objectTable(daemon).remove(args.id);
+      userObjects(daemon).delete(args.id);
+      other.delete?.();
+      return {};
+    }
     const obj = daemon.objects.get(args.id);
     if (!obj) throw genericError(`object '${args.id}' not found`);
     if (daemon.exports.usesIothread(args.id) || obj.queueCount > 0) {
