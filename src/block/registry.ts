@@ -5,8 +5,9 @@ import { nullAioDriver, nullCoDriver } from './null.js';
 import { rawDriver } from './raw.js';
 import { qcow2Driver } from './qcow2/index.js';
 import { blkdebugDriver } from './blkdebug.js';
+import { throttleDriver } from './throttle.js';
 
-export const blockDrivers: readonly BlockDriver[] = [blkdebugDriver, fileDriver, hostDeviceDriver, nullCoDriver, nullAioDriver, rawDriver, qcow2Driver];
+export const blockDrivers: readonly BlockDriver[] = [blkdebugDriver, fileDriver, hostDeviceDriver, nullCoDriver, nullAioDriver, rawDriver, qcow2Driver, throttleDriver];
 
 export function findBlockDriver(name: string): BlockDriver | undefined {
   return blockDrivers.find((d) => d.name === name);

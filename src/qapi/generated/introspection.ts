@@ -1243,6 +1243,10 @@ export const introspection: readonly unknown[] = [
    {
     "case": "raw",
     "type": "103"
+   },
+   {
+    "case": "throttle",
+    "type": "104"
    }
   ],
   "name": "24",
@@ -1276,7 +1280,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "options",
-    "type": "104"
+    "type": "105"
    }
   ],
   "name": "27",
@@ -1337,7 +1341,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmaps",
-    "type": "[105]"
+    "type": "[106]"
    }
   ],
   "name": "30",
@@ -1413,7 +1417,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "mode",
-    "type": "106",
+    "type": "107",
     "default": null
    }
   ],
@@ -1483,7 +1487,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "on-error",
-    "type": "107",
+    "type": "108",
     "default": null
    },
    {
@@ -1543,7 +1547,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "on-error",
-    "type": "107",
+    "type": "108",
     "default": null
    },
    {
@@ -1578,7 +1582,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "sync",
-    "type": "108"
+    "type": "109"
    },
    {
     "name": "speed",
@@ -1592,7 +1596,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmap-mode",
-    "type": "109",
+    "type": "110",
     "default": null
    },
    {
@@ -1602,12 +1606,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "on-source-error",
-    "type": "107",
+    "type": "108",
     "default": null
    },
    {
     "name": "on-target-error",
-    "type": "107",
+    "type": "108",
     "default": null
    },
    {
@@ -1627,7 +1631,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "x-perf",
-    "type": "110",
+    "type": "111",
     "default": null,
     "features": [
      "unstable"
@@ -1644,7 +1648,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "mode",
-    "type": "106",
+    "type": "107",
     "default": null
    }
   ],
@@ -1664,7 +1668,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "sync",
-    "type": "108"
+    "type": "109"
    },
    {
     "name": "speed",
@@ -1678,7 +1682,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmap-mode",
-    "type": "109",
+    "type": "110",
     "default": null
    },
    {
@@ -1688,12 +1692,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "on-source-error",
-    "type": "107",
+    "type": "108",
     "default": null
    },
    {
     "name": "on-target-error",
-    "type": "107",
+    "type": "108",
     "default": null
    },
    {
@@ -1713,7 +1717,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "x-perf",
-    "type": "110",
+    "type": "111",
     "default": null,
     "features": [
      "unstable"
@@ -1759,11 +1763,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "sync",
-    "type": "108"
+    "type": "109"
    },
    {
     "name": "mode",
-    "type": "106",
+    "type": "107",
     "default": null
    },
    {
@@ -1783,12 +1787,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "on-source-error",
-    "type": "107",
+    "type": "108",
     "default": null
    },
    {
     "name": "on-target-error",
-    "type": "107",
+    "type": "108",
     "default": null
    },
    {
@@ -1798,7 +1802,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "copy-mode",
-    "type": "111",
+    "type": "112",
     "default": null
    },
    {
@@ -1837,7 +1841,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "sync",
-    "type": "108"
+    "type": "109"
    },
    {
     "name": "speed",
@@ -1856,12 +1860,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "on-source-error",
-    "type": "107",
+    "type": "108",
     "default": null
    },
    {
     "name": "on-target-error",
-    "type": "107",
+    "type": "108",
     "default": null
    },
    {
@@ -1871,7 +1875,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "copy-mode",
-    "type": "111",
+    "type": "112",
     "default": null
    },
    {
@@ -1892,11 +1896,11 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "actions",
-    "type": "[112]"
+    "type": "[113]"
    },
    {
     "name": "properties",
-    "type": "113",
+    "type": "114",
     "default": null
    }
   ],
@@ -2037,7 +2041,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "addr",
-    "type": "114"
+    "type": "115"
    }
   ],
   "name": "51",
@@ -2081,7 +2085,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "mode",
-    "type": "115",
+    "type": "116",
     "default": null
    }
   ],
@@ -2092,7 +2096,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "type",
-    "type": "116"
+    "type": "117"
    },
    {
     "name": "id",
@@ -2105,7 +2109,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "iothread",
-    "type": "117",
+    "type": "118",
     "default": null
    },
    {
@@ -2132,11 +2136,11 @@ export const introspection: readonly unknown[] = [
   "variants": [
    {
     "case": "nbd",
-    "type": "118"
+    "type": "119"
    },
    {
     "case": "fuse",
-    "type": "119"
+    "type": "120"
    }
   ],
   "name": "54",
@@ -2150,7 +2154,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "mode",
-    "type": "115",
+    "type": "116",
     "default": null
    }
   ],
@@ -2180,7 +2184,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "type",
-    "type": "116"
+    "type": "117"
    },
    {
     "name": "node-name",
@@ -2244,7 +2248,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "format",
-    "type": "120",
+    "type": "121",
     "default": null
    }
   ],
@@ -2263,7 +2267,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "format",
-    "type": "120",
+    "type": "121",
     "default": null
    }
   ],
@@ -2283,7 +2287,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "backend",
-    "type": "121"
+    "type": "122"
    }
   ],
   "name": "62",
@@ -2308,7 +2312,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "backend",
-    "type": "121"
+    "type": "122"
    }
   ],
   "name": "64",
@@ -2338,7 +2342,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "enable",
-    "type": "[122]",
+    "type": "[123]",
     "default": null
    }
   ],
@@ -2349,7 +2353,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "qemu",
-    "type": "123"
+    "type": "124"
    },
    {
     "name": "package",
@@ -2387,7 +2391,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "meta-type",
-    "type": "124"
+    "type": "125"
    },
    {
     "name": "features",
@@ -2399,31 +2403,31 @@ export const introspection: readonly unknown[] = [
   "variants": [
    {
     "case": "builtin",
-    "type": "125"
-   },
-   {
-    "case": "enum",
     "type": "126"
    },
    {
-    "case": "array",
+    "case": "enum",
     "type": "127"
    },
    {
-    "case": "object",
+    "case": "array",
     "type": "128"
    },
    {
-    "case": "alternate",
+    "case": "object",
     "type": "129"
    },
    {
-    "case": "command",
+    "case": "alternate",
     "type": "130"
    },
    {
-    "case": "event",
+    "case": "command",
     "type": "131"
+   },
+   {
+    "case": "event",
+    "type": "132"
    }
   ],
   "name": "70",
@@ -2487,7 +2491,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "properties",
-    "type": "[132]"
+    "type": "[133]"
    }
   ],
   "name": "74",
@@ -2585,7 +2589,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "qom-type",
-    "type": "133"
+    "type": "134"
    },
    {
     "name": "id",
@@ -2596,11 +2600,15 @@ export const introspection: readonly unknown[] = [
   "variants": [
    {
     "case": "iothread",
-    "type": "134"
+    "type": "135"
    },
    {
     "case": "secret",
-    "type": "135"
+    "type": "136"
+   },
+   {
+    "case": "throttle-group",
+    "type": "137"
    }
   ],
   "name": "80",
@@ -2750,21 +2758,21 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "timed_stats",
-    "type": "[136]"
+    "type": "[138]"
    },
    {
     "name": "rd_latency_histogram",
-    "type": "137",
+    "type": "139",
     "default": null
    },
    {
     "name": "wr_latency_histogram",
-    "type": "137",
+    "type": "139",
     "default": null
    },
    {
     "name": "flush_latency_histogram",
-    "type": "137",
+    "type": "139",
     "default": null
    }
   ],
@@ -2786,11 +2794,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "file",
-    "type": "138"
+    "type": "140"
    },
    {
     "case": "host_device",
-    "type": "138"
+    "type": "140"
    },
    {
     "case": "null-aio",
@@ -2806,6 +2814,10 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "raw",
+    "type": "0"
+   },
+   {
+    "case": "throttle",
     "type": "0"
    }
   ],
@@ -2945,7 +2957,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "snapshots",
-    "type": "[139]",
+    "type": "[141]",
     "default": null
    },
    {
@@ -2955,7 +2967,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "format-specific",
-    "type": "140",
+    "type": "142",
     "default": null
    }
   ],
@@ -3034,7 +3046,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "type",
-    "type": "141"
+    "type": "143"
    },
    {
     "name": "name",
@@ -3065,11 +3077,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "perm",
-    "type": "[142]"
+    "type": "[144]"
    },
    {
     "name": "shared-perm",
-    "type": "[142]"
+    "type": "[144]"
    }
   ],
   "name": "91",
@@ -3159,7 +3171,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "copy-mode",
-    "type": "111"
+    "type": "112"
    }
   ],
   "name": "95",
@@ -3187,6 +3199,9 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "raw"
+   },
+   {
+    "name": "throttle"
    }
   ],
   "values": [
@@ -3196,7 +3211,8 @@ export const introspection: readonly unknown[] = [
    "null-aio",
    "null-co",
    "qcow2",
-   "raw"
+   "raw",
+   "throttle"
   ],
   "name": "96",
   "meta-type": "enum"
@@ -3237,7 +3253,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "image",
-    "type": "143"
+    "type": "145"
    },
    {
     "name": "config",
@@ -3276,22 +3292,22 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "inject-error",
-    "type": "[144]",
+    "type": "[146]",
     "default": null
    },
    {
     "name": "set-state",
-    "type": "[145]",
+    "type": "[147]",
     "default": null
    },
    {
     "name": "take-child-perms",
-    "type": "[142]",
+    "type": "[144]",
     "default": null
    },
    {
     "name": "unshare-child-perms",
-    "type": "[142]",
+    "type": "[144]",
     "default": null
    }
   ],
@@ -3311,12 +3327,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "locking",
-    "type": "146",
+    "type": "148",
     "default": null
    },
    {
     "name": "aio",
-    "type": "147",
+    "type": "149",
     "default": null
    },
    {
@@ -3369,11 +3385,11 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "file",
-    "type": "143"
+    "type": "145"
    },
    {
     "name": "backing",
-    "type": "148",
+    "type": "150",
     "default": null
    },
    {
@@ -3403,7 +3419,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "overlap-check",
-    "type": "149",
+    "type": "151",
     "default": null
    },
    {
@@ -3433,7 +3449,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "data-file",
-    "type": "143",
+    "type": "145",
     "default": null
    }
   ],
@@ -3444,7 +3460,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "file",
-    "type": "143"
+    "type": "145"
    },
    {
     "name": "offset",
@@ -3458,6 +3474,20 @@ export const introspection: readonly unknown[] = [
    }
   ],
   "name": "103",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "throttle-group",
+    "type": "str"
+   },
+   {
+    "name": "file",
+    "type": "145"
+   }
+  ],
+  "name": "104",
   "meta-type": "object"
  },
  {
@@ -3480,7 +3510,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "file",
-    "type": "150"
+    "type": "152"
    },
    {
     "case": "host_device",
@@ -3496,19 +3526,23 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "qcow2",
-    "type": "151"
+    "type": "153"
    },
    {
     "case": "raw",
     "type": "0"
+   },
+   {
+    "case": "throttle",
+    "type": "0"
    }
   ],
-  "name": "104",
+  "name": "105",
   "meta-type": "object"
  },
  {
-  "element-type": "105",
-  "name": "[105]",
+  "element-type": "106",
+  "name": "[106]",
   "meta-type": "array"
  },
  {
@@ -3520,7 +3554,7 @@ export const introspection: readonly unknown[] = [
     "type": "29"
    }
   ],
-  "name": "105",
+  "name": "106",
   "meta-type": "alternate"
  },
  {
@@ -3536,7 +3570,7 @@ export const introspection: readonly unknown[] = [
    "existing",
    "absolute-paths"
   ],
-  "name": "106",
+  "name": "107",
   "meta-type": "enum"
  },
  {
@@ -3564,7 +3598,7 @@ export const introspection: readonly unknown[] = [
    "stop",
    "auto"
   ],
-  "name": "107",
+  "name": "108",
   "meta-type": "enum"
  },
  {
@@ -3592,7 +3626,7 @@ export const introspection: readonly unknown[] = [
    "incremental",
    "bitmap"
   ],
-  "name": "108",
+  "name": "109",
   "meta-type": "enum"
  },
  {
@@ -3612,7 +3646,7 @@ export const introspection: readonly unknown[] = [
    "never",
    "always"
   ],
-  "name": "109",
+  "name": "110",
   "meta-type": "enum"
  },
  {
@@ -3633,7 +3667,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "110",
+  "name": "111",
   "meta-type": "object"
  },
  {
@@ -3649,77 +3683,66 @@ export const introspection: readonly unknown[] = [
    "background",
    "write-blocking"
   ],
-  "name": "111",
+  "name": "112",
   "meta-type": "enum"
  },
  {
-  "element-type": "112",
-  "name": "[112]",
+  "element-type": "113",
+  "name": "[113]",
   "meta-type": "array"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "152"
+    "type": "154"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "abort",
-    "type": "153"
+    "type": "155"
    },
    {
     "case": "block-dirty-bitmap-add",
-    "type": "154"
-   },
-   {
-    "case": "block-dirty-bitmap-remove",
-    "type": "155"
-   },
-   {
-    "case": "block-dirty-bitmap-clear",
-    "type": "155"
-   },
-   {
-    "case": "block-dirty-bitmap-enable",
-    "type": "155"
-   },
-   {
-    "case": "block-dirty-bitmap-disable",
-    "type": "155"
-   },
-   {
-    "case": "block-dirty-bitmap-merge",
     "type": "156"
    },
    {
-    "case": "blockdev-backup",
+    "case": "block-dirty-bitmap-remove",
     "type": "157"
    },
    {
-    "case": "blockdev-snapshot",
+    "case": "block-dirty-bitmap-clear",
+    "type": "157"
+   },
+   {
+    "case": "block-dirty-bitmap-enable",
+    "type": "157"
+   },
+   {
+    "case": "block-dirty-bitmap-disable",
+    "type": "157"
+   },
+   {
+    "case": "block-dirty-bitmap-merge",
     "type": "158"
    },
    {
-    "case": "blockdev-snapshot-sync",
+    "case": "blockdev-backup",
     "type": "159"
    },
    {
-    "case": "drive-backup",
+    "case": "blockdev-snapshot",
     "type": "160"
-   }
-  ],
-  "name": "112",
-  "meta-type": "object"
- },
- {
-  "members": [
+   },
    {
-    "name": "completion-mode",
-    "type": "161",
-    "default": null
+    "case": "blockdev-snapshot-sync",
+    "type": "161"
+   },
+   {
+    "case": "drive-backup",
+    "type": "162"
    }
   ],
   "name": "113",
@@ -3728,30 +3751,41 @@ export const introspection: readonly unknown[] = [
  {
   "members": [
    {
+    "name": "completion-mode",
+    "type": "163",
+    "default": null
+   }
+  ],
+  "name": "114",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
     "name": "type",
-    "type": "162"
+    "type": "164"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "inet",
-    "type": "163"
-   },
-   {
-    "case": "unix",
-    "type": "164"
-   },
-   {
-    "case": "vsock",
     "type": "165"
    },
    {
-    "case": "fd",
+    "case": "unix",
     "type": "166"
+   },
+   {
+    "case": "vsock",
+    "type": "167"
+   },
+   {
+    "case": "fd",
+    "type": "168"
    }
   ],
-  "name": "114",
+  "name": "115",
   "meta-type": "object"
  },
  {
@@ -3767,7 +3801,7 @@ export const introspection: readonly unknown[] = [
    "safe",
    "hard"
   ],
-  "name": "115",
+  "name": "116",
   "meta-type": "enum"
  },
  {
@@ -3783,7 +3817,7 @@ export const introspection: readonly unknown[] = [
    "nbd",
    "fuse"
   ],
-  "name": "116",
+  "name": "117",
   "meta-type": "enum"
  },
  {
@@ -3795,7 +3829,7 @@ export const introspection: readonly unknown[] = [
     "type": "[str]"
    }
   ],
-  "name": "117",
+  "name": "118",
   "meta-type": "alternate"
  },
  {
@@ -3812,7 +3846,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmaps",
-    "type": "[105]",
+    "type": "[106]",
     "default": null
    },
    {
@@ -3821,7 +3855,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "118",
+  "name": "119",
   "meta-type": "object"
  },
  {
@@ -3837,7 +3871,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "allow-other",
-    "type": "167",
+    "type": "169",
     "default": null
    },
    {
@@ -3846,7 +3880,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "119",
+  "name": "120",
   "meta-type": "object"
  },
  {
@@ -3862,53 +3896,53 @@ export const introspection: readonly unknown[] = [
    "utf8",
    "base64"
   ],
-  "name": "120",
+  "name": "121",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "168"
+    "type": "170"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "file",
-    "type": "169"
-   },
-   {
-    "case": "pipe",
-    "type": "170"
-   },
-   {
-    "case": "socket",
     "type": "171"
    },
    {
-    "case": "null",
+    "case": "pipe",
     "type": "172"
    },
    {
-    "case": "stdio",
+    "case": "socket",
     "type": "173"
    },
    {
-    "case": "ringbuf",
+    "case": "null",
     "type": "174"
    },
    {
+    "case": "stdio",
+    "type": "175"
+   },
+   {
+    "case": "ringbuf",
+    "type": "176"
+   },
+   {
     "case": "memory",
-    "type": "174"
+    "type": "176"
    }
   ],
-  "name": "121",
+  "name": "122",
   "meta-type": "object"
  },
  {
-  "element-type": "122",
-  "name": "[122]",
+  "element-type": "123",
+  "name": "[123]",
   "meta-type": "array"
  },
  {
@@ -3920,7 +3954,7 @@ export const introspection: readonly unknown[] = [
   "values": [
    "oob"
   ],
-  "name": "122",
+  "name": "123",
   "meta-type": "enum"
  },
  {
@@ -3938,7 +3972,7 @@ export const introspection: readonly unknown[] = [
     "type": "int"
    }
   ],
-  "name": "123",
+  "name": "124",
   "meta-type": "object"
  },
  {
@@ -3974,7 +4008,7 @@ export const introspection: readonly unknown[] = [
    "command",
    "event"
   ],
-  "name": "124",
+  "name": "125",
   "meta-type": "enum"
  },
  {
@@ -3986,17 +4020,17 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "json-type",
-    "type": "175"
+    "type": "177"
    }
   ],
-  "name": "125",
+  "name": "126",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "members",
-    "type": "[176]"
+    "type": "[178]"
    },
    {
     "name": "values",
@@ -4006,7 +4040,7 @@ export const introspection: readonly unknown[] = [
     ]
    }
   ],
-  "name": "126",
+  "name": "127",
   "meta-type": "object"
  },
  {
@@ -4014,26 +4048,6 @@ export const introspection: readonly unknown[] = [
    {
     "name": "element-type",
     "type": "str"
-   }
-  ],
-  "name": "127",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "members",
-    "type": "[177]"
-   },
-   {
-    "name": "tag",
-    "type": "str",
-    "default": null
-   },
-   {
-    "name": "variants",
-    "type": "[178]",
-    "default": null
    }
   ],
   "name": "128",
@@ -4044,9 +4058,29 @@ export const introspection: readonly unknown[] = [
    {
     "name": "members",
     "type": "[179]"
+   },
+   {
+    "name": "tag",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "variants",
+    "type": "[180]",
+    "default": null
    }
   ],
   "name": "129",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "members",
+    "type": "[181]"
+   }
+  ],
+  "name": "130",
   "meta-type": "object"
  },
  {
@@ -4065,7 +4099,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "130",
+  "name": "131",
   "meta-type": "object"
  },
  {
@@ -4075,12 +4109,12 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "131",
+  "name": "132",
   "meta-type": "object"
  },
  {
-  "element-type": "132",
-  "name": "[132]",
+  "element-type": "133",
+  "name": "[133]",
   "meta-type": "array"
  },
  {
@@ -4099,7 +4133,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "132",
+  "name": "133",
   "meta-type": "object"
  },
  {
@@ -4109,13 +4143,17 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "secret"
+   },
+   {
+    "name": "throttle-group"
    }
   ],
   "values": [
    "iothread",
-   "secret"
+   "secret",
+   "throttle-group"
   ],
-  "name": "133",
+  "name": "134",
   "meta-type": "enum"
  },
  {
@@ -4151,7 +4189,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "134",
+  "name": "135",
   "meta-type": "object"
  },
  {
@@ -4163,7 +4201,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "format",
-    "type": "180",
+    "type": "182",
     "default": null
    },
    {
@@ -4187,12 +4225,175 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "135",
+  "name": "136",
   "meta-type": "object"
  },
  {
-  "element-type": "136",
-  "name": "[136]",
+  "members": [
+   {
+    "name": "limits",
+    "type": "183",
+    "default": null
+   },
+   {
+    "name": "x-iops-total",
+    "type": "int",
+    "default": null,
+    "features": [
+     "unstable"
+    ]
+   },
+   {
+    "name": "x-iops-total-max",
+    "type": "int",
+    "default": null,
+    "features": [
+     "unstable"
+    ]
+   },
+   {
+    "name": "x-iops-total-max-length",
+    "type": "int",
+    "default": null,
+    "features": [
+     "unstable"
+    ]
+   },
+   {
+    "name": "x-iops-read",
+    "type": "int",
+    "default": null,
+    "features": [
+     "unstable"
+    ]
+   },
+   {
+    "name": "x-iops-read-max",
+    "type": "int",
+    "default": null,
+    "features": [
+     "unstable"
+    ]
+   },
+   {
+    "name": "x-iops-read-max-length",
+    "type": "int",
+    "default": null,
+    "features": [
+     "unstable"
+    ]
+   },
+   {
+    "name": "x-iops-write",
+    "type": "int",
+    "default": null,
+    "features": [
+     "unstable"
+    ]
+   },
+   {
+    "name": "x-iops-write-max",
+    "type": "int",
+    "default": null,
+    "features": [
+     "unstable"
+    ]
+   },
+   {
+    "name": "x-iops-write-max-length",
+    "type": "int",
+    "default": null,
+    "features": [
+     "unstable"
+    ]
+   },
+   {
+    "name": "x-bps-total",
+    "type": "int",
+    "default": null,
+    "features": [
+     "unstable"
+    ]
+   },
+   {
+    "name": "x-bps-total-max",
+    "type": "int",
+    "default": null,
+    "features": [
+     "unstable"
+    ]
+   },
+   {
+    "name": "x-bps-total-max-length",
+    "type": "int",
+    "default": null,
+    "features": [
+     "unstable"
+    ]
+   },
+   {
+    "name": "x-bps-read",
+    "type": "int",
+    "default": null,
+    "features": [
+     "unstable"
+    ]
+   },
+   {
+    "name": "x-bps-read-max",
+    "type": "int",
+    "default": null,
+    "features": [
+     "unstable"
+    ]
+   },
+   {
+    "name": "x-bps-read-max-length",
+    "type": "int",
+    "default": null,
+    "features": [
+     "unstable"
+    ]
+   },
+   {
+    "name": "x-bps-write",
+    "type": "int",
+    "default": null,
+    "features": [
+     "unstable"
+    ]
+   },
+   {
+    "name": "x-bps-write-max",
+    "type": "int",
+    "default": null,
+    "features": [
+     "unstable"
+    ]
+   },
+   {
+    "name": "x-bps-write-max-length",
+    "type": "int",
+    "default": null,
+    "features": [
+     "unstable"
+    ]
+   },
+   {
+    "name": "x-iops-size",
+    "type": "int",
+    "default": null,
+    "features": [
+     "unstable"
+    ]
+   }
+  ],
+  "name": "137",
+  "meta-type": "object"
+ },
+ {
+  "element-type": "138",
+  "name": "[138]",
   "meta-type": "array"
  },
  {
@@ -4246,7 +4447,7 @@ export const introspection: readonly unknown[] = [
     "type": "number"
    }
   ],
-  "name": "136",
+  "name": "138",
   "meta-type": "object"
  },
  {
@@ -4260,7 +4461,7 @@ export const introspection: readonly unknown[] = [
     "type": "[int]"
    }
   ],
-  "name": "137",
+  "name": "139",
   "meta-type": "object"
  },
  {
@@ -4278,12 +4479,12 @@ export const introspection: readonly unknown[] = [
     "type": "int"
    }
   ],
-  "name": "138",
+  "name": "140",
   "meta-type": "object"
  },
  {
-  "element-type": "139",
-  "name": "[139]",
+  "element-type": "141",
+  "name": "[141]",
   "meta-type": "array"
  },
  {
@@ -4322,24 +4523,24 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "139",
+  "name": "141",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "181"
+    "type": "184"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "qcow2",
-    "type": "182"
+    "type": "185"
    }
   ],
-  "name": "140",
+  "name": "142",
   "meta-type": "object"
  },
  {
@@ -4359,12 +4560,12 @@ export const introspection: readonly unknown[] = [
    "block-job",
    "block-driver"
   ],
-  "name": "141",
+  "name": "143",
   "meta-type": "enum"
  },
  {
-  "element-type": "142",
-  "name": "[142]",
+  "element-type": "144",
+  "name": "[144]",
   "meta-type": "array"
  },
  {
@@ -4388,7 +4589,7 @@ export const introspection: readonly unknown[] = [
    "write-unchanged",
    "resize"
   ],
-  "name": "142",
+  "name": "144",
   "meta-type": "enum"
  },
  {
@@ -4400,19 +4601,19 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "143",
+  "name": "145",
   "meta-type": "alternate"
  },
  {
-  "element-type": "144",
-  "name": "[144]",
+  "element-type": "146",
+  "name": "[146]",
   "meta-type": "array"
  },
  {
   "members": [
    {
     "name": "event",
-    "type": "183"
+    "type": "186"
    },
    {
     "name": "state",
@@ -4421,7 +4622,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "iotype",
-    "type": "184",
+    "type": "187",
     "default": null
    },
    {
@@ -4445,19 +4646,19 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "144",
+  "name": "146",
   "meta-type": "object"
  },
  {
-  "element-type": "145",
-  "name": "[145]",
+  "element-type": "147",
+  "name": "[147]",
   "meta-type": "array"
  },
  {
   "members": [
    {
     "name": "event",
-    "type": "183"
+    "type": "186"
    },
    {
     "name": "state",
@@ -4469,7 +4670,7 @@ export const introspection: readonly unknown[] = [
     "type": "int"
    }
   ],
-  "name": "145",
+  "name": "147",
   "meta-type": "object"
  },
  {
@@ -4489,7 +4690,7 @@ export const introspection: readonly unknown[] = [
    "on",
    "off"
   ],
-  "name": "146",
+  "name": "148",
   "meta-type": "enum"
  },
  {
@@ -4509,7 +4710,7 @@ export const introspection: readonly unknown[] = [
    "native",
    "io_uring"
   ],
-  "name": "147",
+  "name": "149",
   "meta-type": "enum"
  },
  {
@@ -4524,19 +4725,19 @@ export const introspection: readonly unknown[] = [
     "type": "null"
    }
   ],
-  "name": "148",
+  "name": "150",
   "meta-type": "alternate"
  },
  {
   "members": [
    {
-    "type": "185"
+    "type": "188"
    },
    {
-    "type": "186"
+    "type": "189"
    }
   ],
-  "name": "149",
+  "name": "151",
   "meta-type": "alternate"
  },
  {
@@ -4551,7 +4752,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "preallocation",
-    "type": "187",
+    "type": "190",
     "default": null
    },
    {
@@ -4565,18 +4766,18 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "150",
+  "name": "152",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "file",
-    "type": "143"
+    "type": "145"
    },
    {
     "name": "data-file",
-    "type": "143",
+    "type": "145",
     "default": null
    },
    {
@@ -4595,7 +4796,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "version",
-    "type": "188",
+    "type": "191",
     "default": null
    },
    {
@@ -4615,7 +4816,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "preallocation",
-    "type": "187",
+    "type": "190",
     "default": null
    },
    {
@@ -4630,11 +4831,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "compression-type",
-    "type": "189",
+    "type": "192",
     "default": null
    }
   ],
-  "name": "151",
+  "name": "153",
   "meta-type": "object"
  },
  {
@@ -4686,34 +4887,14 @@ export const introspection: readonly unknown[] = [
    "blockdev-snapshot-sync",
    "drive-backup"
   ],
-  "name": "152",
+  "name": "154",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "190"
-   }
-  ],
-  "name": "153",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "28"
-   }
-  ],
-  "name": "154",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "29"
+    "type": "193"
    }
   ],
   "name": "155",
@@ -4723,7 +4904,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "30"
+    "type": "28"
    }
   ],
   "name": "156",
@@ -4733,7 +4914,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "39"
+    "type": "29"
    }
   ],
   "name": "157",
@@ -4743,7 +4924,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "35"
+    "type": "30"
    }
   ],
   "name": "158",
@@ -4753,7 +4934,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "34"
+    "type": "39"
    }
   ],
   "name": "159",
@@ -4763,10 +4944,30 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "38"
+    "type": "35"
    }
   ],
   "name": "160",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "34"
+   }
+  ],
+  "name": "161",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "38"
+   }
+  ],
+  "name": "162",
   "meta-type": "object"
  },
  {
@@ -4782,7 +4983,7 @@ export const introspection: readonly unknown[] = [
    "individual",
    "grouped"
   ],
-  "name": "161",
+  "name": "163",
   "meta-type": "enum"
  },
  {
@@ -4806,34 +5007,14 @@ export const introspection: readonly unknown[] = [
    "vsock",
    "fd"
   ],
-  "name": "162",
+  "name": "164",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "191"
-   }
-  ],
-  "name": "163",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "192"
-   }
-  ],
-  "name": "164",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "193"
+    "type": "194"
    }
   ],
   "name": "165",
@@ -4843,10 +5024,30 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "194"
+    "type": "195"
    }
   ],
   "name": "166",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "196"
+   }
+  ],
+  "name": "167",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "197"
+   }
+  ],
+  "name": "168",
   "meta-type": "object"
  },
  {
@@ -4866,7 +5067,7 @@ export const introspection: readonly unknown[] = [
    "on",
    "auto"
   ],
-  "name": "167",
+  "name": "169",
   "meta-type": "enum"
  },
  {
@@ -4902,34 +5103,14 @@ export const introspection: readonly unknown[] = [
    "ringbuf",
    "memory"
   ],
-  "name": "168",
+  "name": "170",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "195"
-   }
-  ],
-  "name": "169",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "196"
-   }
-  ],
-  "name": "170",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "197"
+    "type": "198"
    }
   ],
   "name": "171",
@@ -4939,7 +5120,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "198"
+    "type": "199"
    }
   ],
   "name": "172",
@@ -4949,7 +5130,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "199"
+    "type": "200"
    }
   ],
   "name": "173",
@@ -4959,10 +5140,30 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "200"
+    "type": "201"
    }
   ],
   "name": "174",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "202"
+   }
+  ],
+  "name": "175",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "203"
+   }
+  ],
+  "name": "176",
   "meta-type": "object"
  },
  {
@@ -5002,12 +5203,12 @@ export const introspection: readonly unknown[] = [
    "array",
    "value"
   ],
-  "name": "175",
+  "name": "177",
   "meta-type": "enum"
  },
  {
-  "element-type": "176",
-  "name": "[176]",
+  "element-type": "178",
+  "name": "[178]",
   "meta-type": "array"
  },
  {
@@ -5022,12 +5223,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "176",
+  "name": "178",
   "meta-type": "object"
  },
  {
-  "element-type": "177",
-  "name": "[177]",
+  "element-type": "179",
+  "name": "[179]",
   "meta-type": "array"
  },
  {
@@ -5051,12 +5252,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "177",
+  "name": "179",
   "meta-type": "object"
  },
  {
-  "element-type": "178",
-  "name": "[178]",
+  "element-type": "180",
+  "name": "[180]",
   "meta-type": "array"
  },
  {
@@ -5070,12 +5271,12 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "178",
+  "name": "180",
   "meta-type": "object"
  },
  {
-  "element-type": "179",
-  "name": "[179]",
+  "element-type": "181",
+  "name": "[181]",
   "meta-type": "array"
  },
  {
@@ -5085,7 +5286,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "179",
+  "name": "181",
   "meta-type": "object"
  },
  {
@@ -5101,8 +5302,109 @@ export const introspection: readonly unknown[] = [
    "raw",
    "base64"
   ],
-  "name": "180",
+  "name": "182",
   "meta-type": "enum"
+ },
+ {
+  "members": [
+   {
+    "name": "iops-total",
+    "type": "int",
+    "default": null
+   },
+   {
+    "name": "iops-total-max",
+    "type": "int",
+    "default": null
+   },
+   {
+    "name": "iops-total-max-length",
+    "type": "int",
+    "default": null
+   },
+   {
+    "name": "iops-read",
+    "type": "int",
+    "default": null
+   },
+   {
+    "name": "iops-read-max",
+    "type": "int",
+    "default": null
+   },
+   {
+    "name": "iops-read-max-length",
+    "type": "int",
+    "default": null
+   },
+   {
+    "name": "iops-write",
+    "type": "int",
+    "default": null
+   },
+   {
+    "name": "iops-write-max",
+    "type": "int",
+    "default": null
+   },
+   {
+    "name": "iops-write-max-length",
+    "type": "int",
+    "default": null
+   },
+   {
+    "name": "bps-total",
+    "type": "int",
+    "default": null
+   },
+   {
+    "name": "bps-total-max",
+    "type": "int",
+    "default": null
+   },
+   {
+    "name": "bps-total-max-length",
+    "type": "int",
+    "default": null
+   },
+   {
+    "name": "bps-read",
+    "type": "int",
+    "default": null
+   },
+   {
+    "name": "bps-read-max",
+    "type": "int",
+    "default": null
+   },
+   {
+    "name": "bps-read-max-length",
+    "type": "int",
+    "default": null
+   },
+   {
+    "name": "bps-write",
+    "type": "int",
+    "default": null
+   },
+   {
+    "name": "bps-write-max",
+    "type": "int",
+    "default": null
+   },
+   {
+    "name": "bps-write-max-length",
+    "type": "int",
+    "default": null
+   },
+   {
+    "name": "iops-size",
+    "type": "int",
+    "default": null
+   }
+  ],
+  "name": "183",
+  "meta-type": "object"
  },
  {
   "json-type": "number",
@@ -5123,17 +5425,17 @@ export const introspection: readonly unknown[] = [
   "values": [
    "qcow2"
   ],
-  "name": "181",
+  "name": "184",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "201"
+    "type": "204"
    }
   ],
-  "name": "182",
+  "name": "185",
   "meta-type": "object"
  },
  {
@@ -5333,7 +5635,7 @@ export const introspection: readonly unknown[] = [
    "cluster_alloc_space",
    "none"
   ],
-  "name": "183",
+  "name": "186",
   "meta-type": "enum"
  },
  {
@@ -5365,7 +5667,7 @@ export const introspection: readonly unknown[] = [
    "flush",
    "block-status"
   ],
-  "name": "184",
+  "name": "187",
   "meta-type": "enum"
  },
  {
@@ -5377,7 +5679,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "template",
-    "type": "186",
+    "type": "189",
     "default": null
    },
    {
@@ -5426,7 +5728,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "185",
+  "name": "188",
   "meta-type": "object"
  },
  {
@@ -5450,7 +5752,7 @@ export const introspection: readonly unknown[] = [
    "cached",
    "all"
   ],
-  "name": "186",
+  "name": "189",
   "meta-type": "enum"
  },
  {
@@ -5474,7 +5776,7 @@ export const introspection: readonly unknown[] = [
    "falloc",
    "full"
   ],
-  "name": "187",
+  "name": "190",
   "meta-type": "enum"
  },
  {
@@ -5490,7 +5792,7 @@ export const introspection: readonly unknown[] = [
    "v2",
    "v3"
   ],
-  "name": "188",
+  "name": "191",
   "meta-type": "enum"
  },
  {
@@ -5506,12 +5808,12 @@ export const introspection: readonly unknown[] = [
    "zlib",
    "zstd"
   ],
-  "name": "189",
+  "name": "192",
   "meta-type": "enum"
  },
  {
   "members": [],
-  "name": "190",
+  "name": "193",
   "meta-type": "object"
  },
  {
@@ -5555,7 +5857,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "191",
+  "name": "194",
   "meta-type": "object"
  },
  {
@@ -5575,7 +5877,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "192",
+  "name": "195",
   "meta-type": "object"
  },
  {
@@ -5589,7 +5891,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "193",
+  "name": "196",
   "meta-type": "object"
  },
  {
@@ -5599,7 +5901,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "194",
+  "name": "197",
   "meta-type": "object"
  },
  {
@@ -5629,7 +5931,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "195",
+  "name": "198",
   "meta-type": "object"
  },
  {
@@ -5649,7 +5951,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "196",
+  "name": "199",
   "meta-type": "object"
  },
  {
@@ -5666,7 +5968,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "addr",
-    "type": "114"
+    "type": "115"
    },
    {
     "name": "tls-creds",
@@ -5714,7 +6016,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "197",
+  "name": "200",
   "meta-type": "object"
  },
  {
@@ -5730,7 +6032,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "198",
+  "name": "201",
   "meta-type": "object"
  },
  {
@@ -5751,7 +6053,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "199",
+  "name": "202",
   "meta-type": "object"
  },
  {
@@ -5772,7 +6074,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "200",
+  "name": "203",
   "meta-type": "object"
  },
  {
@@ -5812,20 +6114,20 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmaps",
-    "type": "[202]",
+    "type": "[205]",
     "default": null
    },
    {
     "name": "compression-type",
-    "type": "189"
+    "type": "192"
    }
   ],
-  "name": "201",
+  "name": "204",
   "meta-type": "object"
  },
  {
-  "element-type": "202",
-  "name": "[202]",
+  "element-type": "205",
+  "name": "[205]",
   "meta-type": "array"
  },
  {
@@ -5840,15 +6142,15 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "flags",
-    "type": "[203]"
+    "type": "[206]"
    }
   ],
-  "name": "202",
+  "name": "205",
   "meta-type": "object"
  },
  {
-  "element-type": "203",
-  "name": "[203]",
+  "element-type": "206",
+  "name": "[206]",
   "meta-type": "array"
  },
  {
@@ -5864,7 +6166,7 @@ export const introspection: readonly unknown[] = [
    "in-use",
    "auto"
   ],
-  "name": "203",
+  "name": "206",
   "meta-type": "enum"
  }
 ];

@@ -1425,7 +1425,8 @@ export const schemaData: GenSchema = {
     "null-aio",
     "null-co",
     "qcow2",
-    "raw"
+    "raw",
+    "throttle"
    ],
    "doc": "Drivers that are supported in block device operations."
   },
@@ -1531,6 +1532,160 @@ export const schemaData: GenSchema = {
     }
    ],
    "doc": "Driver specific block device options for image format that have no option besides their data source."
+  },
+  "ThrottleLimits": {
+   "kind": "struct",
+   "name": "ThrottleLimits",
+   "members": [
+    {
+     "name": "iops-total",
+     "type": "int",
+     "optional": true,
+     "doc": "limit total I/O operations per second"
+    },
+    {
+     "name": "iops-total-max",
+     "type": "int",
+     "optional": true,
+     "doc": "I/O operations burst value for total"
+    },
+    {
+     "name": "iops-total-max-length",
+     "type": "int",
+     "optional": true,
+     "doc": "length of the iops-total-max burst period, in seconds. It must only be set if iops-total-max is set as well."
+    },
+    {
+     "name": "iops-read",
+     "type": "int",
+     "optional": true,
+     "doc": "limit read I/O operations per second"
+    },
+    {
+     "name": "iops-read-max",
+     "type": "int",
+     "optional": true,
+     "doc": "I/O operations burst value for read"
+    },
+    {
+     "name": "iops-read-max-length",
+     "type": "int",
+     "optional": true,
+     "doc": "length of the iops-read-max burst period, in seconds. It must only be set if iops-read-max is set as well."
+    },
+    {
+     "name": "iops-write",
+     "type": "int",
+     "optional": true,
+     "doc": "limit write I/O operations per second"
+    },
+    {
+     "name": "iops-write-max",
+     "type": "int",
+     "optional": true,
+     "doc": "I/O operations burst value for write"
+    },
+    {
+     "name": "iops-write-max-length",
+     "type": "int",
+     "optional": true,
+     "doc": "length of the iops-write-max burst period, in seconds. It must only be set if iops-write-max is set as well."
+    },
+    {
+     "name": "bps-total",
+     "type": "int",
+     "optional": true,
+     "doc": "limit total bytes per second"
+    },
+    {
+     "name": "bps-total-max",
+     "type": "int",
+     "optional": true,
+     "doc": "bytes burst value for total"
+    },
+    {
+     "name": "bps-total-max-length",
+     "type": "int",
+     "optional": true,
+     "doc": "length of the bps-total-max burst period, in seconds. It must only be set if bps-total-max is set as well."
+    },
+    {
+     "name": "bps-read",
+     "type": "int",
+     "optional": true,
+     "doc": "limit read bytes per second"
+    },
+    {
+     "name": "bps-read-max",
+     "type": "int",
+     "optional": true,
+     "doc": "bytes burst value for read"
+    },
+    {
+     "name": "bps-read-max-length",
+     "type": "int",
+     "optional": true,
+     "doc": "length of the bps-read-max burst period, in seconds. It must only be set if bps-read-max is set as well."
+    },
+    {
+     "name": "bps-write",
+     "type": "int",
+     "optional": true,
+     "doc": "limit write bytes per second"
+    },
+    {
+     "name": "bps-write-max",
+     "type": "int",
+     "optional": true,
+     "doc": "bytes burst value for write"
+    },
+    {
+     "name": "bps-write-max-length",
+     "type": "int",
+     "optional": true,
+     "doc": "length of the bps-write-max burst period, in seconds. It must only be set if bps-write-max is set as well."
+    },
+    {
+     "name": "iops-size",
+     "type": "int",
+     "optional": true,
+     "doc": "when limiting by iops max size of an I/O in bytes"
+    }
+   ],
+   "doc": "Limit parameters for throttling. Since some limit combinations are illegal, limits should always be set in one transaction. All fields are optional. When setting limits, if a field is missing the current value is not changed."
+  },
+  "BlockdevOptionsThrottle": {
+   "kind": "struct",
+   "name": "BlockdevOptionsThrottle",
+   "members": [
+    {
+     "name": "throttle-group",
+     "type": "str",
+     "optional": false,
+     "doc": "the name of the throttle-group object to use. It must already exist."
+    },
+    {
+     "name": "file",
+     "type": "BlockdevRef",
+     "optional": false,
+     "doc": "reference to or definition of the data source block device"
+    }
+   ],
+   "doc": "Driver specific block device options for the throttle driver."
+  },
+  "BlockdevOptionsCor": {
+   "kind": "struct",
+   "name": "BlockdevOptionsCor",
+   "members": [
+    {
+     "name": "bottom",
+     "type": "str",
+     "optional": true,
+     "doc": "The name of a non-filter node (allocation-bearing layer) that limits the COR operations in the backing chain (inclusive), so that no data below this node will be copied by this filter. If option is absent, the limit is not applied, so that data from all backing layers may be copied."
+    }
+   ],
+   "doc": "Driver specific block device options for the copy-on-read driver.",
+   "base": "BlockdevOptionsGenericFormat"
   },
   "BlockdevOptionsRaw": {
    "kind": "struct",
@@ -2140,7 +2295,8 @@ export const schemaData: GenSchema = {
     "null-aio": "BlockdevOptionsNull",
     "null-co": "BlockdevOptionsNull",
     "qcow2": "BlockdevOptionsQcow2",
-    "raw": "BlockdevOptionsRaw"
+    "raw": "BlockdevOptionsRaw",
+    "throttle": "BlockdevOptionsThrottle"
    }
   },
   "BlockdevRef": {
@@ -5046,12 +5202,178 @@ export const schemaData: GenSchema = {
    ],
    "base": "SecretCommonProperties"
   },
+  "ThrottleGroupProperties": {
+   "kind": "struct",
+   "name": "ThrottleGroupProperties",
+   "members": [
+    {
+     "name": "limits",
+     "type": "ThrottleLimits",
+     "optional": true,
+     "doc": "limits to apply for this throttle group"
+    },
+    {
+     "name": "x-iops-total",
+     "type": "int",
+     "optional": true,
+     "features": [
+      "unstable"
+     ]
+    },
+    {
+     "name": "x-iops-total-max",
+     "type": "int",
+     "optional": true,
+     "features": [
+      "unstable"
+     ]
+    },
+    {
+     "name": "x-iops-total-max-length",
+     "type": "int",
+     "optional": true,
+     "features": [
+      "unstable"
+     ]
+    },
+    {
+     "name": "x-iops-read",
+     "type": "int",
+     "optional": true,
+     "features": [
+      "unstable"
+     ]
+    },
+    {
+     "name": "x-iops-read-max",
+     "type": "int",
+     "optional": true,
+     "features": [
+      "unstable"
+     ]
+    },
+    {
+     "name": "x-iops-read-max-length",
+     "type": "int",
+     "optional": true,
+     "features": [
+      "unstable"
+     ]
+    },
+    {
+     "name": "x-iops-write",
+     "type": "int",
+     "optional": true,
+     "features": [
+      "unstable"
+     ]
+    },
+    {
+     "name": "x-iops-write-max",
+     "type": "int",
+     "optional": true,
+     "features": [
+      "unstable"
+     ]
+    },
+    {
+     "name": "x-iops-write-max-length",
+     "type": "int",
+     "optional": true,
+     "features": [
+      "unstable"
+     ]
+    },
+    {
+     "name": "x-bps-total",
+     "type": "int",
+     "optional": true,
+     "features": [
+      "unstable"
+     ]
+    },
+    {
+     "name": "x-bps-total-max",
+     "type": "int",
+     "optional": true,
+     "features": [
+      "unstable"
+     ]
+    },
+    {
+     "name": "x-bps-total-max-length",
+     "type": "int",
+     "optional": true,
+     "features": [
+      "unstable"
+     ]
+    },
+    {
+     "name": "x-bps-read",
+     "type": "int",
+     "optional": true,
+     "features": [
+      "unstable"
+     ]
+    },
+    {
+     "name": "x-bps-read-max",
+     "type": "int",
+     "optional": true,
+     "features": [
+      "unstable"
+     ]
+    },
+    {
+     "name": "x-bps-read-max-length",
+     "type": "int",
+     "optional": true,
+     "features": [
+      "unstable"
+     ]
+    },
+    {
+     "name": "x-bps-write",
+     "type": "int",
+     "optional": true,
+     "features": [
+      "unstable"
+     ]
+    },
+    {
+     "name": "x-bps-write-max",
+     "type": "int",
+     "optional": true,
+     "features": [
+      "unstable"
+     ]
+    },
+    {
+     "name": "x-bps-write-max-length",
+     "type": "int",
+     "optional": true,
+     "features": [
+      "unstable"
+     ]
+    },
+    {
+     "name": "x-iops-size",
+     "type": "int",
+     "optional": true,
+     "features": [
+      "unstable"
+     ]
+    }
+   ],
+   "doc": "Properties for throttle-group objects. The x-* properties are unstable aliases of the members of @limits."
+  },
   "ObjectType": {
    "kind": "enum",
    "name": "ObjectType",
    "values": [
     "iothread",
-    "secret"
+    "secret",
+    "throttle-group"
    ],
    "doc": "QOM types object-add can create here."
   },
@@ -5074,7 +5396,8 @@ export const schemaData: GenSchema = {
    "discriminator": "qom-type",
    "variants": {
     "iothread": "IothreadProperties",
-    "secret": "SecretProperties"
+    "secret": "SecretProperties",
+    "throttle-group": "ThrottleGroupProperties"
    }
   },
   "q_obj_object-del-arg": {

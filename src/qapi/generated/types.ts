@@ -231,7 +231,8 @@ export type BlockStatsSpecific =
   | (BlockStatsSpecificBase & { "driver": "null-aio" })
   | (BlockStatsSpecificBase & { "driver": "null-co" })
   | (BlockStatsSpecificBase & { "driver": "qcow2" })
-  | (BlockStatsSpecificBase & { "driver": "raw" });
+  | (BlockStatsSpecificBase & { "driver": "raw" })
+  | (BlockStatsSpecificBase & { "driver": "throttle" });
 
 /** Statistics of a virtual block device or a block backing device. @since 0.14 */
 export interface BlockStats {
@@ -391,7 +392,7 @@ export interface BlockdevCacheOptions {
 }
 
 /** Drivers that are supported in block device operations. @since 2.9 */
-export type BlockdevDriver = "blkdebug" | "file" | "host_device" | "null-aio" | "null-co" | "qcow2" | "raw";
+export type BlockdevDriver = "blkdebug" | "file" | "host_device" | "null-aio" | "null-co" | "qcow2" | "raw" | "throttle";
 
 /** An enumeration of three options: on, off, and auto. @since 2.2 */
 export type OnOffAuto = "auto" | "on" | "off";
@@ -428,6 +429,62 @@ export interface BlockdevOptionsNull {
 export interface BlockdevOptionsGenericFormat {
   /** Reference to or definition of the data source block device. */
   "file": BlockdevRef;
+}
+
+/** Limit parameters for throttling. Since some limit combinations are illegal, limits should always be set in one transaction. All fields are optional. When setting limits, if a field is missing the current value is not changed. @since 2.11 */
+export interface ThrottleLimits {
+  /** limit total I/O operations per second */
+  "iops-total"?: number;
+  /** I/O operations burst value for total */
+  "iops-total-max"?: number;
+  /** length of the iops-total-max burst period, in seconds. It must only be set if iops-total-max is set as well. */
+  "iops-total-max-length"?: number;
+  /** limit read I/O operations per second */
+  "iops-read"?: number;
+  /** I/O operations burst value for read */
+  "iops-read-max"?: number;
+  /** length of the iops-read-max burst period, in seconds. It must only be set if iops-read-max is set as well. */
+  "iops-read-max-length"?: number;
+  /** limit write I/O operations per second */
+  "iops-write"?: number;
+  /** I/O operations burst value for write */
+  "iops-write-max"?: number;
+  /** length of the iops-write-max burst period, in seconds. It must only be set if iops-write-max is set as well. */
+  "iops-write-max-length"?: number;
+  /** limit total bytes per second */
+  "bps-total"?: number;
+  /** bytes burst value for total */
+  "bps-total-max"?: number;
+  /** length of the bps-total-max burst period, in seconds. It must only be set if bps-total-max is set as well. */
+  "bps-total-max-length"?: number;
+  /** limit read bytes per second */
+  "bps-read"?: number;
+  /** bytes burst value for read */
+  "bps-read-max"?: number;
+  /** length of the bps-read-max burst period, in seconds. It must only be set if bps-read-max is set as well. */
+  "bps-read-max-length"?: number;
+  /** limit write bytes per second */
+  "bps-write"?: number;
+  /** bytes burst value for write */
+  "bps-write-max"?: number;
+  /** length of the bps-write-max burst period, in seconds. It must only be set if bps-write-max is set as well. */
+  "bps-write-max-length"?: number;
+  /** when limiting by iops max size of an I/O in bytes */
+  "iops-size"?: number;
+}
+
+/** Driver specific block device options for the throttle driver. @since 2.11 */
+export interface BlockdevOptionsThrottle {
+  /** the name of the throttle-group object to use. It must already exist. */
+  "throttle-group": string;
+  /** reference to or definition of the data source block device */
+  "file": BlockdevRef;
+}
+
+/** Driver specific block device options for the copy-on-read driver. @since 6.0 */
+export interface BlockdevOptionsCor extends BlockdevOptionsGenericFormat {
+  /** The name of a non-filter node (allocation-bearing layer) that limits the COR operations in the backing chain (inclusive), so that no data below this node will be copied by this filter. If option is absent, the limit is not applied, so that data from all backing layers may be copied. */
+  "bottom"?: string;
 }
 
 /** Driver specific block device options for the raw driver. @since 2.9 */
@@ -636,7 +693,8 @@ export type BlockdevOptions =
   | (BlockdevOptionsBase & { "driver": "null-aio" } & BlockdevOptionsNull)
   | (BlockdevOptionsBase & { "driver": "null-co" } & BlockdevOptionsNull)
   | (BlockdevOptionsBase & { "driver": "qcow2" } & BlockdevOptionsQcow2)
-  | (BlockdevOptionsBase & { "driver": "raw" } & BlockdevOptionsRaw);
+  | (BlockdevOptionsBase & { "driver": "raw" } & BlockdevOptionsRaw)
+  | (BlockdevOptionsBase & { "driver": "throttle" } & BlockdevOptionsThrottle);
 
 /** Reference to a block device. @since 2.9 */
 export type BlockdevRef = BlockdevOptions | string;
@@ -715,7 +773,8 @@ export type BlockdevCreateOptions =
   | (BlockdevCreateOptionsBase & { "driver": "null-aio" })
   | (BlockdevCreateOptionsBase & { "driver": "null-co" })
   | (BlockdevCreateOptionsBase & { "driver": "qcow2" } & BlockdevCreateOptionsQcow2)
-  | (BlockdevCreateOptionsBase & { "driver": "raw" });
+  | (BlockdevCreateOptionsBase & { "driver": "raw" })
+  | (BlockdevCreateOptionsBase & { "driver": "throttle" });
 
 export interface QObj_blockdev_create_arg {
   /** Identifier for the newly created job. */
@@ -1715,8 +1774,52 @@ export interface SecretProperties extends SecretCommonProperties {
   "file"?: string;
 }
 
+/** Properties for throttle-group objects. The x-* properties are unstable aliases of the members of @limits. @since 2.11 */
+export interface ThrottleGroupProperties {
+  /** limits to apply for this throttle group */
+  "limits"?: ThrottleLimits;
+  /** features: unstable */
+  "x-iops-total"?: number;
+  /** features: unstable */
+  "x-iops-total-max"?: number;
+  /** features: unstable */
+  "x-iops-total-max-length"?: number;
+  /** features: unstable */
+  "x-iops-read"?: number;
+  /** features: unstable */
+  "x-iops-read-max"?: number;
+  /** features: unstable */
+  "x-iops-read-max-length"?: number;
+  /** features: unstable */
+  "x-iops-write"?: number;
+  /** features: unstable */
+  "x-iops-write-max"?: number;
+  /** features: unstable */
+  "x-iops-write-max-length"?: number;
+  /** features: unstable */
+  "x-bps-total"?: number;
+  /** features: unstable */
+  "x-bps-total-max"?: number;
+  /** features: unstable */
+  "x-bps-total-max-length"?: number;
+  /** features: unstable */
+  "x-bps-read"?: number;
+  /** features: unstable */
+  "x-bps-read-max"?: number;
+  /** features: unstable */
+  "x-bps-read-max-length"?: number;
+  /** features: unstable */
+  "x-bps-write"?: number;
+  /** features: unstable */
+  "x-bps-write-max"?: number;
+  /** features: unstable */
+  "x-bps-write-max-length"?: number;
+  /** features: unstable */
+  "x-iops-size"?: number;
+}
+
 /** QOM types object-add can create here. @since 6.0 */
-export type ObjectType = "iothread" | "secret";
+export type ObjectType = "iothread" | "secret" | "throttle-group";
 
 /** @since 6.0 */
 export interface ObjectOptionsBase {
@@ -1726,7 +1829,8 @@ export interface ObjectOptionsBase {
 }
 export type ObjectOptions =
   | (ObjectOptionsBase & { "qom-type": "iothread" } & IothreadProperties)
-  | (ObjectOptionsBase & { "qom-type": "secret" } & SecretProperties);
+  | (ObjectOptionsBase & { "qom-type": "secret" } & SecretProperties)
+  | (ObjectOptionsBase & { "qom-type": "throttle-group" } & ThrottleGroupProperties);
 
 export interface QObj_object_del_arg {
   "id": string;

@@ -9,6 +9,7 @@ import { qdictKeyOrder } from '../json.js';
 import type { Daemon } from '../../daemon.js';
 import { userObjects, type UserObject } from '../../objects/user-object.js';
 import { checkSecretProperties, createSecret } from '../../objects/secret.js';
+import { ThrottleGroup } from '../../objects/throttle-group.js';
 
 // ---------------------------------------------------------------------------------------------
 // GLib's GHashTable iteration order. QOM keeps an object's children in a GHashTable keyed by
@@ -160,6 +161,13 @@ const intProps = (names: string[]) => names.map((name) => ({ name, type: 'int' }
 const SECRET_COMMON_PROPERTIES = [TYPE_PROPERTY, { name: 'iv', type: 'string' }, { name: 'keyid', type: 'string' },
   { name: 'loaded', type: 'bool' }, { name: 'format', type: 'QCryptoSecretFormat' }];
 
+/** QEMU's class property table order for throttle-group (a GHashTable, so not declaration order). */
+const THROTTLE_GROUP_PROPERTIES = [TYPE_PROPERTY, ...['x-bps-write-max-length', 'x-iops-total-max-length', 'x-iops-size']
+  .map((name) => ({ name, type: 'int' })), { name: 'limits', type: 'ThrottleLimits' }, ...intProps([
+  'x-bps-total', 'x-iops-read-max-length', 'x-bps-write', 'x-iops-write-max-length', 'x-bps-read-max', 'x-iops-read-max',
+  'x-bps-total-max', 'x-bps-read-max-length', 'x-iops-read', 'x-bps-read', 'x-bps-write-max', 'x-iops-total-max',
+  'x-iops-total', 'x-iops-write', 'x-bps-total-max-length', 'x-iops-write-max'])];
+
 const QOM_TYPES: readonly QomType[] = [
   { name: 'secret_common', parent: 'object', abstract: true, interfaces: ['user-creatable'], properties: SECRET_COMMON_PROPERTIES },
   { name: 'container', parent: 'object', properties: [TYPE_PROPERTY] },
@@ -181,6 +189,7 @@ const QOM_TYPES: readonly QomType[] = [
   { name: 'chardev-file', parent: 'chardev-fd', properties: [TYPE_PROPERTY] },
   { name: 'chardev-memory', parent: 'chardev-ringbuf', properties: [TYPE_PROPERTY] },
   { name: 'object', abstract: true, properties: [TYPE_PROPERTY] },
+  { name: 'throttle-group', parent: 'object', interfaces: ['user-creatable'], properties: THROTTLE_GROUP_PROPERTIES },
 ];
 const typeByName = new Map(QOM_TYPES.map((t) => [t.name, t]));
 
@@ -356,14 +365,23 @@ function setProperty(o: QomObject, property: string, value: unknown, daemon: Dae
   throw genericError(`Property '${typeOf(o)}.${property}' is not writable`);
 }
 
-/** Setting the properties of a non-iothread type, before it joins /objects. */
-function precheckUserObject(type: string, props: Record<string, any>): void {
-  if (type === 'secret') checkSecretProperties(props);
-}
-
-/** The non-iothread types object-add creates (the schema has checked type and properties). */
-function createUserObject(daemon: Daemon, type: string, id: string, props: Record<string, any>): UserObject {
-  if (type === 'secret') return createSecret(daemon, id, props);
+/**
+ * The non-iothread types object-add creates (the schema has checked type and properties): set the
+ * properties in QDict order now, and return the completion step, run once the object is in /objects.
+ */
+function prepareUserObject(daemon: Daemon, type: string, id: string, props: Record<string, any>): () => UserObject {
+  if (type === 'secret') {
+    checkSecretProperties(props);
+    return () => createSecret(daemon, id, props);
+  }
+  if (type === 'throttle-group') {
+    const group = new ThrottleGroup(id);
+    for (const key of qdictKeyOrder(Object.keys(props))) group.initProperty(key, props[key]);
+    return () => {
+      group.complete();
+      return group;
+    };
+  }
   throw genericError(`Parameter 'qom-type' does not accept value '${type}'`);
 }
 
@@ -376,12 +394,12 @@ export function objectAdd(daemon: Daemon, args: Record<string, any>): void {
     throw genericError(`attempt to add duplicate property '${id}' to object (type 'container')`);
   }
   if (type !== 'iothread') {
-    precheckUserObject(type, props);
+    const complete = prepareUserObject(daemon, type, id, props);
     // QEMU adds the child before completing it and deletes it on failure: the table keeps a tombstone.
     objectTable(daemon).insert(id);
     let obj: UserObject;
     try {
-      obj = createUserObject(daemon, type, id, props);
+      obj = complete();
     } catch (err) {
       objectTable(daemon).remove(id);
       throw err;
