@@ -6,8 +6,9 @@ import { rawDriver } from './raw.js';
 import { qcow2Driver } from './qcow2/index.js';
 import { blkdebugDriver } from './blkdebug.js';
 import { throttleDriver } from './throttle.js';
+import { copyOnReadDriver } from './copy-on-read.js';
 
-export const blockDrivers: readonly BlockDriver[] = [blkdebugDriver, fileDriver, hostDeviceDriver, nullCoDriver, nullAioDriver, rawDriver, qcow2Driver, throttleDriver];
+export const blockDrivers: readonly BlockDriver[] = [blkdebugDriver, fileDriver, hostDeviceDriver, nullCoDriver, nullAioDriver, rawDriver, qcow2Driver, throttleDriver, copyOnReadDriver];
 
 export function findBlockDriver(name: string): BlockDriver | undefined {
   return blockDrivers.find((d) => d.name === name);

@@ -1221,32 +1221,36 @@ export const introspection: readonly unknown[] = [
     "type": "99"
    },
    {
-    "case": "file",
+    "case": "copy-on-read",
     "type": "100"
+   },
+   {
+    "case": "file",
+    "type": "101"
    },
    {
     "case": "host_device",
-    "type": "100"
+    "type": "101"
    },
    {
     "case": "null-aio",
-    "type": "101"
-   },
-   {
-    "case": "null-co",
-    "type": "101"
-   },
-   {
-    "case": "qcow2",
     "type": "102"
    },
    {
-    "case": "raw",
+    "case": "null-co",
+    "type": "102"
+   },
+   {
+    "case": "qcow2",
     "type": "103"
    },
    {
-    "case": "throttle",
+    "case": "raw",
     "type": "104"
+   },
+   {
+    "case": "throttle",
+    "type": "105"
    }
   ],
   "name": "24",
@@ -1280,7 +1284,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "options",
-    "type": "105"
+    "type": "106"
    }
   ],
   "name": "27",
@@ -1341,7 +1345,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmaps",
-    "type": "[106]"
+    "type": "[107]"
    }
   ],
   "name": "30",
@@ -1417,7 +1421,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "mode",
-    "type": "107",
+    "type": "108",
     "default": null
    }
   ],
@@ -1487,7 +1491,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "on-error",
-    "type": "108",
+    "type": "109",
     "default": null
    },
    {
@@ -1547,7 +1551,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "on-error",
-    "type": "108",
+    "type": "109",
     "default": null
    },
    {
@@ -1582,7 +1586,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "sync",
-    "type": "109"
+    "type": "110"
    },
    {
     "name": "speed",
@@ -1596,7 +1600,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmap-mode",
-    "type": "110",
+    "type": "111",
     "default": null
    },
    {
@@ -1606,12 +1610,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "on-source-error",
-    "type": "108",
+    "type": "109",
     "default": null
    },
    {
     "name": "on-target-error",
-    "type": "108",
+    "type": "109",
     "default": null
    },
    {
@@ -1631,7 +1635,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "x-perf",
-    "type": "111",
+    "type": "112",
     "default": null,
     "features": [
      "unstable"
@@ -1648,7 +1652,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "mode",
-    "type": "107",
+    "type": "108",
     "default": null
    }
   ],
@@ -1668,7 +1672,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "sync",
-    "type": "109"
+    "type": "110"
    },
    {
     "name": "speed",
@@ -1682,7 +1686,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmap-mode",
-    "type": "110",
+    "type": "111",
     "default": null
    },
    {
@@ -1692,12 +1696,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "on-source-error",
-    "type": "108",
+    "type": "109",
     "default": null
    },
    {
     "name": "on-target-error",
-    "type": "108",
+    "type": "109",
     "default": null
    },
    {
@@ -1717,7 +1721,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "x-perf",
-    "type": "111",
+    "type": "112",
     "default": null,
     "features": [
      "unstable"
@@ -1763,11 +1767,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "sync",
-    "type": "109"
+    "type": "110"
    },
    {
     "name": "mode",
-    "type": "107",
+    "type": "108",
     "default": null
    },
    {
@@ -1787,12 +1791,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "on-source-error",
-    "type": "108",
+    "type": "109",
     "default": null
    },
    {
     "name": "on-target-error",
-    "type": "108",
+    "type": "109",
     "default": null
    },
    {
@@ -1802,7 +1806,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "copy-mode",
-    "type": "112",
+    "type": "113",
     "default": null
    },
    {
@@ -1841,7 +1845,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "sync",
-    "type": "109"
+    "type": "110"
    },
    {
     "name": "speed",
@@ -1860,12 +1864,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "on-source-error",
-    "type": "108",
+    "type": "109",
     "default": null
    },
    {
     "name": "on-target-error",
-    "type": "108",
+    "type": "109",
     "default": null
    },
    {
@@ -1875,7 +1879,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "copy-mode",
-    "type": "112",
+    "type": "113",
     "default": null
    },
    {
@@ -1896,11 +1900,11 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "actions",
-    "type": "[113]"
+    "type": "[114]"
    },
    {
     "name": "properties",
-    "type": "114",
+    "type": "115",
     "default": null
    }
   ],
@@ -2041,7 +2045,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "addr",
-    "type": "115"
+    "type": "116"
    }
   ],
   "name": "51",
@@ -2085,7 +2089,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "mode",
-    "type": "116",
+    "type": "117",
     "default": null
    }
   ],
@@ -2096,7 +2100,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "type",
-    "type": "117"
+    "type": "118"
    },
    {
     "name": "id",
@@ -2109,7 +2113,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "iothread",
-    "type": "118",
+    "type": "119",
     "default": null
    },
    {
@@ -2136,11 +2140,11 @@ export const introspection: readonly unknown[] = [
   "variants": [
    {
     "case": "nbd",
-    "type": "119"
+    "type": "120"
    },
    {
     "case": "fuse",
-    "type": "120"
+    "type": "121"
    }
   ],
   "name": "54",
@@ -2154,7 +2158,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "mode",
-    "type": "116",
+    "type": "117",
     "default": null
    }
   ],
@@ -2184,7 +2188,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "type",
-    "type": "117"
+    "type": "118"
    },
    {
     "name": "node-name",
@@ -2248,7 +2252,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "format",
-    "type": "121",
+    "type": "122",
     "default": null
    }
   ],
@@ -2267,7 +2271,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "format",
-    "type": "121",
+    "type": "122",
     "default": null
    }
   ],
@@ -2287,7 +2291,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "backend",
-    "type": "122"
+    "type": "123"
    }
   ],
   "name": "62",
@@ -2312,7 +2316,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "backend",
-    "type": "122"
+    "type": "123"
    }
   ],
   "name": "64",
@@ -2342,7 +2346,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "enable",
-    "type": "[123]",
+    "type": "[124]",
     "default": null
    }
   ],
@@ -2353,7 +2357,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "qemu",
-    "type": "124"
+    "type": "125"
    },
    {
     "name": "package",
@@ -2391,7 +2395,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "meta-type",
-    "type": "125"
+    "type": "126"
    },
    {
     "name": "features",
@@ -2403,31 +2407,31 @@ export const introspection: readonly unknown[] = [
   "variants": [
    {
     "case": "builtin",
-    "type": "126"
-   },
-   {
-    "case": "enum",
     "type": "127"
    },
    {
-    "case": "array",
+    "case": "enum",
     "type": "128"
    },
    {
-    "case": "object",
+    "case": "array",
     "type": "129"
    },
    {
-    "case": "alternate",
+    "case": "object",
     "type": "130"
    },
    {
-    "case": "command",
+    "case": "alternate",
     "type": "131"
    },
    {
-    "case": "event",
+    "case": "command",
     "type": "132"
+   },
+   {
+    "case": "event",
+    "type": "133"
    }
   ],
   "name": "70",
@@ -2491,7 +2495,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "properties",
-    "type": "[133]"
+    "type": "[134]"
    }
   ],
   "name": "74",
@@ -2589,7 +2593,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "qom-type",
-    "type": "134"
+    "type": "135"
    },
    {
     "name": "id",
@@ -2600,15 +2604,15 @@ export const introspection: readonly unknown[] = [
   "variants": [
    {
     "case": "iothread",
-    "type": "135"
-   },
-   {
-    "case": "secret",
     "type": "136"
    },
    {
-    "case": "throttle-group",
+    "case": "secret",
     "type": "137"
+   },
+   {
+    "case": "throttle-group",
+    "type": "138"
    }
   ],
   "name": "80",
@@ -2758,21 +2762,21 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "timed_stats",
-    "type": "[138]"
+    "type": "[139]"
    },
    {
     "name": "rd_latency_histogram",
-    "type": "139",
+    "type": "140",
     "default": null
    },
    {
     "name": "wr_latency_histogram",
-    "type": "139",
+    "type": "140",
     "default": null
    },
    {
     "name": "flush_latency_histogram",
-    "type": "139",
+    "type": "140",
     "default": null
    }
   ],
@@ -2793,12 +2797,16 @@ export const introspection: readonly unknown[] = [
     "type": "0"
    },
    {
+    "case": "copy-on-read",
+    "type": "0"
+   },
+   {
     "case": "file",
-    "type": "140"
+    "type": "141"
    },
    {
     "case": "host_device",
-    "type": "140"
+    "type": "141"
    },
    {
     "case": "null-aio",
@@ -2957,7 +2965,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "snapshots",
-    "type": "[141]",
+    "type": "[142]",
     "default": null
    },
    {
@@ -2967,7 +2975,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "format-specific",
-    "type": "142",
+    "type": "143",
     "default": null
    }
   ],
@@ -3046,7 +3054,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "type",
-    "type": "143"
+    "type": "144"
    },
    {
     "name": "name",
@@ -3077,11 +3085,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "perm",
-    "type": "[144]"
+    "type": "[145]"
    },
    {
     "name": "shared-perm",
-    "type": "[144]"
+    "type": "[145]"
    }
   ],
   "name": "91",
@@ -3171,7 +3179,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "copy-mode",
-    "type": "112"
+    "type": "113"
    }
   ],
   "name": "95",
@@ -3181,6 +3189,9 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "blkdebug"
+   },
+   {
+    "name": "copy-on-read"
    },
    {
     "name": "file"
@@ -3206,6 +3217,7 @@ export const introspection: readonly unknown[] = [
   ],
   "values": [
    "blkdebug",
+   "copy-on-read",
    "file",
    "host_device",
    "null-aio",
@@ -3253,7 +3265,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "image",
-    "type": "145"
+    "type": "146"
    },
    {
     "name": "config",
@@ -3292,26 +3304,41 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "inject-error",
-    "type": "[146]",
-    "default": null
-   },
-   {
-    "name": "set-state",
     "type": "[147]",
     "default": null
    },
    {
+    "name": "set-state",
+    "type": "[148]",
+    "default": null
+   },
+   {
     "name": "take-child-perms",
-    "type": "[144]",
+    "type": "[145]",
     "default": null
    },
    {
     "name": "unshare-child-perms",
-    "type": "[144]",
+    "type": "[145]",
     "default": null
    }
   ],
   "name": "99",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "file",
+    "type": "146"
+   },
+   {
+    "name": "bottom",
+    "type": "str",
+    "default": null
+   }
+  ],
+  "name": "100",
   "meta-type": "object"
  },
  {
@@ -3327,12 +3354,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "locking",
-    "type": "148",
+    "type": "149",
     "default": null
    },
    {
     "name": "aio",
-    "type": "149",
+    "type": "150",
     "default": null
    },
    {
@@ -3354,7 +3381,7 @@ export const introspection: readonly unknown[] = [
     ]
    }
   ],
-  "name": "100",
+  "name": "101",
   "meta-type": "object",
   "features": [
    "dynamic-auto-read-only"
@@ -3378,18 +3405,18 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "101",
+  "name": "102",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "file",
-    "type": "145"
+    "type": "146"
    },
    {
     "name": "backing",
-    "type": "150",
+    "type": "151",
     "default": null
    },
    {
@@ -3419,7 +3446,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "overlap-check",
-    "type": "151",
+    "type": "152",
     "default": null
    },
    {
@@ -3449,18 +3476,18 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "data-file",
-    "type": "145",
+    "type": "146",
     "default": null
    }
   ],
-  "name": "102",
+  "name": "103",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "file",
-    "type": "145"
+    "type": "146"
    },
    {
     "name": "offset",
@@ -3473,7 +3500,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "103",
+  "name": "104",
   "meta-type": "object"
  },
  {
@@ -3484,10 +3511,10 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "file",
-    "type": "145"
+    "type": "146"
    }
   ],
-  "name": "104",
+  "name": "105",
   "meta-type": "object"
  },
  {
@@ -3509,8 +3536,12 @@ export const introspection: readonly unknown[] = [
     "type": "0"
    },
    {
+    "case": "copy-on-read",
+    "type": "0"
+   },
+   {
     "case": "file",
-    "type": "152"
+    "type": "153"
    },
    {
     "case": "host_device",
@@ -3526,7 +3557,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "qcow2",
-    "type": "153"
+    "type": "154"
    },
    {
     "case": "raw",
@@ -3537,12 +3568,12 @@ export const introspection: readonly unknown[] = [
     "type": "0"
    }
   ],
-  "name": "105",
+  "name": "106",
   "meta-type": "object"
  },
  {
-  "element-type": "106",
-  "name": "[106]",
+  "element-type": "107",
+  "name": "[107]",
   "meta-type": "array"
  },
  {
@@ -3554,7 +3585,7 @@ export const introspection: readonly unknown[] = [
     "type": "29"
    }
   ],
-  "name": "106",
+  "name": "107",
   "meta-type": "alternate"
  },
  {
@@ -3570,7 +3601,7 @@ export const introspection: readonly unknown[] = [
    "existing",
    "absolute-paths"
   ],
-  "name": "107",
+  "name": "108",
   "meta-type": "enum"
  },
  {
@@ -3598,7 +3629,7 @@ export const introspection: readonly unknown[] = [
    "stop",
    "auto"
   ],
-  "name": "108",
+  "name": "109",
   "meta-type": "enum"
  },
  {
@@ -3626,7 +3657,7 @@ export const introspection: readonly unknown[] = [
    "incremental",
    "bitmap"
   ],
-  "name": "109",
+  "name": "110",
   "meta-type": "enum"
  },
  {
@@ -3646,7 +3677,7 @@ export const introspection: readonly unknown[] = [
    "never",
    "always"
   ],
-  "name": "110",
+  "name": "111",
   "meta-type": "enum"
  },
  {
@@ -3667,7 +3698,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "111",
+  "name": "112",
   "meta-type": "object"
  },
  {
@@ -3683,77 +3714,66 @@ export const introspection: readonly unknown[] = [
    "background",
    "write-blocking"
   ],
-  "name": "112",
+  "name": "113",
   "meta-type": "enum"
  },
  {
-  "element-type": "113",
-  "name": "[113]",
+  "element-type": "114",
+  "name": "[114]",
   "meta-type": "array"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "154"
+    "type": "155"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "abort",
-    "type": "155"
-   },
-   {
-    "case": "block-dirty-bitmap-add",
     "type": "156"
    },
    {
+    "case": "block-dirty-bitmap-add",
+    "type": "157"
+   },
+   {
     "case": "block-dirty-bitmap-remove",
-    "type": "157"
-   },
-   {
-    "case": "block-dirty-bitmap-clear",
-    "type": "157"
-   },
-   {
-    "case": "block-dirty-bitmap-enable",
-    "type": "157"
-   },
-   {
-    "case": "block-dirty-bitmap-disable",
-    "type": "157"
-   },
-   {
-    "case": "block-dirty-bitmap-merge",
     "type": "158"
    },
    {
-    "case": "blockdev-backup",
+    "case": "block-dirty-bitmap-clear",
+    "type": "158"
+   },
+   {
+    "case": "block-dirty-bitmap-enable",
+    "type": "158"
+   },
+   {
+    "case": "block-dirty-bitmap-disable",
+    "type": "158"
+   },
+   {
+    "case": "block-dirty-bitmap-merge",
     "type": "159"
    },
    {
-    "case": "blockdev-snapshot",
+    "case": "blockdev-backup",
     "type": "160"
    },
    {
-    "case": "blockdev-snapshot-sync",
+    "case": "blockdev-snapshot",
     "type": "161"
    },
    {
-    "case": "drive-backup",
+    "case": "blockdev-snapshot-sync",
     "type": "162"
-   }
-  ],
-  "name": "113",
-  "meta-type": "object"
- },
- {
-  "members": [
+   },
    {
-    "name": "completion-mode",
-    "type": "163",
-    "default": null
+    "case": "drive-backup",
+    "type": "163"
    }
   ],
   "name": "114",
@@ -3762,30 +3782,41 @@ export const introspection: readonly unknown[] = [
  {
   "members": [
    {
+    "name": "completion-mode",
+    "type": "164",
+    "default": null
+   }
+  ],
+  "name": "115",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
     "name": "type",
-    "type": "164"
+    "type": "165"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "inet",
-    "type": "165"
-   },
-   {
-    "case": "unix",
     "type": "166"
    },
    {
-    "case": "vsock",
+    "case": "unix",
     "type": "167"
    },
    {
-    "case": "fd",
+    "case": "vsock",
     "type": "168"
+   },
+   {
+    "case": "fd",
+    "type": "169"
    }
   ],
-  "name": "115",
+  "name": "116",
   "meta-type": "object"
  },
  {
@@ -3801,7 +3832,7 @@ export const introspection: readonly unknown[] = [
    "safe",
    "hard"
   ],
-  "name": "116",
+  "name": "117",
   "meta-type": "enum"
  },
  {
@@ -3817,7 +3848,7 @@ export const introspection: readonly unknown[] = [
    "nbd",
    "fuse"
   ],
-  "name": "117",
+  "name": "118",
   "meta-type": "enum"
  },
  {
@@ -3829,7 +3860,7 @@ export const introspection: readonly unknown[] = [
     "type": "[str]"
    }
   ],
-  "name": "118",
+  "name": "119",
   "meta-type": "alternate"
  },
  {
@@ -3846,7 +3877,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmaps",
-    "type": "[106]",
+    "type": "[107]",
     "default": null
    },
    {
@@ -3855,7 +3886,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "119",
+  "name": "120",
   "meta-type": "object"
  },
  {
@@ -3871,7 +3902,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "allow-other",
-    "type": "169",
+    "type": "170",
     "default": null
    },
    {
@@ -3880,7 +3911,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "120",
+  "name": "121",
   "meta-type": "object"
  },
  {
@@ -3896,53 +3927,53 @@ export const introspection: readonly unknown[] = [
    "utf8",
    "base64"
   ],
-  "name": "121",
+  "name": "122",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "170"
+    "type": "171"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "file",
-    "type": "171"
-   },
-   {
-    "case": "pipe",
     "type": "172"
    },
    {
-    "case": "socket",
+    "case": "pipe",
     "type": "173"
    },
    {
-    "case": "null",
+    "case": "socket",
     "type": "174"
    },
    {
-    "case": "stdio",
+    "case": "null",
     "type": "175"
    },
    {
-    "case": "ringbuf",
+    "case": "stdio",
     "type": "176"
    },
    {
+    "case": "ringbuf",
+    "type": "177"
+   },
+   {
     "case": "memory",
-    "type": "176"
+    "type": "177"
    }
   ],
-  "name": "122",
+  "name": "123",
   "meta-type": "object"
  },
  {
-  "element-type": "123",
-  "name": "[123]",
+  "element-type": "124",
+  "name": "[124]",
   "meta-type": "array"
  },
  {
@@ -3954,7 +3985,7 @@ export const introspection: readonly unknown[] = [
   "values": [
    "oob"
   ],
-  "name": "123",
+  "name": "124",
   "meta-type": "enum"
  },
  {
@@ -3972,7 +4003,7 @@ export const introspection: readonly unknown[] = [
     "type": "int"
    }
   ],
-  "name": "124",
+  "name": "125",
   "meta-type": "object"
  },
  {
@@ -4008,7 +4039,7 @@ export const introspection: readonly unknown[] = [
    "command",
    "event"
   ],
-  "name": "125",
+  "name": "126",
   "meta-type": "enum"
  },
  {
@@ -4020,37 +4051,10 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "json-type",
-    "type": "177"
-   }
-  ],
-  "name": "126",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "members",
-    "type": "[178]"
-   },
-   {
-    "name": "values",
-    "type": "[str]",
-    "features": [
-     "deprecated"
-    ]
+    "type": "178"
    }
   ],
   "name": "127",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "element-type",
-    "type": "str"
-   }
-  ],
-  "name": "128",
   "meta-type": "object"
  },
  {
@@ -4060,14 +4064,21 @@ export const introspection: readonly unknown[] = [
     "type": "[179]"
    },
    {
-    "name": "tag",
-    "type": "str",
-    "default": null
-   },
+    "name": "values",
+    "type": "[str]",
+    "features": [
+     "deprecated"
+    ]
+   }
+  ],
+  "name": "128",
+  "meta-type": "object"
+ },
+ {
+  "members": [
    {
-    "name": "variants",
-    "type": "[180]",
-    "default": null
+    "name": "element-type",
+    "type": "str"
    }
   ],
   "name": "129",
@@ -4077,10 +4088,30 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "members",
-    "type": "[181]"
+    "type": "[180]"
+   },
+   {
+    "name": "tag",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "variants",
+    "type": "[181]",
+    "default": null
    }
   ],
   "name": "130",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "members",
+    "type": "[182]"
+   }
+  ],
+  "name": "131",
   "meta-type": "object"
  },
  {
@@ -4099,7 +4130,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "131",
+  "name": "132",
   "meta-type": "object"
  },
  {
@@ -4109,12 +4140,12 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "132",
+  "name": "133",
   "meta-type": "object"
  },
  {
-  "element-type": "133",
-  "name": "[133]",
+  "element-type": "134",
+  "name": "[134]",
   "meta-type": "array"
  },
  {
@@ -4133,7 +4164,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "133",
+  "name": "134",
   "meta-type": "object"
  },
  {
@@ -4153,7 +4184,7 @@ export const introspection: readonly unknown[] = [
    "secret",
    "throttle-group"
   ],
-  "name": "134",
+  "name": "135",
   "meta-type": "enum"
  },
  {
@@ -4189,7 +4220,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "135",
+  "name": "136",
   "meta-type": "object"
  },
  {
@@ -4201,7 +4232,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "format",
-    "type": "182",
+    "type": "183",
     "default": null
    },
    {
@@ -4225,14 +4256,14 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "136",
+  "name": "137",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "limits",
-    "type": "183",
+    "type": "184",
     "default": null
    },
    {
@@ -4388,12 +4419,12 @@ export const introspection: readonly unknown[] = [
     ]
    }
   ],
-  "name": "137",
+  "name": "138",
   "meta-type": "object"
  },
  {
-  "element-type": "138",
-  "name": "[138]",
+  "element-type": "139",
+  "name": "[139]",
   "meta-type": "array"
  },
  {
@@ -4447,7 +4478,7 @@ export const introspection: readonly unknown[] = [
     "type": "number"
    }
   ],
-  "name": "138",
+  "name": "139",
   "meta-type": "object"
  },
  {
@@ -4461,7 +4492,7 @@ export const introspection: readonly unknown[] = [
     "type": "[int]"
    }
   ],
-  "name": "139",
+  "name": "140",
   "meta-type": "object"
  },
  {
@@ -4479,12 +4510,12 @@ export const introspection: readonly unknown[] = [
     "type": "int"
    }
   ],
-  "name": "140",
+  "name": "141",
   "meta-type": "object"
  },
  {
-  "element-type": "141",
-  "name": "[141]",
+  "element-type": "142",
+  "name": "[142]",
   "meta-type": "array"
  },
  {
@@ -4523,24 +4554,24 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "141",
+  "name": "142",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "184"
+    "type": "185"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "qcow2",
-    "type": "185"
+    "type": "186"
    }
   ],
-  "name": "142",
+  "name": "143",
   "meta-type": "object"
  },
  {
@@ -4560,12 +4591,12 @@ export const introspection: readonly unknown[] = [
    "block-job",
    "block-driver"
   ],
-  "name": "143",
+  "name": "144",
   "meta-type": "enum"
  },
  {
-  "element-type": "144",
-  "name": "[144]",
+  "element-type": "145",
+  "name": "[145]",
   "meta-type": "array"
  },
  {
@@ -4589,7 +4620,7 @@ export const introspection: readonly unknown[] = [
    "write-unchanged",
    "resize"
   ],
-  "name": "144",
+  "name": "145",
   "meta-type": "enum"
  },
  {
@@ -4601,19 +4632,19 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "145",
+  "name": "146",
   "meta-type": "alternate"
  },
  {
-  "element-type": "146",
-  "name": "[146]",
+  "element-type": "147",
+  "name": "[147]",
   "meta-type": "array"
  },
  {
   "members": [
    {
     "name": "event",
-    "type": "186"
+    "type": "187"
    },
    {
     "name": "state",
@@ -4622,7 +4653,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "iotype",
-    "type": "187",
+    "type": "188",
     "default": null
    },
    {
@@ -4646,19 +4677,19 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "146",
+  "name": "147",
   "meta-type": "object"
  },
  {
-  "element-type": "147",
-  "name": "[147]",
+  "element-type": "148",
+  "name": "[148]",
   "meta-type": "array"
  },
  {
   "members": [
    {
     "name": "event",
-    "type": "186"
+    "type": "187"
    },
    {
     "name": "state",
@@ -4670,7 +4701,7 @@ export const introspection: readonly unknown[] = [
     "type": "int"
    }
   ],
-  "name": "147",
+  "name": "148",
   "meta-type": "object"
  },
  {
@@ -4690,7 +4721,7 @@ export const introspection: readonly unknown[] = [
    "on",
    "off"
   ],
-  "name": "148",
+  "name": "149",
   "meta-type": "enum"
  },
  {
@@ -4710,7 +4741,7 @@ export const introspection: readonly unknown[] = [
    "native",
    "io_uring"
   ],
-  "name": "149",
+  "name": "150",
   "meta-type": "enum"
  },
  {
@@ -4725,19 +4756,19 @@ export const introspection: readonly unknown[] = [
     "type": "null"
    }
   ],
-  "name": "150",
+  "name": "151",
   "meta-type": "alternate"
  },
  {
   "members": [
    {
-    "type": "188"
+    "type": "189"
    },
    {
-    "type": "189"
+    "type": "190"
    }
   ],
-  "name": "151",
+  "name": "152",
   "meta-type": "alternate"
  },
  {
@@ -4752,7 +4783,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "preallocation",
-    "type": "190",
+    "type": "191",
     "default": null
    },
    {
@@ -4766,18 +4797,18 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "152",
+  "name": "153",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "file",
-    "type": "145"
+    "type": "146"
    },
    {
     "name": "data-file",
-    "type": "145",
+    "type": "146",
     "default": null
    },
    {
@@ -4796,7 +4827,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "version",
-    "type": "191",
+    "type": "192",
     "default": null
    },
    {
@@ -4816,7 +4847,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "preallocation",
-    "type": "190",
+    "type": "191",
     "default": null
    },
    {
@@ -4831,11 +4862,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "compression-type",
-    "type": "192",
+    "type": "193",
     "default": null
    }
   ],
-  "name": "153",
+  "name": "154",
   "meta-type": "object"
  },
  {
@@ -4887,24 +4918,14 @@ export const introspection: readonly unknown[] = [
    "blockdev-snapshot-sync",
    "drive-backup"
   ],
-  "name": "154",
+  "name": "155",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "193"
-   }
-  ],
-  "name": "155",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "28"
+    "type": "194"
    }
   ],
   "name": "156",
@@ -4914,7 +4935,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "29"
+    "type": "28"
    }
   ],
   "name": "157",
@@ -4924,7 +4945,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "30"
+    "type": "29"
    }
   ],
   "name": "158",
@@ -4934,7 +4955,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "39"
+    "type": "30"
    }
   ],
   "name": "159",
@@ -4944,7 +4965,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "35"
+    "type": "39"
    }
   ],
   "name": "160",
@@ -4954,7 +4975,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "34"
+    "type": "35"
    }
   ],
   "name": "161",
@@ -4964,10 +4985,20 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "38"
+    "type": "34"
    }
   ],
   "name": "162",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "38"
+   }
+  ],
+  "name": "163",
   "meta-type": "object"
  },
  {
@@ -4983,7 +5014,7 @@ export const introspection: readonly unknown[] = [
    "individual",
    "grouped"
   ],
-  "name": "163",
+  "name": "164",
   "meta-type": "enum"
  },
  {
@@ -5007,18 +5038,8 @@ export const introspection: readonly unknown[] = [
    "vsock",
    "fd"
   ],
-  "name": "164",
-  "meta-type": "enum"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "194"
-   }
-  ],
   "name": "165",
-  "meta-type": "object"
+  "meta-type": "enum"
  },
  {
   "members": [
@@ -5053,6 +5074,16 @@ export const introspection: readonly unknown[] = [
  {
   "members": [
    {
+    "name": "data",
+    "type": "198"
+   }
+  ],
+  "name": "169",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
     "name": "off"
    },
    {
@@ -5067,7 +5098,7 @@ export const introspection: readonly unknown[] = [
    "on",
    "auto"
   ],
-  "name": "169",
+  "name": "170",
   "meta-type": "enum"
  },
  {
@@ -5103,18 +5134,8 @@ export const introspection: readonly unknown[] = [
    "ringbuf",
    "memory"
   ],
-  "name": "170",
-  "meta-type": "enum"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "198"
-   }
-  ],
   "name": "171",
-  "meta-type": "object"
+  "meta-type": "enum"
  },
  {
   "members": [
@@ -5169,6 +5190,16 @@ export const introspection: readonly unknown[] = [
  {
   "members": [
    {
+    "name": "data",
+    "type": "204"
+   }
+  ],
+  "name": "177",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
     "name": "string"
    },
    {
@@ -5203,12 +5234,12 @@ export const introspection: readonly unknown[] = [
    "array",
    "value"
   ],
-  "name": "177",
+  "name": "178",
   "meta-type": "enum"
  },
  {
-  "element-type": "178",
-  "name": "[178]",
+  "element-type": "179",
+  "name": "[179]",
   "meta-type": "array"
  },
  {
@@ -5223,12 +5254,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "178",
+  "name": "179",
   "meta-type": "object"
  },
  {
-  "element-type": "179",
-  "name": "[179]",
+  "element-type": "180",
+  "name": "[180]",
   "meta-type": "array"
  },
  {
@@ -5252,12 +5283,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "179",
+  "name": "180",
   "meta-type": "object"
  },
  {
-  "element-type": "180",
-  "name": "[180]",
+  "element-type": "181",
+  "name": "[181]",
   "meta-type": "array"
  },
  {
@@ -5271,12 +5302,12 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "180",
+  "name": "181",
   "meta-type": "object"
  },
  {
-  "element-type": "181",
-  "name": "[181]",
+  "element-type": "182",
+  "name": "[182]",
   "meta-type": "array"
  },
  {
@@ -5286,7 +5317,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "181",
+  "name": "182",
   "meta-type": "object"
  },
  {
@@ -5302,7 +5333,7 @@ export const introspection: readonly unknown[] = [
    "raw",
    "base64"
   ],
-  "name": "182",
+  "name": "183",
   "meta-type": "enum"
  },
  {
@@ -5403,7 +5434,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "183",
+  "name": "184",
   "meta-type": "object"
  },
  {
@@ -5425,17 +5456,17 @@ export const introspection: readonly unknown[] = [
   "values": [
    "qcow2"
   ],
-  "name": "184",
+  "name": "185",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "204"
+    "type": "205"
    }
   ],
-  "name": "185",
+  "name": "186",
   "meta-type": "object"
  },
  {
@@ -5635,7 +5666,7 @@ export const introspection: readonly unknown[] = [
    "cluster_alloc_space",
    "none"
   ],
-  "name": "186",
+  "name": "187",
   "meta-type": "enum"
  },
  {
@@ -5667,7 +5698,7 @@ export const introspection: readonly unknown[] = [
    "flush",
    "block-status"
   ],
-  "name": "187",
+  "name": "188",
   "meta-type": "enum"
  },
  {
@@ -5679,7 +5710,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "template",
-    "type": "189",
+    "type": "190",
     "default": null
    },
    {
@@ -5728,7 +5759,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "188",
+  "name": "189",
   "meta-type": "object"
  },
  {
@@ -5752,7 +5783,7 @@ export const introspection: readonly unknown[] = [
    "cached",
    "all"
   ],
-  "name": "189",
+  "name": "190",
   "meta-type": "enum"
  },
  {
@@ -5776,7 +5807,7 @@ export const introspection: readonly unknown[] = [
    "falloc",
    "full"
   ],
-  "name": "190",
+  "name": "191",
   "meta-type": "enum"
  },
  {
@@ -5792,7 +5823,7 @@ export const introspection: readonly unknown[] = [
    "v2",
    "v3"
   ],
-  "name": "191",
+  "name": "192",
   "meta-type": "enum"
  },
  {
@@ -5808,12 +5839,12 @@ export const introspection: readonly unknown[] = [
    "zlib",
    "zstd"
   ],
-  "name": "192",
+  "name": "193",
   "meta-type": "enum"
  },
  {
   "members": [],
-  "name": "193",
+  "name": "194",
   "meta-type": "object"
  },
  {
@@ -5857,7 +5888,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "194",
+  "name": "195",
   "meta-type": "object"
  },
  {
@@ -5877,7 +5908,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "195",
+  "name": "196",
   "meta-type": "object"
  },
  {
@@ -5891,7 +5922,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "196",
+  "name": "197",
   "meta-type": "object"
  },
  {
@@ -5901,7 +5932,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "197",
+  "name": "198",
   "meta-type": "object"
  },
  {
@@ -5931,7 +5962,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "198",
+  "name": "199",
   "meta-type": "object"
  },
  {
@@ -5951,7 +5982,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "199",
+  "name": "200",
   "meta-type": "object"
  },
  {
@@ -5968,7 +5999,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "addr",
-    "type": "115"
+    "type": "116"
    },
    {
     "name": "tls-creds",
@@ -6016,22 +6047,6 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "200",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "logfile",
-    "type": "str",
-    "default": null
-   },
-   {
-    "name": "logappend",
-    "type": "bool",
-    "default": null
-   }
-  ],
   "name": "201",
   "meta-type": "object"
  },
@@ -6044,11 +6059,6 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "logappend",
-    "type": "bool",
-    "default": null
-   },
-   {
-    "name": "signal",
     "type": "bool",
     "default": null
    }
@@ -6069,12 +6079,33 @@ export const introspection: readonly unknown[] = [
     "default": null
    },
    {
+    "name": "signal",
+    "type": "bool",
+    "default": null
+   }
+  ],
+  "name": "203",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "logfile",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "logappend",
+    "type": "bool",
+    "default": null
+   },
+   {
     "name": "size",
     "type": "int",
     "default": null
    }
   ],
-  "name": "203",
+  "name": "204",
   "meta-type": "object"
  },
  {
@@ -6114,20 +6145,20 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmaps",
-    "type": "[205]",
+    "type": "[206]",
     "default": null
    },
    {
     "name": "compression-type",
-    "type": "192"
+    "type": "193"
    }
   ],
-  "name": "204",
+  "name": "205",
   "meta-type": "object"
  },
  {
-  "element-type": "205",
-  "name": "[205]",
+  "element-type": "206",
+  "name": "[206]",
   "meta-type": "array"
  },
  {
@@ -6142,15 +6173,15 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "flags",
-    "type": "[206]"
+    "type": "[207]"
    }
   ],
-  "name": "205",
+  "name": "206",
   "meta-type": "object"
  },
  {
-  "element-type": "206",
-  "name": "[206]",
+  "element-type": "207",
+  "name": "[207]",
   "meta-type": "array"
  },
  {
@@ -6166,7 +6197,7 @@ export const introspection: readonly unknown[] = [
    "in-use",
    "auto"
   ],
-  "name": "206",
+  "name": "207",
   "meta-type": "enum"
  }
 ];

@@ -1420,6 +1420,7 @@ export const schemaData: GenSchema = {
    "name": "BlockdevDriver",
    "values": [
     "blkdebug",
+    "copy-on-read",
     "file",
     "host_device",
     "null-aio",
@@ -2290,6 +2291,7 @@ export const schemaData: GenSchema = {
    "discriminator": "driver",
    "variants": {
     "blkdebug": "BlockdevOptionsBlkdebug",
+    "copy-on-read": "BlockdevOptionsCor",
     "file": "BlockdevOptionsFile",
     "host_device": "BlockdevOptionsFile",
     "null-aio": "BlockdevOptionsNull",

@@ -226,6 +226,7 @@ export interface BlockStatsSpecificBase {
 }
 export type BlockStatsSpecific =
   | (BlockStatsSpecificBase & { "driver": "blkdebug" })
+  | (BlockStatsSpecificBase & { "driver": "copy-on-read" })
   | (BlockStatsSpecificBase & { "driver": "file" } & BlockStatsSpecificFile)
   | (BlockStatsSpecificBase & { "driver": "host_device" } & BlockStatsSpecificFile)
   | (BlockStatsSpecificBase & { "driver": "null-aio" })
@@ -392,7 +393,7 @@ export interface BlockdevCacheOptions {
 }
 
 /** Drivers that are supported in block device operations. @since 2.9 */
-export type BlockdevDriver = "blkdebug" | "file" | "host_device" | "null-aio" | "null-co" | "qcow2" | "raw" | "throttle";
+export type BlockdevDriver = "blkdebug" | "copy-on-read" | "file" | "host_device" | "null-aio" | "null-co" | "qcow2" | "raw" | "throttle";
 
 /** An enumeration of three options: on, off, and auto. @since 2.2 */
 export type OnOffAuto = "auto" | "on" | "off";
@@ -688,6 +689,7 @@ export interface BlockdevOptionsBase {
 }
 export type BlockdevOptions =
   | (BlockdevOptionsBase & { "driver": "blkdebug" } & BlockdevOptionsBlkdebug)
+  | (BlockdevOptionsBase & { "driver": "copy-on-read" } & BlockdevOptionsCor)
   | (BlockdevOptionsBase & { "driver": "file" } & BlockdevOptionsFile)
   | (BlockdevOptionsBase & { "driver": "host_device" } & BlockdevOptionsFile)
   | (BlockdevOptionsBase & { "driver": "null-aio" } & BlockdevOptionsNull)
@@ -768,6 +770,7 @@ export interface BlockdevCreateOptionsBase {
 }
 export type BlockdevCreateOptions =
   | (BlockdevCreateOptionsBase & { "driver": "blkdebug" })
+  | (BlockdevCreateOptionsBase & { "driver": "copy-on-read" })
   | (BlockdevCreateOptionsBase & { "driver": "file" } & BlockdevCreateOptionsFile)
   | (BlockdevCreateOptionsBase & { "driver": "host_device" })
   | (BlockdevCreateOptionsBase & { "driver": "null-aio" })
