@@ -255,6 +255,7 @@ async function readAligned(s: BlkdebugState, offset: number, buf: Buffer): Promi
 
 export const blkdebugDriver: BlockDriver<BlkdebugState> = {
   name: 'blkdebug',
+  isFilter: true,
   isProtocol: false,
   childOption: 'image',
   async open(node, options) {

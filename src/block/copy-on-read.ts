@@ -63,6 +63,7 @@ async function copyOnRead(file: BlockNode, offset: number, buf: Buffer): Promise
 /** Served in the main loop only (no openReplica): copies write into the child's metadata. */
 export const copyOnReadDriver: BlockDriver<CorState> = {
   name: 'copy-on-read',
+  isFilter: true,
   isProtocol: false,
   async open(node, options) {
     const file = node.file!;

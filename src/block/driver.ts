@@ -64,6 +64,11 @@ export interface BlockDriver<S = any> {
   readonly metadataChild?: boolean;
   /** Non-protocol drivers: the option naming the child opened as 'file' (default 'file'; blkdebug: 'image'). */
   readonly childOption?: string;
+  /**
+   * QEMU's is_filter: the node passes its 'file' child's data through (blkdebug, throttle,
+   * copy-on-read), so queries follow that child as they follow a backing node.
+   */
+  readonly isFilter?: boolean;
   /** Format drivers: the driver probing a file child should use ('raw' never probes). */
   probe?(header: Buffer, filename: string): number;
 

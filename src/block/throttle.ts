@@ -21,6 +21,7 @@ export function filterImageInfo(file: BlockNode): DriverImageInfo {
 /** Requests are served in the main loop only (no openReplica): the group's buckets live there. */
 export const throttleDriver: BlockDriver<ThrottleState> = {
   name: 'throttle',
+  isFilter: true,
   isProtocol: false,
   async open(node, options) {
     const name = options['throttle-group'] as string;

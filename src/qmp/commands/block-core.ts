@@ -10,6 +10,11 @@ import { nodeBitmaps } from '../../block/dirty-bitmap.js';
 
 const jsonFilename = (value: unknown) => formatQmpJson(value);
 
+/** QEMU's bdrv_filter_or_cow_bs(): the backing node, or a filter's child. */
+function filterOrCow(node: BlockNode): BlockNode | undefined {
+  return node.backing ?? (node.driver.isFilter ? node.file : undefined);
+}
+
 /** ImageInfo for one node (and, unless flat, its backing chain as backing-image). */
 async function imageInfo(node: BlockNode, flat: boolean): Promise<Record<string, unknown>> {
   const drv = node.driver.imageInfo?.(node.state) ?? {};
@@ -25,7 +30,7 @@ async function imageInfo(node: BlockNode, flat: boolean): Promise<Record<string,
   if (drv['backing-filename'] !== undefined) info['backing-filename'] = drv['backing-filename'];
   if (drv['full-backing-filename'] !== undefined) info['full-backing-filename'] = drv['full-backing-filename'];
   if (drv['backing-filename-format'] !== undefined) info['backing-filename-format'] = drv['backing-filename-format'];
-  const backing = node.backing;
+  const backing = filterOrCow(node);
   if (backing && !flat) info['backing-image'] = await imageInfo(backing, flat);
   if (drv['format-specific'] !== undefined) info['format-specific'] = drv['format-specific'];
   return info;
@@ -35,7 +40,7 @@ async function imageInfo(node: BlockNode, flat: boolean): Promise<Record<string,
 function backingDepth(node: BlockNode, flat: boolean): number {
   if (flat) return 0;
   let depth = 0;
-  for (let n = node.backing; n; n = n.backing) depth++;
+  for (let n = filterOrCow(node); n; n = filterOrCow(n)) depth++;
   return depth;
 }
 
