@@ -31,8 +31,6 @@ struct LoopPoll {
   int64_t shrink = 0;  // 0: drop to 0 at once, as QEMU does
   int64_t pollNs = 0;
   int64_t waitStart = 0;  // when the prepare hook started polling, 0 when the loop did not block
-  int closing = 0;
-  napi_env env = nullptr;
 };
 
 int64_t NowNs() {
@@ -80,38 +78,17 @@ void OnCheck(uv_check_t* handle) {
   }
 }
 
+// This thread's poller (one loop per thread), created by the first setLoopPolling.
+thread_local LoopPoll* threadPoll = nullptr;
+
 // The thread is ending. No close callback: libuv runs close callbacks after the env's cleanup,
 // when this addon may already be unloaded (a worker that alone loaded it), so the few bytes of
 // LoopPoll stay allocated, once per thread that polled.
-void CloseHandles(LoopPoll* s) {
-  if (s->closing) return;
-  s->closing = 1;
+void CleanupHook(void* arg) {
+  auto* s = static_cast<LoopPoll*>(arg);
   uv_close(reinterpret_cast<uv_handle_t*>(&s->prepare), nullptr);
   uv_close(reinterpret_cast<uv_handle_t*>(&s->check), nullptr);
-}
-
-// One poller per env (thread); kept in the addon's per-env instance data slot of this file.
-struct PerEnv {
-  LoopPoll* poll = nullptr;
-};
-
-void CleanupHook(void* arg) {
-  auto* per = static_cast<PerEnv*>(arg);
-  if (per->poll) CloseHandles(per->poll);
-  per->poll = nullptr;
-  delete per;
-}
-
-PerEnv* EnvState(napi_env env) {
-  static thread_local PerEnv* state = nullptr;
-  if (!state) {
-    state = new PerEnv();
-    napi_add_env_cleanup_hook(env, [](void* arg) {
-      CleanupHook(arg);
-      state = nullptr;
-    }, state);
-  }
-  return state;
+  threadPoll = nullptr;
 }
 
 // setLoopPolling(maxNs, grow, shrink): poll this thread's loop adaptively for up to maxNs before
@@ -122,13 +99,11 @@ Napi::Value SetLoopPolling(const Napi::CallbackInfo& info) {
     Napi::TypeError::New(env, "setLoopPolling(maxNs, grow, shrink)").ThrowAsJavaScriptException();
     return env.Undefined();
   }
-  PerEnv* per = EnvState(env);
-  if (!per->poll) {
+  if (!threadPoll) {
     uv_loop_t* loop = nullptr;
     if (napi_get_uv_event_loop(env, &loop) != napi_ok || !loop) return Napi::Number::New(env, -22);
     auto* s = new LoopPoll();
     s->loop = loop;
-    s->env = env;
     uv_prepare_init(loop, &s->prepare);
     uv_check_init(loop, &s->check);
     s->prepare.data = s;
@@ -138,9 +113,10 @@ Napi::Value SetLoopPolling(const Napi::CallbackInfo& info) {
     // Polling must never keep a thread alive that has nothing else to do.
     uv_unref(reinterpret_cast<uv_handle_t*>(&s->prepare));
     uv_unref(reinterpret_cast<uv_handle_t*>(&s->check));
-    per->poll = s;
+    napi_add_env_cleanup_hook(env, CleanupHook, s);
+    threadPoll = s;
   }
-  LoopPoll* s = per->poll;
+  LoopPoll* s = threadPoll;
   s->maxNs = info[0].As<Napi::Number>().Int64Value();
   s->grow = info[1].As<Napi::Number>().Int64Value();
   s->shrink = info[2].As<Napi::Number>().Int64Value();
@@ -151,8 +127,7 @@ Napi::Value SetLoopPolling(const Napi::CallbackInfo& info) {
 
 // loopPollingNs(): the current adaptive window of this thread's loop (for tests), -1 if none.
 Napi::Value LoopPollingNs(const Napi::CallbackInfo& info) {
-  PerEnv* per = EnvState(info.Env());
-  return Napi::Number::New(info.Env(), per->poll ? static_cast<double>(per->poll->pollNs) : -1);
+  return Napi::Number::New(info.Env(), threadPoll ? static_cast<double>(threadPoll->pollNs) : -1);
 }
 
 }  // namespace

@@ -51,9 +51,6 @@ export interface BlockJobHooks {
   clean?(job: BlockJob): Promise<void>;
 }
 
-/** The states job_cancel accepts (QEMU's JobVerbTable for CANCEL). */
-const VERBS_CANCEL: JobStatus[] = ['created', 'running', 'paused', 'ready', 'standby', 'pending'];
-
 export class BlockJob extends Job {
   speed = 0;
   readonly autoFinalize: boolean;
@@ -264,7 +261,7 @@ export class BlockJob extends Job {
       this.transition('standby');
       this.transition('ready');
     }
-    if (VERBS_CANCEL.includes(this.status)) this.cancel(true);
+    if (this.accepts('cancel')) this.cancel(true);
     await this.finished;
     // The await ran the job on: its status is whatever it reached, not what was checked above.
     if ((this.status as JobStatus) === 'concluded') this.manager.remove(this);

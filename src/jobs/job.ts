@@ -44,8 +44,13 @@ export class Job {
     this.manager.emit('JOB_STATUS_CHANGE', { id: this.id, status });
   }
 
+  /** Whether the current state takes the verb (QEMU's JobVerbTable). */
+  accepts(verb: JobVerb): boolean {
+    return VERBS[verb].includes(this.status);
+  }
+
   checkVerb(verb: JobVerb): void {
-    if (!VERBS[verb].includes(this.status)) {
+    if (!this.accepts(verb)) {
       throw genericError(`Job '${this.id}' in state '${this.status}' cannot accept command verb '${verb}'`);
     }
   }

@@ -79,13 +79,6 @@ function createBlockJob(daemon: Daemon, jobId: string | undefined, type: string,
   return job;
 }
 
-/** Creates a snapshot overlay image with `backing` as its backing file (QEMU's bdrv_img_create). */
-async function createOverlayImage(filename: string, format: string, size: number, backingFile: string, backingFmt: string): Promise<void> {
-  if (!findBlockDriver(format) || findBlockDriver(format)!.isProtocol) throw genericError(`Unknown file format '${format}'`);
-  if (format !== 'qcow2') throw genericError(`Backing file not supported for file format '${format}'`);
-  await createBackupImage(filename, format, size, { file: backingFile, fmt: backingFmt });
-}
-
 // ---------------------------------------------------------------- transaction actions
 
 /** One transaction action: QEMU's BlkActionOps (prepare, then commit all or abort all). */
@@ -135,7 +128,7 @@ function externalSnapshot(kind: 'blockdev-snapshot' | 'blockdev-snapshot-sync', 
         if (snapName !== undefined && graph.lookup(snapName)) throw genericError('New overlay node-name already in use');
         const filename: string = data['snapshot-file'];
         if ((data.mode ?? 'absolute-paths') !== 'existing') {
-          await createOverlayImage(filename, format, old.getLength(), nodeFilename(old, jsonFilename), old.driver.name);
+          await createImage(filename, format, old.getLength(), { file: nodeFilename(old, jsonFilename), fmt: old.driver.name });
         }
         const options: Record<string, any> = { driver: format, file: { driver: 'file', filename }, backing: null };
         if (snapName !== undefined) options['node-name'] = snapName;
@@ -206,8 +199,8 @@ function assertMainLoopWriters(daemon: Daemon, node: BlockNode): void {
   }
 }
 
-/** Creates drive-backup's new image (QEMU's bdrv_img_create): raw or qcow2, with an optional backing file. */
-async function createBackupImage(filename: string, format: string, size: number, backing?: { file: string; fmt: string }): Promise<void> {
+/** Creates a new image (QEMU's bdrv_img_create) for snapshot-sync, drive-backup and drive-mirror: raw or qcow2, with an optional backing file. */
+async function createImage(filename: string, format: string, size: number, backing?: { file: string; fmt: string }): Promise<void> {
   const drv = findBlockDriver(format);
   if (!drv || drv.isProtocol) throw genericError(`Unknown file format '${format}'`);
   if (backing && format !== 'qcow2') throw genericError(`Backing file not supported for file format '${format}'`);
@@ -252,7 +245,7 @@ async function openDriveBackupTarget(daemon: Daemon, bs: BlockNode, args: Backup
   if (args.sync === 'top') source = bs.backing;
   if (args.sync === 'none') source = bs;
   if (mode !== 'existing') {
-    await createBackupImage(args.target, format!, bs.getLength(),
+    await createImage(args.target, format!, bs.getLength(),
       source ? { file: nodeFilename(source, jsonFilename), fmt: source.driver.name } : undefined);
   }
   if (format === undefined) {
@@ -534,7 +527,7 @@ async function openDriveMirrorTarget(daemon: Daemon, bs: BlockNode, args: DriveM
   if (args.sync === 'top') backing = bs.backing;
   if (args.sync === 'none') backing = bs;
   if (mode !== 'existing') {
-    await createBackupImage(args.target, format!, bs.getLength(),
+    await createImage(args.target, format!, bs.getLength(),
       args.sync !== 'full' && backing ? { file: nodeFilename(backing, jsonFilename), fmt: backing.driver.name } : undefined);
   }
   if (format === undefined) {
