@@ -11,9 +11,11 @@ import { log } from './log.js';
 import { JobManager } from './jobs/job.js';
 import { BlockJob } from './jobs/block-job.js';
 import { PACKAGE_VERSION, QEMU_VERSION } from './version.js';
+import { PROGRAM_NAME } from './util/report.js';
 
 export class Daemon {
-  readonly programName = 'qsd-ts';
+  /** error_report()'s prefix (the basename of argv[0]). */
+  readonly programName = PROGRAM_NAME;
   readonly graph = new BlockGraph();
   readonly exports: ExportManager;
   /** User-creatable objects by id, in creation order (qom-list /objects). */

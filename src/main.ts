@@ -8,18 +8,20 @@ import { addChardev, chardevBackendFromOpts, CHARDEV_BACKEND_NAMES } from './cha
 import type { ChardevBackend } from './qapi/generated/types.js';
 import { QmpError } from './qapi/errors.js';
 import { validateType } from './qapi/schema.js';
-import { parseKeyval, isJsonArgument } from './cli/keyval.js';
+import { parseKeyval, parseKeyvalWithHelp, isJsonArgument } from './cli/keyval.js';
 import { parseQemuOpts, checkChardevOpts, formatQemuOptsHelp } from './cli/qemu-opts.js';
 import { parseQmpJson } from './qmp/json.js';
-import { objectAdd } from './qmp/commands/qom.js';
+import { objectAdd, objectTypeHelp, objectTypesHelp } from './qmp/commands/qom.js';
 import { nbdServerStart } from './nbd/server.js';
 import { unmountAllFuseExports } from './exports/fuse.js';
-import { helpText, objectHelpText, versionText } from './cli/help.js';
+import { helpText, versionText } from './cli/help.js';
 import { log, setLogLevel } from './log.js';
 import { strerror } from './util/errno.js';
 import { native } from './native/binding.js';
+import { ARGV0, PROGRAM_NAME } from './util/report.js';
 
-const PROGRAM = 'qsd-ts';
+/** error_report()'s prefix: the basename of the name we were invoked as. */
+const PROGRAM = PROGRAM_NAME;
 /** The main loop's busy-polling window (QEMU's iothread default poll-max-ns). */
 const MAIN_LOOP_POLL_MAX_NS = 32768;
 
@@ -94,6 +96,12 @@ function parseArgv(argv: string[]): CliOption[] {
   return out;
 }
 
+/** A help request ends the daemon at once, as QEMU's exit(); earlier options' FUSE mounts go first. */
+function exitAfterHelp(code: number): never {
+  unmountAllFuseExports();
+  process.exit(code);
+}
+
 /** --blockdev/--export/--object/...: JSON when it starts with '{', else keyval with an implied key. */
 function parseStructured(text: string, impliedKey?: string): { value: unknown; keyval: boolean } {
   if (isJsonArgument(text)) return { value: parseQmpJson(text), keyval: false };
@@ -111,12 +119,12 @@ function chardevOptions(text: string, warn: (message: string, hint: string) => v
   // `…,help`: the option list, exit 1; `help` as the backend: the backends, newest first, exit 0.
   if (parsed.help) {
     process.stdout.write(formatQemuOptsHelp());
-    process.exit(1);
+    exitAfterHelp(1);
   }
   const checked = checkChardevOpts(parsed);
   if (checked === 'help') {
     process.stdout.write(`Available chardev backend types: \n${[...CHARDEV_BACKEND_NAMES].reverse().map((n) => `  ${n}\n`).join('')}`);
-    process.exit(0);
+    exitAfterHelp(0);
   }
   return { id: checked.id, backend: chardevBackendFromOpts(checked.backend, parsed) };
 }
@@ -128,11 +136,15 @@ async function processOption(daemon: Daemon, opt: CliOption): Promise<void> {
       await daemon.graph.add(validated('BlockdevOptions', value, 'driver'));
       break;
     case 'object': {
-      // QEMU answers 'help' and '<type>,help' before parsing the object, then exits 0.
-      const help = /^(?:qom-type=)?([^,]*),help$/.exec(value);
-      if (value === 'help' || (help && help[1] === 'iothread')) {
-        process.stdout.write(objectHelpText(value === 'help' ? undefined : 'iothread'));
-        process.exit(0);
+      // QEMU's user_creatable_parse_str: a `help`/`?` element lists the type's settable properties,
+      // or every creatable type when there is no (known) qom-type; then the daemon exits 0.
+      if (!isJsonArgument(value)) {
+        const { dict, help } = parseKeyvalWithHelp(value, 'qom-type');
+        if (help) {
+          const type = dict['qom-type'];
+          process.stdout.write((typeof type === 'string' ? objectTypeHelp(type) : undefined) ?? objectTypesHelp());
+          exitAfterHelp(0);
+        }
       }
       objectAdd(daemon, validated('ObjectOptions', value, 'qom-type'));
       break;
@@ -215,7 +227,8 @@ export async function main(argv: string[]): Promise<void> {
   try {
     options = parseArgv(argv);
   } catch (err) {
-    process.stderr.write(`${PROGRAM}: ${(err as Error).message}\n`);
+    // getopt names the program as argv[0] was typed, path included.
+    process.stderr.write(`${ARGV0}: ${(err as Error).message}\n`);
     process.exit(1);
   }
   // First pass, as QEMU: help, version and daemonizing before anything is created.

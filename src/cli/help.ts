@@ -63,10 +63,3 @@ QEMU storage daemon (qsd-ts)
 Environment: QSD_TS_LOG=debug|trace enables structured debug logs on stderr.
 `;
 }
-
-export function objectHelpText(type?: string): string {
-  if (type === undefined) return 'List of user creatable objects:\n  iothread\n';
-  return `${type} options:\n` +
-    ['aio-max-batch=<int>', 'poll-grow=<int>', 'poll-max-ns=<int>', 'poll-shrink=<int>', 'thread-pool-max=<int>', 'thread-pool-min=<int>']
-      .map((p) => `  ${p}\n`).join('');
-}

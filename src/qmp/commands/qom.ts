@@ -207,6 +207,32 @@ function typeClosure(name: string): Set<string> {
   return out;
 }
 
+/** Properties without a setter: `--object <type>,help` leaves them out, as QEMU does. */
+const READ_ONLY_PROPERTIES = new Set(['type', 'loaded', 'connected', 'addr']);
+
+/**
+ * `--object help`: the types object-add can create here, sorted by name. QEMU 7.2 also lists the
+ * types it has and we lack (authz-*, tls-creds-*, main-loop, ...); we list only what works, so a
+ * script that checks the list for a type learns whether creating it will succeed.
+ */
+export function objectTypesHelp(): string {
+  const creatable = QOM_TYPES.filter((t) => !t.abstract && typeClosure(t.name).has('user-creatable')).map((t) => t.name);
+  return `List of user creatable objects:\n${creatable.sort().map((n) => `  ${n}\n`).join('')}`;
+}
+
+/**
+ * `--object <type>,help`: the settable properties of any known class, as QEMU 7.2 prints them
+ * (`name=<type>`, sorted as whole lines); undefined when the class does not exist (the caller
+ * then lists the types, as QEMU does).
+ */
+export function objectTypeHelp(type: string): string | undefined {
+  const t = typeByName.get(type);
+  if (!t) return undefined;
+  const lines = (t.properties ?? []).filter((p) => !READ_ONLY_PROPERTIES.has(p.name)).map((p) => `${p.name}=<${p.type}>`);
+  if (lines.length === 0) return `There are no options for ${type}.\n`;
+  return `${type} options:\n${lines.sort().map((l) => `  ${l}\n`).join('')}`;
+}
+
 // ---------------------------------------------------------------------------------------------
 // The QOM tree: / (container) → objects (container) → iothreads; chardevs (container) → chardevs.
 
