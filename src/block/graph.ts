@@ -3,6 +3,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { BlockNode } from './node.js';
+import type { BlockDriver } from './driver.js';
 import { findBlockDriver } from './registry.js';
 import { genericError, QmpError } from '../qapi/errors.js';
 import { qcow2BackingInfo, qcow2ChangeBackingFile, qcow2SetBackingNode } from './qcow2/index.js';
@@ -24,6 +25,26 @@ export interface NodeUser {
   readonly shared: ReadonlySet<Permission>;
   /** A parent node edge (as opposed to an export or job). */
   readonly parent?: GraphEntry;
+  /**
+   * A block job's own hold on the node (QEMU's block_job_add_bdrv): x-debug-query-block-graph
+   * shows it as an edge named `edge` from a 'block-job' node; `seq` orders a job's edges.
+   */
+  readonly job?: { readonly id: string; readonly edge: string; readonly seq: number };
+}
+
+/** A job's implicit filter node (QEMU's commit_top, mirror_top, copy-before-write). */
+export interface FilterSpec {
+  driver: BlockDriver;
+  /** The job's filter-node-name; absent: an implicit #blockNNN name. */
+  nodeName?: string;
+  /** The node the filter sits above: its parents (not the job's holds) become the filter's. */
+  child: BlockNode;
+  role: 'backing' | 'file';
+  readOnly: boolean;
+  perms: Permission[];
+  shared: readonly Permission[];
+  /** A second child (copy-before-write's 'target'). */
+  target?: { node: BlockNode; perms: Permission[]; shared: readonly Permission[] };
 }
 
 export interface GraphEntry {
@@ -190,12 +211,16 @@ export class BlockGraph {
         // blkdebug names its child 'image'; it is still the node's 'file' (primary) child.
         const fileRef = options[driver.childOption ?? 'file'];
         if (fileRef === undefined) throw genericError('A block device must be specified for "file"');
+        // QEMU's generic open creates a 'file' child before naming the node; a child under another
+        // option (blkdebug's 'image') is opened by the driver itself, after the node is named, so
+        // it lists before its parent.
+        if (driver.childOption !== undefined && driver.childOption !== 'file') order = this.nextOrder++;
         const file = await this.resolveRef(fileRef, { readOnly, parentOptions: options }, opened);
         edges.push({ role: 'file', entry: file });
         children.set('file', file.node);
         // QEMU names a format node once its file is open and only then opens its backing chain,
         // so the node lists after its backing nodes and before its file.
-        order = this.nextOrder++;
+        order ??= this.nextOrder++;
         await this.openBacking(options, file, readOnly, children, edges, opened);
       }
       if (nodeName === undefined) nodeName = this.generateNodeName();
@@ -306,7 +331,57 @@ export class BlockGraph {
   }
 
   detachBackend(node: BlockNode, user: NodeUser): void {
-    this.entries.get(node.nodeName)?.users.delete(user);
+    if (this.entries.get(node.nodeName)?.users.delete(user)) return;
+    // A job's filter took the node's parents over meanwhile.
+    for (const entry of this.entries.values()) if (entry.users.delete(user)) return;
+  }
+
+  /**
+   * A block job's filter node (QEMU's bdrv_new_open_driver + bdrv_replace_node): named and listed
+   * like any node, with the child's parents (exports, parent nodes; not the job's own holds) moved
+   * onto it. Data still flows to the child directly (the filters pass it through; jobs intercept
+   * writes at the child), so only the graph's bookkeeping and the queries change.
+   */
+  insertFilter(spec: FilterSpec): BlockNode {
+    const nodeName = spec.nodeName ?? this.generateNodeName();
+    if (spec.nodeName !== undefined) {
+      if (!idWellformed(nodeName)) throw genericError(`Invalid node-name: '${nodeName}'`);
+      if (this.entries.has(nodeName)) throw genericError(`Duplicate nodes with node-name='${nodeName}'`);
+      if (Buffer.byteLength(nodeName) >= 32) throw genericError('Node name too long');
+    }
+    const childEntry = this.entries.get(spec.child.nodeName)!;
+    const children = new Map<string, BlockNode>([[spec.role, spec.child]]);
+    if (spec.target) children.set('target', spec.target.node);
+    const node = new BlockNode({ nodeName, driver: spec.driver, readOnly: spec.readOnly, options: {}, children });
+    node.state = { node, child: spec.child };
+    const entry: GraphEntry = { node, monitorOwned: false, users: new Set(), order: this.nextOrder++ };
+    for (const user of childEntry.users) {
+      if (user.job || user.name.startsWith('block job (')) continue;
+      childEntry.users.delete(user);
+      entry.users.add(user);
+    }
+    childEntry.users.add({ name: nodeName, role: spec.role, perms: new Set(spec.perms), shared: new Set(spec.shared), parent: entry });
+    if (spec.target) {
+      const t = spec.target;
+      this.entries.get(t.node.nodeName)!.users.add({ name: nodeName, role: 'target', perms: new Set(t.perms), shared: new Set(t.shared), parent: entry });
+    }
+    this.entries.set(nodeName, entry);
+    return node;
+  }
+
+  /** Takes a job's filter out again: its parents go back to its child (QEMU's bdrv_drop_filter). */
+  removeFilter(filter: BlockNode): void {
+    const entry = this.entries.get(filter.nodeName);
+    if (!entry || entry.node !== filter) return;
+    const child = [...filter.children.values()][0]!;
+    const childEntry = this.entries.get(child.nodeName);
+    for (const c of filter.children.values()) {
+      const e = this.entries.get(c.nodeName);
+      for (const user of e?.users ?? []) if (user.parent === entry) e!.users.delete(user);
+    }
+    // The job's own holds and BlockBackends on its filter go with the filter.
+    for (const user of entry.users) if (!user.job && !user.name.startsWith('block job (')) childEntry?.users.add(user);
+    this.entries.delete(filter.nodeName);
   }
 
   /** Does a backend (export, job) use this node? */
@@ -616,6 +691,9 @@ export function nodeFilename(node: BlockNode, toJson: (value: unknown) => string
     if (extra.length === 0) return `${driver}://`;
   } else if (extra.length === 0 && node.file && !backingOverridden(node, toJson)) {
     return nodeFilename(node.file, toJson);
+  } else if (extra.length === 0 && node.driver.isFilter && node.backing) {
+    // A job's filter over a backing child (commit_top, mirror_top) shows its child's name.
+    return nodeFilename(node.backing, toJson);
   }
   return `json:${toJson(BlockGraph.fullOptions(node, toJson))}`;
 }

@@ -4,6 +4,7 @@ import { DirtyBitmap, nodeTracking } from '../block/dirty-bitmap.js';
 import type { BlockNode } from '../block/node.js';
 import type { BlockJob, BlockJobHooks } from './block-job.js';
 import { layerAllocated, NodeHolds, type JobContext } from './job-context.js';
+import { JobFilter } from './job-filter.js';
 
 /** QEMU's BLOCK_COPY_CLUSTER_SIZE_DEFAULT. */
 const CLUSTER_DEFAULT = 65536;
@@ -20,6 +21,8 @@ export interface BackupParams {
   sync: BackupSync;
   bitmap?: DirtyBitmap;
   bitmapMode?: BitmapSyncMode;
+  /** 'filter-node-name': the name of the job's copy-before-write node. */
+  filterNodeName?: string;
 }
 
 /** QEMU's block_copy_calculate_cluster_size: at least 64 KiB, else the target's cluster size. */
@@ -89,6 +92,9 @@ class CopyLock {
 export function setupBackup(ctx: JobContext, job: BlockJob, p: BackupParams): BlockJobHooks {
   const { source, target, sync, bitmap } = p;
   const mode = p.bitmapMode ?? 'on-success';
+  // QEMU's backup_job_create: the copy-before-write filter above the source comes first (its
+  // name may be refused); the job holds the filter and the target.
+  const filter = JobFilter.copyBeforeWrite(ctx.graph, source, target, p.filterNodeName);
   const len = source.getLength();
   const cluster = backupClusterSize(target);
   const copy = new CopyBitmap(cluster, len);
@@ -96,8 +102,9 @@ export function setupBackup(ctx: JobContext, job: BlockJob, p: BackupParams): Bl
   else copy.setAll();
   job.totalProgress = copy.count();
 
-  const holds = new NodeHolds(ctx.graph, job.type);
-  holds.hold(target);
+  const holds = new NodeHolds(ctx.graph, job.type, job.id);
+  holds.hold(filter.node);
+  holds.hold(target, 'target');
 
   // QEMU freezes the sync bitmap and records new writes in a successor; here the bitmap itself
   // records the new writes while its content at the start is kept aside.
@@ -238,6 +245,7 @@ export function setupBackup(ctx: JobContext, job: BlockJob, p: BackupParams): Bl
       unhook();
       await lock.run(async () => undefined);
       if (bitmap) bitmap.busy = false;
+      filter.remove();
       holds.release();
     },
   };

@@ -7,6 +7,12 @@ import { formatQmpJson } from '../qmp/json.js';
 import { genericError } from '../qapi/errors.js';
 import type { BlockJob, BlockJobHooks } from './block-job.js';
 import { allocatedAbove, copyRange, NodeHolds, type JobContext } from './job-context.js';
+import { JobFilter } from './job-filter.js';
+import type { Permission } from '../block/graph.js';
+
+/** What QEMU's commit and mirror jobs let others do with the nodes they hold. */
+const SHARE_WRITES: readonly Permission[] = ['write unchanged', 'write'];
+const SHARE_NO_RESIZE: readonly Permission[] = ['consistent read', 'write', 'write unchanged'];
 
 /** QEMU's COMMIT_BUFFER_SIZE: one step of the commit loop. */
 const COMMIT_BUFFER_SIZE = 512 * 1024;
@@ -19,6 +25,8 @@ export interface CommitParams {
   base: BlockNode;
   /** 'backing-file': the name written into the overlay's header instead of base's filename. */
   backingFile?: string;
+  /** 'filter-node-name': the name of the job's commit_top/mirror_top node. */
+  filterNodeName?: string;
 }
 
 /** The nodes between top (inclusive) and base (exclusive). */
@@ -47,18 +55,37 @@ export async function setupCommit(ctx: JobContext, job: BlockJob, p: CommitParam
     // The mirror job's filter on top unshares resize, which a writable FUSE export holds.
     const resizer = ctx.graph.usersOf(top).find((u) => !u.parent && u.perms.has('resize'));
     if (resizer) {
-      const filter = ctx.graph.anonymousNodeName();
+      const filter = p.filterNodeName ?? ctx.graph.anonymousNodeName();
       throw genericError(`Permission conflict on node '${filter}': permissions 'resize' are both required by an unnamed ` +
         `block device (uses node '${filter}' as 'root' child) and unshared by commit job '${job.id}' (uses node ` +
         `'${filter}' as 'main node' child).`);
     }
   }
-  const holds = new NodeHolds(ctx.graph, job.type);
-  holds.hold(bs);
-  for (const n of intermediates(top, base)) if (n !== bs) holds.hold(n);
-  holds.hold(base);
-  holds.backend(base);
-  if (!active) holds.backend(top);
+  // QEMU's commit_start/mirror_start_job: the filter first (its name may be refused), then the
+  // job's edges in QEMU's order, then its BlockBackends.
+  const filter = active
+    ? JobFilter.mirrorTop(ctx.graph, top, p.filterNodeName, true)
+    : JobFilter.commitTop(ctx.graph, top, p.filterNodeName);
+  const holds = new NodeHolds(ctx.graph, job.type, job.id);
+  try {
+    if (active) {
+      holds.hold(filter.node, 'main node', SHARE_NO_RESIZE, ['consistent read']);
+      holds.hold(top, 'source', SHARE_NO_RESIZE);
+      holds.hold(base, 'target');
+      for (const n of intermediates(top, base)) if (n !== top) holds.hold(n, 'intermediate node', SHARE_WRITES);
+      holds.backend(base, ['write'], SHARE_NO_RESIZE);
+    } else {
+      holds.hold(bs);
+      for (const n of intermediates(top, base)) if (n !== bs) holds.hold(n, 'intermediate node', SHARE_WRITES);
+      holds.hold(base, 'base');
+      holds.backend(base, ['consistent read', 'write'], ['consistent read', 'write unchanged']);
+      holds.backend(top);
+    }
+  } catch (err) {
+    holds.release();
+    filter.remove();
+    throw err;
+  }
   const baseWasReadOnly = await openBaseWritable(ctx, base);
   const baseOverlay = ctx.graph.overlayOf(top, base);
   const buf = Buffer.allocUnsafe(COMMIT_BUFFER_SIZE);
@@ -80,6 +107,7 @@ export async function setupCommit(ctx: JobContext, job: BlockJob, p: CommitParam
   };
 
   const clean = async (): Promise<void> => {
+    filter.remove();
     holds.release();
     if (!active && baseWasReadOnly) await ctx.graph.setReadOnly(base, true).catch(() => undefined);
   };
@@ -94,6 +122,7 @@ export async function setupCommit(ctx: JobContext, job: BlockJob, p: CommitParam
       },
       async prepare() {
         // QEMU's bdrv_drop_intermediate(): top's overlay now backs onto base and names it.
+        filter.remove();
         const overlay = ctx.graph.overlayOf(bs, top);
         if (!overlay) return;
         const name = p.backingFile ?? nodeFilename(base, jsonFilename);
@@ -183,6 +212,7 @@ export async function setupCommit(ctx: JobContext, job: BlockJob, p: CommitParam
       await ctx.exports.drained(bs, async () => {
         await syncDirty();
         await base.flush();
+        filter.remove();
         holds.release();
         ctx.graph.replaceNode(top, base);
       });

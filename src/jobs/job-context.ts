@@ -1,5 +1,5 @@
 // What block jobs need from the daemon, and the helpers they share: holding nodes, allocation.
-import { ALL_PERMS, type BlockGraph, type NodeUser } from '../block/graph.js';
+import { ALL_PERMS, type BlockGraph, type NodeUser, type Permission } from '../block/graph.js';
 import type { BlockNode } from '../block/node.js';
 import type { ExportManager } from '../exports/manager.js';
 import type { Qcow2State } from '../block/qcow2/index.js';
@@ -16,30 +16,39 @@ export interface JobContext {
  */
 export class NodeHolds {
   private readonly held: Array<{ node: BlockNode; user: NodeUser; blocker?: string }> = [];
+  /** Orders the job's edges in x-debug-query-block-graph (QEMU lists them as added). */
+  private seq = 0;
 
-  constructor(private readonly graph: BlockGraph, private readonly type: string) {}
+  /** `jobId`: the job's id (its node in x-debug-query-block-graph). */
+  constructor(private readonly graph: BlockGraph, private readonly type: string, private readonly jobId = '') {}
 
-  /** block_job_add_bdrv(): a 'job' child edge and the op blocker. */
-  hold(node: BlockNode): void {
+  /**
+   * block_job_add_bdrv(): a job edge named `edge` ('main node', 'source', 'target',
+   * 'intermediate node', 'base') and the op blocker. `shared`: what the job lets others do.
+   */
+  hold(node: BlockNode, edge = 'main node', shared: readonly Permission[] = ALL_PERMS, perms: readonly Permission[] = []): void {
     const entry = this.graph.entry(node.nodeName);
     if (!entry) return;
-    const user: NodeUser = { name: `block job (${this.type})`, role: 'job', perms: new Set(), shared: new Set(ALL_PERMS) };
+    const user: NodeUser = {
+      name: `block job (${this.type})`, role: 'job', perms: new Set(perms), shared: new Set(shared),
+      job: { id: this.jobId, edge, seq: this.seq++ },
+    };
     entry.users.add(user);
     const blocker = `block device is in use by block job: ${this.type}`;
     this.graph.blockAll(node, blocker);
     this.held.push({ node, user, blocker });
   }
 
-  /** A BlockBackend of the job on `node` (commit's base and top, mirror's target). */
-  backend(node: BlockNode): void {
-    const user = this.graph.attachBackend(node, `block job (${this.type})`, []);
+  /** A BlockBackend of the job on `node` (commit's base and top, mirror's target), with QEMU's permissions. */
+  backend(node: BlockNode, perms: Permission[] = [], shared: readonly Permission[] = ALL_PERMS): void {
+    const user = this.graph.attachBackend(node, `block job (${this.type})`, perms, shared);
     this.held.push({ node, user });
   }
 
   /** Drops every hold (idempotent); call before changing the graph around these nodes. */
   release(): void {
     for (const { node, user, blocker } of this.held.splice(0).reverse()) {
-      this.graph.entry(node.nodeName)?.users.delete(user);
+      this.graph.detachBackend(node, user);
       if (blocker) this.graph.unblockAll(node, blocker);
     }
   }

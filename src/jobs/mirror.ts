@@ -5,6 +5,10 @@ import { DirtyBitmap } from '../block/dirty-bitmap.js';
 import type { BlockNode } from '../block/node.js';
 import type { BlockJob, BlockJobHooks } from './block-job.js';
 import { allocatedAbove, layerAllocated, NodeHolds, type JobContext } from './job-context.js';
+import { JobFilter } from './job-filter.js';
+import type { Permission } from '../block/graph.js';
+
+const SHARE_NO_RESIZE: readonly Permission[] = ['consistent read', 'write', 'write unchanged'];
 
 /** QEMU's DEFAULT_MIRROR_BUF_SIZE: the most one iteration copies. */
 export const DEFAULT_MIRROR_BUF_SIZE = 16 * 1024 * 1024;
@@ -35,6 +39,8 @@ export interface MirrorParams {
    * target's backing becomes the source's backing (top) or the source itself (none).
    */
   sourceBackingChain?: boolean;
+  /** 'filter-node-name': the name of the job's mirror_top node. */
+  filterNodeName?: string;
 }
 
 /** QEMU's bdrv_get_default_bitmap_granularity(): the cluster size within [4 KiB, 64 KiB], else 64 KiB. */
@@ -55,10 +61,20 @@ export function setupMirror(ctx: JobContext, job: BlockJob, p: MirrorParams): Bl
   const bufSize = Math.ceil((p.bufSize || DEFAULT_MIRROR_BUF_SIZE) / granularity) * granularity;
   // A sync=top mirror of a node without backing copies everything (QEMU turns it into full).
   const sync: MirrorSync = p.sync === 'top' && !source.backing ? 'full' : p.sync;
-  const holds = new NodeHolds(ctx.graph, job.type);
-  holds.hold(source);
-  holds.hold(target);
-  holds.backend(target);
+  // QEMU's mirror_start_job: the mirror_top filter above the source, the job's edges, then its
+  // BlockBackend on the target (which lets others only write unchanged data).
+  const filter = JobFilter.mirrorTop(ctx.graph, source, p.filterNodeName, false);
+  const holds = new NodeHolds(ctx.graph, job.type, job.id);
+  try {
+    holds.hold(filter.node, 'main node', SHARE_NO_RESIZE, ['consistent read']);
+    holds.hold(source, 'source', SHARE_NO_RESIZE);
+    holds.hold(target, 'target');
+    holds.backend(target, ['write'], ['write unchanged']);
+  } catch (err) {
+    holds.release();
+    filter.remove();
+    throw err;
+  }
   // Unnamed (QEMU's NULL name): query-named-block-nodes shows it without a name; QMP cannot reach it.
   let bitmap: DirtyBitmap | undefined = new DirtyBitmap(source, undefined as unknown as string, granularity, source.getLength());
   const buf = Buffer.allocUnsafe(MAX_IO);
@@ -194,6 +210,7 @@ export function setupMirror(ctx: JobContext, job: BlockJob, p: MirrorParams): Bl
         await syncAll(len);
         await target.flush();
         releaseBitmap();
+        filter.remove();
         holds.release();
         if (!job.shouldComplete) return;
         if (p.sourceBackingChain) {
@@ -205,6 +222,7 @@ export function setupMirror(ctx: JobContext, job: BlockJob, p: MirrorParams): Bl
     },
     async clean() {
       releaseBitmap();
+      filter.remove();
       holds.release();
     },
   };

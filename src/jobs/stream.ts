@@ -6,6 +6,10 @@ import { formatQmpJson } from '../qmp/json.js';
 import { genericError } from '../qapi/errors.js';
 import type { BlockJob, BlockJobHooks } from './block-job.js';
 import { allocatedAbove, layerAllocated, NodeHolds, type JobContext } from './job-context.js';
+import { JobFilter } from './job-filter.js';
+import type { Permission } from '../block/graph.js';
+
+const SHARE_NO_RESIZE: readonly Permission[] = ['consistent read', 'write', 'write unchanged'];
 
 /** QEMU's STREAM_CHUNK: one step of the stream loop. */
 const STREAM_CHUNK = 512 * 1024;
@@ -18,19 +22,19 @@ export interface StreamParams {
   /** The lowest node streamed ('bottom'; else the node above base, or the chain's end). */
   bottom?: BlockNode;
   backingFile?: string;
+  /** 'filter-node-name': the name of the job's copy-on-read node. */
+  filterNodeName?: string;
 }
 
 export async function setupStream(ctx: JobContext, job: BlockJob, p: StreamParams): Promise<BlockJobHooks> {
   const { bs, base } = p;
   // QEMU's copy-on-read filter above bs unshares resize, which a writable FUSE export holds.
   if (ctx.graph.usersOf(bs).some((u) => !u.parent && u.perms.has('resize'))) {
-    const filter = ctx.graph.anonymousNodeName();
+    const filter = p.filterNodeName ?? ctx.graph.anonymousNodeName();
     throw genericError(`Permission conflict on node '${filter}': permissions 'resize' are both required by an unnamed ` +
       `block device (uses node '${filter}' as 'root' child) and unshared by an unnamed block device (uses node ` +
       `'${filter}' as 'root' child).`);
   }
-  const holds = new NodeHolds(ctx.graph, job.type);
-  holds.hold(bs);
   let bottom = p.bottom;
   if (!bottom) {
     for (let n = bs.backing; n && n !== base; n = n.backing) bottom = n;
@@ -43,8 +47,24 @@ export async function setupStream(ctx: JobContext, job: BlockJob, p: StreamParam
         `unnamed block device (uses node '${n.nodeName}' as 'root' child) and unshared by stream job '${job.id}' ` +
         `(uses node '${n.nodeName}' as 'intermediate node' child).`);
     }
-    holds.hold(n);
     if (n === bottom) break;
+  }
+  // QEMU's stream_start: the copy-on-read filter above bs, the job's edges (the filter, bs as
+  // 'active node', the streamed nodes) and its BlockBackend on the filter.
+  const filter = JobFilter.copyOnRead(ctx.graph, bs, p.filterNodeName);
+  const holds = new NodeHolds(ctx.graph, job.type, job.id);
+  try {
+    holds.hold(filter.node);
+    holds.hold(bs, 'active node', SHARE_NO_RESIZE);
+    for (let n = bs.backing; n && n !== base; n = n.backing) {
+      holds.hold(n, 'intermediate node', ['consistent read', 'write unchanged']);
+      if (n === bottom) break;
+    }
+    holds.backend(filter.node, ['consistent read'], SHARE_NO_RESIZE);
+  } catch (err) {
+    holds.release();
+    filter.remove();
+    throw err;
   }
   const wasReadOnly = bs.readOnly;
   if (wasReadOnly) await ctx.graph.setReadOnly(bs, false);
@@ -91,12 +111,14 @@ export async function setupStream(ctx: JobContext, job: BlockJob, p: StreamParam
     async prepare() {
       const name = base ? (p.backingFile ?? nodeFilename(base, jsonFilename)) : undefined;
       await ctx.exports.drained(bs, async () => {
+        filter.remove();
         holds.release();
         await ctx.graph.setBacking(bs, base);
         await ctx.graph.changeBackingFile(bs, name, base?.driver.name);
       });
     },
     async clean() {
+      filter.remove();
       holds.release();
       if (wasReadOnly) await ctx.graph.setReadOnly(bs, true).catch(() => undefined);
     },

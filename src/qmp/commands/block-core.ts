@@ -52,7 +52,8 @@ async function blockDeviceInfo(node: BlockNode, flat: boolean): Promise<Record<s
     drv: node.driver.name,
   };
   // QEMU names the backing node's own filename here, and only when a backing node is attached.
-  if (node.backing) info.backing_file = nodeFilename(node.backing, jsonFilename);
+  // A filter over a backing child (a job's commit_top, mirror_top) names no backing file.
+  if (node.backing && !node.driver.isFilter) info.backing_file = nodeFilename(node.backing, jsonFilename);
   Object.assign(info, {
     backing_file_depth: backingDepth(node, flat),
     encrypted: false,

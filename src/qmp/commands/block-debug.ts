@@ -18,7 +18,7 @@ const nodesOldestFirst = (daemon: Daemon): GraphEntry[] => daemon.graph.list().r
 async function backends(daemon: Daemon): Promise<Array<{ user: NodeUser; node: BlockNode }>> {
   const all: Array<{ user: NodeUser; node: BlockNode }> = [];
   for (const entry of nodesOldestFirst(daemon)) {
-    for (const user of entry.users) if (!user.parent) all.push({ user, node: entry.node });
+    for (const user of entry.users) if (!user.parent && !user.job) all.push({ user, node: entry.node });
   }
   const exportOrder = (await daemon.exports.query()).map((e) => `export '${e.id as string}'`).reverse();
   const rank = (b: { user: NodeUser }) => {
@@ -45,6 +45,21 @@ async function blockGraph(daemon: Daemon): Promise<Record<string, unknown>> {
     addEdge(user, node, user);
   }
   const entries = nodesOldestFirst(daemon);
+  // Block jobs' holds (QEMU's job->nodes), by job in creation order, each job's edges newest first.
+  const jobs = new Map<string, Array<{ user: NodeUser; node: BlockNode }>>();
+  for (const job of daemon.jobs.list()) jobs.set(job.id, []);
+  for (const entry of entries) {
+    for (const user of entry.users) if (user.job) jobs.get(user.job.id)?.push({ user, node: entry.node });
+  }
+  for (const [id, held] of jobs) {
+    if (held.length === 0) continue;
+    const key = { job: id };
+    nodes.push({ id: idOf(key), type: 'block-job', name: id });
+    held.sort((a, b) => b.user.job!.seq - a.user.job!.seq);
+    for (const { user, node } of held) {
+      edges.push({ parent: idOf(key), child: idOf(node), name: user.job!.edge, perm: permList(user.perms), 'shared-perm': permList(user.shared) });
+    }
+  }
   // Each parent's child edges; QEMU keeps a node's children newest first.
   const childEdges = new Map<BlockNode, Array<{ user: NodeUser; child: BlockNode }>>();
   for (const entry of entries) {

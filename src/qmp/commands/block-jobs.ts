@@ -185,7 +185,7 @@ registerTransactionAction('abort', (_data, _ctx, mode) => ({
 interface BackupArgs {
   'job-id'?: string; device: string; target: string; sync: string; speed?: number; bitmap?: string;
   'bitmap-mode'?: BitmapSyncMode; compress?: boolean; 'auto-finalize'?: boolean; 'auto-dismiss'?: boolean;
-  format?: string; mode?: string;
+  format?: string; mode?: string; 'filter-node-name'?: string;
 }
 
 /** Exports in iothreads write through replicas that cannot copy before writing: refuse. */
@@ -300,7 +300,15 @@ function createBackup(daemon: Daemon, bs: BlockNode, target: BlockNode, args: Ba
   if (bs.getLength() !== target.getLength()) throw genericError('Source and target image have different sizes');
   assertMainLoopWriters(daemon, bs);
   const job = createBlockJob(daemon, args['job-id'], 'backup', args);
-  const hooks = setupBackup(daemon, job, { source: bs, target, sync: sync as BackupSync, bitmap, bitmapMode: mode });
+  let hooks: BlockJobHooks;
+  try {
+    hooks = setupBackup(daemon, job, {
+      source: bs, target, sync: sync as BackupSync, bitmap, bitmapMode: mode, filterNodeName: args['filter-node-name'],
+    });
+  } catch (err) {
+    job.earlyFail();
+    throw err;
+  }
   return { job, hooks };
 }
 
@@ -495,7 +503,7 @@ function startMirror(daemon: Daemon, bs: BlockNode, target: BlockNode, args: Mir
   const resizer = graph.usersOf(bs).find((u) => !u.parent && u.perms.has('resize'));
   if (resizer) {
     job.earlyFail();
-    const filter = graph.anonymousNodeName();
+    const filter = filterName ?? graph.anonymousNodeName();
     throw genericError(`Permission conflict on node '${filter}': permissions 'resize' are both required by an unnamed ` +
       `block device (uses node '${filter}' as 'root' child) and unshared by mirror job '${job.id}' (uses node ` +
       `'${filter}' as 'main node' child).`);
@@ -504,9 +512,16 @@ function startMirror(daemon: Daemon, bs: BlockNode, target: BlockNode, args: Mir
     job.earlyFail();
     throw genericError('Block node is read-only');
   }
-  const hooks = setupMirror(daemon, job, {
-    source: bs, target, sync: args.sync as MirrorSync, granularity, bufSize, replaces, sourceBackingChain, zeroTarget,
-  });
+  let hooks: BlockJobHooks;
+  try {
+    hooks = setupMirror(daemon, job, {
+      source: bs, target, sync: args.sync as MirrorSync, granularity, bufSize, replaces, sourceBackingChain, zeroTarget,
+      filterNodeName: filterName,
+    });
+  } catch (err) {
+    job.earlyFail();
+    throw err;
+  }
   void job.start(cleanup ? { ...hooks, clean: async (j) => { await hooks.clean?.(j); await cleanup(); } } : hooks);
 }
 
@@ -637,7 +652,9 @@ export const blockJobCommands: Record<string, CommandHandler> = {
     const job = createBlockJob(daemon, args['job-id'], 'commit', args);
     let hooks;
     try {
-      hooks = await setupCommit(daemon, job, { bs, top, base, backingFile: args['backing-file'] }, active);
+      hooks = await setupCommit(daemon, job, {
+        bs, top, base, backingFile: args['backing-file'], filterNodeName: args['filter-node-name'],
+      }, active);
     } catch (err) {
       job.earlyFail();
       throw err;
@@ -674,7 +691,9 @@ export const blockJobCommands: Record<string, CommandHandler> = {
     const job = createBlockJob(daemon, args['job-id'], 'stream', args);
     let hooks;
     try {
-      hooks = await setupStream(daemon, job, { bs, base, bottom, backingFile: args['backing-file'] });
+      hooks = await setupStream(daemon, job, {
+        bs, base, bottom, backingFile: args['backing-file'], filterNodeName: args['filter-node-name'],
+      });
     } catch (err) {
       job.earlyFail();
       throw err;
