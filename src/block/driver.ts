@@ -38,6 +38,8 @@ export type PreallocMode = 'off' | 'metadata' | 'falloc' | 'full';
 export interface DriverImageInfo {
   'cluster-size'?: number;
   'dirty-flag'?: boolean;
+  /** The image's data is encrypted (luks): BlockDeviceInfo and ImageInfo say so. */
+  encrypted?: boolean;
   'backing-filename'?: string;
   'full-backing-filename'?: string;
   'backing-filename-format'?: string;

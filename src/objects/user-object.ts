@@ -17,10 +17,22 @@ export interface UserObject {
 }
 
 const tables = new WeakMap<Daemon, Map<string, UserObject>>();
+/** The daemon whose object table was used last (object-add of any type asks for it first). */
+let lastDaemon: WeakRef<Daemon> | undefined;
 
 /** The daemon's non-iothread objects by id, in creation order. */
 export function userObjects(daemon: Daemon): Map<string, UserObject> {
   let table = tables.get(daemon);
   if (!table) tables.set(daemon, (table = new Map()));
+  if (lastDaemon?.deref() !== daemon) lastDaemon = new WeakRef(daemon);
   return table;
+}
+
+/**
+ * The daemon objects were last added to or looked up in, for code without a daemon at hand
+ * (block drivers looking up a key-secret: QEMU has one object tree per process). Undefined
+ * before any object exists, when every lookup would fail anyway.
+ */
+export function objectsDaemon(): Daemon | undefined {
+  return lastDaemon?.deref();
 }

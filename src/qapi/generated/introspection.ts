@@ -1233,24 +1233,28 @@ export const introspection: readonly unknown[] = [
     "type": "101"
    },
    {
+    "case": "luks",
+    "type": "102"
+   },
+   {
     "case": "null-aio",
-    "type": "102"
-   },
-   {
-    "case": "null-co",
-    "type": "102"
-   },
-   {
-    "case": "qcow2",
     "type": "103"
    },
    {
-    "case": "raw",
+    "case": "null-co",
+    "type": "103"
+   },
+   {
+    "case": "qcow2",
     "type": "104"
    },
    {
-    "case": "throttle",
+    "case": "raw",
     "type": "105"
+   },
+   {
+    "case": "throttle",
+    "type": "106"
    }
   ],
   "name": "24",
@@ -1284,7 +1288,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "options",
-    "type": "106"
+    "type": "107"
    }
   ],
   "name": "27",
@@ -1345,7 +1349,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmaps",
-    "type": "[107]"
+    "type": "[108]"
    }
   ],
   "name": "30",
@@ -1421,7 +1425,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "mode",
-    "type": "108",
+    "type": "109",
     "default": null
    }
   ],
@@ -1491,7 +1495,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "on-error",
-    "type": "109",
+    "type": "110",
     "default": null
    },
    {
@@ -1551,7 +1555,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "on-error",
-    "type": "109",
+    "type": "110",
     "default": null
    },
    {
@@ -1586,7 +1590,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "sync",
-    "type": "110"
+    "type": "111"
    },
    {
     "name": "speed",
@@ -1600,7 +1604,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmap-mode",
-    "type": "111",
+    "type": "112",
     "default": null
    },
    {
@@ -1610,12 +1614,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "on-source-error",
-    "type": "109",
+    "type": "110",
     "default": null
    },
    {
     "name": "on-target-error",
-    "type": "109",
+    "type": "110",
     "default": null
    },
    {
@@ -1635,7 +1639,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "x-perf",
-    "type": "112",
+    "type": "113",
     "default": null,
     "features": [
      "unstable"
@@ -1652,7 +1656,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "mode",
-    "type": "108",
+    "type": "109",
     "default": null
    }
   ],
@@ -1672,7 +1676,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "sync",
-    "type": "110"
+    "type": "111"
    },
    {
     "name": "speed",
@@ -1686,7 +1690,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmap-mode",
-    "type": "111",
+    "type": "112",
     "default": null
    },
    {
@@ -1696,12 +1700,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "on-source-error",
-    "type": "109",
+    "type": "110",
     "default": null
    },
    {
     "name": "on-target-error",
-    "type": "109",
+    "type": "110",
     "default": null
    },
    {
@@ -1721,7 +1725,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "x-perf",
-    "type": "112",
+    "type": "113",
     "default": null,
     "features": [
      "unstable"
@@ -1767,11 +1771,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "sync",
-    "type": "110"
+    "type": "111"
    },
    {
     "name": "mode",
-    "type": "108",
+    "type": "109",
     "default": null
    },
    {
@@ -1791,12 +1795,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "on-source-error",
-    "type": "109",
+    "type": "110",
     "default": null
    },
    {
     "name": "on-target-error",
-    "type": "109",
+    "type": "110",
     "default": null
    },
    {
@@ -1806,7 +1810,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "copy-mode",
-    "type": "113",
+    "type": "114",
     "default": null
    },
    {
@@ -1845,7 +1849,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "sync",
-    "type": "110"
+    "type": "111"
    },
    {
     "name": "speed",
@@ -1864,12 +1868,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "on-source-error",
-    "type": "109",
+    "type": "110",
     "default": null
    },
    {
     "name": "on-target-error",
-    "type": "109",
+    "type": "110",
     "default": null
    },
    {
@@ -1879,7 +1883,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "copy-mode",
-    "type": "113",
+    "type": "114",
     "default": null
    },
    {
@@ -1900,11 +1904,11 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "actions",
-    "type": "[114]"
+    "type": "[115]"
    },
    {
     "name": "properties",
-    "type": "115",
+    "type": "116",
     "default": null
    }
   ],
@@ -2045,7 +2049,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "addr",
-    "type": "116"
+    "type": "117"
    }
   ],
   "name": "51",
@@ -2089,7 +2093,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "mode",
-    "type": "117",
+    "type": "118",
     "default": null
    }
   ],
@@ -2100,7 +2104,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "type",
-    "type": "118"
+    "type": "119"
    },
    {
     "name": "id",
@@ -2113,7 +2117,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "iothread",
-    "type": "119",
+    "type": "120",
     "default": null
    },
    {
@@ -2140,11 +2144,11 @@ export const introspection: readonly unknown[] = [
   "variants": [
    {
     "case": "nbd",
-    "type": "120"
+    "type": "121"
    },
    {
     "case": "fuse",
-    "type": "121"
+    "type": "122"
    }
   ],
   "name": "54",
@@ -2158,7 +2162,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "mode",
-    "type": "117",
+    "type": "118",
     "default": null
    }
   ],
@@ -2188,7 +2192,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "type",
-    "type": "118"
+    "type": "119"
    },
    {
     "name": "node-name",
@@ -2252,7 +2256,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "format",
-    "type": "122",
+    "type": "123",
     "default": null
    }
   ],
@@ -2271,7 +2275,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "format",
-    "type": "122",
+    "type": "123",
     "default": null
    }
   ],
@@ -2291,7 +2295,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "backend",
-    "type": "123"
+    "type": "124"
    }
   ],
   "name": "62",
@@ -2316,7 +2320,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "backend",
-    "type": "123"
+    "type": "124"
    }
   ],
   "name": "64",
@@ -2346,7 +2350,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "enable",
-    "type": "[124]",
+    "type": "[125]",
     "default": null
    }
   ],
@@ -2357,7 +2361,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "qemu",
-    "type": "125"
+    "type": "126"
    },
    {
     "name": "package",
@@ -2395,7 +2399,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "meta-type",
-    "type": "126"
+    "type": "127"
    },
    {
     "name": "features",
@@ -2407,31 +2411,31 @@ export const introspection: readonly unknown[] = [
   "variants": [
    {
     "case": "builtin",
-    "type": "127"
-   },
-   {
-    "case": "enum",
     "type": "128"
    },
    {
-    "case": "array",
+    "case": "enum",
     "type": "129"
    },
    {
-    "case": "object",
+    "case": "array",
     "type": "130"
    },
    {
-    "case": "alternate",
+    "case": "object",
     "type": "131"
    },
    {
-    "case": "command",
+    "case": "alternate",
     "type": "132"
    },
    {
-    "case": "event",
+    "case": "command",
     "type": "133"
+   },
+   {
+    "case": "event",
+    "type": "134"
    }
   ],
   "name": "70",
@@ -2495,7 +2499,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "properties",
-    "type": "[134]"
+    "type": "[135]"
    }
   ],
   "name": "74",
@@ -2593,7 +2597,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "qom-type",
-    "type": "135"
+    "type": "136"
    },
    {
     "name": "id",
@@ -2604,15 +2608,15 @@ export const introspection: readonly unknown[] = [
   "variants": [
    {
     "case": "iothread",
-    "type": "136"
-   },
-   {
-    "case": "secret",
     "type": "137"
    },
    {
-    "case": "throttle-group",
+    "case": "secret",
     "type": "138"
+   },
+   {
+    "case": "throttle-group",
+    "type": "139"
    }
   ],
   "name": "80",
@@ -2762,21 +2766,21 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "timed_stats",
-    "type": "[139]"
+    "type": "[140]"
    },
    {
     "name": "rd_latency_histogram",
-    "type": "140",
+    "type": "141",
     "default": null
    },
    {
     "name": "wr_latency_histogram",
-    "type": "140",
+    "type": "141",
     "default": null
    },
    {
     "name": "flush_latency_histogram",
-    "type": "140",
+    "type": "141",
     "default": null
    }
   ],
@@ -2802,11 +2806,15 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "file",
-    "type": "141"
+    "type": "142"
    },
    {
     "case": "host_device",
-    "type": "141"
+    "type": "142"
+   },
+   {
+    "case": "luks",
+    "type": "0"
    },
    {
     "case": "null-aio",
@@ -2965,7 +2973,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "snapshots",
-    "type": "[142]",
+    "type": "[143]",
     "default": null
    },
    {
@@ -2975,7 +2983,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "format-specific",
-    "type": "143",
+    "type": "144",
     "default": null
    }
   ],
@@ -3054,7 +3062,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "type",
-    "type": "144"
+    "type": "145"
    },
    {
     "name": "name",
@@ -3085,11 +3093,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "perm",
-    "type": "[145]"
+    "type": "[146]"
    },
    {
     "name": "shared-perm",
-    "type": "[145]"
+    "type": "[146]"
    }
   ],
   "name": "91",
@@ -3179,7 +3187,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "copy-mode",
-    "type": "113"
+    "type": "114"
    }
   ],
   "name": "95",
@@ -3198,6 +3206,9 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "host_device"
+   },
+   {
+    "name": "luks"
    },
    {
     "name": "null-aio"
@@ -3220,6 +3231,7 @@ export const introspection: readonly unknown[] = [
    "copy-on-read",
    "file",
    "host_device",
+   "luks",
    "null-aio",
    "null-co",
    "qcow2",
@@ -3265,7 +3277,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "image",
-    "type": "146"
+    "type": "147"
    },
    {
     "name": "config",
@@ -3304,22 +3316,22 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "inject-error",
-    "type": "[147]",
-    "default": null
-   },
-   {
-    "name": "set-state",
     "type": "[148]",
     "default": null
    },
    {
+    "name": "set-state",
+    "type": "[149]",
+    "default": null
+   },
+   {
     "name": "take-child-perms",
-    "type": "[145]",
+    "type": "[146]",
     "default": null
    },
    {
     "name": "unshare-child-perms",
-    "type": "[145]",
+    "type": "[146]",
     "default": null
    }
   ],
@@ -3330,7 +3342,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "file",
-    "type": "146"
+    "type": "147"
    },
    {
     "name": "bottom",
@@ -3354,12 +3366,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "locking",
-    "type": "149",
+    "type": "150",
     "default": null
    },
    {
     "name": "aio",
-    "type": "150",
+    "type": "151",
     "default": null
    },
    {
@@ -3390,6 +3402,21 @@ export const introspection: readonly unknown[] = [
  {
   "members": [
    {
+    "name": "file",
+    "type": "147"
+   },
+   {
+    "name": "key-secret",
+    "type": "str",
+    "default": null
+   }
+  ],
+  "name": "102",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
     "name": "size",
     "type": "int",
     "default": null
@@ -3405,18 +3432,18 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "102",
+  "name": "103",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "file",
-    "type": "146"
+    "type": "147"
    },
    {
     "name": "backing",
-    "type": "151",
+    "type": "152",
     "default": null
    },
    {
@@ -3446,7 +3473,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "overlap-check",
-    "type": "152",
+    "type": "153",
     "default": null
    },
    {
@@ -3476,18 +3503,18 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "data-file",
-    "type": "146",
+    "type": "147",
     "default": null
    }
   ],
-  "name": "103",
+  "name": "104",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "file",
-    "type": "146"
+    "type": "147"
    },
    {
     "name": "offset",
@@ -3500,7 +3527,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "104",
+  "name": "105",
   "meta-type": "object"
  },
  {
@@ -3511,10 +3538,10 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "file",
-    "type": "146"
+    "type": "147"
    }
   ],
-  "name": "105",
+  "name": "106",
   "meta-type": "object"
  },
  {
@@ -3541,10 +3568,14 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "file",
-    "type": "153"
+    "type": "154"
    },
    {
     "case": "host_device",
+    "type": "0"
+   },
+   {
+    "case": "luks",
     "type": "0"
    },
    {
@@ -3557,7 +3588,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "qcow2",
-    "type": "154"
+    "type": "155"
    },
    {
     "case": "raw",
@@ -3568,12 +3599,12 @@ export const introspection: readonly unknown[] = [
     "type": "0"
    }
   ],
-  "name": "106",
+  "name": "107",
   "meta-type": "object"
  },
  {
-  "element-type": "107",
-  "name": "[107]",
+  "element-type": "108",
+  "name": "[108]",
   "meta-type": "array"
  },
  {
@@ -3585,7 +3616,7 @@ export const introspection: readonly unknown[] = [
     "type": "29"
    }
   ],
-  "name": "107",
+  "name": "108",
   "meta-type": "alternate"
  },
  {
@@ -3601,7 +3632,7 @@ export const introspection: readonly unknown[] = [
    "existing",
    "absolute-paths"
   ],
-  "name": "108",
+  "name": "109",
   "meta-type": "enum"
  },
  {
@@ -3629,7 +3660,7 @@ export const introspection: readonly unknown[] = [
    "stop",
    "auto"
   ],
-  "name": "109",
+  "name": "110",
   "meta-type": "enum"
  },
  {
@@ -3657,7 +3688,7 @@ export const introspection: readonly unknown[] = [
    "incremental",
    "bitmap"
   ],
-  "name": "110",
+  "name": "111",
   "meta-type": "enum"
  },
  {
@@ -3677,7 +3708,7 @@ export const introspection: readonly unknown[] = [
    "never",
    "always"
   ],
-  "name": "111",
+  "name": "112",
   "meta-type": "enum"
  },
  {
@@ -3698,7 +3729,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "112",
+  "name": "113",
   "meta-type": "object"
  },
  {
@@ -3714,77 +3745,66 @@ export const introspection: readonly unknown[] = [
    "background",
    "write-blocking"
   ],
-  "name": "113",
+  "name": "114",
   "meta-type": "enum"
  },
  {
-  "element-type": "114",
-  "name": "[114]",
+  "element-type": "115",
+  "name": "[115]",
   "meta-type": "array"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "155"
+    "type": "156"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "abort",
-    "type": "156"
-   },
-   {
-    "case": "block-dirty-bitmap-add",
     "type": "157"
    },
    {
+    "case": "block-dirty-bitmap-add",
+    "type": "158"
+   },
+   {
     "case": "block-dirty-bitmap-remove",
-    "type": "158"
-   },
-   {
-    "case": "block-dirty-bitmap-clear",
-    "type": "158"
-   },
-   {
-    "case": "block-dirty-bitmap-enable",
-    "type": "158"
-   },
-   {
-    "case": "block-dirty-bitmap-disable",
-    "type": "158"
-   },
-   {
-    "case": "block-dirty-bitmap-merge",
     "type": "159"
    },
    {
-    "case": "blockdev-backup",
+    "case": "block-dirty-bitmap-clear",
+    "type": "159"
+   },
+   {
+    "case": "block-dirty-bitmap-enable",
+    "type": "159"
+   },
+   {
+    "case": "block-dirty-bitmap-disable",
+    "type": "159"
+   },
+   {
+    "case": "block-dirty-bitmap-merge",
     "type": "160"
    },
    {
-    "case": "blockdev-snapshot",
+    "case": "blockdev-backup",
     "type": "161"
    },
    {
-    "case": "blockdev-snapshot-sync",
+    "case": "blockdev-snapshot",
     "type": "162"
    },
    {
-    "case": "drive-backup",
+    "case": "blockdev-snapshot-sync",
     "type": "163"
-   }
-  ],
-  "name": "114",
-  "meta-type": "object"
- },
- {
-  "members": [
+   },
    {
-    "name": "completion-mode",
-    "type": "164",
-    "default": null
+    "case": "drive-backup",
+    "type": "164"
    }
   ],
   "name": "115",
@@ -3793,30 +3813,41 @@ export const introspection: readonly unknown[] = [
  {
   "members": [
    {
+    "name": "completion-mode",
+    "type": "165",
+    "default": null
+   }
+  ],
+  "name": "116",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
     "name": "type",
-    "type": "165"
+    "type": "166"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "inet",
-    "type": "166"
-   },
-   {
-    "case": "unix",
     "type": "167"
    },
    {
-    "case": "vsock",
+    "case": "unix",
     "type": "168"
    },
    {
-    "case": "fd",
+    "case": "vsock",
     "type": "169"
+   },
+   {
+    "case": "fd",
+    "type": "170"
    }
   ],
-  "name": "116",
+  "name": "117",
   "meta-type": "object"
  },
  {
@@ -3832,7 +3863,7 @@ export const introspection: readonly unknown[] = [
    "safe",
    "hard"
   ],
-  "name": "117",
+  "name": "118",
   "meta-type": "enum"
  },
  {
@@ -3848,7 +3879,7 @@ export const introspection: readonly unknown[] = [
    "nbd",
    "fuse"
   ],
-  "name": "118",
+  "name": "119",
   "meta-type": "enum"
  },
  {
@@ -3860,7 +3891,7 @@ export const introspection: readonly unknown[] = [
     "type": "[str]"
    }
   ],
-  "name": "119",
+  "name": "120",
   "meta-type": "alternate"
  },
  {
@@ -3877,7 +3908,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmaps",
-    "type": "[107]",
+    "type": "[108]",
     "default": null
    },
    {
@@ -3886,7 +3917,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "120",
+  "name": "121",
   "meta-type": "object"
  },
  {
@@ -3902,7 +3933,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "allow-other",
-    "type": "170",
+    "type": "171",
     "default": null
    },
    {
@@ -3911,7 +3942,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "121",
+  "name": "122",
   "meta-type": "object"
  },
  {
@@ -3927,53 +3958,53 @@ export const introspection: readonly unknown[] = [
    "utf8",
    "base64"
   ],
-  "name": "122",
+  "name": "123",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "171"
+    "type": "172"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "file",
-    "type": "172"
-   },
-   {
-    "case": "pipe",
     "type": "173"
    },
    {
-    "case": "socket",
+    "case": "pipe",
     "type": "174"
    },
    {
-    "case": "null",
+    "case": "socket",
     "type": "175"
    },
    {
-    "case": "stdio",
+    "case": "null",
     "type": "176"
    },
    {
-    "case": "ringbuf",
+    "case": "stdio",
     "type": "177"
    },
    {
+    "case": "ringbuf",
+    "type": "178"
+   },
+   {
     "case": "memory",
-    "type": "177"
+    "type": "178"
    }
   ],
-  "name": "123",
+  "name": "124",
   "meta-type": "object"
  },
  {
-  "element-type": "124",
-  "name": "[124]",
+  "element-type": "125",
+  "name": "[125]",
   "meta-type": "array"
  },
  {
@@ -3985,7 +4016,7 @@ export const introspection: readonly unknown[] = [
   "values": [
    "oob"
   ],
-  "name": "124",
+  "name": "125",
   "meta-type": "enum"
  },
  {
@@ -4003,7 +4034,7 @@ export const introspection: readonly unknown[] = [
     "type": "int"
    }
   ],
-  "name": "125",
+  "name": "126",
   "meta-type": "object"
  },
  {
@@ -4039,7 +4070,7 @@ export const introspection: readonly unknown[] = [
    "command",
    "event"
   ],
-  "name": "126",
+  "name": "127",
   "meta-type": "enum"
  },
  {
@@ -4051,37 +4082,10 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "json-type",
-    "type": "178"
-   }
-  ],
-  "name": "127",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "members",
-    "type": "[179]"
-   },
-   {
-    "name": "values",
-    "type": "[str]",
-    "features": [
-     "deprecated"
-    ]
+    "type": "179"
    }
   ],
   "name": "128",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "element-type",
-    "type": "str"
-   }
-  ],
-  "name": "129",
   "meta-type": "object"
  },
  {
@@ -4091,14 +4095,21 @@ export const introspection: readonly unknown[] = [
     "type": "[180]"
    },
    {
-    "name": "tag",
-    "type": "str",
-    "default": null
-   },
+    "name": "values",
+    "type": "[str]",
+    "features": [
+     "deprecated"
+    ]
+   }
+  ],
+  "name": "129",
+  "meta-type": "object"
+ },
+ {
+  "members": [
    {
-    "name": "variants",
-    "type": "[181]",
-    "default": null
+    "name": "element-type",
+    "type": "str"
    }
   ],
   "name": "130",
@@ -4108,10 +4119,30 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "members",
-    "type": "[182]"
+    "type": "[181]"
+   },
+   {
+    "name": "tag",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "variants",
+    "type": "[182]",
+    "default": null
    }
   ],
   "name": "131",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "members",
+    "type": "[183]"
+   }
+  ],
+  "name": "132",
   "meta-type": "object"
  },
  {
@@ -4130,7 +4161,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "132",
+  "name": "133",
   "meta-type": "object"
  },
  {
@@ -4140,12 +4171,12 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "133",
+  "name": "134",
   "meta-type": "object"
  },
  {
-  "element-type": "134",
-  "name": "[134]",
+  "element-type": "135",
+  "name": "[135]",
   "meta-type": "array"
  },
  {
@@ -4164,7 +4195,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "134",
+  "name": "135",
   "meta-type": "object"
  },
  {
@@ -4184,7 +4215,7 @@ export const introspection: readonly unknown[] = [
    "secret",
    "throttle-group"
   ],
-  "name": "135",
+  "name": "136",
   "meta-type": "enum"
  },
  {
@@ -4220,7 +4251,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "136",
+  "name": "137",
   "meta-type": "object"
  },
  {
@@ -4232,7 +4263,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "format",
-    "type": "183",
+    "type": "184",
     "default": null
    },
    {
@@ -4256,14 +4287,14 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "137",
+  "name": "138",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "limits",
-    "type": "184",
+    "type": "185",
     "default": null
    },
    {
@@ -4419,12 +4450,12 @@ export const introspection: readonly unknown[] = [
     ]
    }
   ],
-  "name": "138",
+  "name": "139",
   "meta-type": "object"
  },
  {
-  "element-type": "139",
-  "name": "[139]",
+  "element-type": "140",
+  "name": "[140]",
   "meta-type": "array"
  },
  {
@@ -4478,7 +4509,7 @@ export const introspection: readonly unknown[] = [
     "type": "number"
    }
   ],
-  "name": "139",
+  "name": "140",
   "meta-type": "object"
  },
  {
@@ -4492,7 +4523,7 @@ export const introspection: readonly unknown[] = [
     "type": "[int]"
    }
   ],
-  "name": "140",
+  "name": "141",
   "meta-type": "object"
  },
  {
@@ -4510,12 +4541,12 @@ export const introspection: readonly unknown[] = [
     "type": "int"
    }
   ],
-  "name": "141",
+  "name": "142",
   "meta-type": "object"
  },
  {
-  "element-type": "142",
-  "name": "[142]",
+  "element-type": "143",
+  "name": "[143]",
   "meta-type": "array"
  },
  {
@@ -4554,24 +4585,24 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "142",
+  "name": "143",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "185"
+    "type": "186"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "qcow2",
-    "type": "186"
+    "type": "187"
    }
   ],
-  "name": "143",
+  "name": "144",
   "meta-type": "object"
  },
  {
@@ -4591,12 +4622,12 @@ export const introspection: readonly unknown[] = [
    "block-job",
    "block-driver"
   ],
-  "name": "144",
+  "name": "145",
   "meta-type": "enum"
  },
  {
-  "element-type": "145",
-  "name": "[145]",
+  "element-type": "146",
+  "name": "[146]",
   "meta-type": "array"
  },
  {
@@ -4620,7 +4651,7 @@ export const introspection: readonly unknown[] = [
    "write-unchanged",
    "resize"
   ],
-  "name": "145",
+  "name": "146",
   "meta-type": "enum"
  },
  {
@@ -4632,19 +4663,19 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "146",
+  "name": "147",
   "meta-type": "alternate"
  },
  {
-  "element-type": "147",
-  "name": "[147]",
+  "element-type": "148",
+  "name": "[148]",
   "meta-type": "array"
  },
  {
   "members": [
    {
     "name": "event",
-    "type": "187"
+    "type": "188"
    },
    {
     "name": "state",
@@ -4653,7 +4684,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "iotype",
-    "type": "188",
+    "type": "189",
     "default": null
    },
    {
@@ -4677,19 +4708,19 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "147",
+  "name": "148",
   "meta-type": "object"
  },
  {
-  "element-type": "148",
-  "name": "[148]",
+  "element-type": "149",
+  "name": "[149]",
   "meta-type": "array"
  },
  {
   "members": [
    {
     "name": "event",
-    "type": "187"
+    "type": "188"
    },
    {
     "name": "state",
@@ -4701,7 +4732,7 @@ export const introspection: readonly unknown[] = [
     "type": "int"
    }
   ],
-  "name": "148",
+  "name": "149",
   "meta-type": "object"
  },
  {
@@ -4721,7 +4752,7 @@ export const introspection: readonly unknown[] = [
    "on",
    "off"
   ],
-  "name": "149",
+  "name": "150",
   "meta-type": "enum"
  },
  {
@@ -4741,7 +4772,7 @@ export const introspection: readonly unknown[] = [
    "native",
    "io_uring"
   ],
-  "name": "150",
+  "name": "151",
   "meta-type": "enum"
  },
  {
@@ -4756,19 +4787,19 @@ export const introspection: readonly unknown[] = [
     "type": "null"
    }
   ],
-  "name": "151",
+  "name": "152",
   "meta-type": "alternate"
  },
  {
   "members": [
    {
-    "type": "189"
+    "type": "190"
    },
    {
-    "type": "190"
+    "type": "191"
    }
   ],
-  "name": "152",
+  "name": "153",
   "meta-type": "alternate"
  },
  {
@@ -4783,7 +4814,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "preallocation",
-    "type": "191",
+    "type": "192",
     "default": null
    },
    {
@@ -4797,18 +4828,18 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "153",
+  "name": "154",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "file",
-    "type": "146"
+    "type": "147"
    },
    {
     "name": "data-file",
-    "type": "146",
+    "type": "147",
     "default": null
    },
    {
@@ -4827,7 +4858,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "version",
-    "type": "192",
+    "type": "193",
     "default": null
    },
    {
@@ -4847,7 +4878,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "preallocation",
-    "type": "191",
+    "type": "192",
     "default": null
    },
    {
@@ -4862,11 +4893,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "compression-type",
-    "type": "193",
+    "type": "194",
     "default": null
    }
   ],
-  "name": "154",
+  "name": "155",
   "meta-type": "object"
  },
  {
@@ -4918,24 +4949,14 @@ export const introspection: readonly unknown[] = [
    "blockdev-snapshot-sync",
    "drive-backup"
   ],
-  "name": "155",
+  "name": "156",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "194"
-   }
-  ],
-  "name": "156",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "28"
+    "type": "195"
    }
   ],
   "name": "157",
@@ -4945,7 +4966,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "29"
+    "type": "28"
    }
   ],
   "name": "158",
@@ -4955,7 +4976,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "30"
+    "type": "29"
    }
   ],
   "name": "159",
@@ -4965,7 +4986,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "39"
+    "type": "30"
    }
   ],
   "name": "160",
@@ -4975,7 +4996,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "35"
+    "type": "39"
    }
   ],
   "name": "161",
@@ -4985,7 +5006,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "34"
+    "type": "35"
    }
   ],
   "name": "162",
@@ -4995,10 +5016,20 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "38"
+    "type": "34"
    }
   ],
   "name": "163",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "38"
+   }
+  ],
+  "name": "164",
   "meta-type": "object"
  },
  {
@@ -5014,7 +5045,7 @@ export const introspection: readonly unknown[] = [
    "individual",
    "grouped"
   ],
-  "name": "164",
+  "name": "165",
   "meta-type": "enum"
  },
  {
@@ -5038,18 +5069,8 @@ export const introspection: readonly unknown[] = [
    "vsock",
    "fd"
   ],
-  "name": "165",
-  "meta-type": "enum"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "195"
-   }
-  ],
   "name": "166",
-  "meta-type": "object"
+  "meta-type": "enum"
  },
  {
   "members": [
@@ -5084,6 +5105,16 @@ export const introspection: readonly unknown[] = [
  {
   "members": [
    {
+    "name": "data",
+    "type": "199"
+   }
+  ],
+  "name": "170",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
     "name": "off"
    },
    {
@@ -5098,7 +5129,7 @@ export const introspection: readonly unknown[] = [
    "on",
    "auto"
   ],
-  "name": "170",
+  "name": "171",
   "meta-type": "enum"
  },
  {
@@ -5134,18 +5165,8 @@ export const introspection: readonly unknown[] = [
    "ringbuf",
    "memory"
   ],
-  "name": "171",
-  "meta-type": "enum"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "199"
-   }
-  ],
   "name": "172",
-  "meta-type": "object"
+  "meta-type": "enum"
  },
  {
   "members": [
@@ -5200,6 +5221,16 @@ export const introspection: readonly unknown[] = [
  {
   "members": [
    {
+    "name": "data",
+    "type": "205"
+   }
+  ],
+  "name": "178",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
     "name": "string"
    },
    {
@@ -5234,12 +5265,12 @@ export const introspection: readonly unknown[] = [
    "array",
    "value"
   ],
-  "name": "178",
+  "name": "179",
   "meta-type": "enum"
  },
  {
-  "element-type": "179",
-  "name": "[179]",
+  "element-type": "180",
+  "name": "[180]",
   "meta-type": "array"
  },
  {
@@ -5254,12 +5285,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "179",
+  "name": "180",
   "meta-type": "object"
  },
  {
-  "element-type": "180",
-  "name": "[180]",
+  "element-type": "181",
+  "name": "[181]",
   "meta-type": "array"
  },
  {
@@ -5283,12 +5314,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "180",
+  "name": "181",
   "meta-type": "object"
  },
  {
-  "element-type": "181",
-  "name": "[181]",
+  "element-type": "182",
+  "name": "[182]",
   "meta-type": "array"
  },
  {
@@ -5302,12 +5333,12 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "181",
+  "name": "182",
   "meta-type": "object"
  },
  {
-  "element-type": "182",
-  "name": "[182]",
+  "element-type": "183",
+  "name": "[183]",
   "meta-type": "array"
  },
  {
@@ -5317,7 +5348,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "182",
+  "name": "183",
   "meta-type": "object"
  },
  {
@@ -5333,7 +5364,7 @@ export const introspection: readonly unknown[] = [
    "raw",
    "base64"
   ],
-  "name": "183",
+  "name": "184",
   "meta-type": "enum"
  },
  {
@@ -5434,7 +5465,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "184",
+  "name": "185",
   "meta-type": "object"
  },
  {
@@ -5456,17 +5487,17 @@ export const introspection: readonly unknown[] = [
   "values": [
    "qcow2"
   ],
-  "name": "185",
+  "name": "186",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "205"
+    "type": "206"
    }
   ],
-  "name": "186",
+  "name": "187",
   "meta-type": "object"
  },
  {
@@ -5666,7 +5697,7 @@ export const introspection: readonly unknown[] = [
    "cluster_alloc_space",
    "none"
   ],
-  "name": "187",
+  "name": "188",
   "meta-type": "enum"
  },
  {
@@ -5698,7 +5729,7 @@ export const introspection: readonly unknown[] = [
    "flush",
    "block-status"
   ],
-  "name": "188",
+  "name": "189",
   "meta-type": "enum"
  },
  {
@@ -5710,7 +5741,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "template",
-    "type": "190",
+    "type": "191",
     "default": null
    },
    {
@@ -5759,7 +5790,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "189",
+  "name": "190",
   "meta-type": "object"
  },
  {
@@ -5783,7 +5814,7 @@ export const introspection: readonly unknown[] = [
    "cached",
    "all"
   ],
-  "name": "190",
+  "name": "191",
   "meta-type": "enum"
  },
  {
@@ -5807,7 +5838,7 @@ export const introspection: readonly unknown[] = [
    "falloc",
    "full"
   ],
-  "name": "191",
+  "name": "192",
   "meta-type": "enum"
  },
  {
@@ -5823,7 +5854,7 @@ export const introspection: readonly unknown[] = [
    "v2",
    "v3"
   ],
-  "name": "192",
+  "name": "193",
   "meta-type": "enum"
  },
  {
@@ -5839,12 +5870,12 @@ export const introspection: readonly unknown[] = [
    "zlib",
    "zstd"
   ],
-  "name": "193",
+  "name": "194",
   "meta-type": "enum"
  },
  {
   "members": [],
-  "name": "194",
+  "name": "195",
   "meta-type": "object"
  },
  {
@@ -5888,7 +5919,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "195",
+  "name": "196",
   "meta-type": "object"
  },
  {
@@ -5908,7 +5939,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "196",
+  "name": "197",
   "meta-type": "object"
  },
  {
@@ -5922,7 +5953,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "197",
+  "name": "198",
   "meta-type": "object"
  },
  {
@@ -5932,7 +5963,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "198",
+  "name": "199",
   "meta-type": "object"
  },
  {
@@ -5962,7 +5993,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "199",
+  "name": "200",
   "meta-type": "object"
  },
  {
@@ -5982,7 +6013,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "200",
+  "name": "201",
   "meta-type": "object"
  },
  {
@@ -5999,7 +6030,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "addr",
-    "type": "116"
+    "type": "117"
    },
    {
     "name": "tls-creds",
@@ -6047,22 +6078,6 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "201",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "logfile",
-    "type": "str",
-    "default": null
-   },
-   {
-    "name": "logappend",
-    "type": "bool",
-    "default": null
-   }
-  ],
   "name": "202",
   "meta-type": "object"
  },
@@ -6075,11 +6090,6 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "logappend",
-    "type": "bool",
-    "default": null
-   },
-   {
-    "name": "signal",
     "type": "bool",
     "default": null
    }
@@ -6100,12 +6110,33 @@ export const introspection: readonly unknown[] = [
     "default": null
    },
    {
+    "name": "signal",
+    "type": "bool",
+    "default": null
+   }
+  ],
+  "name": "204",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "logfile",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "logappend",
+    "type": "bool",
+    "default": null
+   },
+   {
     "name": "size",
     "type": "int",
     "default": null
    }
   ],
-  "name": "204",
+  "name": "205",
   "meta-type": "object"
  },
  {
@@ -6145,20 +6176,20 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmaps",
-    "type": "[206]",
+    "type": "[207]",
     "default": null
    },
    {
     "name": "compression-type",
-    "type": "193"
+    "type": "194"
    }
   ],
-  "name": "205",
+  "name": "206",
   "meta-type": "object"
  },
  {
-  "element-type": "206",
-  "name": "[206]",
+  "element-type": "207",
+  "name": "[207]",
   "meta-type": "array"
  },
  {
@@ -6173,15 +6204,15 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "flags",
-    "type": "[207]"
+    "type": "[208]"
    }
   ],
-  "name": "206",
+  "name": "207",
   "meta-type": "object"
  },
  {
-  "element-type": "207",
-  "name": "[207]",
+  "element-type": "208",
+  "name": "[208]",
   "meta-type": "array"
  },
  {
@@ -6197,7 +6228,7 @@ export const introspection: readonly unknown[] = [
    "in-use",
    "auto"
   ],
-  "name": "207",
+  "name": "208",
   "meta-type": "enum"
  }
 ];

@@ -1423,6 +1423,7 @@ export const schemaData: GenSchema = {
     "copy-on-read",
     "file",
     "host_device",
+    "luks",
     "null-aio",
     "null-co",
     "qcow2",
@@ -1686,6 +1687,20 @@ export const schemaData: GenSchema = {
     }
    ],
    "doc": "Driver specific block device options for the copy-on-read driver.",
+   "base": "BlockdevOptionsGenericFormat"
+  },
+  "BlockdevOptionsLUKS": {
+   "kind": "struct",
+   "name": "BlockdevOptionsLUKS",
+   "members": [
+    {
+     "name": "key-secret",
+     "type": "str",
+     "optional": true,
+     "doc": "the ID of a QCryptoSecret object providing the decryption key (since 2.6). Mandatory except when doing a metadata-only probe of the image."
+    }
+   ],
+   "doc": "Driver specific block device options for LUKS.",
    "base": "BlockdevOptionsGenericFormat"
   },
   "BlockdevOptionsRaw": {
@@ -2294,6 +2309,7 @@ export const schemaData: GenSchema = {
     "copy-on-read": "BlockdevOptionsCor",
     "file": "BlockdevOptionsFile",
     "host_device": "BlockdevOptionsFile",
+    "luks": "BlockdevOptionsLUKS",
     "null-aio": "BlockdevOptionsNull",
     "null-co": "BlockdevOptionsNull",
     "qcow2": "BlockdevOptionsQcow2",

@@ -229,6 +229,7 @@ export type BlockStatsSpecific =
   | (BlockStatsSpecificBase & { "driver": "copy-on-read" })
   | (BlockStatsSpecificBase & { "driver": "file" } & BlockStatsSpecificFile)
   | (BlockStatsSpecificBase & { "driver": "host_device" } & BlockStatsSpecificFile)
+  | (BlockStatsSpecificBase & { "driver": "luks" })
   | (BlockStatsSpecificBase & { "driver": "null-aio" })
   | (BlockStatsSpecificBase & { "driver": "null-co" })
   | (BlockStatsSpecificBase & { "driver": "qcow2" })
@@ -393,7 +394,7 @@ export interface BlockdevCacheOptions {
 }
 
 /** Drivers that are supported in block device operations. @since 2.9 */
-export type BlockdevDriver = "blkdebug" | "copy-on-read" | "file" | "host_device" | "null-aio" | "null-co" | "qcow2" | "raw" | "throttle";
+export type BlockdevDriver = "blkdebug" | "copy-on-read" | "file" | "host_device" | "luks" | "null-aio" | "null-co" | "qcow2" | "raw" | "throttle";
 
 /** An enumeration of three options: on, off, and auto. @since 2.2 */
 export type OnOffAuto = "auto" | "on" | "off";
@@ -486,6 +487,12 @@ export interface BlockdevOptionsThrottle {
 export interface BlockdevOptionsCor extends BlockdevOptionsGenericFormat {
   /** The name of a non-filter node (allocation-bearing layer) that limits the COR operations in the backing chain (inclusive), so that no data below this node will be copied by this filter. If option is absent, the limit is not applied, so that data from all backing layers may be copied. */
   "bottom"?: string;
+}
+
+/** Driver specific block device options for LUKS. @since 2.9 */
+export interface BlockdevOptionsLUKS extends BlockdevOptionsGenericFormat {
+  /** the ID of a QCryptoSecret object providing the decryption key (since 2.6). Mandatory except when doing a metadata-only probe of the image. */
+  "key-secret"?: string;
 }
 
 /** Driver specific block device options for the raw driver. @since 2.9 */
@@ -692,6 +699,7 @@ export type BlockdevOptions =
   | (BlockdevOptionsBase & { "driver": "copy-on-read" } & BlockdevOptionsCor)
   | (BlockdevOptionsBase & { "driver": "file" } & BlockdevOptionsFile)
   | (BlockdevOptionsBase & { "driver": "host_device" } & BlockdevOptionsFile)
+  | (BlockdevOptionsBase & { "driver": "luks" } & BlockdevOptionsLUKS)
   | (BlockdevOptionsBase & { "driver": "null-aio" } & BlockdevOptionsNull)
   | (BlockdevOptionsBase & { "driver": "null-co" } & BlockdevOptionsNull)
   | (BlockdevOptionsBase & { "driver": "qcow2" } & BlockdevOptionsQcow2)
@@ -773,6 +781,7 @@ export type BlockdevCreateOptions =
   | (BlockdevCreateOptionsBase & { "driver": "copy-on-read" })
   | (BlockdevCreateOptionsBase & { "driver": "file" } & BlockdevCreateOptionsFile)
   | (BlockdevCreateOptionsBase & { "driver": "host_device" })
+  | (BlockdevCreateOptionsBase & { "driver": "luks" })
   | (BlockdevCreateOptionsBase & { "driver": "null-aio" })
   | (BlockdevCreateOptionsBase & { "driver": "null-co" })
   | (BlockdevCreateOptionsBase & { "driver": "qcow2" } & BlockdevCreateOptionsQcow2)
