@@ -27,6 +27,7 @@ async function imageInfo(node: BlockNode, flat: boolean): Promise<Record<string,
   info['actual-size'] = allocated;
   info['virtual-size'] = node.getLength();
   if (drv['cluster-size'] !== undefined) info['cluster-size'] = drv['cluster-size'];
+  if (drv.encrypted) info.encrypted = true;
   if (drv['backing-filename'] !== undefined) info['backing-filename'] = drv['backing-filename'];
   if (drv['full-backing-filename'] !== undefined) info['full-backing-filename'] = drv['full-backing-filename'];
   if (drv['backing-filename-format'] !== undefined) info['backing-filename-format'] = drv['backing-filename-format'];
@@ -56,7 +57,7 @@ async function blockDeviceInfo(node: BlockNode, flat: boolean): Promise<Record<s
   if (node.backing && !node.driver.isFilter) info.backing_file = nodeFilename(node.backing, jsonFilename);
   Object.assign(info, {
     backing_file_depth: backingDepth(node, flat),
-    encrypted: false,
+    encrypted: node.driver.imageInfo?.(node.state).encrypted ?? false,
     detect_zeroes: node.options['detect-zeroes'] ?? 'off',
     bps: 0, bps_rd: 0, bps_wr: 0, iops: 0, iops_rd: 0, iops_wr: 0,
     image: await imageInfo(node, flat),
