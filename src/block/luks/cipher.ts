@@ -40,7 +40,7 @@ function lookupCipher(name: string, mode: CipherMode, keyBytes: number): string 
   // xts keys hold two cipher keys (data and tweak).
   const single = mode === 'xts' ? keyBytes / 2 : keyBytes;
   const alg = name === 'aes' ? AES_KEYS[single] : undefined;
-  if (alg === undefined) throw genericError(`Algorithm '${name}' with key size ${keyBytes} bytes not supported`);
+  if (alg === undefined) throw genericError(`Algorithm '${name}' with key size ${single} bytes not supported`);
   return alg;
 }
 
