@@ -9,6 +9,7 @@
 #include "loop_ring.h"
 
 #include <sys/mman.h>
+#include <sys/uio.h>
 
 #include <errno.h>
 #include <fcntl.h>
@@ -415,6 +416,31 @@ Napi::Value Transfer(const Napi::CallbackInfo& info, bool write) {
   return Napi::Number::New(env, double(done));
 }
 
+// One preadv2/pwritev2 with RWF_* flags for the inline fast path (RWF_NOWAIT: only what needs no
+// wait). No retry of short transfers and no throw, as it runs per request: returns the bytes
+// transferred (possibly short) or -errno (-EAGAIN: it would have blocked).
+Napi::Value TransferNow(const Napi::CallbackInfo& info, bool write) {
+  napi_env env = info.Env();
+  int32_t fd;
+  uint8_t* data;
+  size_t len;
+  int64_t offset;
+  int32_t flags;
+  if (info.Length() < 4 || !ArgInt32(env, info[0], &fd) || !ArgBuffer(env, info[1], &data, &len) ||
+      !ArgInt64(env, info[2], &offset) || !ArgInt32(env, info[3], &flags)) {
+    return ThrowType(info.Env(), "expected (fd, buffer, offset, flags)");
+  }
+  struct iovec iov = {data, len};
+  ssize_t r;
+  do {
+    r = write ? ::pwritev2(fd, &iov, 1, offset, flags) : ::preadv2(fd, &iov, 1, offset, flags);
+  } while (r < 0 && errno == EINTR);
+  return Napi::Number::New(env, r < 0 ? -double(errno) : double(r));
+}
+
+Napi::Value PreadNow(const Napi::CallbackInfo& info) { return TransferNow(info, false); }
+Napi::Value PwriteNow(const Napi::CallbackInfo& info) { return TransferNow(info, true); }
+
 Napi::Value Pread(const Napi::CallbackInfo& info) { return Transfer(info, false); }
 Napi::Value Pwrite(const Napi::CallbackInfo& info) { return Transfer(info, true); }
 
@@ -560,6 +586,7 @@ Napi::Object IoConstants(Napi::Env env) {
   c.Set("SEEK_DATA", SEEK_DATA);
   c.Set("SEEK_HOLE", SEEK_HOLE);
   c.Set("O_DIRECT", O_DIRECT);
+  c.Set("RWF_NOWAIT", RWF_NOWAIT);
   return c;
 }
 
@@ -569,6 +596,8 @@ void InitBlockIo(Napi::Env env, Napi::Object exports) {
   exports.Set("IoRing", IoRing::Define(env));
   exports.Set("pread", Napi::Function::New<Pread>(env, "pread"));
   exports.Set("pwrite", Napi::Function::New<Pwrite>(env, "pwrite"));
+  exports.Set("preadNow", Napi::Function::New<PreadNow>(env, "preadNow"));
+  exports.Set("pwriteNow", Napi::Function::New<PwriteNow>(env, "pwriteNow"));
   exports.Set("fallocate", Napi::Function::New<Fallocate>(env, "fallocate"));
   exports.Set("fallocateAsync", Napi::Function::New<FallocateAsync>(env, "fallocateAsync"));
   exports.Set("lseek", Napi::Function::New<Lseek>(env, "lseek"));

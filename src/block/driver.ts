@@ -101,6 +101,18 @@ export interface BlockDriver<S = any> {
 
   /** Read exactly buf.length bytes at offset into buf. */
   read(state: S, offset: number, buf: Buffer): Promise<void>;
+  /**
+   * Optional fast path: complete the read before returning when that needs no wait (null nodes,
+   * data in the page cache) and return true; return false, having changed nothing the caller
+   * relies on, to have the caller use read(). Throws BlockIoError to fail the request. It lets an
+   * export answer without making a promise, which is a measurable part of a 4k request's cost.
+   */
+  readNow?(state: S, offset: number, buf: Buffer): boolean;
+  /**
+   * Optional fast path as readNow: write buf before returning and return true, or return false
+   * without having written anything, and the caller uses write().
+   */
+  writeNow?(state: S, offset: number, buf: Buffer, flags: WriteFlags): boolean;
   /** Write buf at offset. Absent: the driver is read-only. */
   write?(state: S, offset: number, buf: Buffer, flags: WriteFlags): Promise<void>;
   /** Zero [offset, offset+bytes). Absent: the generic layer writes a zero buffer (unless noFallback). */

@@ -43,6 +43,17 @@ interface FileState extends FileDescription {
   /** fallocate modes that returned EOPNOTSUPP: don't ask again (like QEMU's has_write_zeroes). */
   noZeroRange: boolean;
   noPunchHole: boolean;
+  /** Buffered reads may be tried inline from the page cache (preadv2 RWF_NOWAIT). */
+  inlineReads: boolean;
+  /** Buffered writes may be done inline (see writeNow); false for aio=threads and O_DIRECT. */
+  inlineWrites: boolean;
+  /** The file system refused RWF_NOWAIT buffered writes (ext4 does): inline writes are plain pwrites. */
+  nowaitWriteRefused: boolean;
+  /** performance.now() before which inline plain pwrites are off (they kept blocking). */
+  inlineWritesOffUntil: number;
+  /** Slow inline writes since slowWindowStart. */
+  slowWrites: number;
+  slowWindowStart: number;
 }
 
 function makeState(desc: FileDescription, isReplica: boolean): FileState {
@@ -54,6 +65,12 @@ function makeState(desc: FileDescription, isReplica: boolean): FileState {
     isReplica,
     noZeroRange: false,
     noPunchHole: false,
+    inlineReads: !desc.direct && desc.aio !== 'threads',
+    inlineWrites: !desc.direct && desc.aio !== 'threads',
+    nowaitWriteRefused: false,
+    inlineWritesOffUntil: 0,
+    slowWrites: 0,
+    slowWindowStart: 0,
   };
 }
 
@@ -148,6 +165,77 @@ async function readInto(state: FileState, offset: number, buf: Buffer): Promise<
   }
 }
 
+const RWF_NOWAIT = native.ioConstants.RWF_NOWAIT!;
+const PAGE_SIZE = 4096;
+/**
+ * Inline plain pwrites give way to the ring when they block for long in the kernel (dirty-page
+ * throttling sleeps 10-200 ms a time, again and again), as the loop serves nothing else meanwhile.
+ * A single slow write proves little (preemption, a journal commit: ~0.2 % of writes here take a few
+ * ms, through the ring too), so only INLINE_SLOW_LIMIT writes over INLINE_SLOW_MS within
+ * INLINE_SLOW_WINDOW_MS turn them off, for INLINE_BACKOFF_MS.
+ */
+const INLINE_SLOW_MS = 2;
+const INLINE_SLOW_LIMIT = 3;
+const INLINE_SLOW_WINDOW_MS = 100;
+const INLINE_BACKOFF_MS = 1000;
+
+/**
+ * readNow: a buffered read served from the page cache before returning. Anything but a complete
+ * read (not cached, short, EOF, an error) leaves it to the ring, which reads it again in full.
+ */
+function readInline(state: FileState, offset: number, buf: Buffer): boolean {
+  if (!state.inlineReads) return false;
+  const r = native.preadNow(state.fd, buf, offset, RWF_NOWAIT);
+  if (r === buf.length) return true;
+  if (r === -EOPNOTSUPP) state.inlineReads = false; // tmpfs: no RWF_NOWAIT reads at all
+  return false;
+}
+
+/**
+ * writeNow: a buffered write done before returning, saving the ring's round trip through its
+ * worker threads. Where the file system offers RWF_NOWAIT buffered writes (XFS, btrfs) it does
+ * exactly what needs no wait. ext4 refuses them (EOPNOTSUPP), and io_uring then hands every
+ * buffered write to an io-wq worker: there a plain pwrite of whole pages (no page to read first)
+ * is done inline, as it costs the same few microseconds the hand-off would, and ext4 serializes
+ * buffered writes to one file anyway. Writes that keep blocking turn inline writes off for a while.
+ */
+function writeInline(state: FileState, offset: number, buf: Buffer): boolean {
+  if (!state.inlineWrites) return false;
+  if (!state.nowaitWriteRefused) {
+    const r = native.pwriteNow(state.fd, buf, offset, RWF_NOWAIT);
+    if (r === buf.length) {
+      growLength(state, offset + r);
+      return true;
+    }
+    if (r > 0) {
+      // A short write: nothing may stay half done behind a false; finish it where it may wait.
+      native.pwrite(state.fd, buf.subarray(r), offset + r);
+      growLength(state, offset + buf.length);
+      return true;
+    }
+    if (r !== -EOPNOTSUPP) return false; // EAGAIN (would block) or an error the ring reports
+    state.nowaitWriteRefused = true;
+  }
+  if (offset % PAGE_SIZE !== 0 || buf.length % PAGE_SIZE !== 0) return false;
+  const start = performance.now();
+  if (start < state.inlineWritesOffUntil) return false;
+  const r = native.pwriteNow(state.fd, buf, offset, 0);
+  if (r < 0) throw new BlockIoError(-r, `${strerror(-r)}: write failed`);
+  if (r < buf.length) native.pwrite(state.fd, buf.subarray(r), offset + r);
+  growLength(state, offset + buf.length);
+  const end = performance.now();
+  if (end - start > INLINE_SLOW_MS) noteSlowInlineWrite(state, end);
+  return true;
+}
+
+function noteSlowInlineWrite(state: FileState, now: number): void {
+  if (now - state.slowWindowStart > INLINE_SLOW_WINDOW_MS) {
+    state.slowWindowStart = now;
+    state.slowWrites = 0;
+  }
+  if (++state.slowWrites >= INLINE_SLOW_LIMIT) state.inlineWritesOffUntil = now + INLINE_BACKOFF_MS;
+}
+
 function growLength(state: FileState, end: number): void {
   if (end > state.length[0]) state.length[0] = end;
 }
@@ -210,6 +298,9 @@ function makeFileDriver(name: 'file' | 'host_device'): BlockDriver<FileState> {
     },
     requestAlignment: (state) => state.alignment,
     read: (state, offset, buf) => readInto(state, offset, buf),
+    readNow: (state, offset, buf) => readInline(state, offset, buf),
+    // FUA writes wait for the disk: they go to the ring.
+    writeNow: (state, offset, buf, flags) => !flags.fua && writeInline(state, offset, buf),
     async write(state, offset, buf, flags) {
       if (state.direct) {
         await directWrite(state, offset, buf);

@@ -134,6 +134,31 @@ export class BlockNode {
     if (inside > 0) await this.driver.read(this.state, offset, buf.subarray(0, inside));
   }
 
+  /**
+   * read()'s synchronous fast path: true when the driver completed the read before returning;
+   * false means nothing happened and the caller must use read(). Only for requests inside the node.
+   */
+  tryRead(offset: number, buf: Buffer): boolean {
+    const readNow = this.driver.readNow;
+    if (readNow === undefined || offset + buf.length > this.getLength()) return false;
+    this.checkRequest(offset, buf.length);
+    return readNow(this.state, offset, buf);
+  }
+
+  /**
+   * write()'s synchronous fast path, taken only while no dirty bitmap, write threshold or job
+   * watches this node's writes (their hooks may wait). false: nothing was written, use write().
+   */
+  tryWrite(offset: number, buf: Buffer, flags: WriteFlags): boolean {
+    const writeNow = this.driver.writeNow;
+    if (writeNow === undefined || this.readOnly) return false;
+    const t = this.tracking;
+    if (t !== null && !t.idle()) return false;
+    this.checkRequest(offset, buf.length);
+    this.writeGen++; // before, as write() does: a flush racing with it must not be skipped
+    return writeNow(this.state, offset, buf, flags);
+  }
+
   /** Write buf at offset. Writes beyond the end grow protocol nodes (a format driver allocating). */
   async write(offset: number, buf: Buffer, flags: WriteFlags = {}): Promise<void> {
     this.checkWritable();

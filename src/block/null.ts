@@ -32,6 +32,12 @@ function makeNullDriver(name: 'null-co' | 'null-aio'): BlockDriver<NullState> {
       if (state.latencyNs) await delay(state.latencyNs);
       if (state.readZeroes) buf.fill(0);
     },
+    readNow(state, _offset, buf) {
+      if (state.latencyNs) return false;
+      if (state.readZeroes) buf.fill(0);
+      return true;
+    },
+    writeNow: (state) => !state.latencyNs,
     async write(state) {
       if (state.latencyNs) await delay(state.latencyNs);
     },

@@ -505,22 +505,39 @@ export abstract class FuseServer implements LocalQueue {
     return this.fuseGetattr(slot);
   }
 
-  private async fuseRead(slot: FuseSlot, offset: number, size: number): Promise<number> {
+  private fuseRead(slot: FuseSlot, offset: number, size: number): number | Promise<number> {
     if (size > FUSE_MAX_READ_BYTES || size > READ_CAPACITY) return -EINVAL;
     const length = this.node.getLength();
     if (offset >= length) return 0;
     // The kernel expects short reads at EOF: clamp, don't fail.
     const n = Math.min(size, length - offset);
-    await this.node.read(offset, slot.out.subarray(0, n));
-    return n;
+    const buf = slot.out.subarray(0, n);
+    // Answered before returning when the node can (null, page cache): no promise per request.
+    if (this.node.tryRead(offset, buf)) return n;
+    return this.node.read(offset, buf).then(() => n);
   }
 
-  private async fuseWrite(slot: FuseSlot, offLo: number, offHi: number, size: number): Promise<number> {
+  private fuseWrite(slot: FuseSlot, offLo: number, offHi: number, size: number): number | Promise<number> {
     if (size > FUSE_MAX_WRITE_BYTES) return -EINVAL;
     if (!this.params.writable) return -EACCES;
     // offset + size must not overflow 64 bits.
     if (offHi === 0xffffffff && offLo + size > 0xffffffff) return -EINVAL;
     const offset = offLo + offHi * 0x100000000;
+    if (size > 0 && offset + size <= this.node.getLength()) {
+      // Inside the node: done before returning when the node can (null, inline buffered writes).
+      if (this.node.tryWrite(offset, slot.data.subarray(0, size), this.writeFlags)) return this.writeReply(slot, size);
+    }
+    return this.fuseWriteAsync(slot, offset, size);
+  }
+
+  private writeReply(slot: FuseSlot, size: number): number {
+    const o = slot.out;
+    o.writeUInt32LE(size, abi.WRITE_OUT_SIZE_FIELD);
+    o.writeUInt32LE(0, 4);
+    return abi.WRITE_OUT_SIZE;
+  }
+
+  private async fuseWriteAsync(slot: FuseSlot, offset: number, size: number): Promise<number> {
     const length = this.node.getLength();
     if (offset + size > length) {
       if (this.params.growable) {
@@ -535,10 +552,7 @@ export abstract class FuseServer implements LocalQueue {
       const data = slot.data.subarray(0, size);
       await this.node.write(offset, data, this.writeFlags);
     }
-    const o = slot.out;
-    o.writeUInt32LE(size, abi.WRITE_OUT_SIZE_FIELD);
-    o.writeUInt32LE(0, 4);
-    return abi.WRITE_OUT_SIZE;
+    return this.writeReply(slot, size);
   }
 
   /** Grow the node to at least `end`; growths on this queue run one at a time so none shrinks another's. */

@@ -136,6 +136,13 @@ export interface NativeAddon {
   pread(fd: number, buf: Buffer, offset: number): number;
   /** pwrite(2) of buf; returns bytes written. Throws on error. */
   pwrite(fd: number, buf: Buffer, offset: number): number;
+  /**
+   * One preadv2(2) with RWF_* flags (ioConstants.RWF_NOWAIT: only from the page cache), for the
+   * inline fast path: bytes read (short at EOF or when partly cached) or -errno (-EAGAIN: would block).
+   */
+  preadNow(fd: number, buf: Buffer, offset: number, flags: number): number;
+  /** One pwritev2(2) with RWF_* flags: bytes written (possibly short) or -errno (-EAGAIN, -EOPNOTSUPP). */
+  pwriteNow(fd: number, buf: Buffer, offset: number, flags: number): number;
   /** fallocate(2); throws on error (errno EOPNOTSUPP where the file system lacks the mode). */
   fallocate(fd: number, mode: number, offset: number, length: number): void;
   /**

@@ -614,12 +614,18 @@ export class NbdConnection {
     switch (s.type) {
       case abi.NBD_CMD_READ:
         if (this.structured && !(s.flags & abi.NBD_CMD_FLAG_DF) && s.len > 0) return this.sparseRead(s);
-        await node.read(s.offset, s.buf.subarray(DATA_OFF, DATA_OFF + s.len));
+      {
+        // The node's synchronous fast path first (page cache, null): no ring round trip.
+        const buf = s.buf.subarray(DATA_OFF, DATA_OFF + s.len);
+        if (!node.tryRead(s.offset, buf)) await node.read(s.offset, buf);
         return s.len;
-      case abi.NBD_CMD_WRITE:
-        await node.write(s.offset, s.buf.subarray(DATA_OFF, DATA_OFF + s.len));
+      }
+      case abi.NBD_CMD_WRITE: {
+        const buf = s.buf.subarray(DATA_OFF, DATA_OFF + s.len);
+        if (!node.tryWrite(s.offset, buf, {})) await node.write(s.offset, buf);
         if (fua) await node.flush();
         return 0;
+      }
       case abi.NBD_CMD_WRITE_ZEROES:
         await node.writeZeroes(s.offset, s.len, {
           mayUnmap: !(s.flags & abi.NBD_CMD_FLAG_NO_HOLE),
@@ -682,7 +688,8 @@ export class NbdConnection {
       if (s.chunkZero[i]) continue;
       const at = DATA_OFF + s.chunkStart[i];
       try {
-        await node.read(s.offset + s.chunkStart[i], s.buf.subarray(at, at + s.chunkLen[i]));
+        const buf = s.buf.subarray(at, at + s.chunkLen[i]);
+        if (!node.tryRead(s.offset + s.chunkStart[i], buf)) await node.read(s.offset + s.chunkStart[i], buf);
       } catch (e) {
         // QEMU cannot take back the chunks of a sparse read it started: it drops the client.
         errorReport(`Disconnect client, due to: Failed to send reply: reading from file failed: ${strerror(e)}`);
