@@ -442,6 +442,58 @@ export class Qcow2Image {
     b.resolve();
   }
 
+  /**
+   * The synchronous fast path (BlockDriver.readNow): a read inside one (sub)cluster whose L2 table
+   * is cached, answered from zeroes or by the file child's own fast path. false: use read().
+   * Nothing is awaited, so no allocation or discard can change the mapping underneath it.
+   */
+  readNow(offset: number, buf: Buffer): boolean {
+    const cs = this.cs;
+    const ci = Math.floor(offset / cs);
+    if (this.busy.size > 0 && this.busy.has(ci)) return false;
+    const l2off = this.l2OffsetFor(Math.floor(ci / this.l2Entries));
+    if (l2off === 0) {
+      if (this.backing !== undefined || Math.floor((offset + buf.length - 1) / cs) !== ci) return false;
+      buf.fill(0);
+      return true;
+    }
+    const t = this.l2Cache.peek(l2off);
+    if (t === undefined) return false;
+    const kind = this.unit(t.buf, offset);
+    if (offset + buf.length > this.uEnd) return false;
+    switch (kind) {
+      case Kind.Data:
+        return this.uHost + buf.length <= this.file.getLength() && this.file.tryRead(this.uHost, buf);
+      case Kind.Zero:
+        buf.fill(0);
+        return true;
+      case Kind.Unalloc:
+        if (this.backing !== undefined) return false;
+        buf.fill(0);
+        return true;
+      default:
+        return false;
+    }
+  }
+
+  /**
+   * The synchronous fast path (BlockDriver.writeNow): an in-place write inside one allocated
+   * cluster whose L2 table is cached, through the file child's own fast path. false: use write().
+   */
+  writeNow(offset: number, data: Buffer): boolean {
+    const cs = this.cs;
+    const ci = Math.floor(offset / cs);
+    if (Math.floor((offset + data.length - 1) / cs) !== ci) return false;
+    if (this.busy.size > 0 && this.busy.has(ci)) return false;
+    const l2off = this.l2OffsetFor(Math.floor(ci / this.l2Entries));
+    if (l2off === 0) return false;
+    const t = this.l2Cache.peek(l2off);
+    if (t === undefined) return false;
+    const i = (ci % this.l2Entries) * this.entryBytes;
+    if (!this.inPlace(t.buf, i)) return false;
+    return this.file.tryWrite(tableOffset(t.buf, i / 8) + (offset - ci * cs), data, {});
+  }
+
   async write(offset: number, data: Buffer): Promise<void> {
     const cs = this.cs;
     let pos = 0;

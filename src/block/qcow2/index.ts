@@ -127,6 +127,10 @@ export const qcow2Driver: BlockDriver<Qcow2State> = {
     return state.img.read(offset, buf);
   },
 
+  readNow: (state, offset, buf) => state.img.readNow(offset, buf),
+  // FUA needs the image flushed: the asynchronous path.
+  writeNow: (state, offset, buf, flags) => !flags.fua && state.img.writeNow(offset, buf),
+
   async write(state, offset, buf, flags) {
     await state.img.write(offset, buf);
     if (flags.fua) await state.img.flush();

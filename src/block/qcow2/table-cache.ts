@@ -41,6 +41,16 @@ export class TableCache {
     return p;
   }
 
+  /** The cached table at `offset` if it is in memory (LRU refreshed), without loading it. */
+  peek(offset: number): CachedTable | undefined {
+    const t = this.map.get(offset);
+    if (t !== undefined) {
+      this.map.delete(offset);
+      this.map.set(offset, t);
+    }
+    return t;
+  }
+
   private async load(offset: number): Promise<CachedTable> {
     try {
       const buf = Buffer.alloc(this.tableSize);

@@ -5,6 +5,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { execFileSync } from 'node:child_process';
 import { BlockNode } from '../../../src/block/node.js';
 import { findBlockDriver } from '../../../src/block/registry.js';
 import { DirtyBitmap } from '../../../src/block/dirty-bitmap.js';
@@ -113,6 +114,37 @@ describe('synchronous fast paths', () => {
     bitmap.setEnabled(false);
     assert.equal(node.tryWrite(65536, buf, {}), true);
     assert.equal(bitmap.count(), 65536);
+  });
+
+  it('qcow2: in-place writes and mapped reads inside one cluster, never allocations', async () => {
+    const img = path.join(dir, 'img.qcow2');
+    execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', img, '4M']);
+    // Cluster 0 holds data, cluster 1 reads as zero (a zero cluster), the rest is unallocated.
+    execFileSync('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x11 0 64k', '-c', 'write -z 64k 64k', img]);
+    const file = await openNode('file', { filename: img });
+    const q = await openNode('qcow2', { backing: null }, file);
+    const buf = Buffer.alloc(4096);
+    await q.read(0, buf); // loads the L2 table into the cache
+    buf.fill(0xee);
+    assert.equal(q.tryRead(8192, buf), true);
+    assert.ok(buf.every((b) => b === 0x11));
+    buf.fill(0xee);
+    assert.equal(q.tryRead(65536 + 4096, buf), true);
+    assert.ok(buf.every((b) => b === 0));
+    // A read across a cluster boundary and a write into an unallocated cluster go the async way.
+    assert.equal(q.tryRead(65536 - 512, buf), false);
+    assert.equal(q.tryWrite(3 << 20, buf, {}), false);
+    const data = pattern(4096, 9);
+    assert.equal(q.tryWrite(12288, data, {}), true);
+    await q.flush();
+    await closeNode(q);
+    await closeNode(file);
+    const out = execFileSync('qemu-io', ['-f', 'qcow2', '-c', 'read -P 0x11 0 12k', '-c', 'read -P 0x11 16k 48k', img], { encoding: 'utf8' });
+    assert.doesNotMatch(out, /Pattern verification failed/);
+    const raw = path.join(dir, 'out.raw');
+    execFileSync('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', img, raw]);
+    const back = fs.readFileSync(raw).subarray(12288, 12288 + 4096);
+    assert.deepEqual(back, data);
   });
 
   it('an I/O error on the inline path is thrown like the ring reports it', async () => {
