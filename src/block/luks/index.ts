@@ -20,6 +20,8 @@ import {
   checkHeader, parseHeader, splitKeySectors, type LuksHeader,
 } from './header.js';
 
+export { luksCreate, type LuksCreateOptions } from './create.js';
+
 const pbkdf2Async = promisify(pbkdf2);
 const SECTOR = LUKS_SECTOR_SIZE;
 /** Requests are en/decrypted in pieces of at most this size, bounding the cipher's scratch buffers. */

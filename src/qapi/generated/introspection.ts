@@ -3576,7 +3576,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "luks",
-    "type": "0"
+    "type": "155"
    },
    {
     "case": "null-aio",
@@ -3588,7 +3588,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "qcow2",
-    "type": "155"
+    "type": "156"
    },
    {
     "case": "raw",
@@ -3757,54 +3757,54 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "type",
-    "type": "156"
+    "type": "157"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "abort",
-    "type": "157"
-   },
-   {
-    "case": "block-dirty-bitmap-add",
     "type": "158"
    },
    {
+    "case": "block-dirty-bitmap-add",
+    "type": "159"
+   },
+   {
     "case": "block-dirty-bitmap-remove",
-    "type": "159"
-   },
-   {
-    "case": "block-dirty-bitmap-clear",
-    "type": "159"
-   },
-   {
-    "case": "block-dirty-bitmap-enable",
-    "type": "159"
-   },
-   {
-    "case": "block-dirty-bitmap-disable",
-    "type": "159"
-   },
-   {
-    "case": "block-dirty-bitmap-merge",
     "type": "160"
    },
    {
-    "case": "blockdev-backup",
+    "case": "block-dirty-bitmap-clear",
+    "type": "160"
+   },
+   {
+    "case": "block-dirty-bitmap-enable",
+    "type": "160"
+   },
+   {
+    "case": "block-dirty-bitmap-disable",
+    "type": "160"
+   },
+   {
+    "case": "block-dirty-bitmap-merge",
     "type": "161"
    },
    {
-    "case": "blockdev-snapshot",
+    "case": "blockdev-backup",
     "type": "162"
    },
    {
-    "case": "blockdev-snapshot-sync",
+    "case": "blockdev-snapshot",
     "type": "163"
    },
    {
-    "case": "drive-backup",
+    "case": "blockdev-snapshot-sync",
     "type": "164"
+   },
+   {
+    "case": "drive-backup",
+    "type": "165"
    }
   ],
   "name": "115",
@@ -3814,7 +3814,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "completion-mode",
-    "type": "165",
+    "type": "166",
     "default": null
    }
   ],
@@ -3825,26 +3825,26 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "type",
-    "type": "166"
+    "type": "167"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "inet",
-    "type": "167"
-   },
-   {
-    "case": "unix",
     "type": "168"
    },
    {
-    "case": "vsock",
+    "case": "unix",
     "type": "169"
    },
    {
-    "case": "fd",
+    "case": "vsock",
     "type": "170"
+   },
+   {
+    "case": "fd",
+    "type": "171"
    }
   ],
   "name": "117",
@@ -3933,7 +3933,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "allow-other",
-    "type": "171",
+    "type": "172",
     "default": null
    },
    {
@@ -3965,38 +3965,38 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "type",
-    "type": "172"
+    "type": "173"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "file",
-    "type": "173"
-   },
-   {
-    "case": "pipe",
     "type": "174"
    },
    {
-    "case": "socket",
+    "case": "pipe",
     "type": "175"
    },
    {
-    "case": "null",
+    "case": "socket",
     "type": "176"
    },
    {
-    "case": "stdio",
+    "case": "null",
     "type": "177"
    },
    {
-    "case": "ringbuf",
+    "case": "stdio",
     "type": "178"
    },
    {
+    "case": "ringbuf",
+    "type": "179"
+   },
+   {
     "case": "memory",
-    "type": "178"
+    "type": "179"
    }
   ],
   "name": "124",
@@ -4082,7 +4082,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "json-type",
-    "type": "179"
+    "type": "180"
    }
   ],
   "name": "128",
@@ -4092,7 +4092,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "members",
-    "type": "[180]"
+    "type": "[181]"
    },
    {
     "name": "values",
@@ -4119,7 +4119,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "members",
-    "type": "[181]"
+    "type": "[182]"
    },
    {
     "name": "tag",
@@ -4128,7 +4128,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "variants",
-    "type": "[182]",
+    "type": "[183]",
     "default": null
    }
   ],
@@ -4139,7 +4139,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "members",
-    "type": "[183]"
+    "type": "[184]"
    }
   ],
   "name": "132",
@@ -4263,7 +4263,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "format",
-    "type": "184",
+    "type": "185",
     "default": null
    },
    {
@@ -4294,7 +4294,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "limits",
-    "type": "185",
+    "type": "186",
     "default": null
    },
    {
@@ -4592,14 +4592,14 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "type",
-    "type": "186"
+    "type": "187"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "qcow2",
-    "type": "187"
+    "type": "188"
    }
   ],
   "name": "144",
@@ -4675,7 +4675,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "event",
-    "type": "188"
+    "type": "189"
    },
    {
     "name": "state",
@@ -4684,7 +4684,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "iotype",
-    "type": "189",
+    "type": "190",
     "default": null
    },
    {
@@ -4720,7 +4720,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "event",
-    "type": "188"
+    "type": "189"
    },
    {
     "name": "state",
@@ -4793,10 +4793,10 @@ export const introspection: readonly unknown[] = [
  {
   "members": [
    {
-    "type": "190"
+    "type": "191"
    },
    {
-    "type": "191"
+    "type": "192"
    }
   ],
   "name": "153",
@@ -4814,7 +4814,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "preallocation",
-    "type": "192",
+    "type": "193",
     "default": null
    },
    {
@@ -4829,6 +4829,60 @@ export const introspection: readonly unknown[] = [
    }
   ],
   "name": "154",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "key-secret",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "cipher-alg",
+    "type": "194",
+    "default": null
+   },
+   {
+    "name": "cipher-mode",
+    "type": "195",
+    "default": null
+   },
+   {
+    "name": "ivgen-alg",
+    "type": "196",
+    "default": null
+   },
+   {
+    "name": "ivgen-hash-alg",
+    "type": "197",
+    "default": null
+   },
+   {
+    "name": "hash-alg",
+    "type": "197",
+    "default": null
+   },
+   {
+    "name": "iter-time",
+    "type": "int",
+    "default": null
+   },
+   {
+    "name": "file",
+    "type": "147"
+   },
+   {
+    "name": "size",
+    "type": "int"
+   },
+   {
+    "name": "preallocation",
+    "type": "193",
+    "default": null
+   }
+  ],
+  "name": "155",
   "meta-type": "object"
  },
  {
@@ -4858,7 +4912,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "version",
-    "type": "193",
+    "type": "198",
     "default": null
    },
    {
@@ -4878,7 +4932,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "preallocation",
-    "type": "192",
+    "type": "193",
     "default": null
    },
    {
@@ -4893,11 +4947,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "compression-type",
-    "type": "194",
+    "type": "199",
     "default": null
    }
   ],
-  "name": "155",
+  "name": "156",
   "meta-type": "object"
  },
  {
@@ -4949,24 +5003,14 @@ export const introspection: readonly unknown[] = [
    "blockdev-snapshot-sync",
    "drive-backup"
   ],
-  "name": "156",
+  "name": "157",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "195"
-   }
-  ],
-  "name": "157",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "28"
+    "type": "200"
    }
   ],
   "name": "158",
@@ -4976,7 +5020,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "29"
+    "type": "28"
    }
   ],
   "name": "159",
@@ -4986,7 +5030,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "30"
+    "type": "29"
    }
   ],
   "name": "160",
@@ -4996,7 +5040,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "39"
+    "type": "30"
    }
   ],
   "name": "161",
@@ -5006,7 +5050,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "35"
+    "type": "39"
    }
   ],
   "name": "162",
@@ -5016,7 +5060,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "34"
+    "type": "35"
    }
   ],
   "name": "163",
@@ -5026,10 +5070,20 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "38"
+    "type": "34"
    }
   ],
   "name": "164",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "38"
+   }
+  ],
+  "name": "165",
   "meta-type": "object"
  },
  {
@@ -5045,7 +5099,7 @@ export const introspection: readonly unknown[] = [
    "individual",
    "grouped"
   ],
-  "name": "165",
+  "name": "166",
   "meta-type": "enum"
  },
  {
@@ -5069,24 +5123,14 @@ export const introspection: readonly unknown[] = [
    "vsock",
    "fd"
   ],
-  "name": "166",
+  "name": "167",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "196"
-   }
-  ],
-  "name": "167",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "197"
+    "type": "201"
    }
   ],
   "name": "168",
@@ -5096,7 +5140,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "198"
+    "type": "202"
    }
   ],
   "name": "169",
@@ -5106,10 +5150,20 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "199"
+    "type": "203"
    }
   ],
   "name": "170",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "204"
+   }
+  ],
+  "name": "171",
   "meta-type": "object"
  },
  {
@@ -5129,7 +5183,7 @@ export const introspection: readonly unknown[] = [
    "on",
    "auto"
   ],
-  "name": "171",
+  "name": "172",
   "meta-type": "enum"
  },
  {
@@ -5165,24 +5219,14 @@ export const introspection: readonly unknown[] = [
    "ringbuf",
    "memory"
   ],
-  "name": "172",
+  "name": "173",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "200"
-   }
-  ],
-  "name": "173",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "201"
+    "type": "205"
    }
   ],
   "name": "174",
@@ -5192,7 +5236,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "202"
+    "type": "206"
    }
   ],
   "name": "175",
@@ -5202,7 +5246,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "203"
+    "type": "207"
    }
   ],
   "name": "176",
@@ -5212,7 +5256,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "204"
+    "type": "208"
    }
   ],
   "name": "177",
@@ -5222,10 +5266,20 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "205"
+    "type": "209"
    }
   ],
   "name": "178",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "210"
+   }
+  ],
+  "name": "179",
   "meta-type": "object"
  },
  {
@@ -5265,12 +5319,12 @@ export const introspection: readonly unknown[] = [
    "array",
    "value"
   ],
-  "name": "179",
+  "name": "180",
   "meta-type": "enum"
  },
  {
-  "element-type": "180",
-  "name": "[180]",
+  "element-type": "181",
+  "name": "[181]",
   "meta-type": "array"
  },
  {
@@ -5285,12 +5339,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "180",
+  "name": "181",
   "meta-type": "object"
  },
  {
-  "element-type": "181",
-  "name": "[181]",
+  "element-type": "182",
+  "name": "[182]",
   "meta-type": "array"
  },
  {
@@ -5314,12 +5368,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "181",
+  "name": "182",
   "meta-type": "object"
  },
  {
-  "element-type": "182",
-  "name": "[182]",
+  "element-type": "183",
+  "name": "[183]",
   "meta-type": "array"
  },
  {
@@ -5333,12 +5387,12 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "182",
+  "name": "183",
   "meta-type": "object"
  },
  {
-  "element-type": "183",
-  "name": "[183]",
+  "element-type": "184",
+  "name": "[184]",
   "meta-type": "array"
  },
  {
@@ -5348,7 +5402,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "183",
+  "name": "184",
   "meta-type": "object"
  },
  {
@@ -5364,7 +5418,7 @@ export const introspection: readonly unknown[] = [
    "raw",
    "base64"
   ],
-  "name": "184",
+  "name": "185",
   "meta-type": "enum"
  },
  {
@@ -5465,7 +5519,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "185",
+  "name": "186",
   "meta-type": "object"
  },
  {
@@ -5487,17 +5541,17 @@ export const introspection: readonly unknown[] = [
   "values": [
    "qcow2"
   ],
-  "name": "186",
+  "name": "187",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "206"
+    "type": "211"
    }
   ],
-  "name": "187",
+  "name": "188",
   "meta-type": "object"
  },
  {
@@ -5697,7 +5751,7 @@ export const introspection: readonly unknown[] = [
    "cluster_alloc_space",
    "none"
   ],
-  "name": "188",
+  "name": "189",
   "meta-type": "enum"
  },
  {
@@ -5729,7 +5783,7 @@ export const introspection: readonly unknown[] = [
    "flush",
    "block-status"
   ],
-  "name": "189",
+  "name": "190",
   "meta-type": "enum"
  },
  {
@@ -5741,7 +5795,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "template",
-    "type": "191",
+    "type": "192",
     "default": null
    },
    {
@@ -5790,7 +5844,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "190",
+  "name": "191",
   "meta-type": "object"
  },
  {
@@ -5814,7 +5868,7 @@ export const introspection: readonly unknown[] = [
    "cached",
    "all"
   ],
-  "name": "191",
+  "name": "192",
   "meta-type": "enum"
  },
  {
@@ -5838,7 +5892,143 @@ export const introspection: readonly unknown[] = [
    "falloc",
    "full"
   ],
-  "name": "192",
+  "name": "193",
+  "meta-type": "enum"
+ },
+ {
+  "members": [
+   {
+    "name": "aes-128"
+   },
+   {
+    "name": "aes-192"
+   },
+   {
+    "name": "aes-256"
+   },
+   {
+    "name": "des"
+   },
+   {
+    "name": "3des"
+   },
+   {
+    "name": "cast5-128"
+   },
+   {
+    "name": "serpent-128"
+   },
+   {
+    "name": "serpent-192"
+   },
+   {
+    "name": "serpent-256"
+   },
+   {
+    "name": "twofish-128"
+   },
+   {
+    "name": "twofish-192"
+   },
+   {
+    "name": "twofish-256"
+   }
+  ],
+  "values": [
+   "aes-128",
+   "aes-192",
+   "aes-256",
+   "des",
+   "3des",
+   "cast5-128",
+   "serpent-128",
+   "serpent-192",
+   "serpent-256",
+   "twofish-128",
+   "twofish-192",
+   "twofish-256"
+  ],
+  "name": "194",
+  "meta-type": "enum"
+ },
+ {
+  "members": [
+   {
+    "name": "ecb"
+   },
+   {
+    "name": "cbc"
+   },
+   {
+    "name": "xts"
+   },
+   {
+    "name": "ctr"
+   }
+  ],
+  "values": [
+   "ecb",
+   "cbc",
+   "xts",
+   "ctr"
+  ],
+  "name": "195",
+  "meta-type": "enum"
+ },
+ {
+  "members": [
+   {
+    "name": "plain"
+   },
+   {
+    "name": "plain64"
+   },
+   {
+    "name": "essiv"
+   }
+  ],
+  "values": [
+   "plain",
+   "plain64",
+   "essiv"
+  ],
+  "name": "196",
+  "meta-type": "enum"
+ },
+ {
+  "members": [
+   {
+    "name": "md5"
+   },
+   {
+    "name": "sha1"
+   },
+   {
+    "name": "sha224"
+   },
+   {
+    "name": "sha256"
+   },
+   {
+    "name": "sha384"
+   },
+   {
+    "name": "sha512"
+   },
+   {
+    "name": "ripemd160"
+   }
+  ],
+  "values": [
+   "md5",
+   "sha1",
+   "sha224",
+   "sha256",
+   "sha384",
+   "sha512",
+   "ripemd160"
+  ],
+  "name": "197",
   "meta-type": "enum"
  },
  {
@@ -5854,7 +6044,7 @@ export const introspection: readonly unknown[] = [
    "v2",
    "v3"
   ],
-  "name": "193",
+  "name": "198",
   "meta-type": "enum"
  },
  {
@@ -5870,12 +6060,12 @@ export const introspection: readonly unknown[] = [
    "zlib",
    "zstd"
   ],
-  "name": "194",
+  "name": "199",
   "meta-type": "enum"
  },
  {
   "members": [],
-  "name": "195",
+  "name": "200",
   "meta-type": "object"
  },
  {
@@ -5919,7 +6109,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "196",
+  "name": "201",
   "meta-type": "object"
  },
  {
@@ -5939,7 +6129,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "197",
+  "name": "202",
   "meta-type": "object"
  },
  {
@@ -5953,7 +6143,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "198",
+  "name": "203",
   "meta-type": "object"
  },
  {
@@ -5963,7 +6153,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "199",
+  "name": "204",
   "meta-type": "object"
  },
  {
@@ -5993,7 +6183,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "200",
+  "name": "205",
   "meta-type": "object"
  },
  {
@@ -6013,7 +6203,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "201",
+  "name": "206",
   "meta-type": "object"
  },
  {
@@ -6078,7 +6268,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "202",
+  "name": "207",
   "meta-type": "object"
  },
  {
@@ -6094,7 +6284,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "203",
+  "name": "208",
   "meta-type": "object"
  },
  {
@@ -6115,7 +6305,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "204",
+  "name": "209",
   "meta-type": "object"
  },
  {
@@ -6136,7 +6326,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "205",
+  "name": "210",
   "meta-type": "object"
  },
  {
@@ -6176,20 +6366,20 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmaps",
-    "type": "[207]",
+    "type": "[212]",
     "default": null
    },
    {
     "name": "compression-type",
-    "type": "194"
+    "type": "199"
    }
   ],
-  "name": "206",
+  "name": "211",
   "meta-type": "object"
  },
  {
-  "element-type": "207",
-  "name": "[207]",
+  "element-type": "212",
+  "name": "[212]",
   "meta-type": "array"
  },
  {
@@ -6204,15 +6394,15 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "flags",
-    "type": "[208]"
+    "type": "[213]"
    }
   ],
-  "name": "207",
+  "name": "212",
   "meta-type": "object"
  },
  {
-  "element-type": "208",
-  "name": "[208]",
+  "element-type": "213",
+  "name": "[213]",
   "meta-type": "array"
  },
  {
@@ -6228,7 +6418,7 @@ export const introspection: readonly unknown[] = [
    "in-use",
    "auto"
   ],
-  "name": "208",
+  "name": "213",
   "meta-type": "enum"
  }
 ];

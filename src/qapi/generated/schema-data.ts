@@ -2502,6 +2502,135 @@ export const schemaData: GenSchema = {
    ],
    "doc": "Driver specific image creation options for qcow2."
   },
+  "QCryptoCipherAlgorithm": {
+   "kind": "enum",
+   "name": "QCryptoCipherAlgorithm",
+   "values": [
+    "aes-128",
+    "aes-192",
+    "aes-256",
+    "des",
+    "3des",
+    "cast5-128",
+    "serpent-128",
+    "serpent-192",
+    "serpent-256",
+    "twofish-128",
+    "twofish-192",
+    "twofish-256"
+   ],
+   "doc": "The supported algorithms for content encryption ciphers."
+  },
+  "QCryptoCipherMode": {
+   "kind": "enum",
+   "name": "QCryptoCipherMode",
+   "values": [
+    "ecb",
+    "cbc",
+    "xts",
+    "ctr"
+   ],
+   "doc": "The supported modes for content encryption ciphers."
+  },
+  "QCryptoIVGenAlgorithm": {
+   "kind": "enum",
+   "name": "QCryptoIVGenAlgorithm",
+   "values": [
+    "plain",
+    "plain64",
+    "essiv"
+   ],
+   "doc": "The supported algorithms for generating initialization vectors for full disk encryption."
+  },
+  "QCryptoHashAlgorithm": {
+   "kind": "enum",
+   "name": "QCryptoHashAlgorithm",
+   "values": [
+    "md5",
+    "sha1",
+    "sha224",
+    "sha256",
+    "sha384",
+    "sha512",
+    "ripemd160"
+   ],
+   "doc": "The supported algorithms for computing content digests."
+  },
+  "QCryptoBlockCreateOptionsLUKS": {
+   "kind": "struct",
+   "name": "QCryptoBlockCreateOptionsLUKS",
+   "members": [
+    {
+     "name": "key-secret",
+     "type": "str",
+     "optional": true,
+     "doc": "the ID of a QCryptoSecret object providing the decryption key. Mandatory except when probing image for metadata only."
+    },
+    {
+     "name": "cipher-alg",
+     "type": "QCryptoCipherAlgorithm",
+     "optional": true,
+     "doc": "the cipher algorithm for data encryption (default: aes-256)"
+    },
+    {
+     "name": "cipher-mode",
+     "type": "QCryptoCipherMode",
+     "optional": true,
+     "doc": "the cipher mode for data encryption (default: xts)"
+    },
+    {
+     "name": "ivgen-alg",
+     "type": "QCryptoIVGenAlgorithm",
+     "optional": true,
+     "doc": "the initialization vector generator (default: plain64)"
+    },
+    {
+     "name": "ivgen-hash-alg",
+     "type": "QCryptoHashAlgorithm",
+     "optional": true,
+     "doc": "the initialization vector generator hash (default: sha256)"
+    },
+    {
+     "name": "hash-alg",
+     "type": "QCryptoHashAlgorithm",
+     "optional": true,
+     "doc": "the master key hash algorithm (default: sha256)"
+    },
+    {
+     "name": "iter-time",
+     "type": "int",
+     "optional": true,
+     "doc": "number of milliseconds to spend in PBKDF passphrase processing (default: 2000, since 2.8)."
+    }
+   ],
+   "doc": "The options that apply to LUKS encryption format initialization."
+  },
+  "BlockdevCreateOptionsLUKS": {
+   "kind": "struct",
+   "name": "BlockdevCreateOptionsLUKS",
+   "members": [
+    {
+     "name": "file",
+     "type": "BlockdevRef",
+     "optional": false,
+     "doc": "Node to create the image format on."
+    },
+    {
+     "name": "size",
+     "type": "size",
+     "optional": false,
+     "doc": "Size of the virtual disk in bytes."
+    },
+    {
+     "name": "preallocation",
+     "type": "PreallocMode",
+     "optional": true,
+     "doc": "Preallocation mode for the new image (since: 4.2) (default: off; allowed values: off, metadata, falloc, full)."
+    }
+   ],
+   "doc": "Driver specific image creation options for LUKS.",
+   "base": "QCryptoBlockCreateOptionsLUKS"
+  },
   "BlockdevCreateOptions": {
    "kind": "union",
    "name": "BlockdevCreateOptions",
@@ -2517,6 +2646,7 @@ export const schemaData: GenSchema = {
    "discriminator": "driver",
    "variants": {
     "file": "BlockdevCreateOptionsFile",
+    "luks": "BlockdevCreateOptionsLUKS",
     "qcow2": "BlockdevCreateOptionsQcow2"
    }
   },

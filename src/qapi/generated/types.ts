@@ -771,6 +771,46 @@ export interface BlockdevCreateOptionsQcow2 {
   "compression-type"?: Qcow2CompressionType;
 }
 
+/** The supported algorithms for content encryption ciphers. @since 2.6 */
+export type QCryptoCipherAlgorithm = "aes-128" | "aes-192" | "aes-256" | "des" | "3des" | "cast5-128" | "serpent-128" | "serpent-192" | "serpent-256" | "twofish-128" | "twofish-192" | "twofish-256";
+
+/** The supported modes for content encryption ciphers. @since 2.6 */
+export type QCryptoCipherMode = "ecb" | "cbc" | "xts" | "ctr";
+
+/** The supported algorithms for generating initialization vectors for full disk encryption. @since 2.6 */
+export type QCryptoIVGenAlgorithm = "plain" | "plain64" | "essiv";
+
+/** The supported algorithms for computing content digests. @since 2.6 */
+export type QCryptoHashAlgorithm = "md5" | "sha1" | "sha224" | "sha256" | "sha384" | "sha512" | "ripemd160";
+
+/** The options that apply to LUKS encryption format initialization. @since 2.6 */
+export interface QCryptoBlockCreateOptionsLUKS {
+  /** the ID of a QCryptoSecret object providing the decryption key. Mandatory except when probing image for metadata only. */
+  "key-secret"?: string;
+  /** the cipher algorithm for data encryption (default: aes-256) */
+  "cipher-alg"?: QCryptoCipherAlgorithm;
+  /** the cipher mode for data encryption (default: xts) */
+  "cipher-mode"?: QCryptoCipherMode;
+  /** the initialization vector generator (default: plain64) */
+  "ivgen-alg"?: QCryptoIVGenAlgorithm;
+  /** the initialization vector generator hash (default: sha256) */
+  "ivgen-hash-alg"?: QCryptoHashAlgorithm;
+  /** the master key hash algorithm (default: sha256) */
+  "hash-alg"?: QCryptoHashAlgorithm;
+  /** number of milliseconds to spend in PBKDF passphrase processing (default: 2000, since 2.8). */
+  "iter-time"?: number;
+}
+
+/** Driver specific image creation options for LUKS. @since 2.12 */
+export interface BlockdevCreateOptionsLUKS extends QCryptoBlockCreateOptionsLUKS {
+  /** Node to create the image format on. */
+  "file": BlockdevRef;
+  /** Size of the virtual disk in bytes. */
+  "size": number | bigint;
+  /** Preallocation mode for the new image (since: 4.2) (default: off; allowed values: off, metadata, falloc, full). @since 4.2 */
+  "preallocation"?: PreallocMode;
+}
+
 /** Options for creating an image format on a given node. @since 2.12 */
 export interface BlockdevCreateOptionsBase {
   /** Block driver to create the image format. */
@@ -781,7 +821,7 @@ export type BlockdevCreateOptions =
   | (BlockdevCreateOptionsBase & { "driver": "copy-on-read" })
   | (BlockdevCreateOptionsBase & { "driver": "file" } & BlockdevCreateOptionsFile)
   | (BlockdevCreateOptionsBase & { "driver": "host_device" })
-  | (BlockdevCreateOptionsBase & { "driver": "luks" })
+  | (BlockdevCreateOptionsBase & { "driver": "luks" } & BlockdevCreateOptionsLUKS)
   | (BlockdevCreateOptionsBase & { "driver": "null-aio" })
   | (BlockdevCreateOptionsBase & { "driver": "null-co" })
   | (BlockdevCreateOptionsBase & { "driver": "qcow2" } & BlockdevCreateOptionsQcow2)

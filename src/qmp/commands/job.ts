@@ -4,6 +4,7 @@ import type { CommandHandler } from './types.js';
 import { genericError } from '../../qapi/errors.js';
 import { strerror } from '../../util/errno.js';
 import { qcow2Create } from '../../block/qcow2/create.js';
+import { luksCreate } from '../../block/luks/create.js';
 import type { NodeUser, Permission } from '../../block/graph.js';
 
 const WRITE_RESIZE: Permission[] = ['write', 'resize'];
@@ -43,14 +44,15 @@ export const jobCommands: Record<string, CommandHandler> = {
     let body: () => Promise<void>;
     if (options.driver === 'file') {
       body = () => createFile(options as any);
-    } else if (options.driver === 'qcow2') {
+    } else if (options.driver === 'qcow2' || options.driver === 'luks') {
       const ref = options.file;
+      const format: string = options.driver;
       body = async () => {
-        if (typeof ref !== 'string') throw genericError('qcow2 creation needs an existing node for "file"');
+        if (typeof ref !== 'string') throw genericError(`${format} creation needs an existing node for "file"`);
         const file = daemon.graph.lookup(ref);
         // QEMU resolves a BlockdevRef as both a device and a node name.
         if (!file) throw genericError(`Cannot find device='${ref}' nor node-name='${ref}'`);
-        const { driver: _driver, file: _file, ...qcow2Options } = options;
+        const { driver: _driver, file: _file, ...formatOptions } = options;
         // QEMU's create job first writes and resizes the node as an unnamed block device, then
         // opens it as a new qcow2 node (which shares neither write nor resize of its file). Either
         // step refuses, in QEMU 7.2's words, if a current user of the node does not allow it.
@@ -71,7 +73,9 @@ export const jobCommands: Record<string, CommandHandler> = {
             }
           }
         };
-        await qcow2Create(file, qcow2Options as any, checkPerms);
+        // luks only writes and resizes its file (QEMU opens no luks node afterwards).
+        if (format === 'luks') await luksCreate(file, formatOptions as any, () => checkPerms('write'));
+        else await qcow2Create(file, formatOptions as any, checkPerms);
       };
     } else {
       throw genericError('Driver does not support blockdev-create');

@@ -6,7 +6,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { BlockNode } from '../../../src/block/node.js';
-import { luksDriver } from '../../../src/block/luks/index.js';
+import { luksCreate, luksDriver } from '../../../src/block/luks/index.js';
 import { Daemon } from '../../../src/daemon.js';
 import { objectAdd } from '../../../src/qmp/commands/qom.js';
 import { closeNode, fileNode, sh } from './fs-file-node.js';
@@ -151,4 +151,32 @@ describe('luks driver', function () {
       await closeNode(n);
     }
   });
+  for (const opts of [{}, { 'cipher-alg': 'aes-128', 'cipher-mode': 'cbc', 'ivgen-alg': 'essiv' }, { 'cipher-mode': 'ecb', 'hash-alg': 'sha512' }]) {
+    it(`creates images qemu-img opens (${JSON.stringify(opts)})`, async () => {
+      const img = p(`new-${Object.values(opts).join('-')}.luks`);
+      fs.writeFileSync(img, '');
+      const file = await fileNode(img);
+      try {
+        await luksCreate(file, { size: 1 << 20, 'key-secret': 'sec0', 'iter-time': 10, ...opts });
+      } finally {
+        await file.driver.close(file.state);
+      }
+      const info = JSON.parse(sh('qemu-img', ['info', '--output=json', ...SECRET, '--image-opts', imageOpts(img)])) as Record<string, any>;
+      assert.equal(info['virtual-size'], 1 << 20);
+      const data = info['format-specific'].data;
+      assert.equal(data['cipher-alg'], (opts as any)['cipher-alg'] ?? 'aes-256');
+      assert.equal(data['cipher-mode'], (opts as any)['cipher-mode'] ?? 'xts');
+      qemuIo(img, 'write -P 0x77 4k 8k');
+      const n = await luksNode(img);
+      try {
+        const buf = Buffer.alloc(8192);
+        await n.read(4096, buf);
+        assert.ok(buf.every((b) => b === 0x77));
+        await n.write(65536, Buffer.alloc(512, 0x88));
+      } finally {
+        await closeNode(n);
+      }
+      assert.doesNotMatch(qemuIo(img, 'read -P 0x88 64k 512'), /Pattern verification failed/);
+    });
+  }
 });
