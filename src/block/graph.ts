@@ -344,11 +344,7 @@ export class BlockGraph {
    */
   insertFilter(spec: FilterSpec): BlockNode {
     const nodeName = spec.nodeName ?? this.generateNodeName();
-    if (spec.nodeName !== undefined) {
-      if (!idWellformed(nodeName)) throw genericError(`Invalid node-name: '${nodeName}'`);
-      if (this.entries.has(nodeName)) throw genericError(`Duplicate nodes with node-name='${nodeName}'`);
-      if (Buffer.byteLength(nodeName) >= 32) throw genericError('Node name too long');
-    }
+    if (spec.nodeName !== undefined) this.checkNewNodeName(nodeName);
     const childEntry = this.entries.get(spec.child.nodeName)!;
     const children = new Map<string, BlockNode>([[spec.role, spec.child]]);
     if (spec.target) children.set('target', spec.target.node);
@@ -367,6 +363,13 @@ export class BlockGraph {
     }
     this.entries.set(nodeName, entry);
     return node;
+  }
+
+  /** QEMU's bdrv_assign_node_name() checks for a name given to a new node. */
+  checkNewNodeName(nodeName: string): void {
+    if (!idWellformed(nodeName)) throw genericError(`Invalid node-name: '${nodeName}'`);
+    if (this.entries.has(nodeName)) throw genericError(`Duplicate nodes with node-name='${nodeName}'`);
+    if (Buffer.byteLength(nodeName) >= 32) throw genericError('Node name too long');
   }
 
   /** Takes a job's filter out again: its parents go back to its child (QEMU's bdrv_drop_filter). */
@@ -687,9 +690,17 @@ export function nodeFilename(node: BlockNode, toJson: (value: unknown) => string
   const extra = Object.keys(node.options).filter(
     (k) => !BASE_OPTIONS.has(k) && k !== 'file' && k !== 'backing' && k !== 'latency-ns',
   );
+  if (driver === 'blkdebug' && node.file) {
+    // QEMU's blkdebug_refresh_filename: "blkdebug:<config>:<image>" when nothing else is set.
+    const image = nodeFilename(node.file, toJson);
+    if (extra.every((k) => k === 'image' || k === 'config') && !image.startsWith('json:')) {
+      return `blkdebug:${node.options.config ?? ''}:${image}`;
+    }
+  }
   if (node.driver.isProtocol) {
     if (extra.length === 0) return `${driver}://`;
-  } else if (extra.length === 0 && node.file && !backingOverridden(node, toJson)) {
+  } else if (extra.length === 0 && node.file && !backingOverridden(node, toJson) && driver !== 'copy-on-read') {
+    // (QEMU's copy-on-read never takes its child's name: it shows as json: with its child.)
     return nodeFilename(node.file, toJson);
   } else if (extra.length === 0 && node.driver.isFilter && node.backing) {
     // A job's filter over a backing child (commit_top, mirror_top) shows its child's name.

@@ -141,7 +141,8 @@ export class BlockJob extends Job {
 
   /** QEMU's job_sleep_ns(): sleep unless a pause is due (cancel, pause, speed changes wake it), then a pause point. */
   async sleep(ns: number): Promise<void> {
-    if (!this.userPaused) {
+    // As QEMU's job_sleep_ns: a job cancelled while it was busy (no sleeper to wake) does not sleep.
+    if (!this.userPaused && !this.cancelled) {
       this.busy = false;
       await new Promise<void>((resolve) => {
         this.wake = resolve;

@@ -3,6 +3,7 @@
 import type { BlockDriver, DriverImageInfo } from '../block/driver.js';
 import type { BlockNode } from '../block/node.js';
 import type { BlockGraph, FilterSpec, Permission } from '../block/graph.js';
+import { QmpError } from '../qapi/errors.js';
 
 interface FilterState {
   /** The filter itself (replaceNode-safe back pointer). */
@@ -56,13 +57,19 @@ export class JobFilter {
 
   private constructor(private readonly graph: BlockGraph, readonly node: BlockNode) {}
 
-  private static insert(graph: BlockGraph, spec: FilterSpec): JobFilter {
-    return new JobFilter(graph, graph.insertFilter(spec));
+  /** `viaOpen`: QEMU creates this filter with bdrv_insert_node(), whose errors say so. */
+  private static insert(graph: BlockGraph, spec: FilterSpec, viaOpen = false): JobFilter {
+    try {
+      return new JobFilter(graph, graph.insertFilter(spec));
+    } catch (err) {
+      if (viaOpen && err instanceof QmpError) throw new QmpError(err.errorClass, `Could not create node: ${err.message}`, err.hint);
+      throw err;
+    }
   }
 
-  /** block-commit (not the active layer): commit_top above `top`, read-only like it. */
+  /** block-commit (not the active layer): commit_top above `top` (QEMU opens it read-only). */
   static commitTop(graph: BlockGraph, top: BlockNode, nodeName?: string): JobFilter {
-    return JobFilter.insert(graph, { driver: commitTop, nodeName, child: top, role: 'backing', readOnly: top.readOnly, perms: [], shared: ALL });
+    return JobFilter.insert(graph, { driver: commitTop, nodeName, child: top, role: 'backing', readOnly: true, perms: [], shared: ALL });
   }
 
   /**
@@ -80,14 +87,28 @@ export class JobFilter {
       driver: copyBeforeWrite, nodeName, child: source, role: 'file', readOnly: false,
       perms: ['consistent read', 'write'], shared: ['consistent read', 'write unchanged'],
       target: { node: target, perms: ['write'], shared: NO_RESIZE },
-    });
+    }, true);
   }
 
   /** Stream: copy-on-read above the node streamed into, asking and sharing all but resize. */
   static copyOnRead(graph: BlockGraph, bs: BlockNode, nodeName?: string): JobFilter {
     return JobFilter.insert(graph, {
       driver: copyOnRead, nodeName, child: bs, role: 'file', readOnly: false, perms: [...NO_RESIZE].reverse(), shared: NO_RESIZE,
-    });
+    }, true);
+  }
+
+  /**
+   * The filter-node-name checks QEMU makes before the job exists (mirror, active commit: plain;
+   * backup, stream: through bdrv_insert_node, `viaOpen`). Non-active commit names its filter later.
+   */
+  static checkName(graph: BlockGraph, nodeName: string | undefined, viaOpen: boolean): void {
+    if (nodeName === undefined) return;
+    try {
+      graph.checkNewNodeName(nodeName);
+    } catch (err) {
+      if (viaOpen && err instanceof QmpError) throw new QmpError(err.errorClass, `Could not create node: ${err.message}`, err.hint);
+      throw err;
+    }
   }
 
   remove(): void {

@@ -18,6 +18,7 @@ import { setupCommit } from '../../jobs/commit.js';
 import { setupStream } from '../../jobs/stream.js';
 import { abandonBackup, setupBackup, type BackupSync, type BitmapSyncMode } from '../../jobs/backup.js';
 import { setupMirror, type MirrorSync } from '../../jobs/mirror.js';
+import { JobFilter } from '../../jobs/job-filter.js';
 import type { BlockJobHooks } from '../../jobs/block-job.js';
 import { findDirtyBitmap, type DirtyBitmap } from '../../block/dirty-bitmap.js';
 import { blockDirtyBitmapCommands, checkBitmap, lookupBitmap, BITMAP_CHECK_ALLOW_RO, BITMAP_CHECK_DEFAULT } from './block-dirty-bitmap.js';
@@ -299,6 +300,7 @@ function createBackup(daemon: Daemon, bs: BlockNode, target: BlockNode, args: Ba
   if (bitmap && mode !== 'never') checkBitmap(bitmap, BITMAP_CHECK_DEFAULT);
   if (bs.getLength() !== target.getLength()) throw genericError('Source and target image have different sizes');
   assertMainLoopWriters(daemon, bs);
+  JobFilter.checkName(daemon.graph, args['filter-node-name'], true);
   const job = createBlockJob(daemon, args['job-id'], 'backup', args);
   let hooks: BlockJobHooks;
   try {
@@ -494,7 +496,7 @@ function startMirror(daemon: Daemon, bs: BlockNode, target: BlockNode, args: Mir
   if (bufSize < 0) throw genericError("Invalid parameter 'buf-size'");
   if (bs === target) throw genericError("Can't mirror node into itself");
   const filterName = args['filter-node-name'];
-  if (filterName !== undefined && graph.lookup(filterName)) throw genericError(`Duplicate nodes with node-name='${filterName}'`);
+  JobFilter.checkName(graph, filterName, false);
   // Write-blocking needs the guest's data at the source's write, which qsd-ts does not hand to jobs.
   if ((args['copy-mode'] ?? 'background') !== 'background') throw genericError("Parameter 'copy-mode' expects 'background'");
   assertMirrorMovable(daemon, bs);
@@ -649,6 +651,7 @@ export const blockJobCommands: Record<string, CommandHandler> = {
       const overlay = graph.overlayOf(bs, top);
       if (overlay) graph.checkOp(overlay, 'commit-target');
     }
+    if (active) JobFilter.checkName(graph, args['filter-node-name'], false);
     const job = createBlockJob(daemon, args['job-id'], 'commit', args);
     let hooks;
     try {
@@ -688,6 +691,7 @@ export const blockJobCommands: Record<string, CommandHandler> = {
     const end = bottom ? bottom.backing : base;
     for (let n: BlockNode | undefined = bs; n && n !== end; n = n.backing) graph.checkOp(n, 'stream');
     if (!base && args['backing-file'] !== undefined) throw genericError('backing file specified, but streaming the entire chain');
+    JobFilter.checkName(graph, args['filter-node-name'], true);
     const job = createBlockJob(daemon, args['job-id'], 'stream', args);
     let hooks;
     try {
