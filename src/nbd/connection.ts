@@ -554,6 +554,19 @@ export class NbdConnection {
       this.reply(s, err, 0);
       return;
     }
+    if (s.type === abi.NBD_CMD_WRITE && !(s.flags & abi.NBD_CMD_FLAG_FUA) && !this.exp!.writethrough) {
+      // A write the node completes at once is answered without a promise.
+      try {
+        if (this.exp!.node.tryWrite(s.offset, s.buf.subarray(DATA_OFF, DATA_OFF + s.len), {})) {
+          this.reply(s, 0, 0);
+          return;
+        }
+      } catch (e) {
+        s.msg = (e as Error)?.message ?? 'I/O error';
+        this.reply(s, abi.nbdErrno((e as { errno?: number })?.errno ?? 5), 0);
+        return;
+      }
+    }
     this.serve(s).then(
       (dataLen) => { if (dataLen >= 0) this.reply(s, 0, dataLen); },
       (e: { errno?: number; message?: string }) => {
@@ -620,12 +633,11 @@ export class NbdConnection {
         if (!node.tryRead(s.offset, buf)) await node.read(s.offset, buf);
         return s.len;
       }
-      case abi.NBD_CMD_WRITE: {
-        const buf = s.buf.subarray(DATA_OFF, DATA_OFF + s.len);
-        if (!node.tryWrite(s.offset, buf, {})) await node.write(s.offset, buf);
+      case abi.NBD_CMD_WRITE:
+        // dispatch() already tried the synchronous path unless FUA was asked.
+        await node.write(s.offset, s.buf.subarray(DATA_OFF, DATA_OFF + s.len));
         if (fua) await node.flush();
         return 0;
-      }
       case abi.NBD_CMD_WRITE_ZEROES:
         await node.writeZeroes(s.offset, s.len, {
           mayUnmap: !(s.flags & abi.NBD_CMD_FLAG_NO_HOLE),
