@@ -38,7 +38,9 @@ async function blockGraph(daemon: Daemon): Promise<Record<string, unknown>> {
     return id;
   };
   const addEdge = (parent: object, child: BlockNode, user: NodeUser) => {
-    edges.push({ parent: idOf(parent), child: idOf(child), name: user.role, perm: permList(user.perms), 'shared-perm': permList(user.shared) });
+    // A primary child opened under another option (blkdebug's 'image') is named after it.
+    const name = user.parent && user.role === 'file' ? (user.parent.node.driver.childOption ?? 'file') : user.role;
+    edges.push({ parent: idOf(parent), child: idOf(child), name, perm: permList(user.perms), 'shared-perm': permList(user.shared) });
   };
   for (const { user, node } of await backends(daemon)) {
     nodes.push({ id: idOf(user), type: 'block-backend', name: '' });
@@ -96,14 +98,16 @@ function zeroStats(): Record<string, unknown> {
   return stats;
 }
 
-/** One node's BlockStats as QEMU's node-level query: its primary (file) child as parent, no backing. */
+/** One node's BlockStats as QEMU's node-level query: its primary child as parent, no backing. */
 function nodeStats(node: BlockNode): Record<string, unknown> {
   const out: Record<string, unknown> = { 'node-name': node.nodeName, stats: zeroStats() };
   const driver = node.driver.name;
   if (driver === 'file' || driver === 'host_device') {
     out['driver-specific'] = { driver, 'discard-nb-ok': 0, 'discard-nb-failed': 0, 'discard-bytes-ok': 0 };
   }
-  if (node.file) out.parent = nodeStats(node.file);
+  // The primary child: the file, or a filter's backing child (a job's mirror_top, commit_top).
+  const primary = node.file ?? (node.driver.isFilter ? node.backing : undefined);
+  if (primary) out.parent = nodeStats(primary);
   return out;
 }
 

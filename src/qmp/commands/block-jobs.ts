@@ -157,6 +157,9 @@ function externalSnapshot(kind: 'blockdev-snapshot' | 'blockdev-snapshot-sync', 
       // The old active layer is read-only from now on.
       const old = oldName !== undefined ? graph.lookup(oldName) : undefined;
       if (old) await graph.setReadOnly(old, true);
+      // QEMU holds a snapshot-sync overlay only through old's parents: with none, it is dropped again.
+      const overlay = overlayName !== undefined ? graph.lookup(overlayName) : undefined;
+      if (created && overlay && graph.usersOf(overlay).length === 0) await graph.closeUnused(overlay);
     },
     async abort() {
       const old = oldName !== undefined ? graph.lookup(oldName) : undefined;
