@@ -1,8 +1,10 @@
-// Mirror jobs (QEMU's block/mirror.c, background copy mode): copy a node into a target while an
-// unnamed dirty bitmap on the source records new writes, iterate until clean, report ready, keep
-// mirroring, and on job-complete make the target take the source's place.
+// Mirror jobs (QEMU's block/mirror.c): copy a node into a target while an unnamed dirty bitmap on
+// the source records new writes, iterate until clean, report ready, keep mirroring, and on
+// job-complete make the target take the source's place. In write-blocking copy mode every write to
+// the source also reaches the target before it completes.
 import { DirtyBitmap } from '../block/dirty-bitmap.js';
 import type { BlockNode } from '../block/node.js';
+import type { WriteFlags, ZeroFlags } from '../block/driver.js';
 import type { BlockJob, BlockJobHooks } from './block-job.js';
 import { allocatedAbove, layerAllocated, NodeHolds, type JobContext } from './job-context.js';
 import { JobFilter } from './job-filter.js';
@@ -41,6 +43,19 @@ export interface MirrorParams {
   sourceBackingChain?: boolean;
   /** 'filter-node-name': the name of the job's mirror_top node. */
   filterNodeName?: string;
+  /** 'copy-mode': 'write-blocking' copies each write to the target synchronously. */
+  copyMode?: 'background' | 'write-blocking';
+}
+
+/** Serializes the job's copies with write-blocking copies of guest writes (QEMU's in-flight op waits). */
+class CopyLock {
+  private tail: Promise<void> = Promise.resolve();
+
+  run<T>(fn: () => Promise<T>): Promise<T> {
+    const result = this.tail.then(fn);
+    this.tail = result.then(() => undefined, () => undefined);
+    return result;
+  }
 }
 
 /** QEMU's bdrv_get_default_bitmap_granularity(): the cluster size within [4 KiB, 64 KiB], else 64 KiB. */
@@ -110,8 +125,53 @@ export function setupMirror(ctx: JobContext, job: BlockJob, p: MirrorParams): Bl
     }
   };
 
+  const lock = new CopyLock();
+
+  /**
+   * Write-blocking (QEMU's mirror_top do_sync_target_write): the source's own write methods are
+   * wrapped for the job's life, so a write through any export completes only once the target has
+   * it too. The write marks the job's bitmap first; the granules it covers whole are clean again
+   * once the target has them. Under the lock, a copy the job has in flight cannot overwrite it.
+   */
+  let unhook = (): void => {};
+  if (p.copyMode === 'write-blocking') {
+    const own = source as unknown as Record<string, unknown>;
+    const proto = Object.getPrototypeOf(source) as BlockNode;
+    const active = (): boolean => bitmap !== undefined && !job.isCancelled;
+    const toTarget = (offset: number, bytes: number, io: () => Promise<void>): Promise<void> => lock.run(async () => {
+      if (!active()) return;
+      try {
+        await io();
+      } catch {
+        return; // Still dirty: the job copies it again (and reports the target's error then).
+      }
+      const first = Math.ceil(offset / granularity) * granularity;
+      const last = Math.floor((offset + bytes) / granularity) * granularity;
+      if (last > first && bitmap) bitmap.resetRange(first, last - first);
+      job.totalProgress += bytes;
+      job.currentProgress += bytes;
+    });
+    own.write = async function (this: BlockNode, offset: number, buf: Buffer, flags?: WriteFlags) {
+      await proto.write.call(this, offset, buf, flags);
+      if (active()) await toTarget(offset, buf.length, () => target.write(offset, buf));
+    };
+    own.writeZeroes = async function (this: BlockNode, offset: number, bytes: number, flags?: ZeroFlags) {
+      await proto.writeZeroes.call(this, offset, bytes, flags);
+      if (active()) await toTarget(offset, bytes, () => target.writeZeroes(offset, bytes, { mayUnmap: flags?.mayUnmap }));
+    };
+    own.discard = async function (this: BlockNode, offset: number, bytes: number) {
+      await proto.discard.call(this, offset, bytes);
+      if (active() && source.unmapAllowed) await toTarget(offset, bytes, () => target.discard(offset, bytes));
+    };
+    unhook = () => {
+      for (const key of ['write', 'writeZeroes', 'discard']) delete own[key];
+      unhook = () => {};
+    };
+  }
+
   /** Copies [offset, offset + n) from source to target; zeroes stay zeroes. Returns data bytes. */
-  const copy = async (offset: number, n: number): Promise<number> => {
+  const copy = (offset: number, n: number): Promise<number> => lock.run(() => copyUnlocked(offset, n));
+  const copyUnlocked = async (offset: number, n: number): Promise<number> => {
     let data = 0;
     for (let done = 0; done < n;) {
       const k = Math.min(MAX_IO, n - done);
@@ -209,6 +269,7 @@ export function setupMirror(ctx: JobContext, job: BlockJob, p: MirrorParams): Bl
         // Writes that came after the last look: copy them with the exports stopped.
         await syncAll(len);
         await target.flush();
+        unhook();
         releaseBitmap();
         filter.remove();
         holds.release();
@@ -221,6 +282,8 @@ export function setupMirror(ctx: JobContext, job: BlockJob, p: MirrorParams): Bl
       });
     },
     async clean() {
+      unhook();
+      await lock.run(async () => undefined);
       releaseBitmap();
       filter.remove();
       holds.release();

@@ -17,7 +17,7 @@ import { BlockJob } from '../../jobs/block-job.js';
 import { setupCommit } from '../../jobs/commit.js';
 import { setupStream } from '../../jobs/stream.js';
 import { abandonBackup, setupBackup, type BackupSync, type BitmapSyncMode } from '../../jobs/backup.js';
-import { setupMirror, type MirrorSync } from '../../jobs/mirror.js';
+import { setupMirror, type MirrorParams, type MirrorSync } from '../../jobs/mirror.js';
 import { JobFilter } from '../../jobs/job-filter.js';
 import type { BlockJobHooks } from '../../jobs/block-job.js';
 import { findDirtyBitmap, type DirtyBitmap } from '../../block/dirty-bitmap.js';
@@ -500,8 +500,6 @@ function startMirror(daemon: Daemon, bs: BlockNode, target: BlockNode, args: Mir
   if (bs === target) throw genericError("Can't mirror node into itself");
   const filterName = args['filter-node-name'];
   JobFilter.checkName(graph, filterName, false);
-  // Write-blocking needs the guest's data at the source's write, which qsd-ts does not hand to jobs.
-  if ((args['copy-mode'] ?? 'background') !== 'background') throw genericError("Parameter 'copy-mode' expects 'background'");
   assertMirrorMovable(daemon, bs);
   const job = createBlockJob(daemon, args['job-id'], 'mirror', args);
   // The job's filter above the source unshares resize, which a writable FUSE export holds.
@@ -521,7 +519,7 @@ function startMirror(daemon: Daemon, bs: BlockNode, target: BlockNode, args: Mir
   try {
     hooks = setupMirror(daemon, job, {
       source: bs, target, sync: args.sync as MirrorSync, granularity, bufSize, replaces, sourceBackingChain, zeroTarget,
-      filterNodeName: filterName,
+      filterNodeName: filterName, copyMode: args['copy-mode'] as MirrorParams['copyMode'],
     });
   } catch (err) {
     job.earlyFail();

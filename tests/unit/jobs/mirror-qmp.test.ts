@@ -1,5 +1,5 @@
-// Mirror refusals that are qsd-ts's own (QEMU runs these): a source under an export in an
-// iothread (the export could not follow the target), and copy-mode 'write-blocking'. Runs the
+// Mirror refusals: qsd-ts's own for a source under an export in an iothread (the export could not
+// follow the target), QEMU's for a target a writable export uses. Runs the
 // real daemon (bin/qsd-ts, built with tsc) over QMP; nothing is left behind after a refusal.
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
@@ -81,9 +81,13 @@ describe('mirror refusals (daemon)', function () {
     assert.equal(bitmaps, undefined);
   });
 
-  it("refuses copy-mode 'write-blocking' with QEMU's wording for a bad parameter", async () => {
+  it("takes copy-mode 'write-blocking', but not onto a target a writable export uses (QEMU's conflict)", async () => {
     const r = await qmp.cmd('blockdev-mirror', { 'job-id': 'm1', device: 'tgt', target: 'src', sync: 'full', 'copy-mode': 'write-blocking' });
-    assert.deepEqual(r.error, { class: 'GenericError', desc: "Parameter 'copy-mode' expects 'background'" });
+    assert.deepEqual(r.error, {
+      class: 'GenericError',
+      desc: "Permission conflict on node 'src': permissions 'consistent read, write' are both required by an unnamed block " +
+        "device (uses node 'src' as 'root' child) and unshared by an unnamed block device (uses node 'src' as 'root' child).",
+    });
     assert.deepEqual((await qmp.cmd('query-jobs')).return, []);
   });
 
