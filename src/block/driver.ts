@@ -92,7 +92,10 @@ export interface BlockDriver<S = any> {
 
   /** Current virtual size in bytes. */
   getLength(state: S): number;
-  /** Bytes the node occupies on its storage (st_blocks * 512 for files); undefined if unknown. */
+  /**
+   * Bytes the node occupies on its storage (st_blocks * 512 for files); undefined if unknown.
+   * NaN: the storage cannot tell (QEMU's -ENOTSUP, e.g. nbd): ImageInfo then has no actual-size.
+   */
   getAllocatedFileSize?(state: S): Promise<number | undefined>;
   /** Minimal request alignment in bytes (st_blksize in FUSE getattr): 1 unless O_DIRECT. */
   requestAlignment?(state: S): number;
@@ -125,6 +128,11 @@ export interface BlockDriver<S = any> {
   truncate?(state: S, size: number, exact: boolean, prealloc: PreallocMode): Promise<void>;
   /** Allocation status at offset (may be called at offset == length: return pnum 0). */
   blockStatus?(state: S, offset: number, bytes: number): Promise<BlockStatus>;
+  /**
+   * The filename QEMU shows for this node (its bdrv_refresh_filename), when the generic
+   * "driver://" / json: rule does not apply (nbd's nbd:// URIs). `toJson` formats a json: body.
+   */
+  filename?(node: BlockNode, toJson: (value: unknown) => string): string;
   /** Driver part of ImageInfo. */
   imageInfo?(state: S): DriverImageInfo;
   /**

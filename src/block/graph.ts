@@ -687,6 +687,7 @@ function backingOverridden(node: BlockNode, toJson: (value: unknown) => string):
 export function nodeFilename(node: BlockNode, toJson: (value: unknown) => string): string {
   const driver = node.driver.name;
   if (driver === 'file' || driver === 'host_device') return node.options.filename;
+  if (node.driver.filename) return node.driver.filename(node, toJson);
   const extra = Object.keys(node.options).filter(
     (k) => !BASE_OPTIONS.has(k) && k !== 'file' && k !== 'backing' && k !== 'latency-ns',
   );

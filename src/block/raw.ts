@@ -79,5 +79,6 @@ export const rawDriver: BlockDriver<RawState> = {
     const st = await state.file.blockStatus(state.offset + offset, bytes);
     return { ...st, offset: state.offset + offset };
   },
-  imageInfo: () => ({ 'dirty-flag': false }),
+  // QEMU's raw_get_info asks the file child: only a child that answers (file-posix) gives a dirty flag.
+  imageInfo: (state) => (state.file.driver.imageInfo ? { 'dirty-flag': false } : {}),
 };

@@ -7,9 +7,10 @@ import { qcow2Driver } from './qcow2/index.js';
 import { blkdebugDriver } from './blkdebug.js';
 import { throttleDriver } from './throttle.js';
 import { copyOnReadDriver } from './copy-on-read.js';
+import { nbdDriver } from './nbd-client/index.js';
 import { luksDriver } from './luks/index.js';
 
-export const blockDrivers: readonly BlockDriver[] = [blkdebugDriver, fileDriver, hostDeviceDriver, nullCoDriver, nullAioDriver, rawDriver, qcow2Driver, throttleDriver, copyOnReadDriver, luksDriver];
+export const blockDrivers: readonly BlockDriver[] = [blkdebugDriver, fileDriver, hostDeviceDriver, nullCoDriver, nullAioDriver, rawDriver, qcow2Driver, throttleDriver, copyOnReadDriver, luksDriver, nbdDriver];
 
 export function findBlockDriver(name: string): BlockDriver | undefined {
   return blockDrivers.find((d) => d.name === name);

@@ -1237,24 +1237,28 @@ export const introspection: readonly unknown[] = [
     "type": "102"
    },
    {
+    "case": "nbd",
+    "type": "103"
+   },
+   {
     "case": "null-aio",
-    "type": "103"
-   },
-   {
-    "case": "null-co",
-    "type": "103"
-   },
-   {
-    "case": "qcow2",
     "type": "104"
    },
    {
-    "case": "raw",
+    "case": "null-co",
+    "type": "104"
+   },
+   {
+    "case": "qcow2",
     "type": "105"
    },
    {
-    "case": "throttle",
+    "case": "raw",
     "type": "106"
+   },
+   {
+    "case": "throttle",
+    "type": "107"
    }
   ],
   "name": "24",
@@ -1288,7 +1292,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "options",
-    "type": "107"
+    "type": "108"
    }
   ],
   "name": "27",
@@ -1349,7 +1353,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmaps",
-    "type": "[108]"
+    "type": "[109]"
    }
   ],
   "name": "30",
@@ -1425,7 +1429,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "mode",
-    "type": "109",
+    "type": "110",
     "default": null
    }
   ],
@@ -1495,7 +1499,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "on-error",
-    "type": "110",
+    "type": "111",
     "default": null
    },
    {
@@ -1555,7 +1559,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "on-error",
-    "type": "110",
+    "type": "111",
     "default": null
    },
    {
@@ -1590,7 +1594,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "sync",
-    "type": "111"
+    "type": "112"
    },
    {
     "name": "speed",
@@ -1604,7 +1608,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmap-mode",
-    "type": "112",
+    "type": "113",
     "default": null
    },
    {
@@ -1614,12 +1618,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "on-source-error",
-    "type": "110",
+    "type": "111",
     "default": null
    },
    {
     "name": "on-target-error",
-    "type": "110",
+    "type": "111",
     "default": null
    },
    {
@@ -1639,7 +1643,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "x-perf",
-    "type": "113",
+    "type": "114",
     "default": null,
     "features": [
      "unstable"
@@ -1656,7 +1660,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "mode",
-    "type": "109",
+    "type": "110",
     "default": null
    }
   ],
@@ -1676,7 +1680,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "sync",
-    "type": "111"
+    "type": "112"
    },
    {
     "name": "speed",
@@ -1690,7 +1694,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmap-mode",
-    "type": "112",
+    "type": "113",
     "default": null
    },
    {
@@ -1700,12 +1704,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "on-source-error",
-    "type": "110",
+    "type": "111",
     "default": null
    },
    {
     "name": "on-target-error",
-    "type": "110",
+    "type": "111",
     "default": null
    },
    {
@@ -1725,7 +1729,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "x-perf",
-    "type": "113",
+    "type": "114",
     "default": null,
     "features": [
      "unstable"
@@ -1771,11 +1775,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "sync",
-    "type": "111"
+    "type": "112"
    },
    {
     "name": "mode",
-    "type": "109",
+    "type": "110",
     "default": null
    },
    {
@@ -1795,12 +1799,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "on-source-error",
-    "type": "110",
+    "type": "111",
     "default": null
    },
    {
     "name": "on-target-error",
-    "type": "110",
+    "type": "111",
     "default": null
    },
    {
@@ -1810,7 +1814,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "copy-mode",
-    "type": "114",
+    "type": "115",
     "default": null
    },
    {
@@ -1849,7 +1853,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "sync",
-    "type": "111"
+    "type": "112"
    },
    {
     "name": "speed",
@@ -1868,12 +1872,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "on-source-error",
-    "type": "110",
+    "type": "111",
     "default": null
    },
    {
     "name": "on-target-error",
-    "type": "110",
+    "type": "111",
     "default": null
    },
    {
@@ -1883,7 +1887,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "copy-mode",
-    "type": "114",
+    "type": "115",
     "default": null
    },
    {
@@ -1904,11 +1908,11 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "actions",
-    "type": "[115]"
+    "type": "[116]"
    },
    {
     "name": "properties",
-    "type": "116",
+    "type": "117",
     "default": null
    }
   ],
@@ -2049,7 +2053,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "addr",
-    "type": "117"
+    "type": "118"
    }
   ],
   "name": "51",
@@ -2093,7 +2097,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "mode",
-    "type": "118",
+    "type": "119",
     "default": null
    }
   ],
@@ -2104,7 +2108,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "type",
-    "type": "119"
+    "type": "120"
    },
    {
     "name": "id",
@@ -2117,7 +2121,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "iothread",
-    "type": "120",
+    "type": "121",
     "default": null
    },
    {
@@ -2144,11 +2148,11 @@ export const introspection: readonly unknown[] = [
   "variants": [
    {
     "case": "nbd",
-    "type": "121"
+    "type": "122"
    },
    {
     "case": "fuse",
-    "type": "122"
+    "type": "123"
    }
   ],
   "name": "54",
@@ -2162,7 +2166,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "mode",
-    "type": "118",
+    "type": "119",
     "default": null
    }
   ],
@@ -2192,7 +2196,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "type",
-    "type": "119"
+    "type": "120"
    },
    {
     "name": "node-name",
@@ -2256,7 +2260,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "format",
-    "type": "123",
+    "type": "124",
     "default": null
    }
   ],
@@ -2275,7 +2279,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "format",
-    "type": "123",
+    "type": "124",
     "default": null
    }
   ],
@@ -2295,7 +2299,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "backend",
-    "type": "124"
+    "type": "125"
    }
   ],
   "name": "62",
@@ -2320,7 +2324,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "backend",
-    "type": "124"
+    "type": "125"
    }
   ],
   "name": "64",
@@ -2350,7 +2354,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "enable",
-    "type": "[125]",
+    "type": "[126]",
     "default": null
    }
   ],
@@ -2361,7 +2365,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "qemu",
-    "type": "126"
+    "type": "127"
    },
    {
     "name": "package",
@@ -2399,7 +2403,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "meta-type",
-    "type": "127"
+    "type": "128"
    },
    {
     "name": "features",
@@ -2411,31 +2415,31 @@ export const introspection: readonly unknown[] = [
   "variants": [
    {
     "case": "builtin",
-    "type": "128"
-   },
-   {
-    "case": "enum",
     "type": "129"
    },
    {
-    "case": "array",
+    "case": "enum",
     "type": "130"
    },
    {
-    "case": "object",
+    "case": "array",
     "type": "131"
    },
    {
-    "case": "alternate",
+    "case": "object",
     "type": "132"
    },
    {
-    "case": "command",
+    "case": "alternate",
     "type": "133"
    },
    {
-    "case": "event",
+    "case": "command",
     "type": "134"
+   },
+   {
+    "case": "event",
+    "type": "135"
    }
   ],
   "name": "70",
@@ -2499,7 +2503,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "properties",
-    "type": "[135]"
+    "type": "[136]"
    }
   ],
   "name": "74",
@@ -2597,7 +2601,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "qom-type",
-    "type": "136"
+    "type": "137"
    },
    {
     "name": "id",
@@ -2608,15 +2612,15 @@ export const introspection: readonly unknown[] = [
   "variants": [
    {
     "case": "iothread",
-    "type": "137"
-   },
-   {
-    "case": "secret",
     "type": "138"
    },
    {
-    "case": "throttle-group",
+    "case": "secret",
     "type": "139"
+   },
+   {
+    "case": "throttle-group",
+    "type": "140"
    }
   ],
   "name": "80",
@@ -2766,21 +2770,21 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "timed_stats",
-    "type": "[140]"
+    "type": "[141]"
    },
    {
     "name": "rd_latency_histogram",
-    "type": "141",
+    "type": "142",
     "default": null
    },
    {
     "name": "wr_latency_histogram",
-    "type": "141",
+    "type": "142",
     "default": null
    },
    {
     "name": "flush_latency_histogram",
-    "type": "141",
+    "type": "142",
     "default": null
    }
   ],
@@ -2806,14 +2810,18 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "file",
-    "type": "142"
+    "type": "143"
    },
    {
     "case": "host_device",
-    "type": "142"
+    "type": "143"
    },
    {
     "case": "luks",
+    "type": "0"
+   },
+   {
+    "case": "nbd",
     "type": "0"
    },
    {
@@ -2973,7 +2981,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "snapshots",
-    "type": "[143]",
+    "type": "[144]",
     "default": null
    },
    {
@@ -2983,7 +2991,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "format-specific",
-    "type": "144",
+    "type": "145",
     "default": null
    }
   ],
@@ -3062,7 +3070,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "type",
-    "type": "145"
+    "type": "146"
    },
    {
     "name": "name",
@@ -3093,11 +3101,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "perm",
-    "type": "[146]"
+    "type": "[147]"
    },
    {
     "name": "shared-perm",
-    "type": "[146]"
+    "type": "[147]"
    }
   ],
   "name": "91",
@@ -3187,7 +3195,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "copy-mode",
-    "type": "114"
+    "type": "115"
    }
   ],
   "name": "95",
@@ -3211,6 +3219,9 @@ export const introspection: readonly unknown[] = [
     "name": "luks"
    },
    {
+    "name": "nbd"
+   },
+   {
     "name": "null-aio"
    },
    {
@@ -3232,6 +3243,7 @@ export const introspection: readonly unknown[] = [
    "file",
    "host_device",
    "luks",
+   "nbd",
    "null-aio",
    "null-co",
    "qcow2",
@@ -3277,7 +3289,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "image",
-    "type": "147"
+    "type": "148"
    },
    {
     "name": "config",
@@ -3316,22 +3328,22 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "inject-error",
-    "type": "[148]",
-    "default": null
-   },
-   {
-    "name": "set-state",
     "type": "[149]",
     "default": null
    },
    {
+    "name": "set-state",
+    "type": "[150]",
+    "default": null
+   },
+   {
     "name": "take-child-perms",
-    "type": "[146]",
+    "type": "[147]",
     "default": null
    },
    {
     "name": "unshare-child-perms",
-    "type": "[146]",
+    "type": "[147]",
     "default": null
    }
   ],
@@ -3342,7 +3354,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "file",
-    "type": "147"
+    "type": "148"
    },
    {
     "name": "bottom",
@@ -3366,12 +3378,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "locking",
-    "type": "150",
+    "type": "151",
     "default": null
    },
    {
     "name": "aio",
-    "type": "151",
+    "type": "152",
     "default": null
    },
    {
@@ -3403,7 +3415,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "file",
-    "type": "147"
+    "type": "148"
    },
    {
     "name": "key-secret",
@@ -3412,6 +3424,49 @@ export const introspection: readonly unknown[] = [
    }
   ],
   "name": "102",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "server",
+    "type": "153"
+   },
+   {
+    "name": "export",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "tls-creds",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "tls-hostname",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "x-dirty-bitmap",
+    "type": "str",
+    "default": null,
+    "features": [
+     "unstable"
+    ]
+   },
+   {
+    "name": "reconnect-delay",
+    "type": "int",
+    "default": null
+   },
+   {
+    "name": "open-timeout",
+    "type": "int",
+    "default": null
+   }
+  ],
+  "name": "103",
   "meta-type": "object"
  },
  {
@@ -3432,18 +3487,18 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "103",
+  "name": "104",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "file",
-    "type": "147"
+    "type": "148"
    },
    {
     "name": "backing",
-    "type": "152",
+    "type": "154",
     "default": null
    },
    {
@@ -3473,7 +3528,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "overlap-check",
-    "type": "153",
+    "type": "155",
     "default": null
    },
    {
@@ -3503,18 +3558,18 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "data-file",
-    "type": "147",
+    "type": "148",
     "default": null
    }
   ],
-  "name": "104",
+  "name": "105",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "file",
-    "type": "147"
+    "type": "148"
    },
    {
     "name": "offset",
@@ -3527,7 +3582,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "105",
+  "name": "106",
   "meta-type": "object"
  },
  {
@@ -3538,10 +3593,10 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "file",
-    "type": "147"
+    "type": "148"
    }
   ],
-  "name": "106",
+  "name": "107",
   "meta-type": "object"
  },
  {
@@ -3568,7 +3623,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "file",
-    "type": "154"
+    "type": "156"
    },
    {
     "case": "host_device",
@@ -3576,7 +3631,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "luks",
-    "type": "155"
+    "type": "157"
+   },
+   {
+    "case": "nbd",
+    "type": "0"
    },
    {
     "case": "null-aio",
@@ -3588,7 +3647,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "qcow2",
-    "type": "156"
+    "type": "158"
    },
    {
     "case": "raw",
@@ -3599,12 +3658,12 @@ export const introspection: readonly unknown[] = [
     "type": "0"
    }
   ],
-  "name": "107",
+  "name": "108",
   "meta-type": "object"
  },
  {
-  "element-type": "108",
-  "name": "[108]",
+  "element-type": "109",
+  "name": "[109]",
   "meta-type": "array"
  },
  {
@@ -3616,7 +3675,7 @@ export const introspection: readonly unknown[] = [
     "type": "29"
    }
   ],
-  "name": "108",
+  "name": "109",
   "meta-type": "alternate"
  },
  {
@@ -3632,7 +3691,7 @@ export const introspection: readonly unknown[] = [
    "existing",
    "absolute-paths"
   ],
-  "name": "109",
+  "name": "110",
   "meta-type": "enum"
  },
  {
@@ -3660,7 +3719,7 @@ export const introspection: readonly unknown[] = [
    "stop",
    "auto"
   ],
-  "name": "110",
+  "name": "111",
   "meta-type": "enum"
  },
  {
@@ -3688,7 +3747,7 @@ export const introspection: readonly unknown[] = [
    "incremental",
    "bitmap"
   ],
-  "name": "111",
+  "name": "112",
   "meta-type": "enum"
  },
  {
@@ -3708,7 +3767,7 @@ export const introspection: readonly unknown[] = [
    "never",
    "always"
   ],
-  "name": "112",
+  "name": "113",
   "meta-type": "enum"
  },
  {
@@ -3729,7 +3788,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "113",
+  "name": "114",
   "meta-type": "object"
  },
  {
@@ -3745,77 +3804,66 @@ export const introspection: readonly unknown[] = [
    "background",
    "write-blocking"
   ],
-  "name": "114",
+  "name": "115",
   "meta-type": "enum"
  },
  {
-  "element-type": "115",
-  "name": "[115]",
+  "element-type": "116",
+  "name": "[116]",
   "meta-type": "array"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "157"
+    "type": "159"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "abort",
-    "type": "158"
+    "type": "160"
    },
    {
     "case": "block-dirty-bitmap-add",
-    "type": "159"
-   },
-   {
-    "case": "block-dirty-bitmap-remove",
-    "type": "160"
-   },
-   {
-    "case": "block-dirty-bitmap-clear",
-    "type": "160"
-   },
-   {
-    "case": "block-dirty-bitmap-enable",
-    "type": "160"
-   },
-   {
-    "case": "block-dirty-bitmap-disable",
-    "type": "160"
-   },
-   {
-    "case": "block-dirty-bitmap-merge",
     "type": "161"
    },
    {
-    "case": "blockdev-backup",
+    "case": "block-dirty-bitmap-remove",
     "type": "162"
    },
    {
-    "case": "blockdev-snapshot",
+    "case": "block-dirty-bitmap-clear",
+    "type": "162"
+   },
+   {
+    "case": "block-dirty-bitmap-enable",
+    "type": "162"
+   },
+   {
+    "case": "block-dirty-bitmap-disable",
+    "type": "162"
+   },
+   {
+    "case": "block-dirty-bitmap-merge",
     "type": "163"
    },
    {
-    "case": "blockdev-snapshot-sync",
+    "case": "blockdev-backup",
     "type": "164"
    },
    {
-    "case": "drive-backup",
+    "case": "blockdev-snapshot",
     "type": "165"
-   }
-  ],
-  "name": "115",
-  "meta-type": "object"
- },
- {
-  "members": [
+   },
    {
-    "name": "completion-mode",
-    "type": "166",
-    "default": null
+    "case": "blockdev-snapshot-sync",
+    "type": "166"
+   },
+   {
+    "case": "drive-backup",
+    "type": "167"
    }
   ],
   "name": "116",
@@ -3824,30 +3872,41 @@ export const introspection: readonly unknown[] = [
  {
   "members": [
    {
+    "name": "completion-mode",
+    "type": "168",
+    "default": null
+   }
+  ],
+  "name": "117",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
     "name": "type",
-    "type": "167"
+    "type": "169"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "inet",
-    "type": "168"
-   },
-   {
-    "case": "unix",
-    "type": "169"
-   },
-   {
-    "case": "vsock",
     "type": "170"
    },
    {
-    "case": "fd",
+    "case": "unix",
     "type": "171"
+   },
+   {
+    "case": "vsock",
+    "type": "172"
+   },
+   {
+    "case": "fd",
+    "type": "173"
    }
   ],
-  "name": "117",
+  "name": "118",
   "meta-type": "object"
  },
  {
@@ -3863,7 +3922,7 @@ export const introspection: readonly unknown[] = [
    "safe",
    "hard"
   ],
-  "name": "118",
+  "name": "119",
   "meta-type": "enum"
  },
  {
@@ -3879,7 +3938,7 @@ export const introspection: readonly unknown[] = [
    "nbd",
    "fuse"
   ],
-  "name": "119",
+  "name": "120",
   "meta-type": "enum"
  },
  {
@@ -3891,7 +3950,7 @@ export const introspection: readonly unknown[] = [
     "type": "[str]"
    }
   ],
-  "name": "120",
+  "name": "121",
   "meta-type": "alternate"
  },
  {
@@ -3908,7 +3967,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmaps",
-    "type": "[108]",
+    "type": "[109]",
     "default": null
    },
    {
@@ -3917,7 +3976,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "121",
+  "name": "122",
   "meta-type": "object"
  },
  {
@@ -3933,7 +3992,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "allow-other",
-    "type": "172",
+    "type": "174",
     "default": null
    },
    {
@@ -3942,7 +4001,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "122",
+  "name": "123",
   "meta-type": "object"
  },
  {
@@ -3958,53 +4017,53 @@ export const introspection: readonly unknown[] = [
    "utf8",
    "base64"
   ],
-  "name": "123",
+  "name": "124",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "173"
+    "type": "175"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "file",
-    "type": "174"
-   },
-   {
-    "case": "pipe",
-    "type": "175"
-   },
-   {
-    "case": "socket",
     "type": "176"
    },
    {
-    "case": "null",
+    "case": "pipe",
     "type": "177"
    },
    {
-    "case": "stdio",
+    "case": "socket",
     "type": "178"
    },
    {
-    "case": "ringbuf",
+    "case": "null",
     "type": "179"
    },
    {
+    "case": "stdio",
+    "type": "180"
+   },
+   {
+    "case": "ringbuf",
+    "type": "181"
+   },
+   {
     "case": "memory",
-    "type": "179"
+    "type": "181"
    }
   ],
-  "name": "124",
+  "name": "125",
   "meta-type": "object"
  },
  {
-  "element-type": "125",
-  "name": "[125]",
+  "element-type": "126",
+  "name": "[126]",
   "meta-type": "array"
  },
  {
@@ -4016,7 +4075,7 @@ export const introspection: readonly unknown[] = [
   "values": [
    "oob"
   ],
-  "name": "125",
+  "name": "126",
   "meta-type": "enum"
  },
  {
@@ -4034,7 +4093,7 @@ export const introspection: readonly unknown[] = [
     "type": "int"
    }
   ],
-  "name": "126",
+  "name": "127",
   "meta-type": "object"
  },
  {
@@ -4070,7 +4129,7 @@ export const introspection: readonly unknown[] = [
    "command",
    "event"
   ],
-  "name": "127",
+  "name": "128",
   "meta-type": "enum"
  },
  {
@@ -4082,17 +4141,17 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "json-type",
-    "type": "180"
+    "type": "182"
    }
   ],
-  "name": "128",
+  "name": "129",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "members",
-    "type": "[181]"
+    "type": "[183]"
    },
    {
     "name": "values",
@@ -4102,7 +4161,7 @@ export const introspection: readonly unknown[] = [
     ]
    }
   ],
-  "name": "129",
+  "name": "130",
   "meta-type": "object"
  },
  {
@@ -4110,26 +4169,6 @@ export const introspection: readonly unknown[] = [
    {
     "name": "element-type",
     "type": "str"
-   }
-  ],
-  "name": "130",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "members",
-    "type": "[182]"
-   },
-   {
-    "name": "tag",
-    "type": "str",
-    "default": null
-   },
-   {
-    "name": "variants",
-    "type": "[183]",
-    "default": null
    }
   ],
   "name": "131",
@@ -4140,9 +4179,29 @@ export const introspection: readonly unknown[] = [
    {
     "name": "members",
     "type": "[184]"
+   },
+   {
+    "name": "tag",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "variants",
+    "type": "[185]",
+    "default": null
    }
   ],
   "name": "132",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "members",
+    "type": "[186]"
+   }
+  ],
+  "name": "133",
   "meta-type": "object"
  },
  {
@@ -4161,7 +4220,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "133",
+  "name": "134",
   "meta-type": "object"
  },
  {
@@ -4171,12 +4230,12 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "134",
+  "name": "135",
   "meta-type": "object"
  },
  {
-  "element-type": "135",
-  "name": "[135]",
+  "element-type": "136",
+  "name": "[136]",
   "meta-type": "array"
  },
  {
@@ -4195,7 +4254,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "135",
+  "name": "136",
   "meta-type": "object"
  },
  {
@@ -4215,7 +4274,7 @@ export const introspection: readonly unknown[] = [
    "secret",
    "throttle-group"
   ],
-  "name": "136",
+  "name": "137",
   "meta-type": "enum"
  },
  {
@@ -4251,7 +4310,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "137",
+  "name": "138",
   "meta-type": "object"
  },
  {
@@ -4263,7 +4322,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "format",
-    "type": "185",
+    "type": "187",
     "default": null
    },
    {
@@ -4287,14 +4346,14 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "138",
+  "name": "139",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "limits",
-    "type": "186",
+    "type": "188",
     "default": null
    },
    {
@@ -4450,12 +4509,12 @@ export const introspection: readonly unknown[] = [
     ]
    }
   ],
-  "name": "139",
+  "name": "140",
   "meta-type": "object"
  },
  {
-  "element-type": "140",
-  "name": "[140]",
+  "element-type": "141",
+  "name": "[141]",
   "meta-type": "array"
  },
  {
@@ -4509,7 +4568,7 @@ export const introspection: readonly unknown[] = [
     "type": "number"
    }
   ],
-  "name": "140",
+  "name": "141",
   "meta-type": "object"
  },
  {
@@ -4523,7 +4582,7 @@ export const introspection: readonly unknown[] = [
     "type": "[int]"
    }
   ],
-  "name": "141",
+  "name": "142",
   "meta-type": "object"
  },
  {
@@ -4541,12 +4600,12 @@ export const introspection: readonly unknown[] = [
     "type": "int"
    }
   ],
-  "name": "142",
+  "name": "143",
   "meta-type": "object"
  },
  {
-  "element-type": "143",
-  "name": "[143]",
+  "element-type": "144",
+  "name": "[144]",
   "meta-type": "array"
  },
  {
@@ -4585,24 +4644,24 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "143",
+  "name": "144",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "187"
+    "type": "189"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "qcow2",
-    "type": "188"
+    "type": "190"
    }
   ],
-  "name": "144",
+  "name": "145",
   "meta-type": "object"
  },
  {
@@ -4622,12 +4681,12 @@ export const introspection: readonly unknown[] = [
    "block-job",
    "block-driver"
   ],
-  "name": "145",
+  "name": "146",
   "meta-type": "enum"
  },
  {
-  "element-type": "146",
-  "name": "[146]",
+  "element-type": "147",
+  "name": "[147]",
   "meta-type": "array"
  },
  {
@@ -4651,7 +4710,7 @@ export const introspection: readonly unknown[] = [
    "write-unchanged",
    "resize"
   ],
-  "name": "146",
+  "name": "147",
   "meta-type": "enum"
  },
  {
@@ -4663,19 +4722,19 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "147",
+  "name": "148",
   "meta-type": "alternate"
  },
  {
-  "element-type": "148",
-  "name": "[148]",
+  "element-type": "149",
+  "name": "[149]",
   "meta-type": "array"
  },
  {
   "members": [
    {
     "name": "event",
-    "type": "189"
+    "type": "191"
    },
    {
     "name": "state",
@@ -4684,7 +4743,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "iotype",
-    "type": "190",
+    "type": "192",
     "default": null
    },
    {
@@ -4708,19 +4767,19 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "148",
+  "name": "149",
   "meta-type": "object"
  },
  {
-  "element-type": "149",
-  "name": "[149]",
+  "element-type": "150",
+  "name": "[150]",
   "meta-type": "array"
  },
  {
   "members": [
    {
     "name": "event",
-    "type": "189"
+    "type": "191"
    },
    {
     "name": "state",
@@ -4732,7 +4791,7 @@ export const introspection: readonly unknown[] = [
     "type": "int"
    }
   ],
-  "name": "149",
+  "name": "150",
   "meta-type": "object"
  },
  {
@@ -4752,7 +4811,7 @@ export const introspection: readonly unknown[] = [
    "on",
    "off"
   ],
-  "name": "150",
+  "name": "151",
   "meta-type": "enum"
  },
  {
@@ -4772,8 +4831,37 @@ export const introspection: readonly unknown[] = [
    "native",
    "io_uring"
   ],
-  "name": "151",
+  "name": "152",
   "meta-type": "enum"
+ },
+ {
+  "members": [
+   {
+    "name": "type",
+    "type": "169"
+   }
+  ],
+  "tag": "type",
+  "variants": [
+   {
+    "case": "inet",
+    "type": "193"
+   },
+   {
+    "case": "unix",
+    "type": "194"
+   },
+   {
+    "case": "vsock",
+    "type": "195"
+   },
+   {
+    "case": "fd",
+    "type": "196"
+   }
+  ],
+  "name": "153",
+  "meta-type": "object"
  },
  {
   "members": [
@@ -4787,19 +4875,19 @@ export const introspection: readonly unknown[] = [
     "type": "null"
    }
   ],
-  "name": "152",
+  "name": "154",
   "meta-type": "alternate"
  },
  {
   "members": [
    {
-    "type": "191"
+    "type": "197"
    },
    {
-    "type": "192"
+    "type": "198"
    }
   ],
-  "name": "153",
+  "name": "155",
   "meta-type": "alternate"
  },
  {
@@ -4814,7 +4902,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "preallocation",
-    "type": "193",
+    "type": "199",
     "default": null
    },
    {
@@ -4828,7 +4916,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "154",
+  "name": "156",
   "meta-type": "object"
  },
  {
@@ -4840,27 +4928,27 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "cipher-alg",
-    "type": "194",
+    "type": "200",
     "default": null
    },
    {
     "name": "cipher-mode",
-    "type": "195",
+    "type": "201",
     "default": null
    },
    {
     "name": "ivgen-alg",
-    "type": "196",
+    "type": "202",
     "default": null
    },
    {
     "name": "ivgen-hash-alg",
-    "type": "197",
+    "type": "203",
     "default": null
    },
    {
     "name": "hash-alg",
-    "type": "197",
+    "type": "203",
     "default": null
    },
    {
@@ -4870,7 +4958,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "file",
-    "type": "147"
+    "type": "148"
    },
    {
     "name": "size",
@@ -4878,22 +4966,22 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "preallocation",
-    "type": "193",
+    "type": "199",
     "default": null
    }
   ],
-  "name": "155",
+  "name": "157",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "file",
-    "type": "147"
+    "type": "148"
    },
    {
     "name": "data-file",
-    "type": "147",
+    "type": "148",
     "default": null
    },
    {
@@ -4912,7 +5000,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "version",
-    "type": "198",
+    "type": "204",
     "default": null
    },
    {
@@ -4932,7 +5020,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "preallocation",
-    "type": "193",
+    "type": "199",
     "default": null
    },
    {
@@ -4947,11 +5035,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "compression-type",
-    "type": "199",
+    "type": "205",
     "default": null
    }
   ],
-  "name": "156",
+  "name": "158",
   "meta-type": "object"
  },
  {
@@ -5003,34 +5091,14 @@ export const introspection: readonly unknown[] = [
    "blockdev-snapshot-sync",
    "drive-backup"
   ],
-  "name": "157",
+  "name": "159",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "200"
-   }
-  ],
-  "name": "158",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "28"
-   }
-  ],
-  "name": "159",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "29"
+    "type": "206"
    }
   ],
   "name": "160",
@@ -5040,7 +5108,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "30"
+    "type": "28"
    }
   ],
   "name": "161",
@@ -5050,7 +5118,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "39"
+    "type": "29"
    }
   ],
   "name": "162",
@@ -5060,7 +5128,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "35"
+    "type": "30"
    }
   ],
   "name": "163",
@@ -5070,7 +5138,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "34"
+    "type": "39"
    }
   ],
   "name": "164",
@@ -5080,10 +5148,30 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "38"
+    "type": "35"
    }
   ],
   "name": "165",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "34"
+   }
+  ],
+  "name": "166",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "38"
+   }
+  ],
+  "name": "167",
   "meta-type": "object"
  },
  {
@@ -5099,7 +5187,7 @@ export const introspection: readonly unknown[] = [
    "individual",
    "grouped"
   ],
-  "name": "166",
+  "name": "168",
   "meta-type": "enum"
  },
  {
@@ -5123,34 +5211,14 @@ export const introspection: readonly unknown[] = [
    "vsock",
    "fd"
   ],
-  "name": "167",
+  "name": "169",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "201"
-   }
-  ],
-  "name": "168",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "202"
-   }
-  ],
-  "name": "169",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "203"
+    "type": "193"
    }
   ],
   "name": "170",
@@ -5160,10 +5228,30 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "204"
+    "type": "194"
    }
   ],
   "name": "171",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "195"
+   }
+  ],
+  "name": "172",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "196"
+   }
+  ],
+  "name": "173",
   "meta-type": "object"
  },
  {
@@ -5183,7 +5271,7 @@ export const introspection: readonly unknown[] = [
    "on",
    "auto"
   ],
-  "name": "172",
+  "name": "174",
   "meta-type": "enum"
  },
  {
@@ -5219,28 +5307,8 @@ export const introspection: readonly unknown[] = [
    "ringbuf",
    "memory"
   ],
-  "name": "173",
-  "meta-type": "enum"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "205"
-   }
-  ],
-  "name": "174",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "206"
-   }
-  ],
   "name": "175",
-  "meta-type": "object"
+  "meta-type": "enum"
  },
  {
   "members": [
@@ -5285,6 +5353,26 @@ export const introspection: readonly unknown[] = [
  {
   "members": [
    {
+    "name": "data",
+    "type": "211"
+   }
+  ],
+  "name": "180",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "212"
+   }
+  ],
+  "name": "181",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
     "name": "string"
    },
    {
@@ -5319,12 +5407,12 @@ export const introspection: readonly unknown[] = [
    "array",
    "value"
   ],
-  "name": "180",
+  "name": "182",
   "meta-type": "enum"
  },
  {
-  "element-type": "181",
-  "name": "[181]",
+  "element-type": "183",
+  "name": "[183]",
   "meta-type": "array"
  },
  {
@@ -5339,12 +5427,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "181",
+  "name": "183",
   "meta-type": "object"
  },
  {
-  "element-type": "182",
-  "name": "[182]",
+  "element-type": "184",
+  "name": "[184]",
   "meta-type": "array"
  },
  {
@@ -5368,12 +5456,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "182",
+  "name": "184",
   "meta-type": "object"
  },
  {
-  "element-type": "183",
-  "name": "[183]",
+  "element-type": "185",
+  "name": "[185]",
   "meta-type": "array"
  },
  {
@@ -5387,12 +5475,12 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "183",
+  "name": "185",
   "meta-type": "object"
  },
  {
-  "element-type": "184",
-  "name": "[184]",
+  "element-type": "186",
+  "name": "[186]",
   "meta-type": "array"
  },
  {
@@ -5402,7 +5490,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "184",
+  "name": "186",
   "meta-type": "object"
  },
  {
@@ -5418,7 +5506,7 @@ export const introspection: readonly unknown[] = [
    "raw",
    "base64"
   ],
-  "name": "185",
+  "name": "187",
   "meta-type": "enum"
  },
  {
@@ -5519,7 +5607,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "186",
+  "name": "188",
   "meta-type": "object"
  },
  {
@@ -5541,17 +5629,17 @@ export const introspection: readonly unknown[] = [
   "values": [
    "qcow2"
   ],
-  "name": "187",
+  "name": "189",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "211"
+    "type": "213"
    }
   ],
-  "name": "188",
+  "name": "190",
   "meta-type": "object"
  },
  {
@@ -5751,7 +5839,7 @@ export const introspection: readonly unknown[] = [
    "cluster_alloc_space",
    "none"
   ],
-  "name": "189",
+  "name": "191",
   "meta-type": "enum"
  },
  {
@@ -5783,8 +5871,96 @@ export const introspection: readonly unknown[] = [
    "flush",
    "block-status"
   ],
-  "name": "190",
+  "name": "192",
   "meta-type": "enum"
+ },
+ {
+  "members": [
+   {
+    "name": "host",
+    "type": "str"
+   },
+   {
+    "name": "port",
+    "type": "str"
+   },
+   {
+    "name": "numeric",
+    "type": "bool",
+    "default": null
+   },
+   {
+    "name": "to",
+    "type": "int",
+    "default": null
+   },
+   {
+    "name": "ipv4",
+    "type": "bool",
+    "default": null
+   },
+   {
+    "name": "ipv6",
+    "type": "bool",
+    "default": null
+   },
+   {
+    "name": "keep-alive",
+    "type": "bool",
+    "default": null
+   },
+   {
+    "name": "mptcp",
+    "type": "bool",
+    "default": null
+   }
+  ],
+  "name": "193",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "path",
+    "type": "str"
+   },
+   {
+    "name": "abstract",
+    "type": "bool",
+    "default": null
+   },
+   {
+    "name": "tight",
+    "type": "bool",
+    "default": null
+   }
+  ],
+  "name": "194",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "cid",
+    "type": "str"
+   },
+   {
+    "name": "port",
+    "type": "str"
+   }
+  ],
+  "name": "195",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "str",
+    "type": "str"
+   }
+  ],
+  "name": "196",
+  "meta-type": "object"
  },
  {
   "json-type": "null",
@@ -5795,7 +5971,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "template",
-    "type": "192",
+    "type": "198",
     "default": null
    },
    {
@@ -5844,7 +6020,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "191",
+  "name": "197",
   "meta-type": "object"
  },
  {
@@ -5868,7 +6044,7 @@ export const introspection: readonly unknown[] = [
    "cached",
    "all"
   ],
-  "name": "192",
+  "name": "198",
   "meta-type": "enum"
  },
  {
@@ -5892,7 +6068,7 @@ export const introspection: readonly unknown[] = [
    "falloc",
    "full"
   ],
-  "name": "193",
+  "name": "199",
   "meta-type": "enum"
  },
  {
@@ -5948,7 +6124,7 @@ export const introspection: readonly unknown[] = [
    "twofish-192",
    "twofish-256"
   ],
-  "name": "194",
+  "name": "200",
   "meta-type": "enum"
  },
  {
@@ -5972,7 +6148,7 @@ export const introspection: readonly unknown[] = [
    "xts",
    "ctr"
   ],
-  "name": "195",
+  "name": "201",
   "meta-type": "enum"
  },
  {
@@ -5992,7 +6168,7 @@ export const introspection: readonly unknown[] = [
    "plain64",
    "essiv"
   ],
-  "name": "196",
+  "name": "202",
   "meta-type": "enum"
  },
  {
@@ -6028,7 +6204,7 @@ export const introspection: readonly unknown[] = [
    "sha512",
    "ripemd160"
   ],
-  "name": "197",
+  "name": "203",
   "meta-type": "enum"
  },
  {
@@ -6044,7 +6220,7 @@ export const introspection: readonly unknown[] = [
    "v2",
    "v3"
   ],
-  "name": "198",
+  "name": "204",
   "meta-type": "enum"
  },
  {
@@ -6060,100 +6236,12 @@ export const introspection: readonly unknown[] = [
    "zlib",
    "zstd"
   ],
-  "name": "199",
+  "name": "205",
   "meta-type": "enum"
  },
  {
   "members": [],
-  "name": "200",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "host",
-    "type": "str"
-   },
-   {
-    "name": "port",
-    "type": "str"
-   },
-   {
-    "name": "numeric",
-    "type": "bool",
-    "default": null
-   },
-   {
-    "name": "to",
-    "type": "int",
-    "default": null
-   },
-   {
-    "name": "ipv4",
-    "type": "bool",
-    "default": null
-   },
-   {
-    "name": "ipv6",
-    "type": "bool",
-    "default": null
-   },
-   {
-    "name": "keep-alive",
-    "type": "bool",
-    "default": null
-   },
-   {
-    "name": "mptcp",
-    "type": "bool",
-    "default": null
-   }
-  ],
-  "name": "201",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "path",
-    "type": "str"
-   },
-   {
-    "name": "abstract",
-    "type": "bool",
-    "default": null
-   },
-   {
-    "name": "tight",
-    "type": "bool",
-    "default": null
-   }
-  ],
-  "name": "202",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "cid",
-    "type": "str"
-   },
-   {
-    "name": "port",
-    "type": "str"
-   }
-  ],
-  "name": "203",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "str",
-    "type": "str"
-   }
-  ],
-  "name": "204",
+  "name": "206",
   "meta-type": "object"
  },
  {
@@ -6183,7 +6271,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "205",
+  "name": "207",
   "meta-type": "object"
  },
  {
@@ -6203,7 +6291,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "206",
+  "name": "208",
   "meta-type": "object"
  },
  {
@@ -6220,7 +6308,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "addr",
-    "type": "117"
+    "type": "118"
    },
    {
     "name": "tls-creds",
@@ -6268,7 +6356,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "207",
+  "name": "209",
   "meta-type": "object"
  },
  {
@@ -6284,7 +6372,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "208",
+  "name": "210",
   "meta-type": "object"
  },
  {
@@ -6305,7 +6393,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "209",
+  "name": "211",
   "meta-type": "object"
  },
  {
@@ -6326,7 +6414,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "210",
+  "name": "212",
   "meta-type": "object"
  },
  {
@@ -6366,20 +6454,20 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmaps",
-    "type": "[212]",
+    "type": "[214]",
     "default": null
    },
    {
     "name": "compression-type",
-    "type": "199"
+    "type": "205"
    }
   ],
-  "name": "211",
+  "name": "213",
   "meta-type": "object"
  },
  {
-  "element-type": "212",
-  "name": "[212]",
+  "element-type": "214",
+  "name": "[214]",
   "meta-type": "array"
  },
  {
@@ -6394,15 +6482,15 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "flags",
-    "type": "[213]"
+    "type": "[215]"
    }
   ],
-  "name": "212",
+  "name": "214",
   "meta-type": "object"
  },
  {
-  "element-type": "213",
-  "name": "[213]",
+  "element-type": "215",
+  "name": "[215]",
   "meta-type": "array"
  },
  {
@@ -6418,7 +6506,7 @@ export const introspection: readonly unknown[] = [
    "in-use",
    "auto"
   ],
-  "name": "213",
+  "name": "215",
   "meta-type": "enum"
  }
 ];

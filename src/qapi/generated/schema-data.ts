@@ -1424,6 +1424,7 @@ export const schemaData: GenSchema = {
     "file",
     "host_device",
     "luks",
+    "nbd",
     "null-aio",
     "null-co",
     "qcow2",
@@ -1496,6 +1497,58 @@ export const schemaData: GenSchema = {
    "features": [
     "dynamic-auto-read-only"
    ]
+  },
+  "BlockdevOptionsNbd": {
+   "kind": "struct",
+   "name": "BlockdevOptionsNbd",
+   "members": [
+    {
+     "name": "server",
+     "type": "SocketAddress",
+     "optional": false,
+     "doc": "Where the NBD server listens."
+    },
+    {
+     "name": "export",
+     "type": "str",
+     "optional": true,
+     "doc": "Name of the export to attach to (default: the empty name)."
+    },
+    {
+     "name": "tls-creds",
+     "type": "str",
+     "optional": true,
+     "doc": "Id of the TLS credentials object to secure the connection with."
+    },
+    {
+     "name": "tls-hostname",
+     "type": "str",
+     "optional": true,
+     "doc": "Host name to check the server's certificate against instead of the address (since 7.0)."
+    },
+    {
+     "name": "x-dirty-bitmap",
+     "type": "str",
+     "optional": true,
+     "doc": "Meta context (e.g. qemu:dirty-bitmap:NAME) block status reports instead of base:allocation (since 3.0).",
+     "features": [
+      "unstable"
+     ]
+    },
+    {
+     "name": "reconnect-delay",
+     "type": "uint32",
+     "optional": true,
+     "doc": "Seconds requests wait for a lost connection to be re-established before failing; 0 fails them at once (default 0; since 4.2)."
+    },
+    {
+     "name": "open-timeout",
+     "type": "uint32",
+     "optional": true,
+     "doc": "Seconds to keep retrying the first connection; 0 tries once (default 0; since 7.0)."
+    }
+   ],
+   "doc": "Options of the nbd driver: a node whose data an NBD server holds."
   },
   "BlockdevOptionsNull": {
    "kind": "struct",
@@ -2310,6 +2363,7 @@ export const schemaData: GenSchema = {
     "file": "BlockdevOptionsFile",
     "host_device": "BlockdevOptionsFile",
     "luks": "BlockdevOptionsLUKS",
+    "nbd": "BlockdevOptionsNbd",
     "null-aio": "BlockdevOptionsNull",
     "null-co": "BlockdevOptionsNull",
     "qcow2": "BlockdevOptionsQcow2",

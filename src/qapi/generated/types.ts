@@ -230,6 +230,7 @@ export type BlockStatsSpecific =
   | (BlockStatsSpecificBase & { "driver": "file" } & BlockStatsSpecificFile)
   | (BlockStatsSpecificBase & { "driver": "host_device" } & BlockStatsSpecificFile)
   | (BlockStatsSpecificBase & { "driver": "luks" })
+  | (BlockStatsSpecificBase & { "driver": "nbd" })
   | (BlockStatsSpecificBase & { "driver": "null-aio" })
   | (BlockStatsSpecificBase & { "driver": "null-co" })
   | (BlockStatsSpecificBase & { "driver": "qcow2" })
@@ -394,7 +395,7 @@ export interface BlockdevCacheOptions {
 }
 
 /** Drivers that are supported in block device operations. @since 2.9 */
-export type BlockdevDriver = "blkdebug" | "copy-on-read" | "file" | "host_device" | "luks" | "null-aio" | "null-co" | "qcow2" | "raw" | "throttle";
+export type BlockdevDriver = "blkdebug" | "copy-on-read" | "file" | "host_device" | "luks" | "nbd" | "null-aio" | "null-co" | "qcow2" | "raw" | "throttle";
 
 /** An enumeration of three options: on, off, and auto. @since 2.2 */
 export type OnOffAuto = "auto" | "on" | "off";
@@ -415,6 +416,24 @@ export interface BlockdevOptionsFile {
   "drop-cache"?: boolean;
   /** Whether to check that page cache was dropped on live migration (default: off, since 3.0). features: unstable */
   "x-check-cache-dropped"?: boolean;
+}
+
+/** Options of the nbd driver: a node whose data an NBD server holds. @since 2.9 */
+export interface BlockdevOptionsNbd {
+  /** Where the NBD server listens. */
+  "server": SocketAddress;
+  /** Name of the export to attach to (default: the empty name). */
+  "export"?: string;
+  /** Id of the TLS credentials object to secure the connection with. */
+  "tls-creds"?: string;
+  /** Host name to check the server's certificate against instead of the address (since 7.0). @since 7.0 */
+  "tls-hostname"?: string;
+  /** Meta context (e.g. qemu:dirty-bitmap:NAME) block status reports instead of base:allocation (since 3.0). @since 3.0 features: unstable */
+  "x-dirty-bitmap"?: string;
+  /** Seconds requests wait for a lost connection to be re-established before failing; 0 fails them at once (default 0; since 4.2). @since 4.2 */
+  "reconnect-delay"?: number;
+  /** Seconds to keep retrying the first connection; 0 tries once (default 0; since 7.0). @since 7.0 */
+  "open-timeout"?: number;
 }
 
 /** Driver specific block device options for the null backend. @since 2.9 */
@@ -700,6 +719,7 @@ export type BlockdevOptions =
   | (BlockdevOptionsBase & { "driver": "file" } & BlockdevOptionsFile)
   | (BlockdevOptionsBase & { "driver": "host_device" } & BlockdevOptionsFile)
   | (BlockdevOptionsBase & { "driver": "luks" } & BlockdevOptionsLUKS)
+  | (BlockdevOptionsBase & { "driver": "nbd" } & BlockdevOptionsNbd)
   | (BlockdevOptionsBase & { "driver": "null-aio" } & BlockdevOptionsNull)
   | (BlockdevOptionsBase & { "driver": "null-co" } & BlockdevOptionsNull)
   | (BlockdevOptionsBase & { "driver": "qcow2" } & BlockdevOptionsQcow2)
@@ -822,6 +842,7 @@ export type BlockdevCreateOptions =
   | (BlockdevCreateOptionsBase & { "driver": "file" } & BlockdevCreateOptionsFile)
   | (BlockdevCreateOptionsBase & { "driver": "host_device" })
   | (BlockdevCreateOptionsBase & { "driver": "luks" } & BlockdevCreateOptionsLUKS)
+  | (BlockdevCreateOptionsBase & { "driver": "nbd" })
   | (BlockdevCreateOptionsBase & { "driver": "null-aio" })
   | (BlockdevCreateOptionsBase & { "driver": "null-co" })
   | (BlockdevCreateOptionsBase & { "driver": "qcow2" } & BlockdevCreateOptionsQcow2)

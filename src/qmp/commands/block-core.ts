@@ -24,7 +24,7 @@ async function imageInfo(node: BlockNode, flat: boolean): Promise<Record<string,
     format: node.driver.name,
   };
   if (drv['dirty-flag'] !== undefined) info['dirty-flag'] = drv['dirty-flag'];
-  info['actual-size'] = allocated;
+  if (!Number.isNaN(allocated)) info['actual-size'] = allocated;
   info['virtual-size'] = node.getLength();
   if (drv['cluster-size'] !== undefined) info['cluster-size'] = drv['cluster-size'];
   if (drv.encrypted) info.encrypted = true;
