@@ -15,7 +15,8 @@ import { objectAdd, objectTypeHelp, objectTypesHelp } from './qmp/commands/qom.j
 import { nbdServerStart } from './nbd/server.js';
 import { unmountAllFuseExports } from './exports/fuse.js';
 import { helpText, versionText } from './cli/help.js';
-import { log, setLogLevel } from './log.js';
+import { log } from './log.js';
+import { traceOption } from './cli/trace.js';
 import { strerror } from './util/errno.js';
 import { native } from './native/binding.js';
 import { ARGV0, PROGRAM_NAME } from './util/report.js';
@@ -29,10 +30,11 @@ const MAIN_LOOP_POLL_MAX_NS = 32768;
 const DAEMONIZED_ENV = 'QSD_TS_DAEMONIZED';
 
 interface CliOption {
-  /** Long name without dashes, e.g. 'blockdev'. */
+  /** Long name without dashes, e.g. 'blockdev'; 'argument' for a non-option; 'error' for a getopt error. */
   name: string;
-  /** As the user typed it, for error messages ("--block"). */
-  spelled: string;
+  /** The argv text QEMU names as the location in messages: "--block x", "--blockdev=x", "-Tx". */
+  loc: string;
+  /** The option's argument; for 'error', getopt's message. */
   value?: string;
 }
 
@@ -50,47 +52,52 @@ function fail(message: string): never {
   throw new CliError(message);
 }
 
-/** getopt_long semantics: --name=value, --name value, unambiguous prefixes, -h/-V/-T. */
+/**
+ * getopt_long("-hT:V") semantics, in order: --name=value, --name value, unambiguous prefixes,
+ * -h/-V/-T (bundled, -Tvalue). Non-options are kept in place (QEMU rejects them in its second
+ * pass), a getopt error ends the list (the first pass reports it), "--" ends option processing
+ * and what follows it is ignored, as in QEMU.
+ */
 function parseArgv(argv: string[]): CliOption[] {
   const out: CliOption[] = [];
+  const error = (message: string): CliOption[] => {
+    out.push({ name: 'error', loc: '', value: message });
+    return out;
+  };
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
-    if (arg.startsWith('--') && arg.length > 2) {
+    if (arg === '--') break;
+    if (arg.startsWith('--')) {
       const eq = arg.indexOf('=');
       const typed = eq >= 0 ? arg.slice(2, eq) : arg.slice(2);
       const exact = Object.hasOwn(LONG_OPTIONS, typed) ? [typed] : [];
       const matches = exact.length ? exact : Object.keys(LONG_OPTIONS).filter((n) => n.startsWith(typed));
-      if (matches.length === 0) fail(`unrecognized option '--${typed}'`);
-      if (matches.length > 1) fail(`option '--${typed}' is ambiguous; possibilities: ${matches.map((m) => `'--${m}'`).join(' ')}`);
+      if (matches.length === 0) return error(`unrecognized option '--${typed}'`);
+      if (matches.length > 1) return error(`option '--${typed}' is ambiguous; possibilities: ${matches.map((m) => `'--${m}'`).join(' ')}`);
       const name = matches[0];
-      const spelled = `--${typed}`;
       if (LONG_OPTIONS[name]) {
-        let value: string;
-        if (eq >= 0) value = arg.slice(eq + 1);
-        else if (i + 1 < argv.length) value = argv[++i];
-        else fail(`option '--${name}' requires an argument`);
-        out.push({ name, spelled, value });
+        if (eq >= 0) out.push({ name, loc: arg, value: arg.slice(eq + 1) });
+        else if (i + 1 < argv.length) out.push({ name, loc: `${arg} ${argv[i + 1]}`, value: argv[++i] });
+        else return error(`option '--${name}' requires an argument`);
       } else {
-        if (eq >= 0) fail(`option '--${name}' doesn't allow an argument`);
-        out.push({ name, spelled });
+        if (eq >= 0) return error(`option '--${name}' doesn't allow an argument`);
+        out.push({ name, loc: arg });
       }
-    } else if (arg.startsWith('-') && arg.length > 1 && arg !== '--') {
+    } else if (arg.startsWith('-') && arg.length > 1) {
       for (let j = 1; j < arg.length; j++) {
         const opt = SHORT_OPTIONS[arg[j]];
-        if (!opt) fail(`invalid option -- '${arg[j]}'`);
-        if (opt.arg) {
-          let value = arg.slice(j + 1);
-          if (!value) {
-            if (i + 1 >= argv.length) fail(`option requires an argument -- '${arg[j]}'`);
-            value = argv[++i];
-          }
-          out.push({ name: opt.name, spelled: `-${arg[j]}`, value });
-          break;
+        if (!opt) return error(`invalid option -- '${arg[j]}'`);
+        if (!opt.arg) {
+          out.push({ name: opt.name, loc: arg });
+          continue;
         }
-        out.push({ name: opt.name, spelled: `-${arg[j]}` });
+        if (j + 1 < arg.length) out.push({ name: opt.name, loc: arg, value: arg.slice(j + 1) });
+        else if (i + 1 < argv.length) out.push({ name: opt.name, loc: `${arg} ${argv[i + 1]}`, value: argv[++i] });
+        else return error(`option requires an argument -- '${arg[j]}'`);
+        break;
       }
     } else {
-      fail(`${arg}: Unexpected argument`);
+      out.push({ name: 'argument', loc: arg });
     }
   }
   return out;
@@ -151,8 +158,8 @@ async function processOption(daemon: Daemon, opt: CliOption): Promise<void> {
     }
     case 'chardev': {
       const { id, backend } = chardevOptions(value, (message, hint) =>
-        process.stderr.write(`${PROGRAM}: ${opt.spelled} ${value}: warning: ${message}\n${hint}`));
-      await addChardev(daemon, id, backend, { cli: `${opt.spelled} ${value}` });
+        process.stderr.write(`${PROGRAM}: ${opt.loc}: warning: ${message}\n${hint}`));
+      await addChardev(daemon, id, backend, { cli: opt.loc });
       break;
     }
     case 'monitor': {
@@ -170,9 +177,17 @@ async function processOption(daemon: Daemon, opt: CliOption): Promise<void> {
     case 'nbd-server':
       await nbdServerStart(validated('NbdServerOptions', value) as any);
       break;
-    case 'trace':
-      setLogLevel('trace');
+    case 'trace': {
+      const outcome = traceOption(value, PROGRAM, opt.loc);
+      process.stderr.write(outcome.stderr);
+      if (outcome.exit) {
+        process.stdout.write(outcome.exit.stdout ?? '');
+        exitAfterHelp(outcome.exit.code);
+      }
       break;
+    }
+    case 'argument':
+      fail('Unexpected argument');
   }
 }
 
@@ -223,22 +238,20 @@ function daemonize(argv: string[]): void {
 }
 
 export async function main(argv: string[]): Promise<void> {
-  let options: CliOption[];
-  try {
-    options = parseArgv(argv);
-  } catch (err) {
-    // getopt names the program as argv[0] was typed, path included.
-    process.stderr.write(`${ARGV0}: ${(err as Error).message}\n`);
-    process.exit(1);
-  }
-  // First pass, as QEMU: help, version and daemonizing before anything is created.
+  const options = parseArgv(argv);
+  // First pass, as QEMU: help, version and getopt's errors in order, before anything is created.
   for (const opt of options) {
+    if (opt.name === 'error') {
+      // getopt names the program as argv[0] was typed, path included.
+      process.stderr.write(`${ARGV0}: ${opt.value}\n`);
+      process.exit(1);
+    }
     if (opt.name === 'help') {
       process.stdout.write(helpText(PROGRAM));
       process.exit(0);
     }
     if (opt.name === 'version') {
-      process.stdout.write(versionText(PROGRAM));
+      process.stdout.write(versionText());
       process.exit(0);
     }
   }
@@ -269,7 +282,7 @@ export async function main(argv: string[]): Promise<void> {
     try {
       await processOption(daemon, opt);
     } catch (err) {
-      const prefix = `${PROGRAM}: ${opt.spelled} ${opt.value ?? ''}: `;
+      const prefix = `${PROGRAM}: ${opt.loc}: `;
       if (err instanceof QmpError) {
         process.stderr.write(`${prefix}${err.message}\n${err.hint ?? ''}`);
       } else if (err instanceof CliError) {

@@ -1,15 +1,20 @@
-// --help and --version texts (QEMU's layout; our program name and export types).
+// --help and --version texts: QEMU 7.2's, less the export types qsd-ts lacks (as a QEMU build without them).
 import { PACKAGE_VERSION, QEMU_VERSION } from '../version.js';
 
-export function versionText(program: string): string {
+/**
+ * QEMU prints "qemu-storage-daemon version <x.y.z> (<package version>)" whatever argv[0] is; a script
+ * reading the third word gets the QEMU interface level we implement, the parentheses name us.
+ * (QEMU's second line is its copyright notice, which is not ours to print.)
+ */
+export function versionText(): string {
   const { major, minor, micro } = QEMU_VERSION;
-  return `${program} version ${PACKAGE_VERSION} (qemu-storage-daemon ${major}.${minor}.${micro} compatible)\n` +
+  return `qemu-storage-daemon version ${major}.${minor}.${micro} (qsd-ts ${PACKAGE_VERSION})\n` +
     'A QEMU-compatible storage daemon written in TypeScript\n';
 }
 
 export function helpText(program: string): string {
   return `Usage: ${program} [options]
-QEMU storage daemon (qsd-ts)
+QEMU storage daemon
 
   -h, --help             display this help and exit
   -T, --trace [[enable=]<pattern>][,events=<file>][,file=<file>]
@@ -24,7 +29,7 @@ QEMU storage daemon (qsd-ts)
                          configure a block backend
 
   --chardev <options>    configure a character device backend
-                         (socket,id=<id>,path=<path>,server=on,wait=off or stdio,id=<id>)
+                         (see the qemu(1) man page for possible options)
 
   --daemonize            daemonize the process, and have the parent exit
                          once startup is complete
@@ -55,11 +60,9 @@ QEMU storage daemon (qsd-ts)
                          create a new object of type <type>, setting
                          properties in the order they are specified. Note
                          that the 'id' property must be set.
-                         qsd-ts has 'iothread': an event loop of its own
-                         (a worker thread) that exports can run in.
+                         See the qemu(1) man page for documentation of the
+                         objects that can be added.
 
   --pidfile <path>       write process ID to a file after startup
-
-Environment: QSD_TS_LOG=debug|trace enables structured debug logs on stderr.
 `;
 }
