@@ -1,6 +1,7 @@
 // qsd-ts entry point: qemu-storage-daemon's command line, processed in order, then the main loop.
 // Every option goes through the same validators and handlers as the matching QMP command.
 import fs from 'node:fs';
+import path from 'node:path';
 import { spawn } from 'node:child_process';
 import { Daemon } from './daemon.js';
 import { attachMonitor } from './qmp/server.js';
@@ -199,7 +200,7 @@ async function processOption(daemon: Daemon, opt: CliOption): Promise<void> {
 function writePidfile(path: string): void {
   let fd: number;
   try {
-    fd = fs.openSync(path, fs.constants.O_WRONLY | fs.constants.O_CREAT, 0o644);
+    fd = fs.openSync(path, fs.constants.O_WRONLY | fs.constants.O_CREAT, 0o600);
   } catch (err) {
     fail(`cannot create PID file: Could not create '${path}': ${strerror(err)}`);
   }
@@ -255,7 +256,9 @@ export async function main(argv: string[]): Promise<void> {
       process.exit(0);
     }
   }
-  const pidfile = options.filter((o) => o.name === 'pidfile').pop()?.value;
+  // Absolute, as QEMU keeps its realpath: the file is removed at exit whatever the cwd is then.
+  const pidfileArg = options.filter((o) => o.name === 'pidfile').pop()?.value;
+  const pidfile = pidfileArg === undefined ? undefined : path.resolve(pidfileArg);
   const isDaemonChild = process.env[DAEMONIZED_ENV] === '1';
   if (options.some((o) => o.name === 'daemonize') && !isDaemonChild) {
     daemonize(argv);
@@ -298,7 +301,7 @@ export async function main(argv: string[]): Promise<void> {
   // QEMU writes the pidfile once exports and servers exist, before serving.
   if (pidfile) {
     try {
-      writePidfile(pidfile);
+      writePidfile(pidfileArg!);
       pidfileWritten = true;
     } catch (err) {
       process.stderr.write(`${PROGRAM}: ${(err as Error).message}\n`);
@@ -308,6 +311,10 @@ export async function main(argv: string[]): Promise<void> {
   }
   daemon.startupDone();
   if (isDaemonChild && process.send) {
+    // QEMU's os_setup_post(): files the daemon creates from now on are not world-readable. (It
+    // also changes to '/', which we do not: exports and sockets given relative paths are still
+    // unmounted and unlinked by those paths at exit.)
+    process.umask(0o027);
     process.send('ready');
     process.disconnect?.();
   }
