@@ -395,3 +395,47 @@ function makeFileDriver(name: 'file' | 'host_device'): BlockDriver<FileState> {
 
 export const fileDriver = makeFileDriver('file');
 export const hostDeviceDriver = makeFileDriver('host_device');
+
+/**
+ * blockdev-reopen, prepare half (QEMU's raw_reopen_prepare): a descriptor for the new access mode
+ * and O_DIRECT setting, opened before anything changes so a failure leaves the node as it was.
+ * With auto-read-only, a file that refuses writing is opened read-only instead (`readOnly` says
+ * which one it got). Nothing to open (undefined) when the descriptor already fits.
+ */
+export function fileReopenPrepare(
+  state: FileState, readOnly: boolean, direct: boolean, autoReadOnly: boolean,
+): { fd: number; readOnly: boolean } | undefined {
+  if (direct === state.direct && fdWritable(state.fd) === !readOnly) return undefined;
+  const open = (ro: boolean) =>
+    fs.openSync(state.filename, (ro ? fs.constants.O_RDONLY : fs.constants.O_RDWR) | (direct ? fs.constants.O_DIRECT : 0));
+  try {
+    return { fd: open(readOnly), readOnly };
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (!readOnly && autoReadOnly && (code === 'EACCES' || code === 'EROFS' || code === 'EPERM')) {
+      return { fd: open(true), readOnly: true };
+    }
+    throw genericError(`Could not reopen file: ${strerror(err)}`);
+  }
+}
+
+/** Was this descriptor opened for writing? (Its flags as /proc shows them; undefined if unknown.) */
+function fdWritable(fd: number): boolean | undefined {
+  try {
+    const m = /^flags:\s*([0-7]+)/m.exec(fs.readFileSync(`/proc/self/fdinfo/${fd}`, 'latin1'));
+    return m ? (parseInt(m[1]!, 8) & 3) !== fs.constants.O_RDONLY : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** blockdev-reopen, commit half: the new descriptor replaces the old one, which the caller closes. */
+export function fileReopenCommit(state: FileState, fd: number, direct: boolean): number {
+  const old = state.fd;
+  state.fd = fd;
+  state.direct = direct;
+  state.alignment = direct ? probeAlignment(fd) : 1;
+  state.inlineReads = !direct && state.aio !== 'threads';
+  state.inlineWrites = !direct && state.aio !== 'threads';
+  return old;
+}

@@ -61,7 +61,7 @@ export interface GraphEntry {
 }
 
 /** Operations a blocker can forbid (QEMU's BlockOpType, the ones qsd-ts checks). */
-export type BlockOp = 'drive-del' | 'external-snapshot' | 'commit-source' | 'commit-target' | 'stream';
+export type BlockOp = 'drive-del' | 'external-snapshot' | 'commit-source' | 'commit-target' | 'stream' | 'change';
 
 /** A file node opened read-only gets a read-write descriptor (same flags otherwise). */
 function reopenFileReadWrite(node: BlockNode): void {
@@ -530,6 +530,22 @@ export class BlockGraph {
       const edges = [...child.users].filter((u) => u.parent === entry && u.role === 'backing');
       for (const extra of edges.slice(1)) child.users.delete(extra);
     }
+  }
+
+  /**
+   * blockdev-reopen gives `node` another 'file' child (the caller checked `user` against the new
+   * child's users and drains): the edges move, and an implicitly opened old child nobody uses any
+   * more is closed, as QEMU drops its last reference. The driver's state is the caller's business.
+   */
+  async replaceFileChild(node: BlockNode, file: BlockNode, user: NodeUser): Promise<void> {
+    const entry = this.entries.get(node.nodeName)!;
+    const old = node.children.get('file');
+    this.entries.get(file.nodeName)!.users.add({ ...user, parent: entry });
+    node.children.set('file', file);
+    const oldEntry = old && this.entries.get(old.nodeName);
+    if (!oldEntry) return;
+    for (const u of oldEntry.users) if (u.parent === entry && u.role === 'file') oldEntry.users.delete(u);
+    if (!oldEntry.monitorOwned && oldEntry.users.size === 0) await this.closeEntry(oldEntry);
   }
 
   /** QEMU's bdrv_change_backing_file(): the image header names another backing file (qcow2). */

@@ -7,6 +7,7 @@ import { ALL_PERMS, idWellformed, type BlockGraph, type NodeUser, type Permissio
 import type { BlockNode } from '../block/node.js';
 import type { IoContext } from '../iothread/context.js';
 import { mainContext } from '../iothread/main-context.js';
+import { nodeIothread } from '../iothread/node-iothread.js';
 
 interface ExportEntry {
   exp: BlockExport;
@@ -52,6 +53,10 @@ export class ExportManager {
     if (writable && node.readOnly) throw genericError('Cannot export read-only node as writable');
 
     let contexts: IoContext[] = [mainContext];
+    // Without an iothread of its own, an export runs where x-blockdev-set-iothread put its node.
+    const nodeContext = iothread === undefined ? nodeIothread(node) : undefined;
+    const nodeCtx = nodeContext !== undefined ? this.host.iothread(nodeContext) : undefined;
+    if (nodeCtx) contexts = [nodeCtx];
     if (typeof iothread === 'string') {
       const ctx = this.host.iothread(iothread);
       if (!ctx) throw genericError(`iothread "${iothread}" not found`);

@@ -130,6 +130,12 @@ export class IoThread implements IoContext {
     return new WorkerQueueHandle(this, queueId);
   }
 
+  /** Nodes changed (blockdev-reopen): replicas of them in this thread take the new descriptions. */
+  async updateReplicas(nodes: BlockNode[]): Promise<void> {
+    const descs = nodes.filter(isReplicable).map(describeNode);
+    if (descs.length > 0 && this.queueCount > 0) await this.request({ op: 'update-nodes', nodes: descs });
+  }
+
   /** Stop the thread; every queue must have been stopped before. */
   async stop(): Promise<void> {
     await this.request({ op: 'exit' }).catch(() => undefined);

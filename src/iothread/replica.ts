@@ -58,6 +58,23 @@ export class ReplicaSet {
     return node;
   }
 
+  /**
+   * A node changed in the main thread (blockdev-reopen): the replica of that name, if this context
+   * has one, takes its read-only flag, options and a state rebuilt from the new description. The
+   * queues serving it are drained meanwhile. Children keep their replicas (their own updates come
+   * in the same batch).
+   */
+  update(desc: NodeDescription): void {
+    const entry = this.nodes.get(desc.nodeName);
+    if (!entry) return;
+    const node = entry.node;
+    node.readOnly = desc.readOnly;
+    for (const key of Object.keys(node.options)) delete node.options[key];
+    Object.assign(node.options, desc.options);
+    node.driver.closeReplica?.(node.state);
+    node.state = node.driver.openReplica!(node, desc.state);
+  }
+
   release(node: BlockNode): void {
     const entry = this.nodes.get(node.nodeName);
     if (!entry || entry.node !== node) return;

@@ -12,6 +12,7 @@ export type WorkerRequest =
   | { op: 'start-queue'; queueId: number; kind: string; node: NodeDescription; params: unknown }
   | { op: 'drain-begin' | 'drain-end' | 'stop' | 'stats'; queueId: number }
   | { op: 'polling'; polling: PollingSettings }
+  | { op: 'update-nodes'; nodes: NodeDescription[] }
   | { op: 'exit' };
 
 export interface WorkerReply {
@@ -66,6 +67,9 @@ async function handle(req: WorkerRequest): Promise<unknown> {
       replicas.release(node);
       return undefined;
     }
+    case 'update-nodes':
+      for (const desc of req.nodes) replicas.update(desc);
+      return undefined;
     case 'polling':
       applyPolling(req.polling);
       return undefined;

@@ -145,48 +145,63 @@ export const introspection: readonly unknown[] = [
  {
   "arg-type": "27",
   "ret-type": "0",
-  "name": "blockdev-create",
+  "name": "change-backing-file",
   "meta-type": "command"
  },
  {
   "arg-type": "28",
   "ret-type": "0",
-  "name": "block-dirty-bitmap-add",
-  "meta-type": "command"
+  "name": "x-blockdev-set-iothread",
+  "meta-type": "command",
+  "features": [
+   "unstable"
+  ]
  },
  {
   "arg-type": "29",
   "ret-type": "0",
-  "name": "block-dirty-bitmap-remove",
-  "meta-type": "command"
- },
- {
-  "arg-type": "29",
-  "ret-type": "0",
-  "name": "block-dirty-bitmap-clear",
-  "meta-type": "command"
- },
- {
-  "arg-type": "29",
-  "ret-type": "0",
-  "name": "block-dirty-bitmap-enable",
-  "meta-type": "command"
- },
- {
-  "arg-type": "29",
-  "ret-type": "0",
-  "name": "block-dirty-bitmap-disable",
+  "name": "blockdev-create",
   "meta-type": "command"
  },
  {
   "arg-type": "30",
   "ret-type": "0",
+  "name": "block-dirty-bitmap-add",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "31",
+  "ret-type": "0",
+  "name": "block-dirty-bitmap-remove",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "31",
+  "ret-type": "0",
+  "name": "block-dirty-bitmap-clear",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "31",
+  "ret-type": "0",
+  "name": "block-dirty-bitmap-enable",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "31",
+  "ret-type": "0",
+  "name": "block-dirty-bitmap-disable",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "32",
+  "ret-type": "0",
   "name": "block-dirty-bitmap-merge",
   "meta-type": "command"
  },
  {
-  "arg-type": "29",
-  "ret-type": "31",
+  "arg-type": "31",
+  "ret-type": "33",
   "name": "x-debug-block-dirty-bitmap-sha256",
   "meta-type": "command",
   "features": [
@@ -194,42 +209,42 @@ export const introspection: readonly unknown[] = [
   ]
  },
  {
-  "arg-type": "32",
+  "arg-type": "34",
   "name": "BLOCK_WRITE_THRESHOLD",
   "meta-type": "event"
  },
  {
-  "arg-type": "33",
+  "arg-type": "35",
   "ret-type": "0",
   "name": "block-set-write-threshold",
   "meta-type": "command"
  },
  {
-  "arg-type": "34",
+  "arg-type": "36",
   "ret-type": "0",
   "name": "blockdev-snapshot-sync",
   "meta-type": "command"
  },
  {
-  "arg-type": "35",
+  "arg-type": "37",
   "ret-type": "0",
   "name": "blockdev-snapshot",
   "meta-type": "command"
  },
  {
-  "arg-type": "36",
+  "arg-type": "38",
   "ret-type": "0",
   "name": "block-commit",
   "meta-type": "command"
  },
  {
-  "arg-type": "37",
+  "arg-type": "39",
   "ret-type": "0",
   "name": "block-stream",
   "meta-type": "command"
  },
  {
-  "arg-type": "38",
+  "arg-type": "40",
   "ret-type": "0",
   "name": "drive-backup",
   "meta-type": "command",
@@ -238,84 +253,84 @@ export const introspection: readonly unknown[] = [
   ]
  },
  {
-  "arg-type": "39",
+  "arg-type": "41",
   "ret-type": "0",
   "name": "blockdev-backup",
   "meta-type": "command"
  },
  {
-  "arg-type": "40",
+  "arg-type": "42",
   "ret-type": "0",
   "name": "drive-mirror",
   "meta-type": "command"
  },
  {
-  "arg-type": "41",
+  "arg-type": "43",
   "ret-type": "0",
   "name": "blockdev-mirror",
   "meta-type": "command"
  },
  {
-  "arg-type": "42",
+  "arg-type": "44",
   "ret-type": "0",
   "name": "transaction",
   "meta-type": "command"
  },
  {
-  "arg-type": "43",
+  "arg-type": "45",
   "name": "JOB_STATUS_CHANGE",
   "meta-type": "event"
  },
  {
-  "arg-type": "44",
+  "arg-type": "46",
   "ret-type": "0",
   "name": "job-pause",
   "meta-type": "command"
  },
  {
-  "arg-type": "45",
+  "arg-type": "47",
   "ret-type": "0",
   "name": "job-resume",
   "meta-type": "command"
  },
  {
-  "arg-type": "46",
+  "arg-type": "48",
   "ret-type": "0",
   "name": "job-cancel",
   "meta-type": "command"
  },
  {
-  "arg-type": "47",
+  "arg-type": "49",
   "ret-type": "0",
   "name": "job-complete",
   "meta-type": "command"
  },
  {
-  "arg-type": "48",
+  "arg-type": "50",
   "ret-type": "0",
   "name": "job-dismiss",
   "meta-type": "command"
  },
  {
-  "arg-type": "49",
+  "arg-type": "51",
   "ret-type": "0",
   "name": "job-finalize",
   "meta-type": "command"
  },
  {
   "arg-type": "0",
-  "ret-type": "[50]",
+  "ret-type": "[52]",
   "name": "query-jobs",
   "meta-type": "command"
  },
  {
-  "arg-type": "51",
+  "arg-type": "53",
   "ret-type": "0",
   "name": "nbd-server-start",
   "meta-type": "command"
  },
  {
-  "arg-type": "52",
+  "arg-type": "54",
   "ret-type": "0",
   "name": "nbd-server-add",
   "meta-type": "command",
@@ -324,7 +339,7 @@ export const introspection: readonly unknown[] = [
   ]
  },
  {
-  "arg-type": "53",
+  "arg-type": "55",
   "ret-type": "0",
   "name": "nbd-server-remove",
   "meta-type": "command",
@@ -339,91 +354,91 @@ export const introspection: readonly unknown[] = [
   "meta-type": "command"
  },
  {
-  "arg-type": "54",
+  "arg-type": "56",
   "ret-type": "0",
   "name": "block-export-add",
   "meta-type": "command"
  },
  {
-  "arg-type": "55",
+  "arg-type": "57",
   "ret-type": "0",
   "name": "block-export-del",
   "meta-type": "command"
  },
  {
-  "arg-type": "56",
+  "arg-type": "58",
   "name": "BLOCK_EXPORT_DELETED",
   "meta-type": "event"
  },
  {
   "arg-type": "0",
-  "ret-type": "[57]",
+  "ret-type": "[59]",
   "name": "query-block-exports",
   "meta-type": "command"
  },
  {
   "arg-type": "0",
-  "ret-type": "[58]",
+  "ret-type": "[60]",
   "name": "query-chardev",
   "meta-type": "command"
  },
  {
   "arg-type": "0",
-  "ret-type": "[59]",
+  "ret-type": "[61]",
   "name": "query-chardev-backends",
   "meta-type": "command"
  },
  {
-  "arg-type": "60",
+  "arg-type": "62",
   "ret-type": "0",
   "name": "ringbuf-write",
   "meta-type": "command"
  },
  {
-  "arg-type": "61",
+  "arg-type": "63",
   "ret-type": "str",
   "name": "ringbuf-read",
   "meta-type": "command"
  },
  {
-  "arg-type": "62",
-  "ret-type": "63",
+  "arg-type": "64",
+  "ret-type": "65",
   "name": "chardev-add",
   "meta-type": "command"
  },
  {
-  "arg-type": "64",
-  "ret-type": "63",
+  "arg-type": "66",
+  "ret-type": "65",
   "name": "chardev-change",
   "meta-type": "command"
  },
  {
-  "arg-type": "65",
+  "arg-type": "67",
   "ret-type": "0",
   "name": "chardev-remove",
   "meta-type": "command"
  },
  {
-  "arg-type": "66",
+  "arg-type": "68",
   "ret-type": "0",
   "name": "chardev-send-break",
   "meta-type": "command"
  },
  {
-  "arg-type": "67",
+  "arg-type": "69",
   "ret-type": "0",
   "name": "qmp_capabilities",
   "meta-type": "command"
  },
  {
   "arg-type": "0",
-  "ret-type": "68",
+  "ret-type": "70",
   "name": "query-version",
   "meta-type": "command"
  },
  {
   "arg-type": "0",
-  "ret-type": "[69]",
+  "ret-type": "[71]",
   "name": "query-commands",
   "meta-type": "command"
  },
@@ -435,54 +450,54 @@ export const introspection: readonly unknown[] = [
  },
  {
   "arg-type": "0",
-  "ret-type": "[70]",
-  "name": "query-qmp-schema",
-  "meta-type": "command"
- },
- {
-  "arg-type": "71",
   "ret-type": "[72]",
-  "name": "qom-list",
+  "name": "query-qmp-schema",
   "meta-type": "command"
  },
  {
   "arg-type": "73",
   "ret-type": "[74]",
-  "name": "qom-list-get",
+  "name": "qom-list",
   "meta-type": "command"
  },
  {
   "arg-type": "75",
+  "ret-type": "[76]",
+  "name": "qom-list-get",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "77",
   "ret-type": "any",
   "name": "qom-get",
   "meta-type": "command"
  },
  {
-  "arg-type": "76",
+  "arg-type": "78",
   "ret-type": "0",
   "name": "qom-set",
   "meta-type": "command"
  },
  {
-  "arg-type": "77",
-  "ret-type": "[78]",
+  "arg-type": "79",
+  "ret-type": "[80]",
   "name": "qom-list-types",
   "meta-type": "command"
  },
  {
-  "arg-type": "79",
-  "ret-type": "[72]",
+  "arg-type": "81",
+  "ret-type": "[74]",
   "name": "qom-list-properties",
   "meta-type": "command"
  },
  {
-  "arg-type": "80",
+  "arg-type": "82",
   "ret-type": "0",
   "name": "object-add",
   "meta-type": "command"
  },
  {
-  "arg-type": "81",
+  "arg-type": "83",
   "ret-type": "0",
   "name": "object-del",
   "meta-type": "command"
@@ -532,7 +547,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "io-status",
-    "type": "82",
+    "type": "84",
     "default": null
    }
   ],
@@ -574,11 +589,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "stats",
-    "type": "83"
+    "type": "85"
    },
    {
     "name": "driver-specific",
-    "type": "84",
+    "type": "86",
     "default": null
    },
    {
@@ -632,7 +647,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "io-status",
-    "type": "82"
+    "type": "84"
    },
    {
     "name": "ready",
@@ -640,7 +655,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "status",
-    "type": "85"
+    "type": "87"
    },
    {
     "name": "auto-finalize",
@@ -729,7 +744,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "detect_zeroes",
-    "type": "86"
+    "type": "88"
    },
    {
     "name": "bps",
@@ -757,7 +772,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "image",
-    "type": "87"
+    "type": "89"
    },
    {
     "name": "bps_max",
@@ -831,7 +846,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "cache",
-    "type": "88"
+    "type": "90"
    },
    {
     "name": "write_threshold",
@@ -839,7 +854,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "dirty-bitmaps",
-    "type": "[89]",
+    "type": "[91]",
     "default": null
    }
   ],
@@ -850,11 +865,11 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "nodes",
-    "type": "[90]"
+    "type": "[92]"
    },
    {
     "name": "edges",
-    "type": "[91]"
+    "type": "[93]"
    }
   ],
   "name": "8",
@@ -906,11 +921,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "operation",
-    "type": "92"
+    "type": "94"
    },
    {
     "name": "action",
-    "type": "93"
+    "type": "95"
    },
    {
     "name": "nospace",
@@ -929,7 +944,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "type",
-    "type": "94"
+    "type": "96"
    },
    {
     "name": "device",
@@ -960,7 +975,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "type",
-    "type": "94"
+    "type": "96"
    },
    {
     "name": "device",
@@ -990,11 +1005,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "operation",
-    "type": "92"
+    "type": "94"
    },
    {
     "name": "action",
-    "type": "93"
+    "type": "95"
    }
   ],
   "name": "13",
@@ -1004,7 +1019,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "type",
-    "type": "94"
+    "type": "96"
    },
    {
     "name": "device",
@@ -1030,7 +1045,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "type",
-    "type": "94"
+    "type": "96"
    },
    {
     "name": "id",
@@ -1127,7 +1142,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "type",
-    "type": "94"
+    "type": "96"
    }
   ],
   "tag": "type",
@@ -1142,7 +1157,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "mirror",
-    "type": "95"
+    "type": "97"
    },
    {
     "case": "backup",
@@ -1176,7 +1191,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "driver",
-    "type": "96"
+    "type": "98"
    },
    {
     "name": "node-name",
@@ -1185,12 +1200,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "discard",
-    "type": "97",
+    "type": "99",
     "default": null
    },
    {
     "name": "cache",
-    "type": "98",
+    "type": "100",
     "default": null
    },
    {
@@ -1210,7 +1225,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "detect-zeroes",
-    "type": "86",
+    "type": "88",
     "default": null
    }
   ],
@@ -1218,47 +1233,47 @@ export const introspection: readonly unknown[] = [
   "variants": [
    {
     "case": "blkdebug",
-    "type": "99"
+    "type": "101"
    },
    {
     "case": "copy-on-read",
-    "type": "100"
-   },
-   {
-    "case": "file",
-    "type": "101"
-   },
-   {
-    "case": "host_device",
-    "type": "101"
-   },
-   {
-    "case": "luks",
     "type": "102"
    },
    {
-    "case": "nbd",
+    "case": "file",
     "type": "103"
    },
    {
-    "case": "null-aio",
+    "case": "host_device",
+    "type": "103"
+   },
+   {
+    "case": "luks",
     "type": "104"
    },
    {
-    "case": "null-co",
-    "type": "104"
-   },
-   {
-    "case": "qcow2",
+    "case": "nbd",
     "type": "105"
    },
    {
-    "case": "raw",
+    "case": "null-aio",
     "type": "106"
    },
    {
-    "case": "throttle",
+    "case": "null-co",
+    "type": "106"
+   },
+   {
+    "case": "qcow2",
     "type": "107"
+   },
+   {
+    "case": "raw",
+    "type": "108"
+   },
+   {
+    "case": "throttle",
+    "type": "109"
    }
   ],
   "name": "24",
@@ -1287,15 +1302,52 @@ export const introspection: readonly unknown[] = [
  {
   "members": [
    {
+    "name": "device",
+    "type": "str"
+   },
+   {
+    "name": "image-node-name",
+    "type": "str"
+   },
+   {
+    "name": "backing-file",
+    "type": "str"
+   }
+  ],
+  "name": "27",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "node-name",
+    "type": "str"
+   },
+   {
+    "name": "iothread",
+    "type": "110"
+   },
+   {
+    "name": "force",
+    "type": "bool",
+    "default": null
+   }
+  ],
+  "name": "28",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
     "name": "job-id",
     "type": "str"
    },
    {
     "name": "options",
-    "type": "108"
+    "type": "111"
    }
   ],
-  "name": "27",
+  "name": "29",
   "meta-type": "object"
  },
  {
@@ -1324,7 +1376,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "28",
+  "name": "30",
   "meta-type": "object"
  },
  {
@@ -1338,7 +1390,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "29",
+  "name": "31",
   "meta-type": "object"
  },
  {
@@ -1353,10 +1405,10 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmaps",
-    "type": "[109]"
+    "type": "[112]"
    }
   ],
-  "name": "30",
+  "name": "32",
   "meta-type": "object"
  },
  {
@@ -1366,7 +1418,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "31",
+  "name": "33",
   "meta-type": "object"
  },
  {
@@ -1384,7 +1436,7 @@ export const introspection: readonly unknown[] = [
     "type": "int"
    }
   ],
-  "name": "32",
+  "name": "34",
   "meta-type": "object"
  },
  {
@@ -1398,7 +1450,7 @@ export const introspection: readonly unknown[] = [
     "type": "int"
    }
   ],
-  "name": "33",
+  "name": "35",
   "meta-type": "object"
  },
  {
@@ -1429,11 +1481,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "mode",
-    "type": "110",
+    "type": "113",
     "default": null
    }
   ],
-  "name": "34",
+  "name": "36",
   "meta-type": "object"
  },
  {
@@ -1447,7 +1499,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "35",
+  "name": "37",
   "meta-type": "object"
  },
  {
@@ -1499,7 +1551,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "on-error",
-    "type": "111",
+    "type": "114",
     "default": null
    },
    {
@@ -1518,7 +1570,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "36",
+  "name": "38",
   "meta-type": "object"
  },
  {
@@ -1559,7 +1611,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "on-error",
-    "type": "111",
+    "type": "114",
     "default": null
    },
    {
@@ -1578,7 +1630,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "37",
+  "name": "39",
   "meta-type": "object"
  },
  {
@@ -1594,7 +1646,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "sync",
-    "type": "112"
+    "type": "115"
    },
    {
     "name": "speed",
@@ -1608,7 +1660,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmap-mode",
-    "type": "113",
+    "type": "116",
     "default": null
    },
    {
@@ -1618,12 +1670,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "on-source-error",
-    "type": "111",
+    "type": "114",
     "default": null
    },
    {
     "name": "on-target-error",
-    "type": "111",
+    "type": "114",
     "default": null
    },
    {
@@ -1643,7 +1695,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "x-perf",
-    "type": "114",
+    "type": "117",
     "default": null,
     "features": [
      "unstable"
@@ -1660,11 +1712,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "mode",
-    "type": "110",
+    "type": "113",
     "default": null
    }
   ],
-  "name": "38",
+  "name": "40",
   "meta-type": "object"
  },
  {
@@ -1680,7 +1732,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "sync",
-    "type": "112"
+    "type": "115"
    },
    {
     "name": "speed",
@@ -1694,7 +1746,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmap-mode",
-    "type": "113",
+    "type": "116",
     "default": null
    },
    {
@@ -1704,12 +1756,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "on-source-error",
-    "type": "111",
+    "type": "114",
     "default": null
    },
    {
     "name": "on-target-error",
-    "type": "111",
+    "type": "114",
     "default": null
    },
    {
@@ -1729,7 +1781,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "x-perf",
-    "type": "114",
+    "type": "117",
     "default": null,
     "features": [
      "unstable"
@@ -1740,7 +1792,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "39",
+  "name": "41",
   "meta-type": "object"
  },
  {
@@ -1775,11 +1827,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "sync",
-    "type": "112"
+    "type": "115"
    },
    {
     "name": "mode",
-    "type": "110",
+    "type": "113",
     "default": null
    },
    {
@@ -1799,12 +1851,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "on-source-error",
-    "type": "111",
+    "type": "114",
     "default": null
    },
    {
     "name": "on-target-error",
-    "type": "111",
+    "type": "114",
     "default": null
    },
    {
@@ -1814,7 +1866,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "copy-mode",
-    "type": "115",
+    "type": "118",
     "default": null
    },
    {
@@ -1828,7 +1880,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "40",
+  "name": "42",
   "meta-type": "object"
  },
  {
@@ -1853,7 +1905,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "sync",
-    "type": "112"
+    "type": "115"
    },
    {
     "name": "speed",
@@ -1872,12 +1924,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "on-source-error",
-    "type": "111",
+    "type": "114",
     "default": null
    },
    {
     "name": "on-target-error",
-    "type": "111",
+    "type": "114",
     "default": null
    },
    {
@@ -1887,7 +1939,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "copy-mode",
-    "type": "115",
+    "type": "118",
     "default": null
    },
    {
@@ -1901,43 +1953,19 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "41",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "actions",
-    "type": "[116]"
-   },
-   {
-    "name": "properties",
-    "type": "117",
-    "default": null
-   }
-  ],
-  "name": "42",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "id",
-    "type": "str"
-   },
-   {
-    "name": "status",
-    "type": "85"
-   }
-  ],
   "name": "43",
   "meta-type": "object"
  },
  {
   "members": [
    {
-    "name": "id",
-    "type": "str"
+    "name": "actions",
+    "type": "[119]"
+   },
+   {
+    "name": "properties",
+    "type": "120",
+    "default": null
    }
   ],
   "name": "44",
@@ -1948,6 +1976,10 @@ export const introspection: readonly unknown[] = [
    {
     "name": "id",
     "type": "str"
+   },
+   {
+    "name": "status",
+    "type": "87"
    }
   ],
   "name": "45",
@@ -1994,8 +2026,28 @@ export const introspection: readonly unknown[] = [
   "meta-type": "object"
  },
  {
-  "element-type": "50",
-  "name": "[50]",
+  "members": [
+   {
+    "name": "id",
+    "type": "str"
+   }
+  ],
+  "name": "50",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "id",
+    "type": "str"
+   }
+  ],
+  "name": "51",
+  "meta-type": "object"
+ },
+ {
+  "element-type": "52",
+  "name": "[52]",
   "meta-type": "array"
  },
  {
@@ -2006,11 +2058,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "type",
-    "type": "94"
+    "type": "96"
    },
    {
     "name": "status",
-    "type": "85"
+    "type": "87"
    },
    {
     "name": "current-progress",
@@ -2026,7 +2078,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "50",
+  "name": "52",
   "meta-type": "object"
  },
  {
@@ -2053,10 +2105,10 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "addr",
-    "type": "118"
+    "type": "121"
    }
   ],
-  "name": "51",
+  "name": "53",
   "meta-type": "object"
  },
  {
@@ -2086,7 +2138,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "52",
+  "name": "54",
   "meta-type": "object"
  },
  {
@@ -2097,18 +2149,18 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "mode",
-    "type": "119",
+    "type": "122",
     "default": null
    }
   ],
-  "name": "53",
+  "name": "55",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "120"
+    "type": "123"
    },
    {
     "name": "id",
@@ -2121,7 +2173,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "iothread",
-    "type": "121",
+    "type": "124",
     "default": null
    },
    {
@@ -2148,14 +2200,14 @@ export const introspection: readonly unknown[] = [
   "variants": [
    {
     "case": "nbd",
-    "type": "122"
+    "type": "125"
    },
    {
     "case": "fuse",
-    "type": "123"
+    "type": "126"
    }
   ],
-  "name": "54",
+  "name": "56",
   "meta-type": "object"
  },
  {
@@ -2166,11 +2218,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "mode",
-    "type": "119",
+    "type": "122",
     "default": null
    }
   ],
-  "name": "55",
+  "name": "57",
   "meta-type": "object"
  },
  {
@@ -2180,12 +2232,12 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "56",
+  "name": "58",
   "meta-type": "object"
  },
  {
-  "element-type": "57",
-  "name": "[57]",
+  "element-type": "59",
+  "name": "[59]",
   "meta-type": "array"
  },
  {
@@ -2196,7 +2248,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "type",
-    "type": "120"
+    "type": "123"
    },
    {
     "name": "node-name",
@@ -2207,12 +2259,12 @@ export const introspection: readonly unknown[] = [
     "type": "bool"
    }
   ],
-  "name": "57",
+  "name": "59",
   "meta-type": "object"
  },
  {
-  "element-type": "58",
-  "name": "[58]",
+  "element-type": "60",
+  "name": "[60]",
   "meta-type": "array"
  },
  {
@@ -2230,12 +2282,12 @@ export const introspection: readonly unknown[] = [
     "type": "bool"
    }
   ],
-  "name": "58",
+  "name": "60",
   "meta-type": "object"
  },
  {
-  "element-type": "59",
-  "name": "[59]",
+  "element-type": "61",
+  "name": "[61]",
   "meta-type": "array"
  },
  {
@@ -2245,7 +2297,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "59",
+  "name": "61",
   "meta-type": "object"
  },
  {
@@ -2260,11 +2312,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "format",
-    "type": "124",
+    "type": "127",
     "default": null
    }
   ],
-  "name": "60",
+  "name": "62",
   "meta-type": "object"
  },
  {
@@ -2279,11 +2331,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "format",
-    "type": "124",
+    "type": "127",
     "default": null
    }
   ],
-  "name": "61",
+  "name": "63",
   "meta-type": "object"
  },
  {
@@ -2299,10 +2351,10 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "backend",
-    "type": "125"
+    "type": "128"
    }
   ],
-  "name": "62",
+  "name": "64",
   "meta-type": "object"
  },
  {
@@ -2313,7 +2365,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "63",
+  "name": "65",
   "meta-type": "object"
  },
  {
@@ -2324,27 +2376,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "backend",
-    "type": "125"
-   }
-  ],
-  "name": "64",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "id",
-    "type": "str"
-   }
-  ],
-  "name": "65",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "id",
-    "type": "str"
+    "type": "128"
    }
   ],
   "name": "66",
@@ -2353,9 +2385,8 @@ export const introspection: readonly unknown[] = [
  {
   "members": [
    {
-    "name": "enable",
-    "type": "[126]",
-    "default": null
+    "name": "id",
+    "type": "str"
    }
   ],
   "name": "67",
@@ -2364,11 +2395,7 @@ export const introspection: readonly unknown[] = [
  {
   "members": [
    {
-    "name": "qemu",
-    "type": "127"
-   },
-   {
-    "name": "package",
+    "name": "id",
     "type": "str"
    }
   ],
@@ -2376,8 +2403,33 @@ export const introspection: readonly unknown[] = [
   "meta-type": "object"
  },
  {
-  "element-type": "69",
-  "name": "[69]",
+  "members": [
+   {
+    "name": "enable",
+    "type": "[129]",
+    "default": null
+   }
+  ],
+  "name": "69",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "qemu",
+    "type": "130"
+   },
+   {
+    "name": "package",
+    "type": "str"
+   }
+  ],
+  "name": "70",
+  "meta-type": "object"
+ },
+ {
+  "element-type": "71",
+  "name": "[71]",
   "meta-type": "array"
  },
  {
@@ -2387,12 +2439,12 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "69",
+  "name": "71",
   "meta-type": "object"
  },
  {
-  "element-type": "70",
-  "name": "[70]",
+  "element-type": "72",
+  "name": "[72]",
   "meta-type": "array"
  },
  {
@@ -2403,7 +2455,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "meta-type",
-    "type": "128"
+    "type": "131"
    },
    {
     "name": "features",
@@ -2415,34 +2467,34 @@ export const introspection: readonly unknown[] = [
   "variants": [
    {
     "case": "builtin",
-    "type": "129"
-   },
-   {
-    "case": "enum",
-    "type": "130"
-   },
-   {
-    "case": "array",
-    "type": "131"
-   },
-   {
-    "case": "object",
     "type": "132"
    },
    {
-    "case": "alternate",
+    "case": "enum",
     "type": "133"
    },
    {
-    "case": "command",
+    "case": "array",
     "type": "134"
    },
    {
-    "case": "event",
+    "case": "object",
     "type": "135"
+   },
+   {
+    "case": "alternate",
+    "type": "136"
+   },
+   {
+    "case": "command",
+    "type": "137"
+   },
+   {
+    "case": "event",
+    "type": "138"
    }
   ],
-  "name": "70",
+  "name": "72",
   "meta-type": "object"
  },
  {
@@ -2452,12 +2504,12 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "71",
+  "name": "73",
   "meta-type": "object"
  },
  {
-  "element-type": "72",
-  "name": "[72]",
+  "element-type": "74",
+  "name": "[74]",
   "meta-type": "array"
  },
  {
@@ -2481,7 +2533,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "72",
+  "name": "74",
   "meta-type": "object"
  },
  {
@@ -2491,22 +2543,22 @@ export const introspection: readonly unknown[] = [
     "type": "[str]"
    }
   ],
-  "name": "73",
+  "name": "75",
   "meta-type": "object"
  },
  {
-  "element-type": "74",
-  "name": "[74]",
+  "element-type": "76",
+  "name": "[76]",
   "meta-type": "array"
  },
  {
   "members": [
    {
     "name": "properties",
-    "type": "[136]"
+    "type": "[139]"
    }
   ],
-  "name": "74",
+  "name": "76",
   "meta-type": "object"
  },
  {
@@ -2520,7 +2572,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "75",
+  "name": "77",
   "meta-type": "object"
  },
  {
@@ -2543,7 +2595,7 @@ export const introspection: readonly unknown[] = [
     "type": "any"
    }
   ],
-  "name": "76",
+  "name": "78",
   "meta-type": "object"
  },
  {
@@ -2559,12 +2611,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "77",
+  "name": "79",
   "meta-type": "object"
  },
  {
-  "element-type": "78",
-  "name": "[78]",
+  "element-type": "80",
+  "name": "[80]",
   "meta-type": "array"
  },
  {
@@ -2584,7 +2636,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "78",
+  "name": "80",
   "meta-type": "object"
  },
  {
@@ -2594,14 +2646,14 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "79",
+  "name": "81",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "qom-type",
-    "type": "137"
+    "type": "140"
    },
    {
     "name": "id",
@@ -2612,18 +2664,18 @@ export const introspection: readonly unknown[] = [
   "variants": [
    {
     "case": "iothread",
-    "type": "138"
+    "type": "141"
    },
    {
     "case": "secret",
-    "type": "139"
+    "type": "142"
    },
    {
     "case": "throttle-group",
-    "type": "140"
+    "type": "143"
    }
   ],
-  "name": "80",
+  "name": "82",
   "meta-type": "object"
  },
  {
@@ -2633,7 +2685,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "81",
+  "name": "83",
   "meta-type": "object"
  },
  {
@@ -2658,7 +2710,7 @@ export const introspection: readonly unknown[] = [
    "failed",
    "nospace"
   ],
-  "name": "82",
+  "name": "84",
   "meta-type": "enum"
  },
  {
@@ -2770,32 +2822,32 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "timed_stats",
-    "type": "[141]"
+    "type": "[144]"
    },
    {
     "name": "rd_latency_histogram",
-    "type": "142",
+    "type": "145",
     "default": null
    },
    {
     "name": "wr_latency_histogram",
-    "type": "142",
+    "type": "145",
     "default": null
    },
    {
     "name": "flush_latency_histogram",
-    "type": "142",
+    "type": "145",
     "default": null
    }
   ],
-  "name": "83",
+  "name": "85",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "driver",
-    "type": "96"
+    "type": "98"
    }
   ],
   "tag": "driver",
@@ -2810,11 +2862,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "file",
-    "type": "143"
+    "type": "146"
    },
    {
     "case": "host_device",
-    "type": "143"
+    "type": "146"
    },
    {
     "case": "luks",
@@ -2845,7 +2897,7 @@ export const introspection: readonly unknown[] = [
     "type": "0"
    }
   ],
-  "name": "84",
+  "name": "86",
   "meta-type": "object"
  },
  {
@@ -2902,7 +2954,7 @@ export const introspection: readonly unknown[] = [
    "concluded",
    "null"
   ],
-  "name": "85",
+  "name": "87",
   "meta-type": "enum"
  },
  {
@@ -2922,7 +2974,7 @@ export const introspection: readonly unknown[] = [
    "on",
    "unmap"
   ],
-  "name": "86",
+  "name": "88",
   "meta-type": "enum"
  },
  {
@@ -2981,21 +3033,21 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "snapshots",
-    "type": "[144]",
+    "type": "[147]",
     "default": null
    },
    {
     "name": "backing-image",
-    "type": "87",
+    "type": "89",
     "default": null
    },
    {
     "name": "format-specific",
-    "type": "145",
+    "type": "148",
     "default": null
    }
   ],
-  "name": "87",
+  "name": "89",
   "meta-type": "object"
  },
  {
@@ -3013,12 +3065,12 @@ export const introspection: readonly unknown[] = [
     "type": "bool"
    }
   ],
-  "name": "88",
+  "name": "90",
   "meta-type": "object"
  },
  {
-  "element-type": "89",
-  "name": "[89]",
+  "element-type": "91",
+  "name": "[91]",
   "meta-type": "array"
  },
  {
@@ -3054,12 +3106,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "89",
+  "name": "91",
   "meta-type": "object"
  },
  {
-  "element-type": "90",
-  "name": "[90]",
+  "element-type": "92",
+  "name": "[92]",
   "meta-type": "array"
  },
  {
@@ -3070,19 +3122,19 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "type",
-    "type": "146"
+    "type": "149"
    },
    {
     "name": "name",
     "type": "str"
    }
   ],
-  "name": "90",
+  "name": "92",
   "meta-type": "object"
  },
  {
-  "element-type": "91",
-  "name": "[91]",
+  "element-type": "93",
+  "name": "[93]",
   "meta-type": "array"
  },
  {
@@ -3101,14 +3153,14 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "perm",
-    "type": "[147]"
+    "type": "[150]"
    },
    {
     "name": "shared-perm",
-    "type": "[147]"
+    "type": "[150]"
    }
   ],
-  "name": "91",
+  "name": "93",
   "meta-type": "object"
  },
  {
@@ -3124,7 +3176,7 @@ export const introspection: readonly unknown[] = [
    "read",
    "write"
   ],
-  "name": "92",
+  "name": "94",
   "meta-type": "enum"
  },
  {
@@ -3144,7 +3196,7 @@ export const introspection: readonly unknown[] = [
    "report",
    "stop"
   ],
-  "name": "93",
+  "name": "95",
   "meta-type": "enum"
  },
  {
@@ -3188,17 +3240,17 @@ export const introspection: readonly unknown[] = [
    "snapshot-save",
    "snapshot-delete"
   ],
-  "name": "94",
+  "name": "96",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "copy-mode",
-    "type": "115"
+    "type": "118"
    }
   ],
-  "name": "95",
+  "name": "97",
   "meta-type": "object"
  },
  {
@@ -3250,7 +3302,7 @@ export const introspection: readonly unknown[] = [
    "raw",
    "throttle"
   ],
-  "name": "96",
+  "name": "98",
   "meta-type": "enum"
  },
  {
@@ -3266,7 +3318,7 @@ export const introspection: readonly unknown[] = [
    "ignore",
    "unmap"
   ],
-  "name": "97",
+  "name": "99",
   "meta-type": "enum"
  },
  {
@@ -3282,14 +3334,14 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "98",
+  "name": "100",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "image",
-    "type": "148"
+    "type": "151"
    },
    {
     "name": "config",
@@ -3328,33 +3380,33 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "inject-error",
-    "type": "[149]",
+    "type": "[152]",
     "default": null
    },
    {
     "name": "set-state",
-    "type": "[150]",
+    "type": "[153]",
     "default": null
    },
    {
     "name": "take-child-perms",
-    "type": "[147]",
+    "type": "[150]",
     "default": null
    },
    {
     "name": "unshare-child-perms",
-    "type": "[147]",
+    "type": "[150]",
     "default": null
    }
   ],
-  "name": "99",
+  "name": "101",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "file",
-    "type": "148"
+    "type": "151"
    },
    {
     "name": "bottom",
@@ -3362,7 +3414,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "100",
+  "name": "102",
   "meta-type": "object"
  },
  {
@@ -3378,12 +3430,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "locking",
-    "type": "151",
+    "type": "154",
     "default": null
    },
    {
     "name": "aio",
-    "type": "152",
+    "type": "155",
     "default": null
    },
    {
@@ -3405,7 +3457,7 @@ export const introspection: readonly unknown[] = [
     ]
    }
   ],
-  "name": "101",
+  "name": "103",
   "meta-type": "object",
   "features": [
    "dynamic-auto-read-only"
@@ -3415,7 +3467,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "file",
-    "type": "148"
+    "type": "151"
    },
    {
     "name": "key-secret",
@@ -3423,14 +3475,14 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "102",
+  "name": "104",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "server",
-    "type": "153"
+    "type": "156"
    },
    {
     "name": "export",
@@ -3466,7 +3518,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "103",
+  "name": "105",
   "meta-type": "object"
  },
  {
@@ -3487,18 +3539,18 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "104",
+  "name": "106",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "file",
-    "type": "148"
+    "type": "151"
    },
    {
     "name": "backing",
-    "type": "154",
+    "type": "157",
     "default": null
    },
    {
@@ -3528,7 +3580,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "overlap-check",
-    "type": "155",
+    "type": "158",
     "default": null
    },
    {
@@ -3558,18 +3610,18 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "data-file",
-    "type": "148",
+    "type": "151",
     "default": null
    }
   ],
-  "name": "105",
+  "name": "107",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "file",
-    "type": "148"
+    "type": "151"
    },
    {
     "name": "offset",
@@ -3582,7 +3634,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "106",
+  "name": "108",
   "meta-type": "object"
  },
  {
@@ -3593,10 +3645,10 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "file",
-    "type": "148"
+    "type": "151"
    }
   ],
-  "name": "107",
+  "name": "109",
   "meta-type": "object"
  },
  {
@@ -3607,8 +3659,20 @@ export const introspection: readonly unknown[] = [
  {
   "members": [
    {
+    "type": "str"
+   },
+   {
+    "type": "null"
+   }
+  ],
+  "name": "110",
+  "meta-type": "alternate"
+ },
+ {
+  "members": [
+   {
     "name": "driver",
-    "type": "96"
+    "type": "98"
    }
   ],
   "tag": "driver",
@@ -3623,7 +3687,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "file",
-    "type": "156"
+    "type": "159"
    },
    {
     "case": "host_device",
@@ -3631,7 +3695,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "luks",
-    "type": "157"
+    "type": "160"
    },
    {
     "case": "nbd",
@@ -3647,7 +3711,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "qcow2",
-    "type": "158"
+    "type": "161"
    },
    {
     "case": "raw",
@@ -3658,12 +3722,12 @@ export const introspection: readonly unknown[] = [
     "type": "0"
    }
   ],
-  "name": "108",
+  "name": "111",
   "meta-type": "object"
  },
  {
-  "element-type": "109",
-  "name": "[109]",
+  "element-type": "112",
+  "name": "[112]",
   "meta-type": "array"
  },
  {
@@ -3672,10 +3736,10 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    },
    {
-    "type": "29"
+    "type": "31"
    }
   ],
-  "name": "109",
+  "name": "112",
   "meta-type": "alternate"
  },
  {
@@ -3691,7 +3755,7 @@ export const introspection: readonly unknown[] = [
    "existing",
    "absolute-paths"
   ],
-  "name": "110",
+  "name": "113",
   "meta-type": "enum"
  },
  {
@@ -3719,7 +3783,7 @@ export const introspection: readonly unknown[] = [
    "stop",
    "auto"
   ],
-  "name": "111",
+  "name": "114",
   "meta-type": "enum"
  },
  {
@@ -3747,7 +3811,7 @@ export const introspection: readonly unknown[] = [
    "incremental",
    "bitmap"
   ],
-  "name": "112",
+  "name": "115",
   "meta-type": "enum"
  },
  {
@@ -3767,7 +3831,7 @@ export const introspection: readonly unknown[] = [
    "never",
    "always"
   ],
-  "name": "113",
+  "name": "116",
   "meta-type": "enum"
  },
  {
@@ -3788,7 +3852,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "114",
+  "name": "117",
   "meta-type": "object"
  },
  {
@@ -3804,109 +3868,109 @@ export const introspection: readonly unknown[] = [
    "background",
    "write-blocking"
   ],
-  "name": "115",
+  "name": "118",
   "meta-type": "enum"
  },
  {
-  "element-type": "116",
-  "name": "[116]",
+  "element-type": "119",
+  "name": "[119]",
   "meta-type": "array"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "159"
+    "type": "162"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "abort",
-    "type": "160"
-   },
-   {
-    "case": "block-dirty-bitmap-add",
-    "type": "161"
-   },
-   {
-    "case": "block-dirty-bitmap-remove",
-    "type": "162"
-   },
-   {
-    "case": "block-dirty-bitmap-clear",
-    "type": "162"
-   },
-   {
-    "case": "block-dirty-bitmap-enable",
-    "type": "162"
-   },
-   {
-    "case": "block-dirty-bitmap-disable",
-    "type": "162"
-   },
-   {
-    "case": "block-dirty-bitmap-merge",
     "type": "163"
    },
    {
-    "case": "blockdev-backup",
+    "case": "block-dirty-bitmap-add",
     "type": "164"
    },
    {
-    "case": "blockdev-snapshot",
+    "case": "block-dirty-bitmap-remove",
     "type": "165"
    },
    {
-    "case": "blockdev-snapshot-sync",
+    "case": "block-dirty-bitmap-clear",
+    "type": "165"
+   },
+   {
+    "case": "block-dirty-bitmap-enable",
+    "type": "165"
+   },
+   {
+    "case": "block-dirty-bitmap-disable",
+    "type": "165"
+   },
+   {
+    "case": "block-dirty-bitmap-merge",
     "type": "166"
    },
    {
-    "case": "drive-backup",
+    "case": "blockdev-backup",
     "type": "167"
+   },
+   {
+    "case": "blockdev-snapshot",
+    "type": "168"
+   },
+   {
+    "case": "blockdev-snapshot-sync",
+    "type": "169"
+   },
+   {
+    "case": "drive-backup",
+    "type": "170"
    }
   ],
-  "name": "116",
+  "name": "119",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "completion-mode",
-    "type": "168",
+    "type": "171",
     "default": null
    }
   ],
-  "name": "117",
+  "name": "120",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "169"
+    "type": "172"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "inet",
-    "type": "170"
+    "type": "173"
    },
    {
     "case": "unix",
-    "type": "171"
+    "type": "174"
    },
    {
     "case": "vsock",
-    "type": "172"
+    "type": "175"
    },
    {
     "case": "fd",
-    "type": "173"
+    "type": "176"
    }
   ],
-  "name": "118",
+  "name": "121",
   "meta-type": "object"
  },
  {
@@ -3922,7 +3986,7 @@ export const introspection: readonly unknown[] = [
    "safe",
    "hard"
   ],
-  "name": "119",
+  "name": "122",
   "meta-type": "enum"
  },
  {
@@ -3938,7 +4002,7 @@ export const introspection: readonly unknown[] = [
    "nbd",
    "fuse"
   ],
-  "name": "120",
+  "name": "123",
   "meta-type": "enum"
  },
  {
@@ -3950,7 +4014,7 @@ export const introspection: readonly unknown[] = [
     "type": "[str]"
    }
   ],
-  "name": "121",
+  "name": "124",
   "meta-type": "alternate"
  },
  {
@@ -3967,7 +4031,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmaps",
-    "type": "[109]",
+    "type": "[112]",
     "default": null
    },
    {
@@ -3976,7 +4040,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "122",
+  "name": "125",
   "meta-type": "object"
  },
  {
@@ -3992,7 +4056,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "allow-other",
-    "type": "174",
+    "type": "177",
     "default": null
    },
    {
@@ -4001,7 +4065,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "123",
+  "name": "126",
   "meta-type": "object"
  },
  {
@@ -4017,53 +4081,53 @@ export const introspection: readonly unknown[] = [
    "utf8",
    "base64"
   ],
-  "name": "124",
+  "name": "127",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "175"
+    "type": "178"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "file",
-    "type": "176"
-   },
-   {
-    "case": "pipe",
-    "type": "177"
-   },
-   {
-    "case": "socket",
-    "type": "178"
-   },
-   {
-    "case": "null",
     "type": "179"
    },
    {
-    "case": "stdio",
+    "case": "pipe",
     "type": "180"
    },
    {
-    "case": "ringbuf",
+    "case": "socket",
     "type": "181"
    },
    {
+    "case": "null",
+    "type": "182"
+   },
+   {
+    "case": "stdio",
+    "type": "183"
+   },
+   {
+    "case": "ringbuf",
+    "type": "184"
+   },
+   {
     "case": "memory",
-    "type": "181"
+    "type": "184"
    }
   ],
-  "name": "125",
+  "name": "128",
   "meta-type": "object"
  },
  {
-  "element-type": "126",
-  "name": "[126]",
+  "element-type": "129",
+  "name": "[129]",
   "meta-type": "array"
  },
  {
@@ -4075,7 +4139,7 @@ export const introspection: readonly unknown[] = [
   "values": [
    "oob"
   ],
-  "name": "126",
+  "name": "129",
   "meta-type": "enum"
  },
  {
@@ -4093,7 +4157,7 @@ export const introspection: readonly unknown[] = [
     "type": "int"
    }
   ],
-  "name": "127",
+  "name": "130",
   "meta-type": "object"
  },
  {
@@ -4129,7 +4193,7 @@ export const introspection: readonly unknown[] = [
    "command",
    "event"
   ],
-  "name": "128",
+  "name": "131",
   "meta-type": "enum"
  },
  {
@@ -4141,54 +4205,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "json-type",
-    "type": "182"
-   }
-  ],
-  "name": "129",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "members",
-    "type": "[183]"
-   },
-   {
-    "name": "values",
-    "type": "[str]",
-    "features": [
-     "deprecated"
-    ]
-   }
-  ],
-  "name": "130",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "element-type",
-    "type": "str"
-   }
-  ],
-  "name": "131",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "members",
-    "type": "[184]"
-   },
-   {
-    "name": "tag",
-    "type": "str",
-    "default": null
-   },
-   {
-    "name": "variants",
-    "type": "[185]",
-    "default": null
+    "type": "185"
    }
   ],
   "name": "132",
@@ -4199,9 +4216,56 @@ export const introspection: readonly unknown[] = [
    {
     "name": "members",
     "type": "[186]"
+   },
+   {
+    "name": "values",
+    "type": "[str]",
+    "features": [
+     "deprecated"
+    ]
    }
   ],
   "name": "133",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "element-type",
+    "type": "str"
+   }
+  ],
+  "name": "134",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "members",
+    "type": "[187]"
+   },
+   {
+    "name": "tag",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "variants",
+    "type": "[188]",
+    "default": null
+   }
+  ],
+  "name": "135",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "members",
+    "type": "[189]"
+   }
+  ],
+  "name": "136",
   "meta-type": "object"
  },
  {
@@ -4220,7 +4284,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "134",
+  "name": "137",
   "meta-type": "object"
  },
  {
@@ -4230,12 +4294,12 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "135",
+  "name": "138",
   "meta-type": "object"
  },
  {
-  "element-type": "136",
-  "name": "[136]",
+  "element-type": "139",
+  "name": "[139]",
   "meta-type": "array"
  },
  {
@@ -4254,7 +4318,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "136",
+  "name": "139",
   "meta-type": "object"
  },
  {
@@ -4274,7 +4338,7 @@ export const introspection: readonly unknown[] = [
    "secret",
    "throttle-group"
   ],
-  "name": "137",
+  "name": "140",
   "meta-type": "enum"
  },
  {
@@ -4310,7 +4374,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "138",
+  "name": "141",
   "meta-type": "object"
  },
  {
@@ -4322,7 +4386,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "format",
-    "type": "187",
+    "type": "190",
     "default": null
    },
    {
@@ -4346,14 +4410,14 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "139",
+  "name": "142",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "limits",
-    "type": "188",
+    "type": "191",
     "default": null
    },
    {
@@ -4509,12 +4573,12 @@ export const introspection: readonly unknown[] = [
     ]
    }
   ],
-  "name": "140",
+  "name": "143",
   "meta-type": "object"
  },
  {
-  "element-type": "141",
-  "name": "[141]",
+  "element-type": "144",
+  "name": "[144]",
   "meta-type": "array"
  },
  {
@@ -4568,7 +4632,7 @@ export const introspection: readonly unknown[] = [
     "type": "number"
    }
   ],
-  "name": "141",
+  "name": "144",
   "meta-type": "object"
  },
  {
@@ -4582,7 +4646,7 @@ export const introspection: readonly unknown[] = [
     "type": "[int]"
    }
   ],
-  "name": "142",
+  "name": "145",
   "meta-type": "object"
  },
  {
@@ -4600,12 +4664,12 @@ export const introspection: readonly unknown[] = [
     "type": "int"
    }
   ],
-  "name": "143",
+  "name": "146",
   "meta-type": "object"
  },
  {
-  "element-type": "144",
-  "name": "[144]",
+  "element-type": "147",
+  "name": "[147]",
   "meta-type": "array"
  },
  {
@@ -4644,24 +4708,24 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "144",
+  "name": "147",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "189"
+    "type": "192"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "qcow2",
-    "type": "190"
+    "type": "193"
    }
   ],
-  "name": "145",
+  "name": "148",
   "meta-type": "object"
  },
  {
@@ -4681,12 +4745,12 @@ export const introspection: readonly unknown[] = [
    "block-job",
    "block-driver"
   ],
-  "name": "146",
+  "name": "149",
   "meta-type": "enum"
  },
  {
-  "element-type": "147",
-  "name": "[147]",
+  "element-type": "150",
+  "name": "[150]",
   "meta-type": "array"
  },
  {
@@ -4710,7 +4774,7 @@ export const introspection: readonly unknown[] = [
    "write-unchanged",
    "resize"
   ],
-  "name": "147",
+  "name": "150",
   "meta-type": "enum"
  },
  {
@@ -4722,19 +4786,19 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "148",
+  "name": "151",
   "meta-type": "alternate"
  },
  {
-  "element-type": "149",
-  "name": "[149]",
+  "element-type": "152",
+  "name": "[152]",
   "meta-type": "array"
  },
  {
   "members": [
    {
     "name": "event",
-    "type": "191"
+    "type": "194"
    },
    {
     "name": "state",
@@ -4743,7 +4807,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "iotype",
-    "type": "192",
+    "type": "195",
     "default": null
    },
    {
@@ -4767,19 +4831,19 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "149",
+  "name": "152",
   "meta-type": "object"
  },
  {
-  "element-type": "150",
-  "name": "[150]",
+  "element-type": "153",
+  "name": "[153]",
   "meta-type": "array"
  },
  {
   "members": [
    {
     "name": "event",
-    "type": "191"
+    "type": "194"
    },
    {
     "name": "state",
@@ -4791,7 +4855,7 @@ export const introspection: readonly unknown[] = [
     "type": "int"
    }
   ],
-  "name": "150",
+  "name": "153",
   "meta-type": "object"
  },
  {
@@ -4811,7 +4875,7 @@ export const introspection: readonly unknown[] = [
    "on",
    "off"
   ],
-  "name": "151",
+  "name": "154",
   "meta-type": "enum"
  },
  {
@@ -4831,36 +4895,36 @@ export const introspection: readonly unknown[] = [
    "native",
    "io_uring"
   ],
-  "name": "152",
+  "name": "155",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "169"
+    "type": "172"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "inet",
-    "type": "193"
+    "type": "196"
    },
    {
     "case": "unix",
-    "type": "194"
+    "type": "197"
    },
    {
     "case": "vsock",
-    "type": "195"
+    "type": "198"
    },
    {
     "case": "fd",
-    "type": "196"
+    "type": "199"
    }
   ],
-  "name": "153",
+  "name": "156",
   "meta-type": "object"
  },
  {
@@ -4875,20 +4939,25 @@ export const introspection: readonly unknown[] = [
     "type": "null"
    }
   ],
-  "name": "154",
+  "name": "157",
   "meta-type": "alternate"
  },
  {
   "members": [
    {
-    "type": "197"
+    "type": "200"
    },
    {
-    "type": "198"
+    "type": "201"
    }
   ],
-  "name": "155",
+  "name": "158",
   "meta-type": "alternate"
+ },
+ {
+  "json-type": "null",
+  "name": "null",
+  "meta-type": "builtin"
  },
  {
   "members": [
@@ -4902,7 +4971,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "preallocation",
-    "type": "199",
+    "type": "202",
     "default": null
    },
    {
@@ -4916,7 +4985,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "156",
+  "name": "159",
   "meta-type": "object"
  },
  {
@@ -4928,27 +4997,27 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "cipher-alg",
-    "type": "200",
+    "type": "203",
     "default": null
    },
    {
     "name": "cipher-mode",
-    "type": "201",
+    "type": "204",
     "default": null
    },
    {
     "name": "ivgen-alg",
-    "type": "202",
+    "type": "205",
     "default": null
    },
    {
     "name": "ivgen-hash-alg",
-    "type": "203",
+    "type": "206",
     "default": null
    },
    {
     "name": "hash-alg",
-    "type": "203",
+    "type": "206",
     "default": null
    },
    {
@@ -4958,7 +5027,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "file",
-    "type": "148"
+    "type": "151"
    },
    {
     "name": "size",
@@ -4966,22 +5035,22 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "preallocation",
-    "type": "199",
+    "type": "202",
     "default": null
    }
   ],
-  "name": "157",
+  "name": "160",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "file",
-    "type": "148"
+    "type": "151"
    },
    {
     "name": "data-file",
-    "type": "148",
+    "type": "151",
     "default": null
    },
    {
@@ -5000,7 +5069,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "version",
-    "type": "204",
+    "type": "207",
     "default": null
    },
    {
@@ -5010,7 +5079,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "backing-fmt",
-    "type": "96",
+    "type": "98",
     "default": null
    },
    {
@@ -5020,7 +5089,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "preallocation",
-    "type": "199",
+    "type": "202",
     "default": null
    },
    {
@@ -5035,11 +5104,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "compression-type",
-    "type": "205",
+    "type": "208",
     "default": null
    }
   ],
-  "name": "158",
+  "name": "161",
   "meta-type": "object"
  },
  {
@@ -5091,44 +5160,14 @@ export const introspection: readonly unknown[] = [
    "blockdev-snapshot-sync",
    "drive-backup"
   ],
-  "name": "159",
+  "name": "162",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "206"
-   }
-  ],
-  "name": "160",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "28"
-   }
-  ],
-  "name": "161",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "29"
-   }
-  ],
-  "name": "162",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "30"
+    "type": "209"
    }
   ],
   "name": "163",
@@ -5138,7 +5177,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "39"
+    "type": "30"
    }
   ],
   "name": "164",
@@ -5148,7 +5187,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "35"
+    "type": "31"
    }
   ],
   "name": "165",
@@ -5158,7 +5197,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "34"
+    "type": "32"
    }
   ],
   "name": "166",
@@ -5168,10 +5207,40 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "38"
+    "type": "41"
    }
   ],
   "name": "167",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "37"
+   }
+  ],
+  "name": "168",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "36"
+   }
+  ],
+  "name": "169",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "40"
+   }
+  ],
+  "name": "170",
   "meta-type": "object"
  },
  {
@@ -5187,7 +5256,7 @@ export const introspection: readonly unknown[] = [
    "individual",
    "grouped"
   ],
-  "name": "168",
+  "name": "171",
   "meta-type": "enum"
  },
  {
@@ -5211,38 +5280,8 @@ export const introspection: readonly unknown[] = [
    "vsock",
    "fd"
   ],
-  "name": "169",
-  "meta-type": "enum"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "193"
-   }
-  ],
-  "name": "170",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "194"
-   }
-  ],
-  "name": "171",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "195"
-   }
-  ],
   "name": "172",
-  "meta-type": "object"
+  "meta-type": "enum"
  },
  {
   "members": [
@@ -5252,6 +5291,36 @@ export const introspection: readonly unknown[] = [
    }
   ],
   "name": "173",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "197"
+   }
+  ],
+  "name": "174",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "198"
+   }
+  ],
+  "name": "175",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "199"
+   }
+  ],
+  "name": "176",
   "meta-type": "object"
  },
  {
@@ -5271,7 +5340,7 @@ export const introspection: readonly unknown[] = [
    "on",
    "auto"
   ],
-  "name": "174",
+  "name": "177",
   "meta-type": "enum"
  },
  {
@@ -5307,38 +5376,8 @@ export const introspection: readonly unknown[] = [
    "ringbuf",
    "memory"
   ],
-  "name": "175",
-  "meta-type": "enum"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "207"
-   }
-  ],
-  "name": "176",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "208"
-   }
-  ],
-  "name": "177",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "209"
-   }
-  ],
   "name": "178",
-  "meta-type": "object"
+  "meta-type": "enum"
  },
  {
   "members": [
@@ -5368,6 +5407,36 @@ export const introspection: readonly unknown[] = [
    }
   ],
   "name": "181",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "213"
+   }
+  ],
+  "name": "182",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "214"
+   }
+  ],
+  "name": "183",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "215"
+   }
+  ],
+  "name": "184",
   "meta-type": "object"
  },
  {
@@ -5407,12 +5476,12 @@ export const introspection: readonly unknown[] = [
    "array",
    "value"
   ],
-  "name": "182",
+  "name": "185",
   "meta-type": "enum"
  },
  {
-  "element-type": "183",
-  "name": "[183]",
+  "element-type": "186",
+  "name": "[186]",
   "meta-type": "array"
  },
  {
@@ -5427,12 +5496,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "183",
+  "name": "186",
   "meta-type": "object"
  },
  {
-  "element-type": "184",
-  "name": "[184]",
+  "element-type": "187",
+  "name": "[187]",
   "meta-type": "array"
  },
  {
@@ -5456,12 +5525,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "184",
+  "name": "187",
   "meta-type": "object"
  },
  {
-  "element-type": "185",
-  "name": "[185]",
+  "element-type": "188",
+  "name": "[188]",
   "meta-type": "array"
  },
  {
@@ -5475,12 +5544,12 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "185",
+  "name": "188",
   "meta-type": "object"
  },
  {
-  "element-type": "186",
-  "name": "[186]",
+  "element-type": "189",
+  "name": "[189]",
   "meta-type": "array"
  },
  {
@@ -5490,7 +5559,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "186",
+  "name": "189",
   "meta-type": "object"
  },
  {
@@ -5506,7 +5575,7 @@ export const introspection: readonly unknown[] = [
    "raw",
    "base64"
   ],
-  "name": "187",
+  "name": "190",
   "meta-type": "enum"
  },
  {
@@ -5607,7 +5676,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "188",
+  "name": "191",
   "meta-type": "object"
  },
  {
@@ -5629,17 +5698,17 @@ export const introspection: readonly unknown[] = [
   "values": [
    "qcow2"
   ],
-  "name": "189",
+  "name": "192",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "213"
+    "type": "216"
    }
   ],
-  "name": "190",
+  "name": "193",
   "meta-type": "object"
  },
  {
@@ -5839,7 +5908,7 @@ export const introspection: readonly unknown[] = [
    "cluster_alloc_space",
    "none"
   ],
-  "name": "191",
+  "name": "194",
   "meta-type": "enum"
  },
  {
@@ -5871,7 +5940,7 @@ export const introspection: readonly unknown[] = [
    "flush",
    "block-status"
   ],
-  "name": "192",
+  "name": "195",
   "meta-type": "enum"
  },
  {
@@ -5915,7 +5984,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "193",
+  "name": "196",
   "meta-type": "object"
  },
  {
@@ -5935,7 +6004,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "194",
+  "name": "197",
   "meta-type": "object"
  },
  {
@@ -5949,7 +6018,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "195",
+  "name": "198",
   "meta-type": "object"
  },
  {
@@ -5959,19 +6028,14 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "196",
+  "name": "199",
   "meta-type": "object"
- },
- {
-  "json-type": "null",
-  "name": "null",
-  "meta-type": "builtin"
  },
  {
   "members": [
    {
     "name": "template",
-    "type": "198",
+    "type": "201",
     "default": null
    },
    {
@@ -6020,7 +6084,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "197",
+  "name": "200",
   "meta-type": "object"
  },
  {
@@ -6044,7 +6108,7 @@ export const introspection: readonly unknown[] = [
    "cached",
    "all"
   ],
-  "name": "198",
+  "name": "201",
   "meta-type": "enum"
  },
  {
@@ -6068,7 +6132,7 @@ export const introspection: readonly unknown[] = [
    "falloc",
    "full"
   ],
-  "name": "199",
+  "name": "202",
   "meta-type": "enum"
  },
  {
@@ -6124,7 +6188,7 @@ export const introspection: readonly unknown[] = [
    "twofish-192",
    "twofish-256"
   ],
-  "name": "200",
+  "name": "203",
   "meta-type": "enum"
  },
  {
@@ -6148,7 +6212,7 @@ export const introspection: readonly unknown[] = [
    "xts",
    "ctr"
   ],
-  "name": "201",
+  "name": "204",
   "meta-type": "enum"
  },
  {
@@ -6168,7 +6232,7 @@ export const introspection: readonly unknown[] = [
    "plain64",
    "essiv"
   ],
-  "name": "202",
+  "name": "205",
   "meta-type": "enum"
  },
  {
@@ -6204,7 +6268,7 @@ export const introspection: readonly unknown[] = [
    "sha512",
    "ripemd160"
   ],
-  "name": "203",
+  "name": "206",
   "meta-type": "enum"
  },
  {
@@ -6220,7 +6284,7 @@ export const introspection: readonly unknown[] = [
    "v2",
    "v3"
   ],
-  "name": "204",
+  "name": "207",
   "meta-type": "enum"
  },
  {
@@ -6236,12 +6300,12 @@ export const introspection: readonly unknown[] = [
    "zlib",
    "zstd"
   ],
-  "name": "205",
+  "name": "208",
   "meta-type": "enum"
  },
  {
   "members": [],
-  "name": "206",
+  "name": "209",
   "meta-type": "object"
  },
  {
@@ -6271,7 +6335,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "207",
+  "name": "210",
   "meta-type": "object"
  },
  {
@@ -6291,7 +6355,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "208",
+  "name": "211",
   "meta-type": "object"
  },
  {
@@ -6308,7 +6372,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "addr",
-    "type": "118"
+    "type": "121"
    },
    {
     "name": "tls-creds",
@@ -6356,7 +6420,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "209",
+  "name": "212",
   "meta-type": "object"
  },
  {
@@ -6372,7 +6436,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "210",
+  "name": "213",
   "meta-type": "object"
  },
  {
@@ -6393,7 +6457,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "211",
+  "name": "214",
   "meta-type": "object"
  },
  {
@@ -6414,7 +6478,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "212",
+  "name": "215",
   "meta-type": "object"
  },
  {
@@ -6454,20 +6518,20 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmaps",
-    "type": "[214]",
+    "type": "[217]",
     "default": null
    },
    {
     "name": "compression-type",
-    "type": "205"
+    "type": "208"
    }
   ],
-  "name": "213",
+  "name": "216",
   "meta-type": "object"
  },
  {
-  "element-type": "214",
-  "name": "[214]",
+  "element-type": "217",
+  "name": "[217]",
   "meta-type": "array"
  },
  {
@@ -6482,15 +6546,15 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "flags",
-    "type": "[215]"
+    "type": "[218]"
    }
   ],
-  "name": "214",
+  "name": "217",
   "meta-type": "object"
  },
  {
-  "element-type": "215",
-  "name": "[215]",
+  "element-type": "218",
+  "name": "[218]",
   "meta-type": "array"
  },
  {
@@ -6506,7 +6570,7 @@ export const introspection: readonly unknown[] = [
    "in-use",
    "auto"
   ],
-  "name": "215",
+  "name": "218",
   "meta-type": "enum"
  }
 ];

@@ -2415,6 +2415,65 @@ export const schemaData: GenSchema = {
    ],
    "implicit": true
   },
+  "StrOrNull": {
+   "kind": "alternate",
+   "name": "StrOrNull",
+   "variants": {
+    "s": "str",
+    "n": "null"
+   },
+   "doc": "A string, or null (QEMU's common.json)."
+  },
+  "q_obj_change-backing-file-arg": {
+   "kind": "struct",
+   "name": "q_obj_change-backing-file-arg",
+   "members": [
+    {
+     "name": "device",
+     "type": "str",
+     "optional": false,
+     "doc": "The device name or node-name of the root node that owns image-node-name."
+    },
+    {
+     "name": "image-node-name",
+     "type": "str",
+     "optional": false,
+     "doc": "The name of the block driver state node of the image to modify; it must be in the backing chain of @device."
+    },
+    {
+     "name": "backing-file",
+     "type": "str",
+     "optional": false,
+     "doc": "The string to write as the backing file."
+    }
+   ],
+   "implicit": true
+  },
+  "q_obj_x-blockdev-set-iothread-arg": {
+   "kind": "struct",
+   "name": "q_obj_x-blockdev-set-iothread-arg",
+   "members": [
+    {
+     "name": "node-name",
+     "type": "str",
+     "optional": false,
+     "doc": "the name of the block driver node"
+    },
+    {
+     "name": "iothread",
+     "type": "StrOrNull",
+     "optional": false,
+     "doc": "the name of the IOThread object or null for the main loop"
+    },
+    {
+     "name": "force",
+     "type": "bool",
+     "optional": true,
+     "doc": "true if the node and its children should be moved when a BlockBackend is already attached"
+    }
+   ],
+   "implicit": true
+  },
   "PreallocMode": {
    "kind": "enum",
    "name": "PreallocMode",
@@ -5721,6 +5780,21 @@ export const schemaData: GenSchema = {
    "boxed": false,
    "doc": "Deletes a block device that has been added using blockdev-add.",
    "argType": "q_obj_blockdev-del-arg"
+  },
+  {
+   "name": "change-backing-file",
+   "boxed": false,
+   "doc": "Change the backing file in the image file metadata. This does not cause QEMU to reopen the image file to reparse the backing filename; it only writes the given string into the header of an image in the chain of @device.",
+   "argType": "q_obj_change-backing-file-arg"
+  },
+  {
+   "name": "x-blockdev-set-iothread",
+   "boxed": false,
+   "doc": "Move @node and its children into the @iothread. If @iothread is null then move @node and its children into the main loop. The node must not be attached to a BlockBackend (an export) unless @force is true.",
+   "features": [
+    "unstable"
+   ],
+   "argType": "q_obj_x-blockdev-set-iothread-arg"
   },
   {
    "name": "blockdev-create",

@@ -741,6 +741,27 @@ export interface QObj_blockdev_del_arg {
   "node-name": string;
 }
 
+/** A string, or null (QEMU's common.json). @since 2.10 */
+export type StrOrNull = string | null;
+
+export interface QObj_change_backing_file_arg {
+  /** The device name or node-name of the root node that owns image-node-name. */
+  "device": string;
+  /** The name of the block driver state node of the image to modify; it must be in the backing chain of @device. */
+  "image-node-name": string;
+  /** The string to write as the backing file. */
+  "backing-file": string;
+}
+
+export interface QObj_x_blockdev_set_iothread_arg {
+  /** the name of the block driver node */
+  "node-name": string;
+  /** the name of the IOThread object or null for the main loop */
+  "iothread": StrOrNull;
+  /** true if the node and its children should be moved when a BlockBackend is already attached */
+  "force"?: boolean;
+}
+
 /** Preallocation mode of QEMU image file. @since 2.2 */
 export type PreallocMode = "off" | "metadata" | "falloc" | "full";
 
@@ -1944,6 +1965,10 @@ export interface QmpCommands {
   "blockdev-reopen": { args: QObj_blockdev_reopen_arg; ret: Record<string, never> };
   /** Deletes a block device that has been added using blockdev-add. @since 2.9 */
   "blockdev-del": { args: QObj_blockdev_del_arg; ret: Record<string, never> };
+  /** Change the backing file in the image file metadata. This does not cause QEMU to reopen the image file to reparse the backing filename; it only writes the given string into the header of an image in the chain of @device. @since 2.1 */
+  "change-backing-file": { args: QObj_change_backing_file_arg; ret: Record<string, never> };
+  /** Move @node and its children into the @iothread. If @iothread is null then move @node and its children into the main loop. The node must not be attached to a BlockBackend (an export) unless @force is true. @since 2.12 features: unstable */
+  "x-blockdev-set-iothread": { args: QObj_x_blockdev_set_iothread_arg; ret: Record<string, never> };
   /** Starts a job to create an image format on a given node. The job is automatically finalized, but a manual job-dismiss is required. @since 3.0 */
   "blockdev-create": { args: QObj_blockdev_create_arg; ret: Record<string, never> };
   /** Create a dirty bitmap with a name on the node. @since 2.4 */

@@ -9,6 +9,7 @@ import { charCommands } from './char.js';
 import { blockDebugCommands } from './block-debug.js';
 import { blockJobCommands } from './block-jobs.js';
 import { blockDirtyBitmapCommands } from './block-dirty-bitmap.js';
+import { blockReopenCommands } from './block-reopen.js';
 
 export const allCommands: Record<string, CommandHandler> = {
   ...controlCommands,
@@ -20,4 +21,5 @@ export const allCommands: Record<string, CommandHandler> = {
   ...blockDebugCommands,
   ...blockDirtyBitmapCommands,
   ...blockJobCommands,
+  ...blockReopenCommands,
 };
