@@ -76,7 +76,6 @@ export class NbdClient {
   private readonly slots: Slot[] = [];
   private readonly freeSlots: Slot[] = [];
   private readonly waiters: Array<() => void> = [];
-  private inFlight = 0;
   private phase: Phase = 'header';
   /** Reply header bytes (simple 16, chunk 20) and small payloads. */
   private readonly hdr = Buffer.alloc(20);
@@ -114,17 +113,9 @@ export class NbdClient {
     return !this.dead;
   }
 
-  /** A free slot, waiting while MAX_NBD_REQUESTS are in flight. */
-  private async acquire(): Promise<Slot> {
-    while (this.freeSlots.length === 0) {
-      if (this.dead) throw new BlockIoError(EIO, 'NBD connection lost');
-      await new Promise<void>((resolve) => this.waiters.push(resolve));
-    }
-    if (this.dead) throw new BlockIoError(EIO, 'NBD connection lost');
-    const s = this.freeSlots.pop()!;
-    s.busy = true;
-    this.inFlight++;
-    return s;
+  /** Waits until a slot is free (MAX_NBD_REQUESTS in flight) or the connection is gone. */
+  private slotFreed(): Promise<void> {
+    return new Promise<void>((resolve) => this.waiters.push(resolve));
   }
 
   private releaseSlot(s: Slot): void {
@@ -132,7 +123,6 @@ export class NbdClient {
     s.buf = undefined;
     s.extent = undefined;
     s.errno = 0;
-    this.inFlight--;
     this.freeSlots.push(s);
     this.waiters.shift()?.();
   }
@@ -141,8 +131,11 @@ export class NbdClient {
    * Sends one command. READ fills `buf` (its length is the request length); WRITE sends `buf`.
    * Resolves with the extent for BLOCK_STATUS, else undefined; rejects with BlockIoError.
    */
-  async send(cmd: number, flags: number, offset: number, len: number, buf?: Buffer): Promise<NbdExtent | undefined> {
-    const s = await this.acquire();
+  send(cmd: number, flags: number, offset: number, len: number, buf?: Buffer): Promise<NbdExtent | undefined> {
+    if (this.dead) return Promise.reject(new BlockIoError(EIO, 'NBD connection lost'));
+    if (this.freeSlots.length === 0) return this.slotFreed().then(() => this.send(cmd, flags, offset, len, buf));
+    const s = this.freeSlots.pop()!;
+    s.busy = true;
     s.cmd = cmd;
     s.offset = offset;
     s.len = len;

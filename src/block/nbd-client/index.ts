@@ -6,7 +6,7 @@ import { genericError } from '../../qapi/errors.js';
 import * as abi from '../../nbd/nbd-abi.js';
 import { strerror } from '../../util/errno.js';
 import { objectsDaemon, userObjects } from '../../objects/user-object.js';
-import { discRequest, NbdClient } from './client.js';
+import { discRequest, NbdClient, type NbdExtent } from './client.js';
 import { closeSocket, nbdHandshake, NbdConnectError, type NbdExportInfo, type NbdHandshakeRequest, type NbdServerAddress } from './handshake.js';
 
 const { EIO, ENOTSUP, EACCES, EINVAL } = osConstants.errno;
@@ -120,8 +120,11 @@ async function connection(st: NbdState): Promise<NbdClient> {
   throw new BlockIoError(EIO, 'NBD server not connected');
 }
 
-async function send(st: NbdState, cmd: number, flags: number, offset: number, len: number, buf?: Buffer) {
-  return (await connection(st)).send(cmd, flags, offset, len, buf);
+function send(st: NbdState, cmd: number, flags: number, offset: number, len: number, buf?: Buffer): Promise<NbdExtent | undefined> {
+  // Hot path: a live connection takes the request without another promise in between.
+  const c = st.client;
+  if (c !== undefined && c.connected) return c.send(cmd, flags, offset, len, buf);
+  return connection(st).then((conn) => conn.send(cmd, flags, offset, len, buf));
 }
 
 /** READ of an aligned range within the export, split at maxTransfer. */
