@@ -44,6 +44,8 @@ export interface DriverImageInfo {
   'full-backing-filename'?: string;
   'backing-filename-format'?: string;
   'format-specific'?: { type: string; data: Record<string, unknown> };
+  /** Internal snapshots (SnapshotInfo), present only when the image has any. */
+  snapshots?: Array<Record<string, unknown>>;
 }
 
 /**

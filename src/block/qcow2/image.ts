@@ -8,6 +8,7 @@ import {
   QCOW_MAX_L1_SIZE, type Qcow2Header,
 } from './header.js';
 import { bitmapClusters, type BitmapDirectory } from './bitmaps.js';
+import { snapshotClusterRefs } from './snapshots.js';
 import { Refcounts, setTableEntry, tableOffset } from './refcount.js';
 import { Mutex, TableCache, type CachedTable } from './table-cache.js';
 
@@ -336,11 +337,11 @@ export class Qcow2Image {
   /**
    * What QEMU does when a dirty (lazy-refcounts) image is opened read-write: recount every
    * cluster the metadata references, correct the stored refcounts (too low after a crash, or
-   * leaked), then clear the dirty bit. Images with snapshots stay dirty and append-only.
+   * leaked), then clear the dirty bit. Snapshots' trees count too (snapshots.ts).
    * Runs before the image serves any request.
    */
   async repairRefcounts(): Promise<void> {
-    if (!this.dirty || this.h.nbSnapshots > 0) return;
+    if (!this.dirty) return;
     const cs = this.cs;
     const fileClusters = Math.ceil(this.file.getLength() / cs);
     const refs = new Map<number, number>();
@@ -352,6 +353,7 @@ export class Qcow2Image {
     if (this.l1.length > 0) refRange(this.l1Offset, this.l1.length);
     refRange(this.rc.tableOffset, this.rc.tableClusters * cs);
     for (const c of await bitmapClusters(this)) ref(c);
+    await snapshotClusterRefs(this, (c) => ref(c));
     for (let i = 0; i < this.rc.tableClusters * cs / 8; i++) {
       const rb = tableOffset(this.rc.table, i);
       if (rb !== 0) ref(rb / cs);
@@ -686,6 +688,21 @@ export class Qcow2Image {
 
   async flush(): Promise<void> {
     await this.meta.run(() => this.flushLocked());
+  }
+
+  /**
+   * Waits until no allocation is in flight and every lock-free I/O started before has finished
+   * (snapshots.ts: the caller drained the node, so nothing new starts meanwhile).
+   */
+  async quiesce(): Promise<void> {
+    await this.waitBusy(0, Math.max(this.size, 1));
+    await this.drainEpochs();
+  }
+
+  /** A host cluster was freed outside this file (snapshots.ts): forget what is cached about it. */
+  forgetCluster(cluster: number): void {
+    this.l2Cache.drop(cluster * this.cs);
+    if (cluster * this.cs === this.lastCompressed) this.lastCompressed = -1;
   }
 
   // ---------------------------------------------------------------- zeroes and discard

@@ -14,7 +14,7 @@
 //   clusters the L2 change dropped), so a kill -9 at any point leaves leaks at worst. New L2
 //   tables, refcount blocks and tables are written through before anything points at them.
 //   Lazy refcounts are never used by us; a dirty image is repaired when opened read-write (as
-//   QEMU does), or only appended to (never reusing space) if it has snapshots or is read-only.
+//   QEMU does), or only appended to (never reusing space) while read-only.
 // TODO(#5): describe()/openReplica() for iothread replicas; until then qcow2 nodes are served
 // from the main thread only (the agreed fallback).
 import { constants as osConstants } from 'node:os';
@@ -27,6 +27,7 @@ import type { Qcow2Image } from './image.js';
 import { openImage } from './open.js';
 import { nodeBitmaps } from '../dirty-bitmap.js';
 import { checkCanStoreNew, loadBitmaps, removeStoredBitmap, storeBitmaps } from './bitmaps.js';
+import { createSnapshot, deleteSnapshot, findSnapshot, snapshotInfo, snapshotList, type NewSnapshot } from './snapshots.js';
 
 export { qcow2BackingInfo } from './header.js';
 export { qcow2Create, type Qcow2CreateOptions } from './create.js';
@@ -62,6 +63,32 @@ export function qcow2CheckCanStoreBitmap(state: Qcow2State, name: string, granul
 /** Removes a persistent bitmap from the image right away (block-dirty-bitmap-remove). */
 export function qcow2RemoveStoredBitmap(state: Qcow2State, name: string): Promise<void> {
   return removeStoredBitmap(state.img, name);
+}
+
+/** pass-discard-snapshot: QEMU discards clusters freed by snapshot operations unless told not to. */
+function snapshotOpts(state: Qcow2State) {
+  return { passDiscard: (state.node.options['pass-discard-snapshot'] as boolean | undefined) ?? true };
+}
+
+/** bdrv_snapshot_create on a qcow2 node: the new snapshot's SnapshotInfo. */
+export async function qcow2SnapshotCreate(state: Qcow2State, sn: NewSnapshot): Promise<Record<string, unknown>> {
+  return snapshotInfo(await createSnapshot(state.img, sn, snapshotOpts(state)));
+}
+
+/** bdrv_snapshot_find_by_id_and_name on a qcow2 node: the snapshot's SnapshotInfo, if any. */
+export function qcow2SnapshotFind(state: Qcow2State, id?: string, name?: string): Record<string, unknown> | undefined {
+  const i = findSnapshot(state.img, id, name);
+  return i < 0 ? undefined : snapshotInfo(snapshotList(state.img)[i]!);
+}
+
+/**
+ * bdrv_snapshot_delete on a qcow2 node. Throws an Error with QEMU's message and `errno`
+ * (the caller appends strerror as error_setg_errno does).
+ */
+export async function qcow2SnapshotDelete(state: Qcow2State, id?: string, name?: string): Promise<Record<string, unknown>> {
+  const i = findSnapshot(state.img, id, name);
+  if (i < 0) throw Object.assign(new Error("Can't find the snapshot"), { errno: osConstants.errno.ENOENT });
+  return snapshotInfo(await deleteSnapshot(state.img, i, snapshotOpts(state)));
 }
 
 export const qcow2Driver: BlockDriver<Qcow2State> = {
@@ -181,6 +208,8 @@ export const qcow2Driver: BlockDriver<Qcow2State> = {
       'dirty-flag': img.dirty,
       'format-specific': { type: 'qcow2', data },
     };
+    const snapshots = snapshotList(img);
+    if (snapshots.length > 0) info.snapshots = snapshots.map(snapshotInfo);
     if (h.backingFile !== undefined) {
       info['backing-filename'] = h.backingFile;
       info['full-backing-filename'] = fullBackingName(img.file.options.filename as string | undefined, h.backingFile);

@@ -4,6 +4,7 @@ import { genericError } from '../../qapi/errors.js';
 import { AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT, OFF_AUTOCLEAR, readHeader } from './header.js';
 import { EXT_BITMAPS, readBitmapDirectory, writeBitmapsHeader } from './bitmaps.js';
 import { Qcow2Image } from './image.js';
+import { readSnapshots } from './snapshots.js';
 
 export interface OpenOptions {
   readOnly: boolean;
@@ -41,6 +42,11 @@ export async function openImage(file: BlockNode, backing: BlockNode | undefined,
   // QEMU ignores the bitmaps and drops the extension at a read-write open.
   if (!opts.readOnly && img.bitmapDir === undefined && h.extensions.some((e) => e.type === EXT_BITMAPS)) {
     await writeBitmapsHeader(img);
+  }
+  try {
+    await readSnapshots(img);
+  } catch (e) {
+    throw genericError(`Could not read snapshots: ${(e as Error).message}`);
   }
   // A dirty image opened read-write is repaired first, as QEMU's qcow2_do_open() does.
   if (!opts.readOnly) await img.repairRefcounts();

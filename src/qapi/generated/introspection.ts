@@ -166,43 +166,19 @@ export const introspection: readonly unknown[] = [
  {
   "arg-type": "30",
   "ret-type": "0",
-  "name": "block-dirty-bitmap-add",
+  "name": "blockdev-snapshot-internal-sync",
   "meta-type": "command"
  },
  {
   "arg-type": "31",
-  "ret-type": "0",
-  "name": "block-dirty-bitmap-remove",
+  "ret-type": "32",
+  "name": "blockdev-snapshot-delete-internal-sync",
   "meta-type": "command"
  },
  {
-  "arg-type": "31",
+  "arg-type": "33",
   "ret-type": "0",
-  "name": "block-dirty-bitmap-clear",
-  "meta-type": "command"
- },
- {
-  "arg-type": "31",
-  "ret-type": "0",
-  "name": "block-dirty-bitmap-enable",
-  "meta-type": "command"
- },
- {
-  "arg-type": "31",
-  "ret-type": "0",
-  "name": "block-dirty-bitmap-disable",
-  "meta-type": "command"
- },
- {
-  "arg-type": "32",
-  "ret-type": "0",
-  "name": "block-dirty-bitmap-merge",
-  "meta-type": "command"
- },
- {
-  "arg-type": "31",
-  "ret-type": "33",
-  "name": "x-debug-block-dirty-bitmap-sha256",
+  "name": "x-blockdev-amend",
   "meta-type": "command",
   "features": [
    "unstable"
@@ -210,41 +186,86 @@ export const introspection: readonly unknown[] = [
  },
  {
   "arg-type": "34",
-  "name": "BLOCK_WRITE_THRESHOLD",
-  "meta-type": "event"
+  "ret-type": "0",
+  "name": "block-dirty-bitmap-add",
+  "meta-type": "command"
  },
  {
   "arg-type": "35",
   "ret-type": "0",
-  "name": "block-set-write-threshold",
+  "name": "block-dirty-bitmap-remove",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "35",
+  "ret-type": "0",
+  "name": "block-dirty-bitmap-clear",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "35",
+  "ret-type": "0",
+  "name": "block-dirty-bitmap-enable",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "35",
+  "ret-type": "0",
+  "name": "block-dirty-bitmap-disable",
   "meta-type": "command"
  },
  {
   "arg-type": "36",
   "ret-type": "0",
+  "name": "block-dirty-bitmap-merge",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "35",
+  "ret-type": "37",
+  "name": "x-debug-block-dirty-bitmap-sha256",
+  "meta-type": "command",
+  "features": [
+   "unstable"
+  ]
+ },
+ {
+  "arg-type": "38",
+  "name": "BLOCK_WRITE_THRESHOLD",
+  "meta-type": "event"
+ },
+ {
+  "arg-type": "39",
+  "ret-type": "0",
+  "name": "block-set-write-threshold",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "40",
+  "ret-type": "0",
   "name": "blockdev-snapshot-sync",
   "meta-type": "command"
  },
  {
-  "arg-type": "37",
+  "arg-type": "41",
   "ret-type": "0",
   "name": "blockdev-snapshot",
   "meta-type": "command"
  },
  {
-  "arg-type": "38",
+  "arg-type": "42",
   "ret-type": "0",
   "name": "block-commit",
   "meta-type": "command"
  },
  {
-  "arg-type": "39",
+  "arg-type": "43",
   "ret-type": "0",
   "name": "block-stream",
   "meta-type": "command"
  },
  {
-  "arg-type": "40",
+  "arg-type": "44",
   "ret-type": "0",
   "name": "drive-backup",
   "meta-type": "command",
@@ -253,84 +274,84 @@ export const introspection: readonly unknown[] = [
   ]
  },
  {
-  "arg-type": "41",
+  "arg-type": "45",
   "ret-type": "0",
   "name": "blockdev-backup",
   "meta-type": "command"
  },
  {
-  "arg-type": "42",
+  "arg-type": "46",
   "ret-type": "0",
   "name": "drive-mirror",
   "meta-type": "command"
  },
  {
-  "arg-type": "43",
+  "arg-type": "47",
   "ret-type": "0",
   "name": "blockdev-mirror",
   "meta-type": "command"
  },
  {
-  "arg-type": "44",
+  "arg-type": "48",
   "ret-type": "0",
   "name": "transaction",
   "meta-type": "command"
  },
  {
-  "arg-type": "45",
+  "arg-type": "49",
   "name": "JOB_STATUS_CHANGE",
   "meta-type": "event"
  },
  {
-  "arg-type": "46",
+  "arg-type": "50",
   "ret-type": "0",
   "name": "job-pause",
   "meta-type": "command"
  },
  {
-  "arg-type": "47",
+  "arg-type": "51",
   "ret-type": "0",
   "name": "job-resume",
   "meta-type": "command"
  },
  {
-  "arg-type": "48",
+  "arg-type": "52",
   "ret-type": "0",
   "name": "job-cancel",
   "meta-type": "command"
  },
  {
-  "arg-type": "49",
+  "arg-type": "53",
   "ret-type": "0",
   "name": "job-complete",
   "meta-type": "command"
  },
  {
-  "arg-type": "50",
+  "arg-type": "54",
   "ret-type": "0",
   "name": "job-dismiss",
   "meta-type": "command"
  },
  {
-  "arg-type": "51",
+  "arg-type": "55",
   "ret-type": "0",
   "name": "job-finalize",
   "meta-type": "command"
  },
  {
   "arg-type": "0",
-  "ret-type": "[52]",
+  "ret-type": "[56]",
   "name": "query-jobs",
   "meta-type": "command"
  },
  {
-  "arg-type": "53",
+  "arg-type": "57",
   "ret-type": "0",
   "name": "nbd-server-start",
   "meta-type": "command"
  },
  {
-  "arg-type": "54",
+  "arg-type": "58",
   "ret-type": "0",
   "name": "nbd-server-add",
   "meta-type": "command",
@@ -339,7 +360,7 @@ export const introspection: readonly unknown[] = [
   ]
  },
  {
-  "arg-type": "55",
+  "arg-type": "59",
   "ret-type": "0",
   "name": "nbd-server-remove",
   "meta-type": "command",
@@ -354,91 +375,91 @@ export const introspection: readonly unknown[] = [
   "meta-type": "command"
  },
  {
-  "arg-type": "56",
+  "arg-type": "60",
   "ret-type": "0",
   "name": "block-export-add",
   "meta-type": "command"
  },
  {
-  "arg-type": "57",
+  "arg-type": "61",
   "ret-type": "0",
   "name": "block-export-del",
   "meta-type": "command"
  },
  {
-  "arg-type": "58",
+  "arg-type": "62",
   "name": "BLOCK_EXPORT_DELETED",
   "meta-type": "event"
  },
  {
   "arg-type": "0",
-  "ret-type": "[59]",
+  "ret-type": "[63]",
   "name": "query-block-exports",
   "meta-type": "command"
  },
  {
   "arg-type": "0",
-  "ret-type": "[60]",
+  "ret-type": "[64]",
   "name": "query-chardev",
   "meta-type": "command"
  },
  {
   "arg-type": "0",
-  "ret-type": "[61]",
+  "ret-type": "[65]",
   "name": "query-chardev-backends",
   "meta-type": "command"
  },
  {
-  "arg-type": "62",
+  "arg-type": "66",
   "ret-type": "0",
   "name": "ringbuf-write",
   "meta-type": "command"
  },
  {
-  "arg-type": "63",
+  "arg-type": "67",
   "ret-type": "str",
   "name": "ringbuf-read",
   "meta-type": "command"
  },
  {
-  "arg-type": "64",
-  "ret-type": "65",
+  "arg-type": "68",
+  "ret-type": "69",
   "name": "chardev-add",
   "meta-type": "command"
  },
  {
-  "arg-type": "66",
-  "ret-type": "65",
+  "arg-type": "70",
+  "ret-type": "69",
   "name": "chardev-change",
   "meta-type": "command"
  },
  {
-  "arg-type": "67",
+  "arg-type": "71",
   "ret-type": "0",
   "name": "chardev-remove",
   "meta-type": "command"
  },
  {
-  "arg-type": "68",
+  "arg-type": "72",
   "ret-type": "0",
   "name": "chardev-send-break",
   "meta-type": "command"
  },
  {
-  "arg-type": "69",
+  "arg-type": "73",
   "ret-type": "0",
   "name": "qmp_capabilities",
   "meta-type": "command"
  },
  {
   "arg-type": "0",
-  "ret-type": "70",
+  "ret-type": "74",
   "name": "query-version",
   "meta-type": "command"
  },
  {
   "arg-type": "0",
-  "ret-type": "[71]",
+  "ret-type": "[75]",
   "name": "query-commands",
   "meta-type": "command"
  },
@@ -450,54 +471,54 @@ export const introspection: readonly unknown[] = [
  },
  {
   "arg-type": "0",
-  "ret-type": "[72]",
+  "ret-type": "[76]",
   "name": "query-qmp-schema",
   "meta-type": "command"
  },
  {
-  "arg-type": "73",
-  "ret-type": "[74]",
-  "name": "qom-list",
-  "meta-type": "command"
- },
- {
-  "arg-type": "75",
-  "ret-type": "[76]",
-  "name": "qom-list-get",
-  "meta-type": "command"
- },
- {
   "arg-type": "77",
-  "ret-type": "any",
-  "name": "qom-get",
-  "meta-type": "command"
- },
- {
-  "arg-type": "78",
-  "ret-type": "0",
-  "name": "qom-set",
+  "ret-type": "[78]",
+  "name": "qom-list",
   "meta-type": "command"
  },
  {
   "arg-type": "79",
   "ret-type": "[80]",
-  "name": "qom-list-types",
+  "name": "qom-list-get",
   "meta-type": "command"
  },
  {
   "arg-type": "81",
-  "ret-type": "[74]",
-  "name": "qom-list-properties",
+  "ret-type": "any",
+  "name": "qom-get",
   "meta-type": "command"
  },
  {
   "arg-type": "82",
   "ret-type": "0",
-  "name": "object-add",
+  "name": "qom-set",
   "meta-type": "command"
  },
  {
   "arg-type": "83",
+  "ret-type": "[84]",
+  "name": "qom-list-types",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "85",
+  "ret-type": "[78]",
+  "name": "qom-list-properties",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "86",
+  "ret-type": "0",
+  "name": "object-add",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "87",
   "ret-type": "0",
   "name": "object-del",
   "meta-type": "command"
@@ -547,7 +568,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "io-status",
-    "type": "84",
+    "type": "88",
     "default": null
    }
   ],
@@ -589,11 +610,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "stats",
-    "type": "85"
+    "type": "89"
    },
    {
     "name": "driver-specific",
-    "type": "86",
+    "type": "90",
     "default": null
    },
    {
@@ -647,7 +668,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "io-status",
-    "type": "84"
+    "type": "88"
    },
    {
     "name": "ready",
@@ -655,7 +676,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "status",
-    "type": "87"
+    "type": "91"
    },
    {
     "name": "auto-finalize",
@@ -744,7 +765,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "detect_zeroes",
-    "type": "88"
+    "type": "92"
    },
    {
     "name": "bps",
@@ -772,7 +793,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "image",
-    "type": "89"
+    "type": "93"
    },
    {
     "name": "bps_max",
@@ -846,7 +867,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "cache",
-    "type": "90"
+    "type": "94"
    },
    {
     "name": "write_threshold",
@@ -854,7 +875,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "dirty-bitmaps",
-    "type": "[91]",
+    "type": "[95]",
     "default": null
    }
   ],
@@ -865,11 +886,11 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "nodes",
-    "type": "[92]"
+    "type": "[96]"
    },
    {
     "name": "edges",
-    "type": "[93]"
+    "type": "[97]"
    }
   ],
   "name": "8",
@@ -921,11 +942,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "operation",
-    "type": "94"
+    "type": "98"
    },
    {
     "name": "action",
-    "type": "95"
+    "type": "99"
    },
    {
     "name": "nospace",
@@ -944,7 +965,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "type",
-    "type": "96"
+    "type": "100"
    },
    {
     "name": "device",
@@ -975,7 +996,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "type",
-    "type": "96"
+    "type": "100"
    },
    {
     "name": "device",
@@ -1005,11 +1026,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "operation",
-    "type": "94"
+    "type": "98"
    },
    {
     "name": "action",
-    "type": "95"
+    "type": "99"
    }
   ],
   "name": "13",
@@ -1019,7 +1040,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "type",
-    "type": "96"
+    "type": "100"
    },
    {
     "name": "device",
@@ -1045,7 +1066,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "type",
-    "type": "96"
+    "type": "100"
    },
    {
     "name": "id",
@@ -1142,7 +1163,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "type",
-    "type": "96"
+    "type": "100"
    }
   ],
   "tag": "type",
@@ -1157,7 +1178,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "mirror",
-    "type": "97"
+    "type": "101"
    },
    {
     "case": "backup",
@@ -1191,7 +1212,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "driver",
-    "type": "98"
+    "type": "102"
    },
    {
     "name": "node-name",
@@ -1200,12 +1221,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "discard",
-    "type": "99",
+    "type": "103",
     "default": null
    },
    {
     "name": "cache",
-    "type": "100",
+    "type": "104",
     "default": null
    },
    {
@@ -1225,7 +1246,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "detect-zeroes",
-    "type": "88",
+    "type": "92",
     "default": null
    }
   ],
@@ -1233,47 +1254,47 @@ export const introspection: readonly unknown[] = [
   "variants": [
    {
     "case": "blkdebug",
-    "type": "101"
-   },
-   {
-    "case": "copy-on-read",
-    "type": "102"
-   },
-   {
-    "case": "file",
-    "type": "103"
-   },
-   {
-    "case": "host_device",
-    "type": "103"
-   },
-   {
-    "case": "luks",
-    "type": "104"
-   },
-   {
-    "case": "nbd",
     "type": "105"
    },
    {
-    "case": "null-aio",
+    "case": "copy-on-read",
     "type": "106"
    },
    {
-    "case": "null-co",
-    "type": "106"
-   },
-   {
-    "case": "qcow2",
+    "case": "file",
     "type": "107"
    },
    {
-    "case": "raw",
+    "case": "host_device",
+    "type": "107"
+   },
+   {
+    "case": "luks",
     "type": "108"
    },
    {
-    "case": "throttle",
+    "case": "nbd",
     "type": "109"
+   },
+   {
+    "case": "null-aio",
+    "type": "110"
+   },
+   {
+    "case": "null-co",
+    "type": "110"
+   },
+   {
+    "case": "qcow2",
+    "type": "111"
+   },
+   {
+    "case": "raw",
+    "type": "112"
+   },
+   {
+    "case": "throttle",
+    "type": "113"
    }
   ],
   "name": "24",
@@ -1325,7 +1346,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "iothread",
-    "type": "110"
+    "type": "114"
    },
    {
     "name": "force",
@@ -1344,10 +1365,106 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "options",
-    "type": "111"
+    "type": "115"
    }
   ],
   "name": "29",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "device",
+    "type": "str"
+   },
+   {
+    "name": "name",
+    "type": "str"
+   }
+  ],
+  "name": "30",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "device",
+    "type": "str"
+   },
+   {
+    "name": "id",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "name",
+    "type": "str",
+    "default": null
+   }
+  ],
+  "name": "31",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "id",
+    "type": "str"
+   },
+   {
+    "name": "name",
+    "type": "str"
+   },
+   {
+    "name": "vm-state-size",
+    "type": "int"
+   },
+   {
+    "name": "date-sec",
+    "type": "int"
+   },
+   {
+    "name": "date-nsec",
+    "type": "int"
+   },
+   {
+    "name": "vm-clock-sec",
+    "type": "int"
+   },
+   {
+    "name": "vm-clock-nsec",
+    "type": "int"
+   },
+   {
+    "name": "icount",
+    "type": "int",
+    "default": null
+   }
+  ],
+  "name": "32",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "job-id",
+    "type": "str"
+   },
+   {
+    "name": "node-name",
+    "type": "str"
+   },
+   {
+    "name": "options",
+    "type": "116"
+   },
+   {
+    "name": "force",
+    "type": "bool",
+    "default": null
+   }
+  ],
+  "name": "33",
   "meta-type": "object"
  },
  {
@@ -1376,7 +1493,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "30",
+  "name": "34",
   "meta-type": "object"
  },
  {
@@ -1390,7 +1507,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "31",
+  "name": "35",
   "meta-type": "object"
  },
  {
@@ -1405,10 +1522,10 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmaps",
-    "type": "[112]"
+    "type": "[117]"
    }
   ],
-  "name": "32",
+  "name": "36",
   "meta-type": "object"
  },
  {
@@ -1418,7 +1535,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "33",
+  "name": "37",
   "meta-type": "object"
  },
  {
@@ -1436,7 +1553,7 @@ export const introspection: readonly unknown[] = [
     "type": "int"
    }
   ],
-  "name": "34",
+  "name": "38",
   "meta-type": "object"
  },
  {
@@ -1450,7 +1567,7 @@ export const introspection: readonly unknown[] = [
     "type": "int"
    }
   ],
-  "name": "35",
+  "name": "39",
   "meta-type": "object"
  },
  {
@@ -1481,11 +1598,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "mode",
-    "type": "113",
+    "type": "118",
     "default": null
    }
   ],
-  "name": "36",
+  "name": "40",
   "meta-type": "object"
  },
  {
@@ -1499,7 +1616,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "37",
+  "name": "41",
   "meta-type": "object"
  },
  {
@@ -1551,7 +1668,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "on-error",
-    "type": "114",
+    "type": "119",
     "default": null
    },
    {
@@ -1570,7 +1687,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "38",
+  "name": "42",
   "meta-type": "object"
  },
  {
@@ -1611,7 +1728,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "on-error",
-    "type": "114",
+    "type": "119",
     "default": null
    },
    {
@@ -1630,7 +1747,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "39",
+  "name": "43",
   "meta-type": "object"
  },
  {
@@ -1646,7 +1763,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "sync",
-    "type": "115"
+    "type": "120"
    },
    {
     "name": "speed",
@@ -1660,7 +1777,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmap-mode",
-    "type": "116",
+    "type": "121",
     "default": null
    },
    {
@@ -1670,12 +1787,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "on-source-error",
-    "type": "114",
+    "type": "119",
     "default": null
    },
    {
     "name": "on-target-error",
-    "type": "114",
+    "type": "119",
     "default": null
    },
    {
@@ -1695,7 +1812,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "x-perf",
-    "type": "117",
+    "type": "122",
     "default": null,
     "features": [
      "unstable"
@@ -1712,11 +1829,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "mode",
-    "type": "113",
+    "type": "118",
     "default": null
    }
   ],
-  "name": "40",
+  "name": "44",
   "meta-type": "object"
  },
  {
@@ -1732,7 +1849,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "sync",
-    "type": "115"
+    "type": "120"
    },
    {
     "name": "speed",
@@ -1746,7 +1863,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmap-mode",
-    "type": "116",
+    "type": "121",
     "default": null
    },
    {
@@ -1756,12 +1873,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "on-source-error",
-    "type": "114",
+    "type": "119",
     "default": null
    },
    {
     "name": "on-target-error",
-    "type": "114",
+    "type": "119",
     "default": null
    },
    {
@@ -1781,7 +1898,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "x-perf",
-    "type": "117",
+    "type": "122",
     "default": null,
     "features": [
      "unstable"
@@ -1792,7 +1909,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "41",
+  "name": "45",
   "meta-type": "object"
  },
  {
@@ -1827,11 +1944,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "sync",
-    "type": "115"
+    "type": "120"
    },
    {
     "name": "mode",
-    "type": "113",
+    "type": "118",
     "default": null
    },
    {
@@ -1851,12 +1968,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "on-source-error",
-    "type": "114",
+    "type": "119",
     "default": null
    },
    {
     "name": "on-target-error",
-    "type": "114",
+    "type": "119",
     "default": null
    },
    {
@@ -1866,7 +1983,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "copy-mode",
-    "type": "118",
+    "type": "123",
     "default": null
    },
    {
@@ -1880,7 +1997,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "42",
+  "name": "46",
   "meta-type": "object"
  },
  {
@@ -1905,7 +2022,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "sync",
-    "type": "115"
+    "type": "120"
    },
    {
     "name": "speed",
@@ -1924,12 +2041,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "on-source-error",
-    "type": "114",
+    "type": "119",
     "default": null
    },
    {
     "name": "on-target-error",
-    "type": "114",
+    "type": "119",
     "default": null
    },
    {
@@ -1939,7 +2056,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "copy-mode",
-    "type": "118",
+    "type": "123",
     "default": null
    },
    {
@@ -1953,63 +2070,19 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "43",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "actions",
-    "type": "[119]"
-   },
-   {
-    "name": "properties",
-    "type": "120",
-    "default": null
-   }
-  ],
-  "name": "44",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "id",
-    "type": "str"
-   },
-   {
-    "name": "status",
-    "type": "87"
-   }
-  ],
-  "name": "45",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "id",
-    "type": "str"
-   }
-  ],
-  "name": "46",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "id",
-    "type": "str"
-   }
-  ],
   "name": "47",
   "meta-type": "object"
  },
  {
   "members": [
    {
-    "name": "id",
-    "type": "str"
+    "name": "actions",
+    "type": "[124]"
+   },
+   {
+    "name": "properties",
+    "type": "125",
+    "default": null
    }
   ],
   "name": "48",
@@ -2020,6 +2093,10 @@ export const introspection: readonly unknown[] = [
    {
     "name": "id",
     "type": "str"
+   },
+   {
+    "name": "status",
+    "type": "91"
    }
   ],
   "name": "49",
@@ -2046,8 +2123,48 @@ export const introspection: readonly unknown[] = [
   "meta-type": "object"
  },
  {
-  "element-type": "52",
-  "name": "[52]",
+  "members": [
+   {
+    "name": "id",
+    "type": "str"
+   }
+  ],
+  "name": "52",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "id",
+    "type": "str"
+   }
+  ],
+  "name": "53",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "id",
+    "type": "str"
+   }
+  ],
+  "name": "54",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "id",
+    "type": "str"
+   }
+  ],
+  "name": "55",
+  "meta-type": "object"
+ },
+ {
+  "element-type": "56",
+  "name": "[56]",
   "meta-type": "array"
  },
  {
@@ -2058,11 +2175,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "type",
-    "type": "96"
+    "type": "100"
    },
    {
     "name": "status",
-    "type": "87"
+    "type": "91"
    },
    {
     "name": "current-progress",
@@ -2078,7 +2195,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "52",
+  "name": "56",
   "meta-type": "object"
  },
  {
@@ -2105,10 +2222,10 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "addr",
-    "type": "121"
+    "type": "126"
    }
   ],
-  "name": "53",
+  "name": "57",
   "meta-type": "object"
  },
  {
@@ -2138,7 +2255,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "54",
+  "name": "58",
   "meta-type": "object"
  },
  {
@@ -2149,18 +2266,18 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "mode",
-    "type": "122",
+    "type": "127",
     "default": null
    }
   ],
-  "name": "55",
+  "name": "59",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "123"
+    "type": "128"
    },
    {
     "name": "id",
@@ -2173,7 +2290,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "iothread",
-    "type": "124",
+    "type": "129",
     "default": null
    },
    {
@@ -2200,14 +2317,14 @@ export const introspection: readonly unknown[] = [
   "variants": [
    {
     "case": "nbd",
-    "type": "125"
+    "type": "130"
    },
    {
     "case": "fuse",
-    "type": "126"
+    "type": "131"
    }
   ],
-  "name": "56",
+  "name": "60",
   "meta-type": "object"
  },
  {
@@ -2218,11 +2335,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "mode",
-    "type": "122",
+    "type": "127",
     "default": null
    }
   ],
-  "name": "57",
+  "name": "61",
   "meta-type": "object"
  },
  {
@@ -2232,12 +2349,12 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "58",
+  "name": "62",
   "meta-type": "object"
  },
  {
-  "element-type": "59",
-  "name": "[59]",
+  "element-type": "63",
+  "name": "[63]",
   "meta-type": "array"
  },
  {
@@ -2248,7 +2365,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "type",
-    "type": "123"
+    "type": "128"
    },
    {
     "name": "node-name",
@@ -2259,12 +2376,12 @@ export const introspection: readonly unknown[] = [
     "type": "bool"
    }
   ],
-  "name": "59",
+  "name": "63",
   "meta-type": "object"
  },
  {
-  "element-type": "60",
-  "name": "[60]",
+  "element-type": "64",
+  "name": "[64]",
   "meta-type": "array"
  },
  {
@@ -2282,12 +2399,12 @@ export const introspection: readonly unknown[] = [
     "type": "bool"
    }
   ],
-  "name": "60",
+  "name": "64",
   "meta-type": "object"
  },
  {
-  "element-type": "61",
-  "name": "[61]",
+  "element-type": "65",
+  "name": "[65]",
   "meta-type": "array"
  },
  {
@@ -2297,7 +2414,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "61",
+  "name": "65",
   "meta-type": "object"
  },
  {
@@ -2312,11 +2429,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "format",
-    "type": "127",
+    "type": "132",
     "default": null
    }
   ],
-  "name": "62",
+  "name": "66",
   "meta-type": "object"
  },
  {
@@ -2331,11 +2448,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "format",
-    "type": "127",
+    "type": "132",
     "default": null
    }
   ],
-  "name": "63",
+  "name": "67",
   "meta-type": "object"
  },
  {
@@ -2351,10 +2468,10 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "backend",
-    "type": "128"
+    "type": "133"
    }
   ],
-  "name": "64",
+  "name": "68",
   "meta-type": "object"
  },
  {
@@ -2365,7 +2482,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "65",
+  "name": "69",
   "meta-type": "object"
  },
  {
@@ -2376,60 +2493,60 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "backend",
-    "type": "128"
-   }
-  ],
-  "name": "66",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "id",
-    "type": "str"
-   }
-  ],
-  "name": "67",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "id",
-    "type": "str"
-   }
-  ],
-  "name": "68",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "enable",
-    "type": "[129]",
-    "default": null
-   }
-  ],
-  "name": "69",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "qemu",
-    "type": "130"
-   },
-   {
-    "name": "package",
-    "type": "str"
+    "type": "133"
    }
   ],
   "name": "70",
   "meta-type": "object"
  },
  {
-  "element-type": "71",
-  "name": "[71]",
+  "members": [
+   {
+    "name": "id",
+    "type": "str"
+   }
+  ],
+  "name": "71",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "id",
+    "type": "str"
+   }
+  ],
+  "name": "72",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "enable",
+    "type": "[134]",
+    "default": null
+   }
+  ],
+  "name": "73",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "qemu",
+    "type": "135"
+   },
+   {
+    "name": "package",
+    "type": "str"
+   }
+  ],
+  "name": "74",
+  "meta-type": "object"
+ },
+ {
+  "element-type": "75",
+  "name": "[75]",
   "meta-type": "array"
  },
  {
@@ -2439,12 +2556,12 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "71",
+  "name": "75",
   "meta-type": "object"
  },
  {
-  "element-type": "72",
-  "name": "[72]",
+  "element-type": "76",
+  "name": "[76]",
   "meta-type": "array"
  },
  {
@@ -2455,7 +2572,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "meta-type",
-    "type": "131"
+    "type": "136"
    },
    {
     "name": "features",
@@ -2467,34 +2584,34 @@ export const introspection: readonly unknown[] = [
   "variants": [
    {
     "case": "builtin",
-    "type": "132"
-   },
-   {
-    "case": "enum",
-    "type": "133"
-   },
-   {
-    "case": "array",
-    "type": "134"
-   },
-   {
-    "case": "object",
-    "type": "135"
-   },
-   {
-    "case": "alternate",
-    "type": "136"
-   },
-   {
-    "case": "command",
     "type": "137"
    },
    {
-    "case": "event",
+    "case": "enum",
     "type": "138"
+   },
+   {
+    "case": "array",
+    "type": "139"
+   },
+   {
+    "case": "object",
+    "type": "140"
+   },
+   {
+    "case": "alternate",
+    "type": "141"
+   },
+   {
+    "case": "command",
+    "type": "142"
+   },
+   {
+    "case": "event",
+    "type": "143"
    }
   ],
-  "name": "72",
+  "name": "76",
   "meta-type": "object"
  },
  {
@@ -2504,12 +2621,12 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "73",
+  "name": "77",
   "meta-type": "object"
  },
  {
-  "element-type": "74",
-  "name": "[74]",
+  "element-type": "78",
+  "name": "[78]",
   "meta-type": "array"
  },
  {
@@ -2533,7 +2650,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "74",
+  "name": "78",
   "meta-type": "object"
  },
  {
@@ -2543,22 +2660,22 @@ export const introspection: readonly unknown[] = [
     "type": "[str]"
    }
   ],
-  "name": "75",
+  "name": "79",
   "meta-type": "object"
  },
  {
-  "element-type": "76",
-  "name": "[76]",
+  "element-type": "80",
+  "name": "[80]",
   "meta-type": "array"
  },
  {
   "members": [
    {
     "name": "properties",
-    "type": "[139]"
+    "type": "[144]"
    }
   ],
-  "name": "76",
+  "name": "80",
   "meta-type": "object"
  },
  {
@@ -2572,7 +2689,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "77",
+  "name": "81",
   "meta-type": "object"
  },
  {
@@ -2595,7 +2712,7 @@ export const introspection: readonly unknown[] = [
     "type": "any"
    }
   ],
-  "name": "78",
+  "name": "82",
   "meta-type": "object"
  },
  {
@@ -2611,12 +2728,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "79",
+  "name": "83",
   "meta-type": "object"
  },
  {
-  "element-type": "80",
-  "name": "[80]",
+  "element-type": "84",
+  "name": "[84]",
   "meta-type": "array"
  },
  {
@@ -2636,7 +2753,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "80",
+  "name": "84",
   "meta-type": "object"
  },
  {
@@ -2646,14 +2763,14 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "81",
+  "name": "85",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "qom-type",
-    "type": "140"
+    "type": "145"
    },
    {
     "name": "id",
@@ -2664,18 +2781,18 @@ export const introspection: readonly unknown[] = [
   "variants": [
    {
     "case": "iothread",
-    "type": "141"
+    "type": "146"
    },
    {
     "case": "secret",
-    "type": "142"
+    "type": "147"
    },
    {
     "case": "throttle-group",
-    "type": "143"
+    "type": "148"
    }
   ],
-  "name": "82",
+  "name": "86",
   "meta-type": "object"
  },
  {
@@ -2685,7 +2802,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "83",
+  "name": "87",
   "meta-type": "object"
  },
  {
@@ -2710,7 +2827,7 @@ export const introspection: readonly unknown[] = [
    "failed",
    "nospace"
   ],
-  "name": "84",
+  "name": "88",
   "meta-type": "enum"
  },
  {
@@ -2822,32 +2939,32 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "timed_stats",
-    "type": "[144]"
+    "type": "[149]"
    },
    {
     "name": "rd_latency_histogram",
-    "type": "145",
+    "type": "150",
     "default": null
    },
    {
     "name": "wr_latency_histogram",
-    "type": "145",
+    "type": "150",
     "default": null
    },
    {
     "name": "flush_latency_histogram",
-    "type": "145",
+    "type": "150",
     "default": null
    }
   ],
-  "name": "85",
+  "name": "89",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "driver",
-    "type": "98"
+    "type": "102"
    }
   ],
   "tag": "driver",
@@ -2862,11 +2979,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "file",
-    "type": "146"
+    "type": "151"
    },
    {
     "case": "host_device",
-    "type": "146"
+    "type": "151"
    },
    {
     "case": "luks",
@@ -2897,7 +3014,7 @@ export const introspection: readonly unknown[] = [
     "type": "0"
    }
   ],
-  "name": "86",
+  "name": "90",
   "meta-type": "object"
  },
  {
@@ -2954,7 +3071,7 @@ export const introspection: readonly unknown[] = [
    "concluded",
    "null"
   ],
-  "name": "87",
+  "name": "91",
   "meta-type": "enum"
  },
  {
@@ -2974,7 +3091,7 @@ export const introspection: readonly unknown[] = [
    "on",
    "unmap"
   ],
-  "name": "88",
+  "name": "92",
   "meta-type": "enum"
  },
  {
@@ -3033,21 +3150,21 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "snapshots",
-    "type": "[147]",
+    "type": "[32]",
     "default": null
    },
    {
     "name": "backing-image",
-    "type": "89",
+    "type": "93",
     "default": null
    },
    {
     "name": "format-specific",
-    "type": "148",
+    "type": "152",
     "default": null
    }
   ],
-  "name": "89",
+  "name": "93",
   "meta-type": "object"
  },
  {
@@ -3065,12 +3182,12 @@ export const introspection: readonly unknown[] = [
     "type": "bool"
    }
   ],
-  "name": "90",
+  "name": "94",
   "meta-type": "object"
  },
  {
-  "element-type": "91",
-  "name": "[91]",
+  "element-type": "95",
+  "name": "[95]",
   "meta-type": "array"
  },
  {
@@ -3106,12 +3223,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "91",
+  "name": "95",
   "meta-type": "object"
  },
  {
-  "element-type": "92",
-  "name": "[92]",
+  "element-type": "96",
+  "name": "[96]",
   "meta-type": "array"
  },
  {
@@ -3122,19 +3239,19 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "type",
-    "type": "149"
+    "type": "153"
    },
    {
     "name": "name",
     "type": "str"
    }
   ],
-  "name": "92",
+  "name": "96",
   "meta-type": "object"
  },
  {
-  "element-type": "93",
-  "name": "[93]",
+  "element-type": "97",
+  "name": "[97]",
   "meta-type": "array"
  },
  {
@@ -3153,14 +3270,14 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "perm",
-    "type": "[150]"
+    "type": "[154]"
    },
    {
     "name": "shared-perm",
-    "type": "[150]"
+    "type": "[154]"
    }
   ],
-  "name": "93",
+  "name": "97",
   "meta-type": "object"
  },
  {
@@ -3176,7 +3293,7 @@ export const introspection: readonly unknown[] = [
    "read",
    "write"
   ],
-  "name": "94",
+  "name": "98",
   "meta-type": "enum"
  },
  {
@@ -3196,7 +3313,7 @@ export const introspection: readonly unknown[] = [
    "report",
    "stop"
   ],
-  "name": "95",
+  "name": "99",
   "meta-type": "enum"
  },
  {
@@ -3240,17 +3357,17 @@ export const introspection: readonly unknown[] = [
    "snapshot-save",
    "snapshot-delete"
   ],
-  "name": "96",
+  "name": "100",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "copy-mode",
-    "type": "118"
+    "type": "123"
    }
   ],
-  "name": "97",
+  "name": "101",
   "meta-type": "object"
  },
  {
@@ -3302,7 +3419,7 @@ export const introspection: readonly unknown[] = [
    "raw",
    "throttle"
   ],
-  "name": "98",
+  "name": "102",
   "meta-type": "enum"
  },
  {
@@ -3318,7 +3435,7 @@ export const introspection: readonly unknown[] = [
    "ignore",
    "unmap"
   ],
-  "name": "99",
+  "name": "103",
   "meta-type": "enum"
  },
  {
@@ -3334,14 +3451,14 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "100",
+  "name": "104",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "image",
-    "type": "151"
+    "type": "155"
    },
    {
     "name": "config",
@@ -3380,33 +3497,33 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "inject-error",
-    "type": "[152]",
+    "type": "[156]",
     "default": null
    },
    {
     "name": "set-state",
-    "type": "[153]",
+    "type": "[157]",
     "default": null
    },
    {
     "name": "take-child-perms",
-    "type": "[150]",
+    "type": "[154]",
     "default": null
    },
    {
     "name": "unshare-child-perms",
-    "type": "[150]",
+    "type": "[154]",
     "default": null
    }
   ],
-  "name": "101",
+  "name": "105",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "file",
-    "type": "151"
+    "type": "155"
    },
    {
     "name": "bottom",
@@ -3414,7 +3531,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "102",
+  "name": "106",
   "meta-type": "object"
  },
  {
@@ -3430,12 +3547,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "locking",
-    "type": "154",
+    "type": "158",
     "default": null
    },
    {
     "name": "aio",
-    "type": "155",
+    "type": "159",
     "default": null
    },
    {
@@ -3457,7 +3574,7 @@ export const introspection: readonly unknown[] = [
     ]
    }
   ],
-  "name": "103",
+  "name": "107",
   "meta-type": "object",
   "features": [
    "dynamic-auto-read-only"
@@ -3467,7 +3584,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "file",
-    "type": "151"
+    "type": "155"
    },
    {
     "name": "key-secret",
@@ -3475,14 +3592,14 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "104",
+  "name": "108",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "server",
-    "type": "156"
+    "type": "160"
    },
    {
     "name": "export",
@@ -3518,7 +3635,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "105",
+  "name": "109",
   "meta-type": "object"
  },
  {
@@ -3539,18 +3656,18 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "106",
+  "name": "110",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "file",
-    "type": "151"
+    "type": "155"
    },
    {
     "name": "backing",
-    "type": "157",
+    "type": "161",
     "default": null
    },
    {
@@ -3580,7 +3697,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "overlap-check",
-    "type": "158",
+    "type": "162",
     "default": null
    },
    {
@@ -3610,18 +3727,18 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "data-file",
-    "type": "151",
+    "type": "155",
     "default": null
    }
   ],
-  "name": "107",
+  "name": "111",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "file",
-    "type": "151"
+    "type": "155"
    },
    {
     "name": "offset",
@@ -3634,7 +3751,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "108",
+  "name": "112",
   "meta-type": "object"
  },
  {
@@ -3645,10 +3762,10 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "file",
-    "type": "151"
+    "type": "155"
    }
   ],
-  "name": "109",
+  "name": "113",
   "meta-type": "object"
  },
  {
@@ -3665,14 +3782,14 @@ export const introspection: readonly unknown[] = [
     "type": "null"
    }
   ],
-  "name": "110",
+  "name": "114",
   "meta-type": "alternate"
  },
  {
   "members": [
    {
     "name": "driver",
-    "type": "98"
+    "type": "102"
    }
   ],
   "tag": "driver",
@@ -3687,7 +3804,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "file",
-    "type": "159"
+    "type": "163"
    },
    {
     "case": "host_device",
@@ -3695,7 +3812,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "luks",
-    "type": "160"
+    "type": "164"
    },
    {
     "case": "nbd",
@@ -3711,7 +3828,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "qcow2",
-    "type": "161"
+    "type": "165"
    },
    {
     "case": "raw",
@@ -3722,12 +3839,69 @@ export const introspection: readonly unknown[] = [
     "type": "0"
    }
   ],
-  "name": "111",
+  "name": "115",
   "meta-type": "object"
  },
  {
-  "element-type": "112",
-  "name": "[112]",
+  "members": [
+   {
+    "name": "driver",
+    "type": "102"
+   }
+  ],
+  "tag": "driver",
+  "variants": [
+   {
+    "case": "blkdebug",
+    "type": "0"
+   },
+   {
+    "case": "copy-on-read",
+    "type": "0"
+   },
+   {
+    "case": "file",
+    "type": "0"
+   },
+   {
+    "case": "host_device",
+    "type": "0"
+   },
+   {
+    "case": "luks",
+    "type": "166"
+   },
+   {
+    "case": "nbd",
+    "type": "0"
+   },
+   {
+    "case": "null-aio",
+    "type": "0"
+   },
+   {
+    "case": "null-co",
+    "type": "0"
+   },
+   {
+    "case": "qcow2",
+    "type": "167"
+   },
+   {
+    "case": "raw",
+    "type": "0"
+   },
+   {
+    "case": "throttle",
+    "type": "0"
+   }
+  ],
+  "name": "116",
+  "meta-type": "object"
+ },
+ {
+  "element-type": "117",
+  "name": "[117]",
   "meta-type": "array"
  },
  {
@@ -3736,10 +3910,10 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    },
    {
-    "type": "31"
+    "type": "35"
    }
   ],
-  "name": "112",
+  "name": "117",
   "meta-type": "alternate"
  },
  {
@@ -3755,7 +3929,7 @@ export const introspection: readonly unknown[] = [
    "existing",
    "absolute-paths"
   ],
-  "name": "113",
+  "name": "118",
   "meta-type": "enum"
  },
  {
@@ -3783,7 +3957,7 @@ export const introspection: readonly unknown[] = [
    "stop",
    "auto"
   ],
-  "name": "114",
+  "name": "119",
   "meta-type": "enum"
  },
  {
@@ -3811,7 +3985,7 @@ export const introspection: readonly unknown[] = [
    "incremental",
    "bitmap"
   ],
-  "name": "115",
+  "name": "120",
   "meta-type": "enum"
  },
  {
@@ -3831,7 +4005,7 @@ export const introspection: readonly unknown[] = [
    "never",
    "always"
   ],
-  "name": "116",
+  "name": "121",
   "meta-type": "enum"
  },
  {
@@ -3852,7 +4026,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "117",
+  "name": "122",
   "meta-type": "object"
  },
  {
@@ -3868,109 +4042,113 @@ export const introspection: readonly unknown[] = [
    "background",
    "write-blocking"
   ],
-  "name": "118",
+  "name": "123",
   "meta-type": "enum"
  },
  {
-  "element-type": "119",
-  "name": "[119]",
+  "element-type": "124",
+  "name": "[124]",
   "meta-type": "array"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "162"
+    "type": "168"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "abort",
-    "type": "163"
-   },
-   {
-    "case": "block-dirty-bitmap-add",
-    "type": "164"
-   },
-   {
-    "case": "block-dirty-bitmap-remove",
-    "type": "165"
-   },
-   {
-    "case": "block-dirty-bitmap-clear",
-    "type": "165"
-   },
-   {
-    "case": "block-dirty-bitmap-enable",
-    "type": "165"
-   },
-   {
-    "case": "block-dirty-bitmap-disable",
-    "type": "165"
-   },
-   {
-    "case": "block-dirty-bitmap-merge",
-    "type": "166"
-   },
-   {
-    "case": "blockdev-backup",
-    "type": "167"
-   },
-   {
-    "case": "blockdev-snapshot",
-    "type": "168"
-   },
-   {
-    "case": "blockdev-snapshot-sync",
     "type": "169"
    },
    {
-    "case": "drive-backup",
+    "case": "block-dirty-bitmap-add",
     "type": "170"
+   },
+   {
+    "case": "block-dirty-bitmap-remove",
+    "type": "171"
+   },
+   {
+    "case": "block-dirty-bitmap-clear",
+    "type": "171"
+   },
+   {
+    "case": "block-dirty-bitmap-enable",
+    "type": "171"
+   },
+   {
+    "case": "block-dirty-bitmap-disable",
+    "type": "171"
+   },
+   {
+    "case": "block-dirty-bitmap-merge",
+    "type": "172"
+   },
+   {
+    "case": "blockdev-backup",
+    "type": "173"
+   },
+   {
+    "case": "blockdev-snapshot",
+    "type": "174"
+   },
+   {
+    "case": "blockdev-snapshot-internal-sync",
+    "type": "175"
+   },
+   {
+    "case": "blockdev-snapshot-sync",
+    "type": "176"
+   },
+   {
+    "case": "drive-backup",
+    "type": "177"
    }
   ],
-  "name": "119",
+  "name": "124",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "completion-mode",
-    "type": "171",
+    "type": "178",
     "default": null
    }
   ],
-  "name": "120",
+  "name": "125",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "172"
+    "type": "179"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "inet",
-    "type": "173"
+    "type": "180"
    },
    {
     "case": "unix",
-    "type": "174"
+    "type": "181"
    },
    {
     "case": "vsock",
-    "type": "175"
+    "type": "182"
    },
    {
     "case": "fd",
-    "type": "176"
+    "type": "183"
    }
   ],
-  "name": "121",
+  "name": "126",
   "meta-type": "object"
  },
  {
@@ -3986,7 +4164,7 @@ export const introspection: readonly unknown[] = [
    "safe",
    "hard"
   ],
-  "name": "122",
+  "name": "127",
   "meta-type": "enum"
  },
  {
@@ -4002,7 +4180,7 @@ export const introspection: readonly unknown[] = [
    "nbd",
    "fuse"
   ],
-  "name": "123",
+  "name": "128",
   "meta-type": "enum"
  },
  {
@@ -4014,7 +4192,7 @@ export const introspection: readonly unknown[] = [
     "type": "[str]"
    }
   ],
-  "name": "124",
+  "name": "129",
   "meta-type": "alternate"
  },
  {
@@ -4031,7 +4209,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmaps",
-    "type": "[112]",
+    "type": "[117]",
     "default": null
    },
    {
@@ -4040,7 +4218,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "125",
+  "name": "130",
   "meta-type": "object"
  },
  {
@@ -4056,7 +4234,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "allow-other",
-    "type": "177",
+    "type": "184",
     "default": null
    },
    {
@@ -4065,7 +4243,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "126",
+  "name": "131",
   "meta-type": "object"
  },
  {
@@ -4081,53 +4259,53 @@ export const introspection: readonly unknown[] = [
    "utf8",
    "base64"
   ],
-  "name": "127",
+  "name": "132",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "178"
+    "type": "185"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "file",
-    "type": "179"
+    "type": "186"
    },
    {
     "case": "pipe",
-    "type": "180"
+    "type": "187"
    },
    {
     "case": "socket",
-    "type": "181"
+    "type": "188"
    },
    {
     "case": "null",
-    "type": "182"
+    "type": "189"
    },
    {
     "case": "stdio",
-    "type": "183"
+    "type": "190"
    },
    {
     "case": "ringbuf",
-    "type": "184"
+    "type": "191"
    },
    {
     "case": "memory",
-    "type": "184"
+    "type": "191"
    }
   ],
-  "name": "128",
+  "name": "133",
   "meta-type": "object"
  },
  {
-  "element-type": "129",
-  "name": "[129]",
+  "element-type": "134",
+  "name": "[134]",
   "meta-type": "array"
  },
  {
@@ -4139,7 +4317,7 @@ export const introspection: readonly unknown[] = [
   "values": [
    "oob"
   ],
-  "name": "129",
+  "name": "134",
   "meta-type": "enum"
  },
  {
@@ -4157,7 +4335,7 @@ export const introspection: readonly unknown[] = [
     "type": "int"
    }
   ],
-  "name": "130",
+  "name": "135",
   "meta-type": "object"
  },
  {
@@ -4193,7 +4371,7 @@ export const introspection: readonly unknown[] = [
    "command",
    "event"
   ],
-  "name": "131",
+  "name": "136",
   "meta-type": "enum"
  },
  {
@@ -4205,17 +4383,17 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "json-type",
-    "type": "185"
+    "type": "192"
    }
   ],
-  "name": "132",
+  "name": "137",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "members",
-    "type": "[186]"
+    "type": "[193]"
    },
    {
     "name": "values",
@@ -4225,7 +4403,7 @@ export const introspection: readonly unknown[] = [
     ]
    }
   ],
-  "name": "133",
+  "name": "138",
   "meta-type": "object"
  },
  {
@@ -4235,14 +4413,14 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "134",
+  "name": "139",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "members",
-    "type": "[187]"
+    "type": "[194]"
    },
    {
     "name": "tag",
@@ -4251,21 +4429,21 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "variants",
-    "type": "[188]",
+    "type": "[195]",
     "default": null
    }
   ],
-  "name": "135",
+  "name": "140",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "members",
-    "type": "[189]"
+    "type": "[196]"
    }
   ],
-  "name": "136",
+  "name": "141",
   "meta-type": "object"
  },
  {
@@ -4284,7 +4462,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "137",
+  "name": "142",
   "meta-type": "object"
  },
  {
@@ -4294,12 +4472,12 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "138",
+  "name": "143",
   "meta-type": "object"
  },
  {
-  "element-type": "139",
-  "name": "[139]",
+  "element-type": "144",
+  "name": "[144]",
   "meta-type": "array"
  },
  {
@@ -4318,7 +4496,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "139",
+  "name": "144",
   "meta-type": "object"
  },
  {
@@ -4338,7 +4516,7 @@ export const introspection: readonly unknown[] = [
    "secret",
    "throttle-group"
   ],
-  "name": "140",
+  "name": "145",
   "meta-type": "enum"
  },
  {
@@ -4374,7 +4552,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "141",
+  "name": "146",
   "meta-type": "object"
  },
  {
@@ -4386,7 +4564,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "format",
-    "type": "190",
+    "type": "197",
     "default": null
    },
    {
@@ -4410,14 +4588,14 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "142",
+  "name": "147",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "limits",
-    "type": "191",
+    "type": "198",
     "default": null
    },
    {
@@ -4573,12 +4751,12 @@ export const introspection: readonly unknown[] = [
     ]
    }
   ],
-  "name": "143",
+  "name": "148",
   "meta-type": "object"
  },
  {
-  "element-type": "144",
-  "name": "[144]",
+  "element-type": "149",
+  "name": "[149]",
   "meta-type": "array"
  },
  {
@@ -4632,7 +4810,7 @@ export const introspection: readonly unknown[] = [
     "type": "number"
    }
   ],
-  "name": "144",
+  "name": "149",
   "meta-type": "object"
  },
  {
@@ -4646,7 +4824,7 @@ export const introspection: readonly unknown[] = [
     "type": "[int]"
    }
   ],
-  "name": "145",
+  "name": "150",
   "meta-type": "object"
  },
  {
@@ -4664,68 +4842,29 @@ export const introspection: readonly unknown[] = [
     "type": "int"
    }
   ],
-  "name": "146",
+  "name": "151",
   "meta-type": "object"
  },
  {
-  "element-type": "147",
-  "name": "[147]",
+  "element-type": "32",
+  "name": "[32]",
   "meta-type": "array"
  },
  {
   "members": [
    {
-    "name": "id",
-    "type": "str"
-   },
-   {
-    "name": "name",
-    "type": "str"
-   },
-   {
-    "name": "vm-state-size",
-    "type": "int"
-   },
-   {
-    "name": "date-sec",
-    "type": "int"
-   },
-   {
-    "name": "date-nsec",
-    "type": "int"
-   },
-   {
-    "name": "vm-clock-sec",
-    "type": "int"
-   },
-   {
-    "name": "vm-clock-nsec",
-    "type": "int"
-   },
-   {
-    "name": "icount",
-    "type": "int",
-    "default": null
-   }
-  ],
-  "name": "147",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
     "name": "type",
-    "type": "192"
+    "type": "199"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "qcow2",
-    "type": "193"
+    "type": "200"
    }
   ],
-  "name": "148",
+  "name": "152",
   "meta-type": "object"
  },
  {
@@ -4745,12 +4884,12 @@ export const introspection: readonly unknown[] = [
    "block-job",
    "block-driver"
   ],
-  "name": "149",
+  "name": "153",
   "meta-type": "enum"
  },
  {
-  "element-type": "150",
-  "name": "[150]",
+  "element-type": "154",
+  "name": "[154]",
   "meta-type": "array"
  },
  {
@@ -4774,7 +4913,7 @@ export const introspection: readonly unknown[] = [
    "write-unchanged",
    "resize"
   ],
-  "name": "150",
+  "name": "154",
   "meta-type": "enum"
  },
  {
@@ -4786,19 +4925,19 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "151",
+  "name": "155",
   "meta-type": "alternate"
  },
  {
-  "element-type": "152",
-  "name": "[152]",
+  "element-type": "156",
+  "name": "[156]",
   "meta-type": "array"
  },
  {
   "members": [
    {
     "name": "event",
-    "type": "194"
+    "type": "201"
    },
    {
     "name": "state",
@@ -4807,7 +4946,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "iotype",
-    "type": "195",
+    "type": "202",
     "default": null
    },
    {
@@ -4831,19 +4970,19 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "152",
+  "name": "156",
   "meta-type": "object"
  },
  {
-  "element-type": "153",
-  "name": "[153]",
+  "element-type": "157",
+  "name": "[157]",
   "meta-type": "array"
  },
  {
   "members": [
    {
     "name": "event",
-    "type": "194"
+    "type": "201"
    },
    {
     "name": "state",
@@ -4855,7 +4994,7 @@ export const introspection: readonly unknown[] = [
     "type": "int"
    }
   ],
-  "name": "153",
+  "name": "157",
   "meta-type": "object"
  },
  {
@@ -4875,7 +5014,7 @@ export const introspection: readonly unknown[] = [
    "on",
    "off"
   ],
-  "name": "154",
+  "name": "158",
   "meta-type": "enum"
  },
  {
@@ -4895,36 +5034,36 @@ export const introspection: readonly unknown[] = [
    "native",
    "io_uring"
   ],
-  "name": "155",
+  "name": "159",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "172"
+    "type": "179"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "inet",
-    "type": "196"
+    "type": "203"
    },
    {
     "case": "unix",
-    "type": "197"
+    "type": "204"
    },
    {
     "case": "vsock",
-    "type": "198"
+    "type": "205"
    },
    {
     "case": "fd",
-    "type": "199"
+    "type": "206"
    }
   ],
-  "name": "156",
+  "name": "160",
   "meta-type": "object"
  },
  {
@@ -4939,19 +5078,19 @@ export const introspection: readonly unknown[] = [
     "type": "null"
    }
   ],
-  "name": "157",
+  "name": "161",
   "meta-type": "alternate"
  },
  {
   "members": [
    {
-    "type": "200"
+    "type": "207"
    },
    {
-    "type": "201"
+    "type": "208"
    }
   ],
-  "name": "158",
+  "name": "162",
   "meta-type": "alternate"
  },
  {
@@ -4971,7 +5110,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "preallocation",
-    "type": "202",
+    "type": "209",
     "default": null
    },
    {
@@ -4985,7 +5124,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "159",
+  "name": "163",
   "meta-type": "object"
  },
  {
@@ -4997,27 +5136,27 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "cipher-alg",
-    "type": "203",
+    "type": "210",
     "default": null
    },
    {
     "name": "cipher-mode",
-    "type": "204",
+    "type": "211",
     "default": null
    },
    {
     "name": "ivgen-alg",
-    "type": "205",
+    "type": "212",
     "default": null
    },
    {
     "name": "ivgen-hash-alg",
-    "type": "206",
+    "type": "213",
     "default": null
    },
    {
     "name": "hash-alg",
-    "type": "206",
+    "type": "213",
     "default": null
    },
    {
@@ -5027,7 +5166,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "file",
-    "type": "151"
+    "type": "155"
    },
    {
     "name": "size",
@@ -5035,22 +5174,22 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "preallocation",
-    "type": "202",
+    "type": "209",
     "default": null
    }
   ],
-  "name": "160",
+  "name": "164",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "file",
-    "type": "151"
+    "type": "155"
    },
    {
     "name": "data-file",
-    "type": "151",
+    "type": "155",
     "default": null
    },
    {
@@ -5069,7 +5208,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "version",
-    "type": "207",
+    "type": "214",
     "default": null
    },
    {
@@ -5079,7 +5218,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "backing-fmt",
-    "type": "98",
+    "type": "102",
     "default": null
    },
    {
@@ -5089,7 +5228,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "preallocation",
-    "type": "202",
+    "type": "209",
     "default": null
    },
    {
@@ -5104,11 +5243,57 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "compression-type",
-    "type": "208",
+    "type": "215",
     "default": null
    }
   ],
-  "name": "161",
+  "name": "165",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "state",
+    "type": "216"
+   },
+   {
+    "name": "new-secret",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "old-secret",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "keyslot",
+    "type": "int",
+    "default": null
+   },
+   {
+    "name": "iter-time",
+    "type": "int",
+    "default": null
+   },
+   {
+    "name": "secret",
+    "type": "str",
+    "default": null
+   }
+  ],
+  "name": "166",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "encrypt",
+    "type": "217",
+    "default": null
+   }
+  ],
+  "name": "167",
   "meta-type": "object"
  },
  {
@@ -5141,6 +5326,9 @@ export const introspection: readonly unknown[] = [
     "name": "blockdev-snapshot"
    },
    {
+    "name": "blockdev-snapshot-internal-sync"
+   },
+   {
     "name": "blockdev-snapshot-sync"
    },
    {
@@ -5157,77 +5345,18 @@ export const introspection: readonly unknown[] = [
    "block-dirty-bitmap-merge",
    "blockdev-backup",
    "blockdev-snapshot",
+   "blockdev-snapshot-internal-sync",
    "blockdev-snapshot-sync",
    "drive-backup"
   ],
-  "name": "162",
+  "name": "168",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "209"
-   }
-  ],
-  "name": "163",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "30"
-   }
-  ],
-  "name": "164",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "31"
-   }
-  ],
-  "name": "165",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "32"
-   }
-  ],
-  "name": "166",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "41"
-   }
-  ],
-  "name": "167",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "37"
-   }
-  ],
-  "name": "168",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "36"
+    "type": "218"
    }
   ],
   "name": "169",
@@ -5237,10 +5366,80 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "40"
+    "type": "34"
    }
   ],
   "name": "170",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "35"
+   }
+  ],
+  "name": "171",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "36"
+   }
+  ],
+  "name": "172",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "45"
+   }
+  ],
+  "name": "173",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "41"
+   }
+  ],
+  "name": "174",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "30"
+   }
+  ],
+  "name": "175",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "40"
+   }
+  ],
+  "name": "176",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "44"
+   }
+  ],
+  "name": "177",
   "meta-type": "object"
  },
  {
@@ -5256,7 +5455,7 @@ export const introspection: readonly unknown[] = [
    "individual",
    "grouped"
   ],
-  "name": "171",
+  "name": "178",
   "meta-type": "enum"
  },
  {
@@ -5280,47 +5479,47 @@ export const introspection: readonly unknown[] = [
    "vsock",
    "fd"
   ],
-  "name": "172",
+  "name": "179",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "196"
+    "type": "203"
    }
   ],
-  "name": "173",
+  "name": "180",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "197"
+    "type": "204"
    }
   ],
-  "name": "174",
+  "name": "181",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "198"
+    "type": "205"
    }
   ],
-  "name": "175",
+  "name": "182",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "199"
+    "type": "206"
    }
   ],
-  "name": "176",
+  "name": "183",
   "meta-type": "object"
  },
  {
@@ -5340,7 +5539,7 @@ export const introspection: readonly unknown[] = [
    "on",
    "auto"
   ],
-  "name": "177",
+  "name": "184",
   "meta-type": "enum"
  },
  {
@@ -5376,67 +5575,67 @@ export const introspection: readonly unknown[] = [
    "ringbuf",
    "memory"
   ],
-  "name": "178",
+  "name": "185",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "210"
+    "type": "219"
    }
   ],
-  "name": "179",
+  "name": "186",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "211"
+    "type": "220"
    }
   ],
-  "name": "180",
+  "name": "187",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "212"
+    "type": "221"
    }
   ],
-  "name": "181",
+  "name": "188",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "213"
+    "type": "222"
    }
   ],
-  "name": "182",
+  "name": "189",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "214"
+    "type": "223"
    }
   ],
-  "name": "183",
+  "name": "190",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "215"
+    "type": "224"
    }
   ],
-  "name": "184",
+  "name": "191",
   "meta-type": "object"
  },
  {
@@ -5476,12 +5675,12 @@ export const introspection: readonly unknown[] = [
    "array",
    "value"
   ],
-  "name": "185",
+  "name": "192",
   "meta-type": "enum"
  },
  {
-  "element-type": "186",
-  "name": "[186]",
+  "element-type": "193",
+  "name": "[193]",
   "meta-type": "array"
  },
  {
@@ -5496,12 +5695,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "186",
+  "name": "193",
   "meta-type": "object"
  },
  {
-  "element-type": "187",
-  "name": "[187]",
+  "element-type": "194",
+  "name": "[194]",
   "meta-type": "array"
  },
  {
@@ -5525,12 +5724,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "187",
+  "name": "194",
   "meta-type": "object"
  },
  {
-  "element-type": "188",
-  "name": "[188]",
+  "element-type": "195",
+  "name": "[195]",
   "meta-type": "array"
  },
  {
@@ -5544,12 +5743,12 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "188",
+  "name": "195",
   "meta-type": "object"
  },
  {
-  "element-type": "189",
-  "name": "[189]",
+  "element-type": "196",
+  "name": "[196]",
   "meta-type": "array"
  },
  {
@@ -5559,7 +5758,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "189",
+  "name": "196",
   "meta-type": "object"
  },
  {
@@ -5575,7 +5774,7 @@ export const introspection: readonly unknown[] = [
    "raw",
    "base64"
   ],
-  "name": "190",
+  "name": "197",
   "meta-type": "enum"
  },
  {
@@ -5676,7 +5875,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "191",
+  "name": "198",
   "meta-type": "object"
  },
  {
@@ -5698,17 +5897,17 @@ export const introspection: readonly unknown[] = [
   "values": [
    "qcow2"
   ],
-  "name": "192",
+  "name": "199",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "216"
+    "type": "225"
    }
   ],
-  "name": "193",
+  "name": "200",
   "meta-type": "object"
  },
  {
@@ -5908,7 +6107,7 @@ export const introspection: readonly unknown[] = [
    "cluster_alloc_space",
    "none"
   ],
-  "name": "194",
+  "name": "201",
   "meta-type": "enum"
  },
  {
@@ -5940,7 +6139,7 @@ export const introspection: readonly unknown[] = [
    "flush",
    "block-status"
   ],
-  "name": "195",
+  "name": "202",
   "meta-type": "enum"
  },
  {
@@ -5984,7 +6183,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "196",
+  "name": "203",
   "meta-type": "object"
  },
  {
@@ -6004,7 +6203,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "197",
+  "name": "204",
   "meta-type": "object"
  },
  {
@@ -6018,7 +6217,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "198",
+  "name": "205",
   "meta-type": "object"
  },
  {
@@ -6028,14 +6227,14 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "199",
+  "name": "206",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "template",
-    "type": "201",
+    "type": "208",
     "default": null
    },
    {
@@ -6084,7 +6283,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "200",
+  "name": "207",
   "meta-type": "object"
  },
  {
@@ -6108,7 +6307,7 @@ export const introspection: readonly unknown[] = [
    "cached",
    "all"
   ],
-  "name": "201",
+  "name": "208",
   "meta-type": "enum"
  },
  {
@@ -6132,7 +6331,7 @@ export const introspection: readonly unknown[] = [
    "falloc",
    "full"
   ],
-  "name": "202",
+  "name": "209",
   "meta-type": "enum"
  },
  {
@@ -6188,7 +6387,7 @@ export const introspection: readonly unknown[] = [
    "twofish-192",
    "twofish-256"
   ],
-  "name": "203",
+  "name": "210",
   "meta-type": "enum"
  },
  {
@@ -6212,7 +6411,7 @@ export const introspection: readonly unknown[] = [
    "xts",
    "ctr"
   ],
-  "name": "204",
+  "name": "211",
   "meta-type": "enum"
  },
  {
@@ -6232,7 +6431,7 @@ export const introspection: readonly unknown[] = [
    "plain64",
    "essiv"
   ],
-  "name": "205",
+  "name": "212",
   "meta-type": "enum"
  },
  {
@@ -6268,7 +6467,7 @@ export const introspection: readonly unknown[] = [
    "sha512",
    "ripemd160"
   ],
-  "name": "206",
+  "name": "213",
   "meta-type": "enum"
  },
  {
@@ -6284,7 +6483,7 @@ export const introspection: readonly unknown[] = [
    "v2",
    "v3"
   ],
-  "name": "207",
+  "name": "214",
   "meta-type": "enum"
  },
  {
@@ -6300,12 +6499,49 @@ export const introspection: readonly unknown[] = [
    "zlib",
    "zstd"
   ],
-  "name": "208",
+  "name": "215",
   "meta-type": "enum"
  },
  {
+  "members": [
+   {
+    "name": "active"
+   },
+   {
+    "name": "inactive"
+   }
+  ],
+  "values": [
+   "active",
+   "inactive"
+  ],
+  "name": "216",
+  "meta-type": "enum"
+ },
+ {
+  "members": [
+   {
+    "name": "format",
+    "type": "226"
+   }
+  ],
+  "tag": "format",
+  "variants": [
+   {
+    "case": "qcow",
+    "type": "0"
+   },
+   {
+    "case": "luks",
+    "type": "227"
+   }
+  ],
+  "name": "217",
+  "meta-type": "object"
+ },
+ {
   "members": [],
-  "name": "209",
+  "name": "218",
   "meta-type": "object"
  },
  {
@@ -6335,7 +6571,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "210",
+  "name": "219",
   "meta-type": "object"
  },
  {
@@ -6355,7 +6591,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "211",
+  "name": "220",
   "meta-type": "object"
  },
  {
@@ -6372,7 +6608,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "addr",
-    "type": "121"
+    "type": "126"
    },
    {
     "name": "tls-creds",
@@ -6420,7 +6656,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "212",
+  "name": "221",
   "meta-type": "object"
  },
  {
@@ -6436,7 +6672,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "213",
+  "name": "222",
   "meta-type": "object"
  },
  {
@@ -6457,7 +6693,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "214",
+  "name": "223",
   "meta-type": "object"
  },
  {
@@ -6478,7 +6714,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "215",
+  "name": "224",
   "meta-type": "object"
  },
  {
@@ -6518,20 +6754,71 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmaps",
-    "type": "[217]",
+    "type": "[228]",
     "default": null
    },
    {
     "name": "compression-type",
-    "type": "208"
+    "type": "215"
    }
   ],
-  "name": "216",
+  "name": "225",
   "meta-type": "object"
  },
  {
-  "element-type": "217",
-  "name": "[217]",
+  "members": [
+   {
+    "name": "qcow"
+   },
+   {
+    "name": "luks"
+   }
+  ],
+  "values": [
+   "qcow",
+   "luks"
+  ],
+  "name": "226",
+  "meta-type": "enum"
+ },
+ {
+  "members": [
+   {
+    "name": "state",
+    "type": "216"
+   },
+   {
+    "name": "new-secret",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "old-secret",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "keyslot",
+    "type": "int",
+    "default": null
+   },
+   {
+    "name": "iter-time",
+    "type": "int",
+    "default": null
+   },
+   {
+    "name": "secret",
+    "type": "str",
+    "default": null
+   }
+  ],
+  "name": "227",
+  "meta-type": "object"
+ },
+ {
+  "element-type": "228",
+  "name": "[228]",
   "meta-type": "array"
  },
  {
@@ -6546,15 +6833,15 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "flags",
-    "type": "[218]"
+    "type": "[229]"
    }
   ],
-  "name": "217",
+  "name": "228",
   "meta-type": "object"
  },
  {
-  "element-type": "218",
-  "name": "[218]",
+  "element-type": "229",
+  "name": "[229]",
   "meta-type": "array"
  },
  {
@@ -6570,7 +6857,7 @@ export const introspection: readonly unknown[] = [
    "in-use",
    "auto"
   ],
-  "name": "218",
+  "name": "229",
   "meta-type": "enum"
  }
 ];

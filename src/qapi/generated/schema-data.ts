@@ -2782,6 +2782,196 @@ export const schemaData: GenSchema = {
    ],
    "implicit": true
   },
+  "BlockdevSnapshotInternal": {
+   "kind": "struct",
+   "name": "BlockdevSnapshotInternal",
+   "members": [
+    {
+     "name": "device",
+     "type": "str",
+     "optional": false,
+     "doc": "the device name or node-name of a root node to generate the snapshot from"
+    },
+    {
+     "name": "name",
+     "type": "str",
+     "optional": false,
+     "doc": "the name of the internal snapshot to be created"
+    }
+   ],
+   "doc": "Either @device or @node-name must be set but not both."
+  },
+  "q_obj_blockdev-snapshot-delete-internal-sync-arg": {
+   "kind": "struct",
+   "name": "q_obj_blockdev-snapshot-delete-internal-sync-arg",
+   "members": [
+    {
+     "name": "device",
+     "type": "str",
+     "optional": false,
+     "doc": "the device name or node-name of a root node to delete the snapshot from"
+    },
+    {
+     "name": "id",
+     "type": "str",
+     "optional": true,
+     "doc": "optional the snapshot's ID to be deleted"
+    },
+    {
+     "name": "name",
+     "type": "str",
+     "optional": true,
+     "doc": "optional the snapshot's name to be deleted"
+    }
+   ],
+   "implicit": true
+  },
+  "QCryptoBlockFormat": {
+   "kind": "enum",
+   "name": "QCryptoBlockFormat",
+   "values": [
+    "qcow",
+    "luks"
+   ],
+   "doc": "The supported full disk encryption formats."
+  },
+  "QCryptoBlockLUKSKeyslotState": {
+   "kind": "enum",
+   "name": "QCryptoBlockLUKSKeyslotState",
+   "values": [
+    "active",
+    "inactive"
+   ],
+   "doc": "Defines state of keyslots that are affected by the update."
+  },
+  "QCryptoBlockAmendOptionsLUKS": {
+   "kind": "struct",
+   "name": "QCryptoBlockAmendOptionsLUKS",
+   "members": [
+    {
+     "name": "state",
+     "type": "QCryptoBlockLUKSKeyslotState",
+     "optional": false,
+     "doc": "the desired state of the keyslots"
+    },
+    {
+     "name": "new-secret",
+     "type": "str",
+     "optional": true,
+     "doc": "The ID of a QCryptoSecret object providing the password to be written into added active keyslots"
+    },
+    {
+     "name": "old-secret",
+     "type": "str",
+     "optional": true,
+     "doc": "Optional (for deactivation only) If given will deactivate all keyslots that match password located in QCryptoSecret with this ID"
+    },
+    {
+     "name": "keyslot",
+     "type": "int",
+     "optional": true,
+     "doc": "Optional. ID of the keyslot to activate/deactivate."
+    },
+    {
+     "name": "iter-time",
+     "type": "int",
+     "optional": true,
+     "doc": "Optional (for activation only) Number of milliseconds to spend in PBKDF passphrase processing for the newly activated keyslot. Currently defaults to 2000."
+    },
+    {
+     "name": "secret",
+     "type": "str",
+     "optional": true,
+     "doc": "Optional. The ID of a QCryptoSecret object providing the password to use to retrieve current master key. Defaults to the same secret that was used to open the image"
+    }
+   ],
+   "doc": "This struct defines the update parameters that activate/de-activate set of keyslots."
+  },
+  "QCryptoBlockAmendOptions": {
+   "kind": "union",
+   "name": "QCryptoBlockAmendOptions",
+   "members": [
+    {
+     "name": "format",
+     "type": "QCryptoBlockFormat",
+     "optional": false
+    }
+   ],
+   "doc": "The options that are available for all encryption formats when amending encryption settings",
+   "discriminator": "format",
+   "variants": {
+    "luks": "QCryptoBlockAmendOptionsLUKS"
+   }
+  },
+  "BlockdevAmendOptionsLUKS": {
+   "kind": "struct",
+   "name": "BlockdevAmendOptionsLUKS",
+   "members": [],
+   "doc": "Driver specific image amend options for LUKS.",
+   "base": "QCryptoBlockAmendOptionsLUKS"
+  },
+  "BlockdevAmendOptionsQcow2": {
+   "kind": "struct",
+   "name": "BlockdevAmendOptionsQcow2",
+   "members": [
+    {
+     "name": "encrypt",
+     "type": "QCryptoBlockAmendOptions",
+     "optional": true,
+     "doc": "Encryption options to be target of the change"
+    }
+   ],
+   "doc": "Driver specific image amend options for qcow2. For now, only encryption options can be amended"
+  },
+  "BlockdevAmendOptions": {
+   "kind": "union",
+   "name": "BlockdevAmendOptions",
+   "members": [
+    {
+     "name": "driver",
+     "type": "BlockdevDriver",
+     "optional": false,
+     "doc": "Block driver of the node to amend."
+    }
+   ],
+   "doc": "Options for amending an image format",
+   "discriminator": "driver",
+   "variants": {
+    "luks": "BlockdevAmendOptionsLUKS",
+    "qcow2": "BlockdevAmendOptionsQcow2"
+   }
+  },
+  "q_obj_x-blockdev-amend-arg": {
+   "kind": "struct",
+   "name": "q_obj_x-blockdev-amend-arg",
+   "members": [
+    {
+     "name": "job-id",
+     "type": "str",
+     "optional": false,
+     "doc": "Identifier for the newly created job."
+    },
+    {
+     "name": "node-name",
+     "type": "str",
+     "optional": false,
+     "doc": "Name of the block node to work on"
+    },
+    {
+     "name": "options",
+     "type": "BlockdevAmendOptions",
+     "optional": false,
+     "doc": "Options (driver specific)"
+    },
+    {
+     "name": "force",
+     "type": "bool",
+     "optional": true,
+     "doc": "Allow unsafe operations, format specific For luks that allows erase of the last active keyslot (permanent loss of data), and replacement of an active keyslot (possible loss of data if IO error happens)"
+    }
+   ],
+   "implicit": true
+  },
   "BlockDirtyBitmapAdd": {
    "kind": "struct",
    "name": "BlockDirtyBitmapAdd",
@@ -3544,6 +3734,7 @@ export const schemaData: GenSchema = {
     "block-dirty-bitmap-merge",
     "blockdev-backup",
     "blockdev-snapshot",
+    "blockdev-snapshot-internal-sync",
     "blockdev-snapshot-sync",
     "drive-backup"
    ],
@@ -3578,6 +3769,17 @@ export const schemaData: GenSchema = {
     {
      "name": "data",
      "type": "BlockdevSnapshotSync",
+     "optional": false
+    }
+   ]
+  },
+  "BlockdevSnapshotInternalWrapper": {
+   "kind": "struct",
+   "name": "BlockdevSnapshotInternalWrapper",
+   "members": [
+    {
+     "name": "data",
+     "type": "BlockdevSnapshotInternal",
      "optional": false
     }
    ]
@@ -3653,6 +3855,7 @@ export const schemaData: GenSchema = {
     "abort": "AbortWrapper",
     "blockdev-snapshot": "BlockdevSnapshotWrapper",
     "blockdev-snapshot-sync": "BlockdevSnapshotSyncWrapper",
+    "blockdev-snapshot-internal-sync": "BlockdevSnapshotInternalWrapper",
     "blockdev-backup": "BlockdevBackupWrapper",
     "drive-backup": "DriveBackupWrapper",
     "block-dirty-bitmap-add": "BlockDirtyBitmapAddWrapper",
@@ -5801,6 +6004,28 @@ export const schemaData: GenSchema = {
    "boxed": false,
    "doc": "Starts a job to create an image format on a given node. The job is automatically finalized, but a manual job-dismiss is required.",
    "argType": "q_obj_blockdev-create-arg"
+  },
+  {
+   "name": "blockdev-snapshot-internal-sync",
+   "boxed": false,
+   "doc": "Synchronously take an internal snapshot of a block device, when the format of the image used supports it. If the name is an empty string, or a snapshot with name already exists, the operation will fail.",
+   "argType": "BlockdevSnapshotInternal"
+  },
+  {
+   "name": "blockdev-snapshot-delete-internal-sync",
+   "boxed": false,
+   "doc": "Synchronously delete an internal snapshot of a block device, when the format of the image used support it. The snapshot is identified by name or id or both. One of the name or id is required. Return SnapshotInfo for the successfully deleted snapshot.",
+   "argType": "q_obj_blockdev-snapshot-delete-internal-sync-arg",
+   "returns": "SnapshotInfo"
+  },
+  {
+   "name": "x-blockdev-amend",
+   "boxed": false,
+   "doc": "Starts a job to amend format specific options of an existing open block device The job is automatically finalized, but a manual job-dismiss is required.",
+   "features": [
+    "unstable"
+   ],
+   "argType": "q_obj_x-blockdev-amend-arg"
   },
   {
    "name": "block-dirty-bitmap-add",

@@ -877,6 +877,92 @@ export interface QObj_blockdev_create_arg {
   "options": BlockdevCreateOptions;
 }
 
+/** Either @device or @node-name must be set but not both. @since 1.7 */
+export interface BlockdevSnapshotInternal {
+  /** the device name or node-name of a root node to generate the snapshot from */
+  "device": string;
+  /** the name of the internal snapshot to be created */
+  "name": string;
+}
+
+export interface QObj_blockdev_snapshot_delete_internal_sync_arg {
+  /** the device name or node-name of a root node to delete the snapshot from */
+  "device": string;
+  /** optional the snapshot's ID to be deleted */
+  "id"?: string;
+  /** optional the snapshot's name to be deleted */
+  "name"?: string;
+}
+
+/** The supported full disk encryption formats. @since 2.6 */
+export type QCryptoBlockFormat = "qcow" | "luks";
+
+/** Defines state of keyslots that are affected by the update. @since 5.1 */
+export type QCryptoBlockLUKSKeyslotState = "active" | "inactive";
+
+/** This struct defines the update parameters that activate/de-activate set of keyslots. @since 5.1 */
+export interface QCryptoBlockAmendOptionsLUKS {
+  /** the desired state of the keyslots */
+  "state": QCryptoBlockLUKSKeyslotState;
+  /** The ID of a QCryptoSecret object providing the password to be written into added active keyslots */
+  "new-secret"?: string;
+  /** Optional (for deactivation only) If given will deactivate all keyslots that match password located in QCryptoSecret with this ID */
+  "old-secret"?: string;
+  /** Optional. ID of the keyslot to activate/deactivate. */
+  "keyslot"?: number;
+  /** Optional (for activation only) Number of milliseconds to spend in PBKDF passphrase processing for the newly activated keyslot. Currently defaults to 2000. */
+  "iter-time"?: number;
+  /** Optional. The ID of a QCryptoSecret object providing the password to use to retrieve current master key. Defaults to the same secret that was used to open the image */
+  "secret"?: string;
+}
+
+/** The options that are available for all encryption formats when amending encryption settings @since 5.1 */
+export interface QCryptoBlockAmendOptionsBase {
+  "format": QCryptoBlockFormat;
+}
+export type QCryptoBlockAmendOptions =
+  | (QCryptoBlockAmendOptionsBase & { "format": "qcow" })
+  | (QCryptoBlockAmendOptionsBase & { "format": "luks" } & QCryptoBlockAmendOptionsLUKS);
+
+/** Driver specific image amend options for LUKS. @since 5.1 */
+export interface BlockdevAmendOptionsLUKS extends QCryptoBlockAmendOptionsLUKS {
+}
+
+/** Driver specific image amend options for qcow2. For now, only encryption options can be amended @since 5.1 */
+export interface BlockdevAmendOptionsQcow2 {
+  /** Encryption options to be target of the change */
+  "encrypt"?: QCryptoBlockAmendOptions;
+}
+
+/** Options for amending an image format @since 5.1 */
+export interface BlockdevAmendOptionsBase {
+  /** Block driver of the node to amend. */
+  "driver": BlockdevDriver;
+}
+export type BlockdevAmendOptions =
+  | (BlockdevAmendOptionsBase & { "driver": "blkdebug" })
+  | (BlockdevAmendOptionsBase & { "driver": "copy-on-read" })
+  | (BlockdevAmendOptionsBase & { "driver": "file" })
+  | (BlockdevAmendOptionsBase & { "driver": "host_device" })
+  | (BlockdevAmendOptionsBase & { "driver": "luks" } & BlockdevAmendOptionsLUKS)
+  | (BlockdevAmendOptionsBase & { "driver": "nbd" })
+  | (BlockdevAmendOptionsBase & { "driver": "null-aio" })
+  | (BlockdevAmendOptionsBase & { "driver": "null-co" })
+  | (BlockdevAmendOptionsBase & { "driver": "qcow2" } & BlockdevAmendOptionsQcow2)
+  | (BlockdevAmendOptionsBase & { "driver": "raw" })
+  | (BlockdevAmendOptionsBase & { "driver": "throttle" });
+
+export interface QObj_x_blockdev_amend_arg {
+  /** Identifier for the newly created job. */
+  "job-id": string;
+  /** Name of the block node to work on */
+  "node-name": string;
+  /** Options (driver specific) */
+  "options": BlockdevAmendOptions;
+  /** Allow unsafe operations, format specific For luks that allows erase of the last active keyslot (permanent loss of data), and replacement of an active keyslot (possible loss of data if IO error happens) */
+  "force"?: boolean;
+}
+
 /** Arguments of block-dirty-bitmap-add. @since 2.4 */
 export interface BlockDirtyBitmapAdd {
   /** Name of the block node to which the bitmap is attached. */
@@ -1144,7 +1230,7 @@ export interface Abort {
 export type ActionCompletionMode = "individual" | "grouped";
 
 /** The kind of a TransactionAction (qsd-ts: the actions it implements). @since 1.1 */
-export type TransactionActionKind = "abort" | "block-dirty-bitmap-add" | "block-dirty-bitmap-remove" | "block-dirty-bitmap-clear" | "block-dirty-bitmap-enable" | "block-dirty-bitmap-disable" | "block-dirty-bitmap-merge" | "blockdev-backup" | "blockdev-snapshot" | "blockdev-snapshot-sync" | "drive-backup";
+export type TransactionActionKind = "abort" | "block-dirty-bitmap-add" | "block-dirty-bitmap-remove" | "block-dirty-bitmap-clear" | "block-dirty-bitmap-enable" | "block-dirty-bitmap-disable" | "block-dirty-bitmap-merge" | "blockdev-backup" | "blockdev-snapshot" | "blockdev-snapshot-internal-sync" | "blockdev-snapshot-sync" | "drive-backup";
 
 /** @since 1.6 */
 export interface AbortWrapper {
@@ -1159,6 +1245,11 @@ export interface BlockdevSnapshotWrapper {
 /** @since 1.1 */
 export interface BlockdevSnapshotSyncWrapper {
   "data": BlockdevSnapshotSync;
+}
+
+/** @since 1.7 */
+export interface BlockdevSnapshotInternalWrapper {
+  "data": BlockdevSnapshotInternal;
 }
 
 /** @since 2.3 */
@@ -1200,6 +1291,7 @@ export type TransactionAction =
   | (TransactionActionBase & { "type": "block-dirty-bitmap-merge" } & BlockDirtyBitmapMergeWrapper)
   | (TransactionActionBase & { "type": "blockdev-backup" } & BlockdevBackupWrapper)
   | (TransactionActionBase & { "type": "blockdev-snapshot" } & BlockdevSnapshotWrapper)
+  | (TransactionActionBase & { "type": "blockdev-snapshot-internal-sync" } & BlockdevSnapshotInternalWrapper)
   | (TransactionActionBase & { "type": "blockdev-snapshot-sync" } & BlockdevSnapshotSyncWrapper)
   | (TransactionActionBase & { "type": "drive-backup" } & DriveBackupWrapper);
 
@@ -1971,6 +2063,12 @@ export interface QmpCommands {
   "x-blockdev-set-iothread": { args: QObj_x_blockdev_set_iothread_arg; ret: Record<string, never> };
   /** Starts a job to create an image format on a given node. The job is automatically finalized, but a manual job-dismiss is required. @since 3.0 */
   "blockdev-create": { args: QObj_blockdev_create_arg; ret: Record<string, never> };
+  /** Synchronously take an internal snapshot of a block device, when the format of the image used supports it. If the name is an empty string, or a snapshot with name already exists, the operation will fail. @since 1.7 */
+  "blockdev-snapshot-internal-sync": { args: BlockdevSnapshotInternal; ret: Record<string, never> };
+  /** Synchronously delete an internal snapshot of a block device, when the format of the image used support it. The snapshot is identified by name or id or both. One of the name or id is required. Return SnapshotInfo for the successfully deleted snapshot. @since 1.7 */
+  "blockdev-snapshot-delete-internal-sync": { args: QObj_blockdev_snapshot_delete_internal_sync_arg; ret: SnapshotInfo };
+  /** Starts a job to amend format specific options of an existing open block device The job is automatically finalized, but a manual job-dismiss is required. @since 5.1 features: unstable */
+  "x-blockdev-amend": { args: QObj_x_blockdev_amend_arg; ret: Record<string, never> };
   /** Create a dirty bitmap with a name on the node. @since 2.4 */
   "block-dirty-bitmap-add": { args: BlockDirtyBitmapAdd; ret: Record<string, never> };
   /** Stop write tracking and remove the dirty bitmap. @since 2.4 */

@@ -31,6 +31,7 @@ async function imageInfo(node: BlockNode, flat: boolean): Promise<Record<string,
   if (drv['backing-filename'] !== undefined) info['backing-filename'] = drv['backing-filename'];
   if (drv['full-backing-filename'] !== undefined) info['full-backing-filename'] = drv['full-backing-filename'];
   if (drv['backing-filename-format'] !== undefined) info['backing-filename-format'] = drv['backing-filename-format'];
+  if (drv.snapshots !== undefined) info.snapshots = drv.snapshots;
   const backing = filterOrCow(node);
   if (backing && !flat) info['backing-image'] = await imageInfo(backing, flat);
   if (drv['format-specific'] !== undefined) info['format-specific'] = drv['format-specific'];

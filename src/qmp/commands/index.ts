@@ -9,6 +9,7 @@ import { charCommands } from './char.js';
 import { blockDebugCommands } from './block-debug.js';
 import { blockJobCommands } from './block-jobs.js';
 import { blockDirtyBitmapCommands } from './block-dirty-bitmap.js';
+import { blockSnapshotInternalCommands } from './block-snapshot-internal.js';
 import { blockReopenCommands } from './block-reopen.js';
 
 export const allCommands: Record<string, CommandHandler> = {
@@ -22,4 +23,5 @@ export const allCommands: Record<string, CommandHandler> = {
   ...blockDirtyBitmapCommands,
   ...blockJobCommands,
   ...blockReopenCommands,
+  ...blockSnapshotInternalCommands,
 };
