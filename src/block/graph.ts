@@ -331,9 +331,26 @@ export class BlockGraph {
   }
 
   detachBackend(node: BlockNode, user: NodeUser): void {
+    // QEMU drains an export's node twice while it deletes the export (jobs above pause and resume).
+    if (user.name.startsWith("export '")) for (let i = 0; i < 2; i++) this.notifyDrain(node);
     if (this.entries.get(node.nodeName)?.users.delete(user)) return;
     // A job's filter took the node's parents over meanwhile.
     for (const entry of this.entries.values()) if (entry.users.delete(user)) return;
+  }
+
+  /** Called for each drained section on a node (block jobs pause for it: QEMU's child_job drain). */
+  private readonly drainListeners = new Set<(drained: Set<BlockNode>) => void>();
+
+  onDrain(listener: (drained: Set<BlockNode>) => void): () => void {
+    this.drainListeners.add(listener);
+    return () => this.drainListeners.delete(listener);
+  }
+
+  /** A drained section on `node`: it and its parents (transitively) are quiesced. */
+  notifyDrain(node: BlockNode): void {
+    if (this.drainListeners.size === 0) return;
+    const drained = this.ancestors(node);
+    for (const listener of [...this.drainListeners]) listener(drained);
   }
 
   /**
@@ -468,6 +485,11 @@ export class BlockGraph {
         throw genericError(`Node '${node.nodeName}' is busy: node is used as backing hd of '${user.name}'`);
       }
     }
+  }
+
+  /** Whether a block job holds `node` (QEMU's op blockers, for commands that name no reason). */
+  jobBlocked(node: BlockNode): boolean {
+    return (this.jobBlockers.get(node.nodeName)?.length ?? 0) > 0;
   }
 
   /** A block job holds `node`: every operation on it reports `reason` until unblockAll(). */

@@ -102,7 +102,7 @@ export function setupBackup(ctx: JobContext, job: BlockJob, p: BackupParams): Bl
   else copy.setAll();
   job.totalProgress = copy.count();
 
-  const holds = new NodeHolds(ctx.graph, job.type, job.id);
+  const holds = new NodeHolds(ctx.graph, job.type, job.id, () => job.drainPause(false));
   holds.hold(filter.node);
   holds.hold(target, 'target');
 
@@ -185,10 +185,9 @@ export function setupBackup(ctx: JobContext, job: BlockJob, p: BackupParams): Bl
   };
 
   return {
+    // QEMU starts the job inside the command's drained section: it pauses at once, then resumes.
+    startsDrained: true,
     async run() {
-      // QEMU starts the job inside the command's drained section: it pauses at once, then resumes.
-      job.transition('paused');
-      job.transition('running');
       if (sync === 'none') {
         while (!job.isCancelled) await job.sleep(3600e9);
         return;

@@ -49,6 +49,8 @@ export interface BlockJobHooks {
   abort?(job: BlockJob): Promise<void>;
   /** Always, last: drop the job's hold on its nodes. */
   clean?(job: BlockJob): Promise<void>;
+  /** QEMU starts the job inside the command's drained section (backup): paused and running before the reply. */
+  startsDrained?: boolean;
 }
 
 export class BlockJob extends Job {
@@ -170,6 +172,26 @@ export class BlockJob extends Job {
     this.busy = true;
   }
 
+  /**
+   * A drained section quiesced one of the job's nodes (QEMU's child_job drained_begin/end): a
+   * running job passes through 'paused', a ready one through 'standby'; others show nothing.
+   * `wakes`: the pause ends a rate-limit sleep early (not backup's, which block-copy owns).
+   */
+  drainPause(wakes = true): void {
+    if (!this.started || this.userPaused) return;
+    if (this.status === 'running') {
+      this.transition('paused');
+      this.transition('running');
+    } else if (this.status === 'ready') {
+      this.transition('standby');
+      this.transition('ready');
+    } else {
+      return;
+    }
+    // Pausing entered the job: a rate-limit sleep ends early, as QEMU's job_pause does.
+    if (wakes && this.sleepTimer !== undefined) this.kick();
+  }
+
   /** QEMU's job_transition_to_ready(): 'ready' and BLOCK_JOB_READY. */
   transitionToReady(): void {
     this.transition('ready');
@@ -204,6 +226,10 @@ export class BlockJob extends Job {
     this.started = true;
     this.busy = true;
     this.transition('running');
+    if (hooks.startsDrained) {
+      this.transition('paused');
+      this.transition('running');
+    }
     let error: string | undefined;
     try {
       // QEMU enters the job's coroutine from the main loop: the command's reply goes out first.

@@ -66,7 +66,7 @@ export async function setupCommit(ctx: JobContext, job: BlockJob, p: CommitParam
   const filter = active
     ? JobFilter.mirrorTop(ctx.graph, top, p.filterNodeName, true)
     : JobFilter.commitTop(ctx.graph, top, p.filterNodeName);
-  const holds = new NodeHolds(ctx.graph, job.type, job.id);
+  const holds = new NodeHolds(ctx.graph, job.type, job.id, () => job.drainPause());
   try {
     if (active) {
       holds.hold(filter.node, 'main node', SHARE_NO_RESIZE, ['consistent read']);

@@ -19,8 +19,21 @@ export class NodeHolds {
   /** Orders the job's edges in x-debug-query-block-graph (QEMU lists them as added). */
   private seq = 0;
 
-  /** `jobId`: the job's id (its node in x-debug-query-block-graph). */
-  constructor(private readonly graph: BlockGraph, private readonly type: string, private readonly jobId = '') {}
+  private stopListening: (() => void) | undefined;
+
+  /**
+   * `jobId`: the job's id (its node in x-debug-query-block-graph). `onDrain`: called when a drained
+   * section quiesces a held node (QEMU pauses the job for it).
+   */
+  constructor(
+    private readonly graph: BlockGraph, private readonly type: string, private readonly jobId = '', onDrain?: () => void,
+  ) {
+    if (onDrain) {
+      this.stopListening = graph.onDrain((drained) => {
+        if (this.held.some((h) => h.blocker !== undefined && drained.has(h.node))) onDrain();
+      });
+    }
+  }
 
   /**
    * block_job_add_bdrv(): a job edge named `edge` ('main node', 'source', 'target',
@@ -47,6 +60,8 @@ export class NodeHolds {
 
   /** Drops every hold (idempotent); call before changing the graph around these nodes. */
   release(): void {
+    this.stopListening?.();
+    this.stopListening = undefined;
     for (const { node, user, blocker } of this.held.splice(0).reverse()) {
       this.graph.detachBackend(node, user);
       if (blocker) this.graph.unblockAll(node, blocker);

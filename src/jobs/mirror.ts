@@ -79,7 +79,7 @@ export function setupMirror(ctx: JobContext, job: BlockJob, p: MirrorParams): Bl
   // QEMU's mirror_start_job: the mirror_top filter above the source, the job's edges, then its
   // BlockBackend on the target (which lets others only write unchanged data).
   const filter = JobFilter.mirrorTop(ctx.graph, source, p.filterNodeName, false);
-  const holds = new NodeHolds(ctx.graph, job.type, job.id);
+  const holds = new NodeHolds(ctx.graph, job.type, job.id, () => job.drainPause());
   try {
     holds.hold(filter.node, 'main node', SHARE_NO_RESIZE, ['consistent read']);
     holds.hold(source, 'source', SHARE_NO_RESIZE);

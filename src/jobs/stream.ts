@@ -52,7 +52,7 @@ export async function setupStream(ctx: JobContext, job: BlockJob, p: StreamParam
   // QEMU's stream_start: the copy-on-read filter above bs, the job's edges (the filter, bs as
   // 'active node', the streamed nodes) and its BlockBackend on the filter.
   const filter = JobFilter.copyOnRead(ctx.graph, bs, p.filterNodeName);
-  const holds = new NodeHolds(ctx.graph, job.type, job.id);
+  const holds = new NodeHolds(ctx.graph, job.type, job.id, () => job.drainPause());
   try {
     holds.hold(filter.node);
     holds.hold(bs, 'active node', SHARE_NO_RESIZE);

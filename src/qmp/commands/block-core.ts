@@ -101,6 +101,10 @@ export const blockCoreCommands: Record<string, CommandHandler> = {
     const node = nodeName !== undefined ? daemon.graph.lookup(nodeName) : undefined;
     if (!node) throw genericError(`Cannot find device='${device ?? ''}' nor node-name='${nodeName ?? ''}'`);
     if (Number(size) < 0) throw genericError("Parameter 'size' expects a >0 size");
+    // QEMU's BLOCK_OP_TYPE_RESIZE blockers (a block job, a backing link) name the device argument
+    // (printf's "(null)" without one).
+    const backing = daemon.graph.usersOf(node).some((u) => u.parent && u.role === 'backing');
+    if (backing || daemon.graph.jobBlocked(node)) throw genericError(`Device '${device ?? '(null)'}' is in use`);
     if (node.readOnly) throw genericError('Image is read-only');
     const user = daemon.graph.attachBackend(node, 'block_resize', ['resize']);
     try {
