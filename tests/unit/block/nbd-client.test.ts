@@ -215,11 +215,23 @@ describe('nbd block driver', function () {
     assert.deepEqual([st.data, st.zero], [false, true]);
   });
 
-  it('falls back to NBD_OPT_EXPORT_NAME and simple replies with a server that lacks them', async () => {
-    // A minimal fixed-newstyle server that knows neither GO nor structured replies (no such
-    // server is installed here): it answers every option but EXPORT_NAME with ERR_UNSUP.
-    const disk = pattern(1 << 20, 9);
-    const sock = path.join(dir, 'old.sock');
+  /**
+   * A minimal fixed-newstyle server without structured replies (no such server is installed
+   * here): with `minBlock` it knows NBD_OPT_GO and refuses unaligned requests with EINVAL, as the
+   * protocol allows; without, it knows only NBD_OPT_EXPORT_NAME.
+   */
+  async function simpleServer(disk: Buffer, minBlock?: number): Promise<{ sock: string; close: () => Promise<void>; unaligned: () => number }> {
+    const sock = path.join(dir, 'simple.sock');
+    let unaligned = 0;
+    const flags = abi.NBD_FLAG_HAS_FLAGS | abi.NBD_FLAG_SEND_FLUSH;
+    const optReply = (opt: number, type: number, data = Buffer.alloc(0)) => {
+      const r = Buffer.alloc(20);
+      r.writeBigUInt64BE(abi.NBD_REP_MAGIC, 0);
+      r.writeUInt32BE(opt, 8);
+      r.writeUInt32BE(type, 12);
+      r.writeUInt32BE(data.length, 16);
+      return Buffer.concat([r, data]);
+    };
     const server = net.createServer((c) => {
       let buf = Buffer.alloc(0);
       let phase: 'flags' | 'opts' | 'io' = 'flags';
@@ -244,15 +256,23 @@ describe('nbd block driver', function () {
             if (opt === abi.NBD_OPT_EXPORT_NAME) {
               const r = Buffer.alloc(10);
               r.writeBigUInt64BE(BigInt(disk.length), 0);
-              r.writeUInt16BE(abi.NBD_FLAG_HAS_FLAGS | abi.NBD_FLAG_SEND_FLUSH, 8);
+              r.writeUInt16BE(flags, 8);
               c.write(r);
               phase = 'io';
+            } else if (opt === abi.NBD_OPT_GO && minBlock) {
+              const exp = Buffer.alloc(12);
+              exp.writeUInt16BE(abi.NBD_INFO_EXPORT, 0);
+              exp.writeBigUInt64BE(BigInt(disk.length), 2);
+              exp.writeUInt16BE(flags, 10);
+              const bs = Buffer.alloc(14);
+              bs.writeUInt16BE(abi.NBD_INFO_BLOCK_SIZE, 0);
+              bs.writeUInt32BE(minBlock, 2);
+              bs.writeUInt32BE(4096, 6);
+              bs.writeUInt32BE(65536, 10);
+              c.write(Buffer.concat([optReply(opt, abi.NBD_REP_INFO, exp), optReply(opt, abi.NBD_REP_INFO, bs), optReply(opt, abi.NBD_REP_ACK)]));
+              phase = 'io';
             } else {
-              const r = Buffer.alloc(20);
-              r.writeBigUInt64BE(abi.NBD_REP_MAGIC, 0);
-              r.writeUInt32BE(opt, 8);
-              r.writeUInt32BE(abi.NBD_REP_ERR_UNSUP, 12);
-              c.write(r);
+              c.write(optReply(opt, abi.NBD_REP_ERR_UNSUP));
             }
           } else {
             if (buf.length < 28) return;
@@ -265,16 +285,29 @@ describe('nbd block driver', function () {
             reply.writeUInt32BE(abi.NBD_SIMPLE_REPLY_MAGIC, 0);
             buf.copy(reply, 8, 8, 16);
             if (type === abi.NBD_CMD_DISC) return void c.end();
-            if (type === abi.NBD_CMD_WRITE) buf.copy(disk, off, 28, 28 + len);
-            c.write(type === abi.NBD_CMD_READ ? Buffer.concat([reply, disk.subarray(off, off + len)]) : reply);
+            const bad = minBlock && (type === abi.NBD_CMD_READ || type === abi.NBD_CMD_WRITE) && (off % minBlock || len % minBlock);
+            if (bad) {
+              unaligned++;
+              reply.writeUInt32BE(abi.NBD_EINVAL, 4);
+              c.write(reply);
+            } else {
+              if (type === abi.NBD_CMD_WRITE) buf.copy(disk, off, 28, 28 + len);
+              c.write(type === abi.NBD_CMD_READ ? Buffer.concat([reply, disk.subarray(off, off + len)]) : reply);
+            }
             buf = buf.subarray(28 + payload);
           }
         }
       });
     });
     await new Promise<void>((r) => server.listen(sock, r));
+    return { sock, unaligned: () => unaligned, close: () => new Promise((r) => server.close(() => r())) };
+  }
+
+  it('falls back to NBD_OPT_EXPORT_NAME and simple replies with a server that lacks them', async () => {
+    const disk = pattern(1 << 20, 9);
+    const srv = await simpleServer(disk);
     try {
-      const n = await node({ server: { type: 'unix', path: sock } });
+      const n = await node({ server: { type: 'unix', path: srv.sock } });
       assert.equal(n.getLength(), 1 << 20);
       const b = Buffer.alloc(4096);
       await Promise.all([n.read(4096, b), n.write(8192, Buffer.alloc(512, 0x55))]);
@@ -289,7 +322,33 @@ describe('nbd block driver', function () {
       await nbdDriver.close(n.state);
       nodes.length = 0;
     } finally {
-      await new Promise((r) => server.close(r));
+      await srv.close();
+    }
+  });
+
+  it('honours the server\'s minimum block size (NBD_INFO_BLOCK_SIZE) with read-modify-write', async () => {
+    const disk = pattern(1 << 20, 11);
+    const expect = Buffer.from(disk);
+    const srv = await simpleServer(disk, 512);
+    try {
+      const n = await node({ server: { type: 'unix', path: srv.sock } });
+      assert.equal(n.requestAlignment(), 512);
+      const b = Buffer.alloc(1000);
+      await n.read(100, b);
+      assert.deepEqual(b, expect.subarray(100, 1100));
+      // Overlapping unaligned writes in flight at once must not lose each other's bytes.
+      const w1 = pattern(700, 1);
+      const w2 = pattern(300, 2);
+      await Promise.all([n.write(1000, w1), n.write(1300, w2), n.write(70000, pattern(200000, 3))]);
+      w1.copy(expect, 1000);
+      w2.copy(expect, 1300);
+      pattern(200000, 3).copy(expect, 70000);
+      assert.ok(disk.equals(expect));
+      assert.equal(srv.unaligned(), 0);
+      await nbdDriver.close(n.state);
+      nodes.length = 0;
+    } finally {
+      await srv.close();
     }
   });
 
