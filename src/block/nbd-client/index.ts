@@ -1,7 +1,7 @@
 // nbd: a protocol node whose data lives on an NBD server (QEMU's block/nbd.c, the client).
 import { constants as osConstants } from 'node:os';
 import type { BlockDriver, BlockStatus, WriteFlags, ZeroFlags } from '../driver.js';
-import { BlockIoError, type BlockNode } from '../node.js';
+import { BlockIoError } from '../node.js';
 import { genericError } from '../../qapi/errors.js';
 import * as abi from '../../nbd/nbd-abi.js';
 import { strerror } from '../../util/errno.js';
@@ -16,7 +16,6 @@ const INT_MAX = 0x7fffffff;
 const RECONNECT_RETRY_MS = 1000;
 
 interface NbdState {
-  node: BlockNode;
   addr: NbdServerAddress;
   req: NbdHandshakeRequest;
   /** Seconds requests wait for a lost connection to come back (reconnect-delay). */
@@ -242,7 +241,7 @@ export const nbdDriver: BlockDriver<NbdState> = {
       node.readOnly = true;
     }
     const st: NbdState = {
-      node, addr: server, req, reconnectDelay: Number(reconnectDelay), info, client: undefined,
+      addr: server, req, reconnectDelay: Number(reconnectDelay), info, client: undefined,
       waitDeadline: 0, reconnecting: undefined, closed: false, ...limits(info), rmw: Promise.resolve(),
     };
     attach(st, conn);
