@@ -160,6 +160,8 @@ async function processOption(daemon: Daemon, opt: CliOption): Promise<void> {
     case 'chardev': {
       const { id, backend } = chardevOptions(value, (message, hint) =>
         process.stderr.write(`${PROGRAM}: ${opt.loc}: warning: ${message}\n${hint}`));
+      // QEMU's stdio backend refuses to open in a daemon, whose stdio is /dev/null.
+      if (backend.type === 'stdio' && process.env[DAEMONIZED_ENV] === '1') fail('cannot use stdio with -daemonize');
       await addChardev(daemon, id, backend, { cli: opt.loc });
       break;
     }
