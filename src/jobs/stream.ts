@@ -84,13 +84,11 @@ export async function setupStream(ctx: JobContext, job: BlockJob, p: StreamParam
 
   return {
     async run() {
+      // QEMU's stream_run returns before it sets the length when there is nothing to stream.
+      const backing = bs.backing;
+      if (!backing || backing === base) return;
       const len = bs.getLength();
       job.totalProgress = len;
-      const backing = bs.backing;
-      if (!backing || backing === base) {
-        job.currentProgress = len;
-        return;
-      }
       let delay = 0;
       for (let offset = 0, n = 0; offset < len; offset += n) {
         await job.sleep(delay);
