@@ -102,6 +102,33 @@ export function setupBackup(ctx: JobContext, job: BlockJob, p: BackupParams): Bl
   else copy.setAll();
   job.totalProgress = copy.count();
 
+  /**
+   * The unnamed bitmaps QEMU's query-named-block-nodes shows while a backup runs (disabled, one
+   * bit per cluster): block-copy's copy bitmap on the source (what is left to copy), and on the
+   * filter copy-before-write's done bitmap (clusters it copied before a write) and, newest, its
+   * access bitmap (what the snapshot may read: everything to be copied).
+   */
+  const shown = (node: BlockNode): DirtyBitmap => {
+    const b = new DirtyBitmap(node, undefined as unknown as string, cluster, len);
+    b.setEnabled(false);
+    return b;
+  };
+  const shownCopy = shown(source);
+  const shownDone = shown(filter.node);
+  const shownAccess = shown(filter.node);
+  const showCopyBitmap = (): void => {
+    for (let c = 0; c < copy.clusters;) {
+      let e = c;
+      const set = copy.get(c);
+      while (e < copy.clusters && copy.get(e) === set) e++;
+      if (set) shownCopy.setRange(c * cluster, Math.min(e * cluster, len) - c * cluster);
+      else shownCopy.resetRange(c * cluster, Math.min(e * cluster, len) - c * cluster);
+      c = e;
+    }
+  };
+  showCopyBitmap();
+  shownAccess.mergeFrom(shownCopy);
+
   const holds = new NodeHolds(ctx.graph, job.type, job.id, () => job.drainPause(false));
   holds.hold(filter.node);
   holds.hold(target, 'target');
@@ -137,6 +164,7 @@ export function setupBackup(ctx: JobContext, job: BlockJob, p: BackupParams): Bl
       done += m;
     }
     for (let c = c0; c < c1; c++) copy.set(c, false);
+    shownCopy.resetRange(offset, n);
     job.currentProgress += n;
     return n;
   };
@@ -150,7 +178,11 @@ export function setupBackup(ctx: JobContext, job: BlockJob, p: BackupParams): Bl
     for (let c = first; c <= last && !any; c++) any = copy.get(c);
     if (!any) return Promise.resolve();
     return lock.run(async () => {
-      for (let c = first; c <= last; c++) if (copy.get(c)) await copyClusters(c, c + 1, cbwBuf);
+      for (let c = first; c <= last; c++) {
+        if (!copy.get(c)) continue;
+        await copyClusters(c, c + 1, cbwBuf);
+        shownDone.setRange(c * cluster, Math.min(cluster, len - c * cluster));
+      }
     });
   };
   const tracking = nodeTracking(source);
@@ -202,6 +234,7 @@ export function setupBackup(ctx: JobContext, job: BlockJob, p: BackupParams): Bl
           const c1 = off + n >= len ? copy.clusters : Math.floor((off + n) / cluster);
           for (let c = c0; c < c1; c++) copy.set(c, false);
         }
+        showCopyBitmap();
         job.totalProgress = copy.count() + job.currentProgress;
       }
       let delay = 0;
@@ -244,6 +277,7 @@ export function setupBackup(ctx: JobContext, job: BlockJob, p: BackupParams): Bl
       unhook();
       await lock.run(async () => undefined);
       if (bitmap) bitmap.busy = false;
+      for (const b of [shownAccess, shownDone, shownCopy]) b.release();
       filter.remove();
       holds.release();
     },
