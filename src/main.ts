@@ -220,24 +220,56 @@ function writePidfile(path: string): void {
   }
 }
 
-/** --daemonize: run a detached copy of ourselves and exit once it reports a complete startup. */
+/**
+ * Copies what the child wrote to one of its output pipes and we have not passed on yet: the
+ * stream's buffer, then the pipe itself, read without blocking until it is empty. The child's
+ * writes to pipes are synchronous, so everything it wrote before "ready" is there.
+ */
+function drainPipe(stream: NodeJS.ReadableStream & { _handle?: { fd?: number } }, out: NodeJS.WriteStream): void {
+  stream.pause();
+  for (let chunk = stream.read(); chunk !== null; chunk = stream.read()) out.write(chunk as Buffer);
+  const fd = stream._handle?.fd;
+  if (fd === undefined || fd < 0) return;
+  const buf = Buffer.allocUnsafe(65536);
+  for (;;) {
+    let n: number;
+    try {
+      n = fs.readSync(fd, buf, 0, buf.length, null);
+    } catch {
+      return; // EAGAIN: empty
+    }
+    if (n <= 0) return;
+    out.write(buf.subarray(0, n));
+  }
+}
+
+/**
+ * --daemonize: run a detached copy of ourselves and exit 0 once it reports a complete startup.
+ * Until then its stdout and stderr reach ours (help texts, warnings, errors); if it ends before,
+ * we exit 1 whatever its status, as QEMU's parent does.
+ */
 function daemonize(argv: string[]): void {
   const child = spawn(process.execPath, [...process.execArgv, ...process.argv.slice(1, 2), ...argv], {
     detached: true,
-    stdio: ['ignore', 'ignore', 'pipe', 'ipc'],
+    stdio: ['ignore', 'pipe', 'pipe', 'ipc'],
     env: { ...process.env, [DAEMONIZED_ENV]: '1' },
   });
+  child.stdout!.pipe(process.stdout);
   child.stderr!.pipe(process.stderr);
   child.on('message', (msg) => {
     if (msg === 'ready') {
-      child.stderr!.unpipe();
-      child.stderr!.destroy();
+      for (const [stream, out] of [[child.stdout!, process.stdout], [child.stderr!, process.stderr]] as const) {
+        stream.unpipe();
+        drainPipe(stream, out);
+        stream.destroy();
+      }
       child.disconnect();
       child.unref();
       process.exit(0);
     }
   });
-  child.on('exit', (code) => process.exit(code ?? 1));
+  // 'close' comes after the child's output has been read to the end.
+  child.on('close', () => process.exit(1));
 }
 
 export async function main(argv: string[]): Promise<void> {
@@ -266,7 +298,11 @@ export async function main(argv: string[]): Promise<void> {
     daemonize(argv);
     return;
   }
-  if (isDaemonChild) process.stderr.on('error', () => undefined);
+  if (isDaemonChild) {
+    // Once the parent has gone, our output pipes are closed: lose the text, as QEMU's /dev/null does.
+    process.stdout.on('error', () => undefined);
+    process.stderr.on('error', () => undefined);
+  }
 
   const daemon = new Daemon();
   // The main loop (QMP, NBD, exports without an iothread) polls like an iothread with QEMU's
