@@ -46,7 +46,7 @@ export async function openImage(file: BlockNode, backing: BlockNode | undefined,
   try {
     await readSnapshots(img);
   } catch (e) {
-    throw genericError(`Could not read snapshots: ${(e as Error).message}`);
+    throw genericError((e as Error).message);
   }
   // A dirty image opened read-write is repaired first, as QEMU's qcow2_do_open() does.
   if (!opts.readOnly) await img.repairRefcounts();

@@ -57,24 +57,33 @@ export function snapshotList(img: Qcow2Image): readonly Qcow2Snapshot[] {
   return tables.get(img)?.list ?? [];
 }
 
-/** Reads the snapshot table at open (QEMU's qcow2_read_snapshots), with QEMU's messages. */
+/**
+ * Reads the snapshot table at open (QEMU's qcow2_read_snapshots); throws Error with QEMU's message.
+ * The table is read a cluster or more at a time as parsing goes: its size is only known by parsing.
+ */
 export async function readSnapshots(img: Qcow2Image): Promise<void> {
   const { h, file } = img;
   const table: SnapshotTable = { list: [], size: 0 };
   tables.set(img, table);
   if (h.nbSnapshots === 0) return;
-  if (h.nbSnapshots > QCOW_MAX_SNAPSHOTS) throw new Error('Too many snapshots');
-  if (h.snapshotsOffset % img.cs !== 0) throw new Error('Invalid snapshot table offset');
-  // Read generously, then parse; the table's real size comes out of the parse.
-  let buf = Buffer.alloc(Math.min(QCOW_MAX_SNAPSHOTS_SIZE, Math.max(0, file.getLength() - h.snapshotsOffset)));
-  if (buf.length > 0) await file.read(h.snapshotsOffset, buf);
-  let off = 0;
-  const need = (n: number) => {
-    if (off + n > buf.length) throw new Error('Snapshot table too large');
+  // QEMU's qcow2_validate_table() on the fixed entry headers.
+  if (h.nbSnapshots > QCOW_MAX_SNAPSHOTS) throw new Error('Snapshot table too large');
+  if (h.snapshotsOffset % img.cs !== 0) throw new Error('Snapshot table offset invalid');
+  let buf = Buffer.alloc(0);
+  const ensure = async (end: number) => {
+    if (end <= buf.length) return;
+    if (end > QCOW_MAX_SNAPSHOTS_SIZE) throw new Error('Snapshot table is too big');
+    const grown = Buffer.alloc(Math.min(QCOW_MAX_SNAPSHOTS_SIZE, Math.max(end, buf.length * 2, img.cs)));
+    buf.copy(grown);
+    const from = buf.length;
+    const avail = Math.min(grown.length, file.getLength() - h.snapshotsOffset) - from;
+    if (avail > 0) await file.read(h.snapshotsOffset + from, grown.subarray(from, from + avail));
+    buf = grown;
   };
+  let off = 0;
   for (let i = 0; i < h.nbSnapshots; i++) {
     off = (off + 7) & ~7;
-    need(40);
+    await ensure(off + 40);
     const l1Offset = Number(buf.readBigUInt64BE(off));
     const l1Size = buf.readUInt32BE(off + 8);
     const idLen = buf.readUInt16BE(off + 12);
@@ -85,15 +94,14 @@ export async function readSnapshots(img: Qcow2Image): Promise<void> {
     let vmStateSize = buf.readUInt32BE(off + 32);
     const extraSize = buf.readUInt32BE(off + 36);
     off += 40;
-    if (extraSize > QCOW_MAX_SNAPSHOT_EXTRA_DATA) throw new Error('Too much extra metadata in snapshot table entry');
-    need(extraSize);
+    if (extraSize > QCOW_MAX_SNAPSHOT_EXTRA_DATA) throw new Error(`Too much extra metadata in snapshot table entry ${i}`);
+    await ensure(off + extraSize + idLen + nameLen);
     const extra = buf.subarray(off, off + extraSize);
     if (extraSize >= 8) vmStateSize = Number(extra.readBigUInt64BE(0));
     const diskSize = extraSize >= 16 ? Number(extra.readBigUInt64BE(8)) : img.size;
     const icount = extraSize >= 24 ? extra.readBigUInt64BE(16) : NO_ICOUNT;
     const unknownExtra = Buffer.from(extra.subarray(Math.min(extraSize, EXTRA_SIZE)));
     off += extraSize;
-    need(idLen + nameLen);
     const id = buf.toString('utf8', off, off + idLen);
     off += idLen;
     const name = buf.toString('utf8', off, off + nameLen);
@@ -101,7 +109,6 @@ export async function readSnapshots(img: Qcow2Image): Promise<void> {
     table.list.push({ l1Offset, l1Size, id, name, dateSec, dateNsec, vmClockNsec, vmStateSize, diskSize, icount, unknownExtra });
   }
   table.size = off;
-  buf = Buffer.alloc(0);
 }
 
 /** QMP's SnapshotInfo for one snapshot (icount only when recorded). */

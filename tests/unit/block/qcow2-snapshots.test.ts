@@ -124,6 +124,22 @@ describe('qcow2 internal snapshots', function () {
     assert.match(c.out, /^16\/64 = 25\.00% allocated/m);
   });
 
+  it('refuses a bad snapshot table at open with QEMU\'s messages', async () => {
+    const f = p('e.qcow2');
+    sh('qemu-img', ['create', '-f', 'qcow2', f, '1M']);
+    sh('qemu-img', ['snapshot', '-c', 's', f]);
+    const good = fs.readFileSync(f);
+    const patched = (off: number, bytes: number[]) => {
+      const b = Buffer.from(good);
+      Buffer.from(bytes).copy(b, off);
+      fs.writeFileSync(f, b);
+    };
+    patched(64, [0, 0, 0, 0, 0, 3, 0, 8]);
+    await assert.rejects(qcow2Node(f, { readOnly: true }), { message: 'Snapshot table offset invalid' });
+    patched(60, [0, 1, 0, 1]);
+    await assert.rejects(qcow2Node(f, { readOnly: true }), { message: 'Snapshot table too large' });
+  });
+
   it('repairs a dirty lazy-refcounts image that has snapshots', async () => {
     const f = p('d.qcow2');
     sh('qemu-img', ['create', '-f', 'qcow2', '-o', 'lazy_refcounts=on', f, '4M']);
