@@ -73,8 +73,9 @@ function parseArgv(argv: string[]): CliOption[] {
       const typed = eq >= 0 ? arg.slice(2, eq) : arg.slice(2);
       const exact = Object.hasOwn(LONG_OPTIONS, typed) ? [typed] : [];
       const matches = exact.length ? exact : Object.keys(LONG_OPTIONS).filter((n) => n.startsWith(typed));
-      if (matches.length === 0) return error(`unrecognized option '--${typed}'`);
-      if (matches.length > 1) return error(`option '--${typed}' is ambiguous; possibilities: ${matches.map((m) => `'--${m}'`).join(' ')}`);
+      // glibc quotes the whole argument here, "=value" included.
+      if (matches.length === 0) return error(`unrecognized option '${arg}'`);
+      if (matches.length > 1) return error(`option '${arg}' is ambiguous; possibilities: ${matches.map((m) => `'--${m}'`).join(' ')}`);
       const name = matches[0];
       if (LONG_OPTIONS[name]) {
         if (eq >= 0) out.push({ name, loc: arg, value: arg.slice(eq + 1) });
