@@ -32,6 +32,20 @@ export interface NodeUser {
   readonly job?: { readonly id: string; readonly edge: string; readonly seq: number };
 }
 
+/**
+ * Nodes whose backing edge a job's filter took over (the filter sits between them and their
+ * backing node): queries show the filter as their backing child, as QEMU's graph has it. I/O and
+ * the jobs keep using node.backing.
+ */
+const backingViews = new WeakMap<BlockNode, BlockNode>();
+/** Job filters created without a filter-node-name (QEMU's implicit nodes: filenames skip them). */
+const implicitFilters = new WeakSet<BlockNode>();
+
+/** The backing child as queries show it: a job's filter in between, else node.backing. */
+export function viewBacking(node: BlockNode): BlockNode | undefined {
+  return backingViews.get(node) ?? node.backing;
+}
+
 /** A job's implicit filter node (QEMU's commit_top, mirror_top, copy-before-write). */
 export interface FilterSpec {
   driver: BlockDriver;
@@ -367,11 +381,13 @@ export class BlockGraph {
     if (spec.target) children.set('target', spec.target.node);
     const node = new BlockNode({ nodeName, driver: spec.driver, readOnly: spec.readOnly, options: {}, children });
     node.state = { node, child: spec.child };
+    if (spec.nodeName === undefined) implicitFilters.add(node);
     const entry: GraphEntry = { node, monitorOwned: false, users: new Set(), order: this.nextOrder++ };
     for (const user of childEntry.users) {
       if (user.job || user.name.startsWith('block job (')) continue;
       childEntry.users.delete(user);
       entry.users.add(user);
+      if (user.parent && user.role === 'backing') backingViews.set(user.parent.node, node);
     }
     childEntry.users.add({ name: nodeName, role: spec.role, perms: new Set(spec.perms), shared: new Set(spec.shared), parent: entry });
     if (spec.target) {
@@ -400,7 +416,10 @@ export class BlockGraph {
       for (const user of e?.users ?? []) if (user.parent === entry) e!.users.delete(user);
     }
     // The job's own holds and BlockBackends on its filter go with the filter.
-    for (const user of entry.users) if (!user.job && !user.name.startsWith('block job (')) childEntry?.users.add(user);
+    for (const user of entry.users) {
+      if (user.parent && backingViews.get(user.parent.node) === filter) backingViews.delete(user.parent.node);
+      if (!user.job && !user.name.startsWith('block job (')) childEntry?.users.add(user);
+    }
     this.entries.delete(filter.nodeName);
   }
 
@@ -683,8 +702,12 @@ export class BlockGraph {
     const file = node.file;
     if (file) out.file = BlockGraph.fullOptions(file, toJson);
     if (toJson && backingOverridden(node, toJson)) {
-      const backing = node.backing;
+      let backing = viewBacking(node);
+      if (backing && implicitFilters.has(backing)) backing = node.backing;
       out.backing = backing ? BlockGraph.fullOptions(backing, toJson) : null;
+    } else if (node.driver.isFilter && !file && node.backing) {
+      // A job's filter over a backing child (commit_top, mirror_top) names it.
+      out.backing = BlockGraph.fullOptions(node.backing, toJson);
     }
     return out;
   }

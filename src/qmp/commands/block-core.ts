@@ -1,7 +1,7 @@
 // Commands of QEMU's block-core.json: node management and queries.
 import type { CommandHandler } from './types.js';
 import { genericError, QmpError } from '../../qapi/errors.js';
-import { nodeFilename } from '../../block/graph.js';
+import { nodeFilename, viewBacking } from '../../block/graph.js';
 import type { BlockNode } from '../../block/node.js';
 import { BlockIoError } from '../../block/node.js';
 import { formatQmpJson } from '../json.js';
@@ -10,9 +10,9 @@ import { nodeBitmaps } from '../../block/dirty-bitmap.js';
 
 const jsonFilename = (value: unknown) => formatQmpJson(value);
 
-/** QEMU's bdrv_filter_or_cow_bs(): the backing node, or a filter's child. */
+/** QEMU's bdrv_filter_or_cow_bs(): the backing node (a job's filter in between), or a filter's child. */
 function filterOrCow(node: BlockNode): BlockNode | undefined {
-  return node.backing ?? (node.driver.isFilter ? node.file : undefined);
+  return viewBacking(node) ?? (node.driver.isFilter ? node.file : undefined);
 }
 
 /** ImageInfo for one node (and, unless flat, its backing chain as backing-image). */
