@@ -104,10 +104,12 @@ const BASE_OPTIONS = new Set([
  * it takes the parent's discard and cache modes (a node referenced by name keeps its own).
  */
 function inheritOptions(child: Record<string, any>, parent?: Record<string, any>): Record<string, any> {
-  if (!parent) return child;
+  // QEMU's bdrv_inherited_options: an implicitly opened child defaults to discard=unmap whatever
+  // its parent says, because the parent applies its own discard policy before passing anything on
+  // (so a qcow2 node's freed clusters are punched out of its file).
   const out = { ...child };
-  if (out.discard === undefined && parent.discard !== undefined) out.discard = parent.discard;
-  if (parent.cache !== undefined) out.cache = { ...parent.cache, ...out.cache };
+  if (out.discard === undefined) out.discard = 'unmap';
+  if (parent?.cache !== undefined) out.cache = { ...parent.cache, ...out.cache };
   return out;
 }
 
@@ -286,7 +288,7 @@ export class BlockGraph {
       const fmt = info.backingFormat ?? probeFormat(resolved);
       try {
         backing = await this.openTree(
-          { driver: fmt, 'read-only': true, file: { driver: 'file', filename: resolved, 'read-only': true } },
+          inheritOptions({ driver: fmt, 'read-only': true, file: { driver: 'file', filename: resolved, 'read-only': true } }),
           { readOnly: true },
         );
       } catch (err) {
