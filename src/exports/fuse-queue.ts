@@ -117,6 +117,33 @@ export interface FuseSlot {
   readonly out: Buffer;
   uniqueLo: number;
   uniqueHi: number;
+  /** outView(): the last out.subarray(0, outViewLength), reused while the size repeats. */
+  outView: Buffer | undefined;
+  outViewLength: number;
+  /** dataView(): the same for data. */
+  dataView: Buffer | undefined;
+  dataViewLength: number;
+}
+
+/** A new slot's view caches (both transports build slots). */
+export const NO_SLOT_VIEWS = { outView: undefined, outViewLength: -1, dataView: undefined, dataViewLength: -1 } as const;
+
+/** slot.out[0, n) without a new Buffer per request when the size repeats (4k random I/O). */
+function outView(slot: FuseSlot, n: number): Buffer {
+  if (slot.outViewLength !== n) {
+    slot.outView = slot.out.subarray(0, n);
+    slot.outViewLength = n;
+  }
+  return slot.outView!;
+}
+
+/** slot.data[0, n), cached like outView(). */
+function dataView(slot: FuseSlot, n: number): Buffer {
+  if (slot.dataViewLength !== n) {
+    slot.dataView = slot.data.subarray(0, n);
+    slot.dataViewLength = n;
+  }
+  return slot.dataView!;
 }
 
 const WRITE_PLAIN: WriteFlags = {};
@@ -511,7 +538,7 @@ export abstract class FuseServer implements LocalQueue {
     if (offset >= length) return 0;
     // The kernel expects short reads at EOF: clamp, don't fail.
     const n = Math.min(size, length - offset);
-    const buf = slot.out.subarray(0, n);
+    const buf = outView(slot, n);
     // Answered before returning when the node can (null, page cache): no promise per request.
     if (this.node.tryRead(offset, buf)) return n;
     return this.node.read(offset, buf).then(() => n);
@@ -525,7 +552,7 @@ export abstract class FuseServer implements LocalQueue {
     const offset = offLo + offHi * 0x100000000;
     if (size > 0 && offset + size <= this.node.getLength()) {
       // Inside the node: done before returning when the node can (null, inline buffered writes).
-      if (this.node.tryWrite(offset, slot.data.subarray(0, size), this.writeFlags)) return this.writeReply(slot, size);
+      if (this.node.tryWrite(offset, dataView(slot, size), this.writeFlags)) return this.writeReply(slot, size);
     }
     return this.fuseWriteAsync(slot, offset, size);
   }
@@ -549,7 +576,7 @@ export abstract class FuseServer implements LocalQueue {
       }
     }
     if (size > 0) {
-      const data = slot.data.subarray(0, size);
+      const data = dataView(slot, size);
       await this.node.write(offset, data, this.writeFlags);
     }
     return this.writeReply(slot, size);
@@ -669,6 +696,7 @@ class FuseQueue extends FuseServer {
         out: mem.subarray(ALIGN),
         uniqueLo: 0,
         uniqueHi: 0,
+        ...NO_SLOT_VIEWS,
       });
       this.free.push(count - 1 - i);
     }

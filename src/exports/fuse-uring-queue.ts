@@ -13,7 +13,7 @@ import type { LocalQueue } from '../iothread/context.js';
 import { native, type FuseUring } from '../native/binding.js';
 import { strerror } from '../util/errno.js';
 import * as abi from './fuse-abi.js';
-import { FUSE_MAX_WRITE_BYTES, FUSE_STATE_HALTED, FuseServer, type FuseQueueParams, type FuseSlot } from './fuse-queue.js';
+import { FUSE_MAX_WRITE_BYTES, FUSE_STATE_HALTED, FuseServer, NO_SLOT_VIEWS, type FuseQueueParams, type FuseSlot } from './fuse-queue.js';
 
 const { ENOTCONN, ECANCELED, EINVAL } = osConstants.errno;
 
@@ -96,6 +96,7 @@ class FuseUringQueue extends FuseServer {
         out: payload,
         uniqueLo: 0,
         uniqueHi: 0,
+        ...NO_SLOT_VIEWS,
       });
     }
     this.ring = new native.FuseUring(params.fd, count, this.onComplete);
