@@ -1,4 +1,5 @@
-// Structured logging (pino): quiet by default; --trace or QSD_TS_LOG=debug turns it up.
+// Structured logging (pino): quiet by default; QSD_TS_LOG=debug (any pino level) turns it up.
+// (--trace parses QEMU's trace options as a build without a trace backend does; it logs nothing.)
 // Users see QEMU-style error lines on stderr; these logs are for debugging the daemon.
 import pino from 'pino';
 
@@ -6,7 +7,3 @@ export const log = pino(
   { name: 'qsd-ts', level: process.env.QSD_TS_LOG ?? 'silent', base: { pid: process.pid } },
   pino.destination({ fd: 2, sync: true }),
 );
-
-export function setLogLevel(level: string): void {
-  log.level = level;
-}
