@@ -220,6 +220,7 @@ class FuseChannel : public Napi::ObjectWrap<FuseChannel> {
                            InstanceMethod<&FuseChannel::Read>("read"),
                            InstanceMethod<&FuseChannel::ReadMany>("readMany"),
                            InstanceMethod<&FuseChannel::Write>("write"),
+                           InstanceMethod<&FuseChannel::WriteMany>("writeMany"),
                            InstanceMethod<&FuseChannel::Writev>("writev"),
                            InstanceMethod<&FuseChannel::Pause>("pause"),
                            InstanceMethod<&FuseChannel::Resume>("resume"),
@@ -397,6 +398,44 @@ class FuseChannel : public Napi::ObjectWrap<FuseChannel> {
       n = write(fd_, data, static_cast<size_t>(want));
     } while (n < 0 && errno == EINTR);
     return Napi::Number::New(env, static_cast<double>(n < 0 ? -errno : n));
+  }
+
+  // Several replies in one crossing: bufs[i][0, lengths[i]) each with its own write(2) (the
+  // kernel takes one reply per write). lengths[i] is replaced by that write's result (bytes or
+  // -errno); every reply is attempted whatever the others gave.
+  Napi::Value WriteMany(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (info.Length() < 3 || !info[0].IsArray() || !info[1].IsTypedArray() || !info[2].IsNumber() ||
+        info[1].As<Napi::TypedArray>().TypedArrayType() != napi_int32_array) {
+      return ThrowType(env, "writeMany(bufs, lengths: Int32Array, count)");
+    }
+    Napi::Array bufs = info[0].As<Napi::Array>();
+    Napi::Int32Array lengths = info[1].As<Napi::Int32Array>();
+    int64_t count = info[2].As<Napi::Number>().Int64Value();
+    if (count < 0 || static_cast<uint64_t>(count) > bufs.Length() ||
+        static_cast<uint64_t>(count) > lengths.ElementLength()) {
+      return ThrowType(env, "writeMany: count out of range");
+    }
+    for (uint32_t i = 0; i < static_cast<uint32_t>(count); i++) {
+      uint8_t* data;
+      size_t len;
+      if (BufferArg(bufs.Get(i), &data, &len) < 0) return ThrowType(env, "writeMany: bufs must hold Buffers");
+      int32_t want = lengths[i];
+      if (want < 0 || static_cast<size_t>(want) > len) {
+        lengths[i] = -EINVAL;
+        continue;
+      }
+      if (fd_ < 0) {
+        lengths[i] = -EBADF;
+        continue;
+      }
+      ssize_t n;
+      do {
+        n = write(fd_, data, static_cast<size_t>(want));
+      } while (n < 0 && errno == EINTR);
+      lengths[i] = static_cast<int32_t>(n < 0 ? -errno : n);
+    }
+    return env.Undefined();
   }
 
   Napi::Value Writev(const Napi::CallbackInfo& info) {

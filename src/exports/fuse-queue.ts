@@ -681,10 +681,29 @@ class FuseQueue extends FuseServer {
   private readonly batch = new Int32Array(READ_BATCH);
   private polling = true;
   private writeErrorLogged = false;
+  /**
+   * Replies waiting for flushReplies(): they go out in one crossing (one write(2) each), after
+   * the batch that made them or, for replies of asynchronous requests, in a microtask. Their
+   * slots are recycled only once written, as the next request would be read over them.
+   */
+  private readonly replyBufs: Buffer[] = [];
+  private readonly replyLens: Int32Array;
+  private readonly replySlots: FuseSlot[] = [];
+  private replyCount = 0;
+  /** Per slot: 1 = its reply is queued, 2 = queued and the slot is done with (recycle at flush). */
+  private readonly replyState: Uint8Array;
+  private inBatch = false;
+  private flushScheduled = false;
+  private readonly flushMicrotask = (): void => {
+    this.flushScheduled = false;
+    this.flushReplies();
+  };
 
   constructor(node: BlockNode, params: FuseQueueParams) {
     super(node, params);
     const count = params.slots ?? FUSE_DEFAULT_QUEUE_SLOTS;
+    this.replyLens = new Int32Array(count);
+    this.replyState = new Uint8Array(count);
     for (let i = 0; i < count; i++) {
       const mem = native.allocAligned(SLOT_BYTES, ALIGN);
       this.slots.push({
@@ -712,6 +731,7 @@ class FuseQueue extends FuseServer {
   }
 
   protected shutdown(): void {
+    this.flushReplies();
     this.polling = false;
     this.channel.close();
   }
@@ -732,7 +752,11 @@ class FuseQueue extends FuseServer {
       // Take every slot first: a request finishing synchronously pushes its slot back.
       for (let i = 0; i < n; i++) this.batch[i] = this.free.pop()!;
       this.inFlight += n;
+      this.inBatch = true;
       for (let i = 0; i < n; i++) this.process(this.slots[this.batch[i]!]!, this.lengths[i]!);
+      this.inBatch = false;
+      // The batch's replies go out before more requests are read into their slots.
+      this.flushReplies();
       if (n < want) break;
     }
     this.updateIntake();
@@ -763,15 +787,47 @@ class FuseQueue extends FuseServer {
   }
 
   protected transmit(slot: FuseSlot, len: number): void {
-    const w = this.channel.write(slot.outHeader, len);
-    // ENOENT: the request was interrupted and the kernel forgot it; that is not an error.
-    if (w < 0 && w !== -ENOENT && w !== -ENODEV && !this.writeErrorLogged) {
-      this.writeErrorLogged = true;
-      console.error(`Export '${this.params.exportId}': Failed to write to FUSE device: ${strerror(-w)}`);
+    const i = this.replyCount++;
+    this.replyBufs[i] = slot.outHeader;
+    this.replyLens[i] = len;
+    this.replySlots[i] = slot;
+    this.replyState[slot.index] = 1;
+    if (!this.inBatch && !this.flushScheduled) {
+      this.flushScheduled = true;
+      queueMicrotask(this.flushMicrotask);
     }
   }
 
+  /** Write every queued reply in one crossing, then recycle the slots that were waiting for it. */
+  private flushReplies(): void {
+    const count = this.replyCount;
+    if (count === 0) return;
+    this.replyCount = 0;
+    this.replyBufs.length = count;
+    this.channel.writeMany(this.replyBufs, this.replyLens, count);
+    let recycled = false;
+    for (let i = 0; i < count; i++) {
+      const w = this.replyLens[i]!;
+      // ENOENT: the request was interrupted and the kernel forgot it; that is not an error.
+      if (w < 0 && w !== -ENOENT && w !== -ENODEV && !this.writeErrorLogged) {
+        this.writeErrorLogged = true;
+        console.error(`Export '${this.params.exportId}': Failed to write to FUSE device: ${strerror(-w)}`);
+      }
+      const slot = this.replySlots[i]!;
+      if (this.replyState[slot.index] === 2) {
+        this.free.push(slot.index);
+        recycled = true;
+      }
+      this.replyState[slot.index] = 0;
+    }
+    if (recycled && !this.polling) this.updateIntake();
+  }
+
   protected recycle(slot: FuseSlot): void {
+    if (this.replyState[slot.index] === 1) {
+      this.replyState[slot.index] = 2; // its reply is still to be written from this slot
+      return;
+    }
     this.free.push(slot.index);
     if (!this.polling) this.updateIntake();
   }

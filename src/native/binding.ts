@@ -20,6 +20,11 @@ export interface FuseChannel {
   readMany(bufs: Buffer[], lengths: Int32Array): number;
   /** Write one reply: buf[0, length). Returns bytes written or -errno. */
   write(buf: Buffer, length: number): number;
+  /**
+   * Write bufs[i][0, lengths[i]) for i < count, one reply per write(2), in one crossing.
+   * lengths[i] becomes that write's result: bytes written or -errno.
+   */
+  writeMany(bufs: Buffer[], lengths: Int32Array, count: number): void;
   /** Write one reply gathered from several buffers (writev). Returns bytes written or -errno. */
   writev(bufs: Buffer[]): number;
   /** Stop polling (the loop no longer wakes for this fd) without closing it. */
