@@ -3,7 +3,7 @@
 import { DirtyBitmap, nodeTracking } from '../block/dirty-bitmap.js';
 import type { BlockNode } from '../block/node.js';
 import type { BlockJob, BlockJobHooks } from './block-job.js';
-import { layerAllocated, NodeHolds, type JobContext } from './job-context.js';
+import { CopyLock, layerAllocated, NodeHolds, type JobContext } from './job-context.js';
 import { JobFilter } from './job-filter.js';
 
 /** QEMU's BLOCK_COPY_CLUSTER_SIZE_DEFAULT. */
@@ -71,17 +71,6 @@ export class CopyBitmap {
       }
       off = run.end;
     }
-  }
-}
-
-/** Serializes the job's copies with copy-before-write of guest writes (one copy at a time). */
-class CopyLock {
-  private tail: Promise<void> = Promise.resolve();
-
-  run<T>(fn: () => Promise<T>): Promise<T> {
-    const result = this.tail.then(fn);
-    this.tail = result.then(() => undefined, () => undefined);
-    return result;
   }
 }
 

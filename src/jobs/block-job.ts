@@ -179,6 +179,16 @@ export class BlockJob extends Job {
    */
   drainPause(wakes = true): void {
     if (!this.started || this.userPaused) return;
+    if (!this.passThroughPause()) return;
+    // Pausing entered the job: a rate-limit sleep ends early, as QEMU's job_pause does.
+    if (wakes && this.sleepTimer !== undefined) this.kick();
+  }
+
+  /**
+   * A pause that ends at once (a drain): running → paused → running, ready → standby → ready,
+   * with their JOB_STATUS_CHANGE events. false when the job is in neither state.
+   */
+  private passThroughPause(): boolean {
     if (this.status === 'running') {
       this.transition('paused');
       this.transition('running');
@@ -186,10 +196,9 @@ export class BlockJob extends Job {
       this.transition('standby');
       this.transition('ready');
     } else {
-      return;
+      return false;
     }
-    // Pausing entered the job: a rate-limit sleep ends early, as QEMU's job_pause does.
-    if (wakes && this.sleepTimer !== undefined) this.kick();
+    return true;
   }
 
   /** QEMU's job_transition_to_ready(): 'ready' and BLOCK_JOB_READY. */
@@ -281,13 +290,7 @@ export class BlockJob extends Job {
       this.manager.remove(this);
       return;
     }
-    if (this.status === 'running') {
-      this.transition('paused');
-      this.transition('running');
-    } else if (this.status === 'ready') {
-      this.transition('standby');
-      this.transition('ready');
-    }
+    this.passThroughPause();
     if (this.accepts('cancel')) this.cancel(true);
     await this.finished;
     // The await ran the job on: its status is whatever it reached, not what was checked above.

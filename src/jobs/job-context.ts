@@ -113,3 +113,18 @@ export async function copyRange(from: BlockNode, to: BlockNode, offset: number, 
     done += len;
   }
 }
+
+/**
+ * Runs copies one at a time in call order: a job's own copies and the copies guest writes cause
+ * (backup's copy-before-write, mirror's write-blocking mode), as QEMU's in-flight operations wait
+ * for each other. A failed copy does not stop the ones queued after it.
+ */
+export class CopyLock {
+  private tail: Promise<void> = Promise.resolve();
+
+  run<T>(fn: () => Promise<T>): Promise<T> {
+    const result = this.tail.then(fn);
+    this.tail = result.then(() => undefined, () => undefined);
+    return result;
+  }
+}

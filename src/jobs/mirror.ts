@@ -6,7 +6,7 @@ import { DirtyBitmap } from '../block/dirty-bitmap.js';
 import type { BlockNode } from '../block/node.js';
 import type { WriteFlags, ZeroFlags } from '../block/driver.js';
 import type { BlockJob, BlockJobHooks } from './block-job.js';
-import { allocatedAbove, layerAllocated, NodeHolds, type JobContext } from './job-context.js';
+import { allocatedAbove, CopyLock, layerAllocated, NodeHolds, type JobContext } from './job-context.js';
 import { JobFilter } from './job-filter.js';
 import type { Permission } from '../block/graph.js';
 
@@ -45,17 +45,6 @@ export interface MirrorParams {
   filterNodeName?: string;
   /** 'copy-mode': 'write-blocking' copies each write to the target synchronously. */
   copyMode?: 'background' | 'write-blocking';
-}
-
-/** Serializes the job's copies with write-blocking copies of guest writes (QEMU's in-flight op waits). */
-class CopyLock {
-  private tail: Promise<void> = Promise.resolve();
-
-  run<T>(fn: () => Promise<T>): Promise<T> {
-    const result = this.tail.then(fn);
-    this.tail = result.then(() => undefined, () => undefined);
-    return result;
-  }
 }
 
 /** QEMU's bdrv_get_default_bitmap_granularity(): the cluster size within [4 KiB, 64 KiB], else 64 KiB. */
