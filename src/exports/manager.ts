@@ -121,12 +121,16 @@ export class ExportManager {
   /** query-block-exports: QEMU's members, plus per-queue figures for multi-queue FUSE exports. */
   async query(): Promise<Record<string, unknown>[]> {
     const out: Record<string, unknown>[] = [];
+    const graph = this.host.graph.list();
     for (const entry of this.exports) {
+      // The node the export's backend hangs on: a running job's filter (mirror_top,
+      // copy-before-write, copy-on-read) takes it over, as QEMU's BlockBackend moves onto it.
+      const holder = graph.find((g) => g.users.has(entry.backend))?.node;
       const info: Record<string, unknown> = {
         id: entry.exp.common.id,
         type: entry.type,
         // The node's current name: a snapshot or an active commit moves the export to another node.
-        'node-name': entry.exp.common.node.nodeName,
+        'node-name': (holder ?? entry.exp.common.node).nodeName,
         'shutting-down': !entry.userOwned,
       };
       if (entry.exp.common.multithread && entry.exp.queryInfo) Object.assign(info, await entry.exp.queryInfo());
