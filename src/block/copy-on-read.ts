@@ -67,6 +67,9 @@ export const copyOnReadDriver: BlockDriver<CorState> = {
   isProtocol: false,
   async open(node, options) {
     const file = node.file!;
+    // QEMU's filter always asks its child for 'write unchanged' (copies go into it), so a
+    // read-only child is refused when attached, whatever the filter's own read-only option says.
+    if (file.readOnly) throw genericError('Block node is read-only');
     const bottom = options.bottom === undefined ? undefined : findBottom(file, options.bottom as string);
     return { file, bottom };
   },
