@@ -2780,16 +2780,28 @@ export const introspection: readonly unknown[] = [
   "tag": "qom-type",
   "variants": [
    {
-    "case": "iothread",
+    "case": "authz-simple",
     "type": "146"
    },
    {
-    "case": "secret",
+    "case": "iothread",
     "type": "147"
    },
    {
-    "case": "throttle-group",
+    "case": "secret",
     "type": "148"
+   },
+   {
+    "case": "throttle-group",
+    "type": "149"
+   },
+   {
+    "case": "tls-creds-psk",
+    "type": "150"
+   },
+   {
+    "case": "tls-creds-x509",
+    "type": "151"
    }
   ],
   "name": "86",
@@ -2939,21 +2951,21 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "timed_stats",
-    "type": "[149]"
+    "type": "[152]"
    },
    {
     "name": "rd_latency_histogram",
-    "type": "150",
+    "type": "153",
     "default": null
    },
    {
     "name": "wr_latency_histogram",
-    "type": "150",
+    "type": "153",
     "default": null
    },
    {
     "name": "flush_latency_histogram",
-    "type": "150",
+    "type": "153",
     "default": null
    }
   ],
@@ -2979,11 +2991,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "file",
-    "type": "151"
+    "type": "154"
    },
    {
     "case": "host_device",
-    "type": "151"
+    "type": "154"
    },
    {
     "case": "luks",
@@ -3160,7 +3172,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "format-specific",
-    "type": "152",
+    "type": "155",
     "default": null
    }
   ],
@@ -3239,7 +3251,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "type",
-    "type": "153"
+    "type": "156"
    },
    {
     "name": "name",
@@ -3270,11 +3282,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "perm",
-    "type": "[154]"
+    "type": "[157]"
    },
    {
     "name": "shared-perm",
-    "type": "[154]"
+    "type": "[157]"
    }
   ],
   "name": "97",
@@ -3458,7 +3470,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "image",
-    "type": "155"
+    "type": "158"
    },
    {
     "name": "config",
@@ -3497,22 +3509,22 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "inject-error",
-    "type": "[156]",
+    "type": "[159]",
     "default": null
    },
    {
     "name": "set-state",
-    "type": "[157]",
+    "type": "[160]",
     "default": null
    },
    {
     "name": "take-child-perms",
-    "type": "[154]",
+    "type": "[157]",
     "default": null
    },
    {
     "name": "unshare-child-perms",
-    "type": "[154]",
+    "type": "[157]",
     "default": null
    }
   ],
@@ -3523,7 +3535,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "file",
-    "type": "155"
+    "type": "158"
    },
    {
     "name": "bottom",
@@ -3547,12 +3559,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "locking",
-    "type": "158",
+    "type": "161",
     "default": null
    },
    {
     "name": "aio",
-    "type": "159",
+    "type": "162",
     "default": null
    },
    {
@@ -3584,7 +3596,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "file",
-    "type": "155"
+    "type": "158"
    },
    {
     "name": "key-secret",
@@ -3599,7 +3611,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "server",
-    "type": "160"
+    "type": "163"
    },
    {
     "name": "export",
@@ -3663,11 +3675,11 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "file",
-    "type": "155"
+    "type": "158"
    },
    {
     "name": "backing",
-    "type": "161",
+    "type": "164",
     "default": null
    },
    {
@@ -3697,7 +3709,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "overlap-check",
-    "type": "162",
+    "type": "165",
     "default": null
    },
    {
@@ -3727,7 +3739,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "data-file",
-    "type": "155",
+    "type": "158",
     "default": null
    }
   ],
@@ -3738,7 +3750,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "file",
-    "type": "155"
+    "type": "158"
    },
    {
     "name": "offset",
@@ -3762,7 +3774,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "file",
-    "type": "155"
+    "type": "158"
    }
   ],
   "name": "113",
@@ -3804,7 +3816,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "file",
-    "type": "163"
+    "type": "166"
    },
    {
     "case": "host_device",
@@ -3812,7 +3824,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "luks",
-    "type": "164"
+    "type": "167"
    },
    {
     "case": "nbd",
@@ -3828,7 +3840,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "qcow2",
-    "type": "165"
+    "type": "168"
    },
    {
     "case": "raw",
@@ -3869,7 +3881,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "luks",
-    "type": "166"
+    "type": "169"
    },
    {
     "case": "nbd",
@@ -3885,7 +3897,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "qcow2",
-    "type": "167"
+    "type": "170"
    },
    {
     "case": "raw",
@@ -4054,58 +4066,58 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "type",
-    "type": "168"
+    "type": "171"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "abort",
-    "type": "169"
-   },
-   {
-    "case": "block-dirty-bitmap-add",
-    "type": "170"
-   },
-   {
-    "case": "block-dirty-bitmap-remove",
-    "type": "171"
-   },
-   {
-    "case": "block-dirty-bitmap-clear",
-    "type": "171"
-   },
-   {
-    "case": "block-dirty-bitmap-enable",
-    "type": "171"
-   },
-   {
-    "case": "block-dirty-bitmap-disable",
-    "type": "171"
-   },
-   {
-    "case": "block-dirty-bitmap-merge",
     "type": "172"
    },
    {
-    "case": "blockdev-backup",
+    "case": "block-dirty-bitmap-add",
     "type": "173"
    },
    {
-    "case": "blockdev-snapshot",
+    "case": "block-dirty-bitmap-remove",
     "type": "174"
    },
    {
-    "case": "blockdev-snapshot-internal-sync",
+    "case": "block-dirty-bitmap-clear",
+    "type": "174"
+   },
+   {
+    "case": "block-dirty-bitmap-enable",
+    "type": "174"
+   },
+   {
+    "case": "block-dirty-bitmap-disable",
+    "type": "174"
+   },
+   {
+    "case": "block-dirty-bitmap-merge",
     "type": "175"
    },
    {
-    "case": "blockdev-snapshot-sync",
+    "case": "blockdev-backup",
     "type": "176"
    },
    {
-    "case": "drive-backup",
+    "case": "blockdev-snapshot",
     "type": "177"
+   },
+   {
+    "case": "blockdev-snapshot-internal-sync",
+    "type": "178"
+   },
+   {
+    "case": "blockdev-snapshot-sync",
+    "type": "179"
+   },
+   {
+    "case": "drive-backup",
+    "type": "180"
    }
   ],
   "name": "124",
@@ -4115,7 +4127,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "completion-mode",
-    "type": "178",
+    "type": "181",
     "default": null
    }
   ],
@@ -4126,26 +4138,26 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "type",
-    "type": "179"
+    "type": "182"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "inet",
-    "type": "180"
+    "type": "183"
    },
    {
     "case": "unix",
-    "type": "181"
+    "type": "184"
    },
    {
     "case": "vsock",
-    "type": "182"
+    "type": "185"
    },
    {
     "case": "fd",
-    "type": "183"
+    "type": "186"
    }
   ],
   "name": "126",
@@ -4234,7 +4246,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "allow-other",
-    "type": "184",
+    "type": "187",
     "default": null
    },
    {
@@ -4266,38 +4278,38 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "type",
-    "type": "185"
+    "type": "188"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "file",
-    "type": "186"
-   },
-   {
-    "case": "pipe",
-    "type": "187"
-   },
-   {
-    "case": "socket",
-    "type": "188"
-   },
-   {
-    "case": "null",
     "type": "189"
    },
    {
-    "case": "stdio",
+    "case": "pipe",
     "type": "190"
    },
    {
-    "case": "ringbuf",
+    "case": "socket",
     "type": "191"
    },
    {
+    "case": "null",
+    "type": "192"
+   },
+   {
+    "case": "stdio",
+    "type": "193"
+   },
+   {
+    "case": "ringbuf",
+    "type": "194"
+   },
+   {
     "case": "memory",
-    "type": "191"
+    "type": "194"
    }
   ],
   "name": "133",
@@ -4383,7 +4395,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "json-type",
-    "type": "192"
+    "type": "195"
    }
   ],
   "name": "137",
@@ -4393,7 +4405,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "members",
-    "type": "[193]"
+    "type": "[196]"
    },
    {
     "name": "values",
@@ -4420,7 +4432,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "members",
-    "type": "[194]"
+    "type": "[197]"
    },
    {
     "name": "tag",
@@ -4429,7 +4441,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "variants",
-    "type": "[195]",
+    "type": "[198]",
     "default": null
    }
   ],
@@ -4440,7 +4452,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "members",
-    "type": "[196]"
+    "type": "[199]"
    }
   ],
   "name": "141",
@@ -4502,6 +4514,9 @@ export const introspection: readonly unknown[] = [
  {
   "members": [
    {
+    "name": "authz-simple"
+   },
+   {
     "name": "iothread"
    },
    {
@@ -4509,15 +4524,34 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "throttle-group"
+   },
+   {
+    "name": "tls-creds-psk"
+   },
+   {
+    "name": "tls-creds-x509"
    }
   ],
   "values": [
+   "authz-simple",
    "iothread",
    "secret",
-   "throttle-group"
+   "throttle-group",
+   "tls-creds-psk",
+   "tls-creds-x509"
   ],
   "name": "145",
   "meta-type": "enum"
+ },
+ {
+  "members": [
+   {
+    "name": "identity",
+    "type": "str"
+   }
+  ],
+  "name": "146",
+  "meta-type": "object"
  },
  {
   "members": [
@@ -4552,7 +4586,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "146",
+  "name": "147",
   "meta-type": "object"
  },
  {
@@ -4564,7 +4598,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "format",
-    "type": "197",
+    "type": "200",
     "default": null
    },
    {
@@ -4588,14 +4622,14 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "147",
+  "name": "148",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "limits",
-    "type": "198",
+    "type": "201",
     "default": null
    },
    {
@@ -4751,12 +4785,89 @@ export const introspection: readonly unknown[] = [
     ]
    }
   ],
-  "name": "148",
+  "name": "149",
   "meta-type": "object"
  },
  {
-  "element-type": "149",
-  "name": "[149]",
+  "members": [
+   {
+    "name": "verify-peer",
+    "type": "bool",
+    "default": null
+   },
+   {
+    "name": "dir",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "endpoint",
+    "type": "202",
+    "default": null
+   },
+   {
+    "name": "priority",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "loaded",
+    "type": "bool",
+    "default": null
+   },
+   {
+    "name": "username",
+    "type": "str",
+    "default": null
+   }
+  ],
+  "name": "150",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "verify-peer",
+    "type": "bool",
+    "default": null
+   },
+   {
+    "name": "dir",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "endpoint",
+    "type": "202",
+    "default": null
+   },
+   {
+    "name": "priority",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "loaded",
+    "type": "bool",
+    "default": null
+   },
+   {
+    "name": "sanity-check",
+    "type": "bool",
+    "default": null
+   },
+   {
+    "name": "passwordid",
+    "type": "str",
+    "default": null
+   }
+  ],
+  "name": "151",
+  "meta-type": "object"
+ },
+ {
+  "element-type": "152",
+  "name": "[152]",
   "meta-type": "array"
  },
  {
@@ -4810,7 +4921,7 @@ export const introspection: readonly unknown[] = [
     "type": "number"
    }
   ],
-  "name": "149",
+  "name": "152",
   "meta-type": "object"
  },
  {
@@ -4824,7 +4935,7 @@ export const introspection: readonly unknown[] = [
     "type": "[int]"
    }
   ],
-  "name": "150",
+  "name": "153",
   "meta-type": "object"
  },
  {
@@ -4842,7 +4953,7 @@ export const introspection: readonly unknown[] = [
     "type": "int"
    }
   ],
-  "name": "151",
+  "name": "154",
   "meta-type": "object"
  },
  {
@@ -4854,17 +4965,17 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "type",
-    "type": "199"
+    "type": "203"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "qcow2",
-    "type": "200"
+    "type": "204"
    }
   ],
-  "name": "152",
+  "name": "155",
   "meta-type": "object"
  },
  {
@@ -4884,12 +4995,12 @@ export const introspection: readonly unknown[] = [
    "block-job",
    "block-driver"
   ],
-  "name": "153",
+  "name": "156",
   "meta-type": "enum"
  },
  {
-  "element-type": "154",
-  "name": "[154]",
+  "element-type": "157",
+  "name": "[157]",
   "meta-type": "array"
  },
  {
@@ -4913,7 +5024,7 @@ export const introspection: readonly unknown[] = [
    "write-unchanged",
    "resize"
   ],
-  "name": "154",
+  "name": "157",
   "meta-type": "enum"
  },
  {
@@ -4925,19 +5036,19 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "155",
+  "name": "158",
   "meta-type": "alternate"
  },
  {
-  "element-type": "156",
-  "name": "[156]",
+  "element-type": "159",
+  "name": "[159]",
   "meta-type": "array"
  },
  {
   "members": [
    {
     "name": "event",
-    "type": "201"
+    "type": "205"
    },
    {
     "name": "state",
@@ -4946,7 +5057,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "iotype",
-    "type": "202",
+    "type": "206",
     "default": null
    },
    {
@@ -4970,19 +5081,19 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "156",
+  "name": "159",
   "meta-type": "object"
  },
  {
-  "element-type": "157",
-  "name": "[157]",
+  "element-type": "160",
+  "name": "[160]",
   "meta-type": "array"
  },
  {
   "members": [
    {
     "name": "event",
-    "type": "201"
+    "type": "205"
    },
    {
     "name": "state",
@@ -4994,7 +5105,7 @@ export const introspection: readonly unknown[] = [
     "type": "int"
    }
   ],
-  "name": "157",
+  "name": "160",
   "meta-type": "object"
  },
  {
@@ -5014,7 +5125,7 @@ export const introspection: readonly unknown[] = [
    "on",
    "off"
   ],
-  "name": "158",
+  "name": "161",
   "meta-type": "enum"
  },
  {
@@ -5034,36 +5145,36 @@ export const introspection: readonly unknown[] = [
    "native",
    "io_uring"
   ],
-  "name": "159",
+  "name": "162",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "179"
+    "type": "182"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "inet",
-    "type": "203"
+    "type": "207"
    },
    {
     "case": "unix",
-    "type": "204"
+    "type": "208"
    },
    {
     "case": "vsock",
-    "type": "205"
+    "type": "209"
    },
    {
     "case": "fd",
-    "type": "206"
+    "type": "210"
    }
   ],
-  "name": "160",
+  "name": "163",
   "meta-type": "object"
  },
  {
@@ -5078,19 +5189,19 @@ export const introspection: readonly unknown[] = [
     "type": "null"
    }
   ],
-  "name": "161",
+  "name": "164",
   "meta-type": "alternate"
  },
  {
   "members": [
    {
-    "type": "207"
+    "type": "211"
    },
    {
-    "type": "208"
+    "type": "212"
    }
   ],
-  "name": "162",
+  "name": "165",
   "meta-type": "alternate"
  },
  {
@@ -5110,7 +5221,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "preallocation",
-    "type": "209",
+    "type": "213",
     "default": null
    },
    {
@@ -5124,7 +5235,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "163",
+  "name": "166",
   "meta-type": "object"
  },
  {
@@ -5136,27 +5247,27 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "cipher-alg",
-    "type": "210",
+    "type": "214",
     "default": null
    },
    {
     "name": "cipher-mode",
-    "type": "211",
+    "type": "215",
     "default": null
    },
    {
     "name": "ivgen-alg",
-    "type": "212",
+    "type": "216",
     "default": null
    },
    {
     "name": "ivgen-hash-alg",
-    "type": "213",
+    "type": "217",
     "default": null
    },
    {
     "name": "hash-alg",
-    "type": "213",
+    "type": "217",
     "default": null
    },
    {
@@ -5166,7 +5277,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "file",
-    "type": "155"
+    "type": "158"
    },
    {
     "name": "size",
@@ -5174,22 +5285,22 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "preallocation",
-    "type": "209",
+    "type": "213",
     "default": null
    }
   ],
-  "name": "164",
+  "name": "167",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "file",
-    "type": "155"
+    "type": "158"
    },
    {
     "name": "data-file",
-    "type": "155",
+    "type": "158",
     "default": null
    },
    {
@@ -5208,7 +5319,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "version",
-    "type": "214",
+    "type": "218",
     "default": null
    },
    {
@@ -5228,7 +5339,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "preallocation",
-    "type": "209",
+    "type": "213",
     "default": null
    },
    {
@@ -5243,18 +5354,18 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "compression-type",
-    "type": "215",
+    "type": "219",
     "default": null
    }
   ],
-  "name": "165",
+  "name": "168",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "state",
-    "type": "216"
+    "type": "220"
    },
    {
     "name": "new-secret",
@@ -5282,18 +5393,18 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "166",
+  "name": "169",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "encrypt",
-    "type": "217",
+    "type": "221",
     "default": null
    }
   ],
-  "name": "167",
+  "name": "170",
   "meta-type": "object"
  },
  {
@@ -5349,44 +5460,14 @@ export const introspection: readonly unknown[] = [
    "blockdev-snapshot-sync",
    "drive-backup"
   ],
-  "name": "168",
+  "name": "171",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "218"
-   }
-  ],
-  "name": "169",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "34"
-   }
-  ],
-  "name": "170",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "35"
-   }
-  ],
-  "name": "171",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "36"
+    "type": "222"
    }
   ],
   "name": "172",
@@ -5396,7 +5477,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "45"
+    "type": "34"
    }
   ],
   "name": "173",
@@ -5406,7 +5487,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "41"
+    "type": "35"
    }
   ],
   "name": "174",
@@ -5416,7 +5497,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "30"
+    "type": "36"
    }
   ],
   "name": "175",
@@ -5426,7 +5507,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "40"
+    "type": "45"
    }
   ],
   "name": "176",
@@ -5436,10 +5517,40 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "44"
+    "type": "41"
    }
   ],
   "name": "177",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "30"
+   }
+  ],
+  "name": "178",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "40"
+   }
+  ],
+  "name": "179",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "44"
+   }
+  ],
+  "name": "180",
   "meta-type": "object"
  },
  {
@@ -5455,7 +5566,7 @@ export const introspection: readonly unknown[] = [
    "individual",
    "grouped"
   ],
-  "name": "178",
+  "name": "181",
   "meta-type": "enum"
  },
  {
@@ -5479,47 +5590,47 @@ export const introspection: readonly unknown[] = [
    "vsock",
    "fd"
   ],
-  "name": "179",
+  "name": "182",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "203"
-   }
-  ],
-  "name": "180",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "204"
-   }
-  ],
-  "name": "181",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "205"
-   }
-  ],
-  "name": "182",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "206"
+    "type": "207"
    }
   ],
   "name": "183",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "208"
+   }
+  ],
+  "name": "184",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "209"
+   }
+  ],
+  "name": "185",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "210"
+   }
+  ],
+  "name": "186",
   "meta-type": "object"
  },
  {
@@ -5539,7 +5650,7 @@ export const introspection: readonly unknown[] = [
    "on",
    "auto"
   ],
-  "name": "184",
+  "name": "187",
   "meta-type": "enum"
  },
  {
@@ -5575,44 +5686,14 @@ export const introspection: readonly unknown[] = [
    "ringbuf",
    "memory"
   ],
-  "name": "185",
+  "name": "188",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "219"
-   }
-  ],
-  "name": "186",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "220"
-   }
-  ],
-  "name": "187",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "221"
-   }
-  ],
-  "name": "188",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "222"
+    "type": "223"
    }
   ],
   "name": "189",
@@ -5622,7 +5703,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "223"
+    "type": "224"
    }
   ],
   "name": "190",
@@ -5632,10 +5713,40 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "224"
+    "type": "225"
    }
   ],
   "name": "191",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "226"
+   }
+  ],
+  "name": "192",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "227"
+   }
+  ],
+  "name": "193",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "228"
+   }
+  ],
+  "name": "194",
   "meta-type": "object"
  },
  {
@@ -5675,12 +5786,12 @@ export const introspection: readonly unknown[] = [
    "array",
    "value"
   ],
-  "name": "192",
+  "name": "195",
   "meta-type": "enum"
  },
  {
-  "element-type": "193",
-  "name": "[193]",
+  "element-type": "196",
+  "name": "[196]",
   "meta-type": "array"
  },
  {
@@ -5695,12 +5806,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "193",
+  "name": "196",
   "meta-type": "object"
  },
  {
-  "element-type": "194",
-  "name": "[194]",
+  "element-type": "197",
+  "name": "[197]",
   "meta-type": "array"
  },
  {
@@ -5724,12 +5835,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "194",
+  "name": "197",
   "meta-type": "object"
  },
  {
-  "element-type": "195",
-  "name": "[195]",
+  "element-type": "198",
+  "name": "[198]",
   "meta-type": "array"
  },
  {
@@ -5743,12 +5854,12 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "195",
+  "name": "198",
   "meta-type": "object"
  },
  {
-  "element-type": "196",
-  "name": "[196]",
+  "element-type": "199",
+  "name": "[199]",
   "meta-type": "array"
  },
  {
@@ -5758,7 +5869,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "196",
+  "name": "199",
   "meta-type": "object"
  },
  {
@@ -5774,7 +5885,7 @@ export const introspection: readonly unknown[] = [
    "raw",
    "base64"
   ],
-  "name": "197",
+  "name": "200",
   "meta-type": "enum"
  },
  {
@@ -5875,8 +5986,24 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "198",
+  "name": "201",
   "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "client"
+   },
+   {
+    "name": "server"
+   }
+  ],
+  "values": [
+   "client",
+   "server"
+  ],
+  "name": "202",
+  "meta-type": "enum"
  },
  {
   "json-type": "number",
@@ -5897,17 +6024,17 @@ export const introspection: readonly unknown[] = [
   "values": [
    "qcow2"
   ],
-  "name": "199",
+  "name": "203",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "225"
+    "type": "229"
    }
   ],
-  "name": "200",
+  "name": "204",
   "meta-type": "object"
  },
  {
@@ -6107,7 +6234,7 @@ export const introspection: readonly unknown[] = [
    "cluster_alloc_space",
    "none"
   ],
-  "name": "201",
+  "name": "205",
   "meta-type": "enum"
  },
  {
@@ -6139,7 +6266,7 @@ export const introspection: readonly unknown[] = [
    "flush",
    "block-status"
   ],
-  "name": "202",
+  "name": "206",
   "meta-type": "enum"
  },
  {
@@ -6183,7 +6310,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "203",
+  "name": "207",
   "meta-type": "object"
  },
  {
@@ -6203,7 +6330,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "204",
+  "name": "208",
   "meta-type": "object"
  },
  {
@@ -6217,7 +6344,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "205",
+  "name": "209",
   "meta-type": "object"
  },
  {
@@ -6227,14 +6354,14 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "206",
+  "name": "210",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "template",
-    "type": "208",
+    "type": "212",
     "default": null
    },
    {
@@ -6283,7 +6410,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "207",
+  "name": "211",
   "meta-type": "object"
  },
  {
@@ -6307,7 +6434,7 @@ export const introspection: readonly unknown[] = [
    "cached",
    "all"
   ],
-  "name": "208",
+  "name": "212",
   "meta-type": "enum"
  },
  {
@@ -6331,7 +6458,7 @@ export const introspection: readonly unknown[] = [
    "falloc",
    "full"
   ],
-  "name": "209",
+  "name": "213",
   "meta-type": "enum"
  },
  {
@@ -6387,7 +6514,7 @@ export const introspection: readonly unknown[] = [
    "twofish-192",
    "twofish-256"
   ],
-  "name": "210",
+  "name": "214",
   "meta-type": "enum"
  },
  {
@@ -6411,7 +6538,7 @@ export const introspection: readonly unknown[] = [
    "xts",
    "ctr"
   ],
-  "name": "211",
+  "name": "215",
   "meta-type": "enum"
  },
  {
@@ -6431,7 +6558,7 @@ export const introspection: readonly unknown[] = [
    "plain64",
    "essiv"
   ],
-  "name": "212",
+  "name": "216",
   "meta-type": "enum"
  },
  {
@@ -6467,7 +6594,7 @@ export const introspection: readonly unknown[] = [
    "sha512",
    "ripemd160"
   ],
-  "name": "213",
+  "name": "217",
   "meta-type": "enum"
  },
  {
@@ -6483,7 +6610,7 @@ export const introspection: readonly unknown[] = [
    "v2",
    "v3"
   ],
-  "name": "214",
+  "name": "218",
   "meta-type": "enum"
  },
  {
@@ -6499,7 +6626,7 @@ export const introspection: readonly unknown[] = [
    "zlib",
    "zstd"
   ],
-  "name": "215",
+  "name": "219",
   "meta-type": "enum"
  },
  {
@@ -6515,14 +6642,14 @@ export const introspection: readonly unknown[] = [
    "active",
    "inactive"
   ],
-  "name": "216",
+  "name": "220",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "format",
-    "type": "226"
+    "type": "230"
    }
   ],
   "tag": "format",
@@ -6533,15 +6660,15 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "luks",
-    "type": "227"
+    "type": "231"
    }
   ],
-  "name": "217",
+  "name": "221",
   "meta-type": "object"
  },
  {
   "members": [],
-  "name": "218",
+  "name": "222",
   "meta-type": "object"
  },
  {
@@ -6571,7 +6698,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "219",
+  "name": "223",
   "meta-type": "object"
  },
  {
@@ -6591,7 +6718,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "220",
+  "name": "224",
   "meta-type": "object"
  },
  {
@@ -6656,7 +6783,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "221",
+  "name": "225",
   "meta-type": "object"
  },
  {
@@ -6672,7 +6799,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "222",
+  "name": "226",
   "meta-type": "object"
  },
  {
@@ -6693,7 +6820,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "223",
+  "name": "227",
   "meta-type": "object"
  },
  {
@@ -6714,7 +6841,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "224",
+  "name": "228",
   "meta-type": "object"
  },
  {
@@ -6754,15 +6881,15 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmaps",
-    "type": "[228]",
+    "type": "[232]",
     "default": null
    },
    {
     "name": "compression-type",
-    "type": "215"
+    "type": "219"
    }
   ],
-  "name": "225",
+  "name": "229",
   "meta-type": "object"
  },
  {
@@ -6778,14 +6905,14 @@ export const introspection: readonly unknown[] = [
    "qcow",
    "luks"
   ],
-  "name": "226",
+  "name": "230",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "state",
-    "type": "216"
+    "type": "220"
    },
    {
     "name": "new-secret",
@@ -6813,12 +6940,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "227",
+  "name": "231",
   "meta-type": "object"
  },
  {
-  "element-type": "228",
-  "name": "[228]",
+  "element-type": "232",
+  "name": "[232]",
   "meta-type": "array"
  },
  {
@@ -6833,15 +6960,15 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "flags",
-    "type": "[229]"
+    "type": "[233]"
    }
   ],
-  "name": "228",
+  "name": "232",
   "meta-type": "object"
  },
  {
-  "element-type": "229",
-  "name": "[229]",
+  "element-type": "233",
+  "name": "[233]",
   "meta-type": "array"
  },
  {
@@ -6857,7 +6984,7 @@ export const introspection: readonly unknown[] = [
    "in-use",
    "auto"
   ],
-  "name": "229",
+  "name": "233",
   "meta-type": "enum"
  }
 ];

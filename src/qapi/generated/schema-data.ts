@@ -5831,13 +5831,111 @@ export const schemaData: GenSchema = {
    ],
    "doc": "Properties for throttle-group objects. The x-* properties are unstable aliases of the members of @limits."
   },
+  "QCryptoTLSCredsEndpoint": {
+   "kind": "enum",
+   "name": "QCryptoTLSCredsEndpoint",
+   "values": [
+    "client",
+    "server"
+   ],
+   "doc": "The type of network endpoint that will be using the credentials."
+  },
+  "TlsCredsProperties": {
+   "kind": "struct",
+   "name": "TlsCredsProperties",
+   "members": [
+    {
+     "name": "verify-peer",
+     "type": "bool",
+     "optional": true,
+     "doc": "if true the peer credentials will be verified once the handshake is completed. This is a no-op for anonymous credentials. (default: true)"
+    },
+    {
+     "name": "dir",
+     "type": "str",
+     "optional": true,
+     "doc": "the path of the directory that contains the credential files"
+    },
+    {
+     "name": "endpoint",
+     "type": "QCryptoTLSCredsEndpoint",
+     "optional": true,
+     "doc": "whether the QEMU network backend that uses the credentials will be acting as a client or as a server (default: client)"
+    },
+    {
+     "name": "priority",
+     "type": "str",
+     "optional": true,
+     "doc": "a gnutls priority string as described at https://gnutls.org/manual/html_node/Priority-Strings.html"
+    }
+   ]
+  },
+  "TlsCredsX509Properties": {
+   "kind": "struct",
+   "name": "TlsCredsX509Properties",
+   "members": [
+    {
+     "name": "loaded",
+     "type": "bool",
+     "optional": true,
+     "doc": "if true, the credentials are loaded immediately when applying this option and will ignore options that are processed later. Don't use; only provided for compatibility. (default: false)"
+    },
+    {
+     "name": "sanity-check",
+     "type": "bool",
+     "optional": true,
+     "doc": "if true, perform some sanity checks before using the credentials (default: true)"
+    },
+    {
+     "name": "passwordid",
+     "type": "str",
+     "optional": true,
+     "doc": "For the server-key.pem and client-key.pem files which contain sensitive private keys, it is possible to use an encrypted version by providing the @passwordid parameter. This provides the ID of a previously created secret object containing the password for decryption."
+    }
+   ],
+   "base": "TlsCredsProperties"
+  },
+  "TlsCredsPskProperties": {
+   "kind": "struct",
+   "name": "TlsCredsPskProperties",
+   "members": [
+    {
+     "name": "loaded",
+     "type": "bool",
+     "optional": true,
+     "doc": "if true, the credentials are loaded immediately when applying this option and will ignore options that are processed later. Don't use; only provided for compatibility. (default: false)"
+    },
+    {
+     "name": "username",
+     "type": "str",
+     "optional": true,
+     "doc": "the username which will be sent to the server. For clients only. If absent, \"qemu\" is sent and the property will read back as an empty string."
+    }
+   ],
+   "base": "TlsCredsProperties"
+  },
+  "AuthZSimpleProperties": {
+   "kind": "struct",
+   "name": "AuthZSimpleProperties",
+   "members": [
+    {
+     "name": "identity",
+     "type": "str",
+     "optional": false,
+     "doc": "the identity to check for access: an x509 distinguished name or a SASL/PSK username"
+    }
+   ]
+  },
   "ObjectType": {
    "kind": "enum",
    "name": "ObjectType",
    "values": [
+    "authz-simple",
     "iothread",
     "secret",
-    "throttle-group"
+    "throttle-group",
+    "tls-creds-psk",
+    "tls-creds-x509"
    ],
    "doc": "QOM types object-add can create here."
   },
@@ -5859,9 +5957,12 @@ export const schemaData: GenSchema = {
    ],
    "discriminator": "qom-type",
    "variants": {
+    "authz-simple": "AuthZSimpleProperties",
     "iothread": "IothreadProperties",
     "secret": "SecretProperties",
-    "throttle-group": "ThrottleGroupProperties"
+    "throttle-group": "ThrottleGroupProperties",
+    "tls-creds-psk": "TlsCredsPskProperties",
+    "tls-creds-x509": "TlsCredsX509Properties"
    }
   },
   "q_obj_object-del-arg": {

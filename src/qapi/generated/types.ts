@@ -2004,8 +2004,47 @@ export interface ThrottleGroupProperties {
   "x-iops-size"?: number;
 }
 
+/** The type of network endpoint that will be using the credentials. @since 2.5 */
+export type QCryptoTLSCredsEndpoint = "client" | "server";
+
+/** @since 2.5 */
+export interface TlsCredsProperties {
+  /** if true the peer credentials will be verified once the handshake is completed. This is a no-op for anonymous credentials. (default: true) */
+  "verify-peer"?: boolean;
+  /** the path of the directory that contains the credential files */
+  "dir"?: string;
+  /** whether the QEMU network backend that uses the credentials will be acting as a client or as a server (default: client) */
+  "endpoint"?: QCryptoTLSCredsEndpoint;
+  /** a gnutls priority string as described at https://gnutls.org/manual/html_node/Priority-Strings.html */
+  "priority"?: string;
+}
+
+/** @since 2.5 */
+export interface TlsCredsX509Properties extends TlsCredsProperties {
+  /** if true, the credentials are loaded immediately when applying this option and will ignore options that are processed later. Don't use; only provided for compatibility. (default: false) */
+  "loaded"?: boolean;
+  /** if true, perform some sanity checks before using the credentials (default: true) */
+  "sanity-check"?: boolean;
+  /** For the server-key.pem and client-key.pem files which contain sensitive private keys, it is possible to use an encrypted version by providing the @passwordid parameter. This provides the ID of a previously created secret object containing the password for decryption. */
+  "passwordid"?: string;
+}
+
+/** @since 3.0 */
+export interface TlsCredsPskProperties extends TlsCredsProperties {
+  /** if true, the credentials are loaded immediately when applying this option and will ignore options that are processed later. Don't use; only provided for compatibility. (default: false) */
+  "loaded"?: boolean;
+  /** the username which will be sent to the server. For clients only. If absent, "qemu" is sent and the property will read back as an empty string. */
+  "username"?: string;
+}
+
+/** @since 4.0 */
+export interface AuthZSimpleProperties {
+  /** the identity to check for access: an x509 distinguished name or a SASL/PSK username */
+  "identity": string;
+}
+
 /** QOM types object-add can create here. @since 6.0 */
-export type ObjectType = "iothread" | "secret" | "throttle-group";
+export type ObjectType = "authz-simple" | "iothread" | "secret" | "throttle-group" | "tls-creds-psk" | "tls-creds-x509";
 
 /** @since 6.0 */
 export interface ObjectOptionsBase {
@@ -2014,9 +2053,12 @@ export interface ObjectOptionsBase {
   "id": string;
 }
 export type ObjectOptions =
+  | (ObjectOptionsBase & { "qom-type": "authz-simple" } & AuthZSimpleProperties)
   | (ObjectOptionsBase & { "qom-type": "iothread" } & IothreadProperties)
   | (ObjectOptionsBase & { "qom-type": "secret" } & SecretProperties)
-  | (ObjectOptionsBase & { "qom-type": "throttle-group" } & ThrottleGroupProperties);
+  | (ObjectOptionsBase & { "qom-type": "throttle-group" } & ThrottleGroupProperties)
+  | (ObjectOptionsBase & { "qom-type": "tls-creds-psk" } & TlsCredsPskProperties)
+  | (ObjectOptionsBase & { "qom-type": "tls-creds-x509" } & TlsCredsX509Properties);
 
 export interface QObj_object_del_arg {
   "id": string;

@@ -10,6 +10,7 @@ import type { Daemon } from '../../daemon.js';
 import { userObjects, type UserObject } from '../../objects/user-object.js';
 import { checkSecretProperties, createSecret } from '../../objects/secret.js';
 import { ThrottleGroup } from '../../objects/throttle-group.js';
+import { AuthzSimple, checkTlsCredsProperties, createTlsCreds } from '../../objects/tls-creds.js';
 
 // ---------------------------------------------------------------------------------------------
 // GLib's GHashTable iteration order. QOM keeps an object's children in a GHashTable keyed by
@@ -168,13 +169,22 @@ const THROTTLE_GROUP_PROPERTIES = [TYPE_PROPERTY, ...['x-bps-write-max-length', 
   'x-bps-total-max', 'x-bps-read-max-length', 'x-iops-read', 'x-bps-read', 'x-bps-write-max', 'x-iops-total-max',
   'x-iops-total', 'x-iops-write', 'x-bps-total-max-length', 'x-iops-write-max'])];
 
+const TLS_CREDS_PROPERTIES = [TYPE_PROPERTY, { name: 'endpoint', type: 'QCryptoTLSCredsEndpoint' },
+  { name: 'dir', type: 'string' }, { name: 'verify-peer', type: 'bool' }, { name: 'priority', type: 'string' }];
+const LOADED_PROPERTY = { name: 'loaded', type: 'bool' };
+
 const QOM_TYPES: readonly QomType[] = [
+  { name: 'authz-simple', parent: 'authz', properties: [TYPE_PROPERTY, { name: 'identity', type: 'string' }] },
   { name: 'secret_common', parent: 'object', abstract: true, interfaces: ['user-creatable'], properties: SECRET_COMMON_PROPERTIES },
   { name: 'container', parent: 'object', properties: [TYPE_PROPERTY] },
   { name: 'interface', abstract: true },
   { name: 'iothread', parent: 'event-loop-base', properties: [TYPE_PROPERTY, ...intProps(IOTHREAD_PROPERTIES)] },
   { name: 'secret', parent: 'secret_common',
     properties: [...SECRET_COMMON_PROPERTIES, { name: 'file', type: 'string' }, { name: 'data', type: 'string' }] },
+  { name: 'authz', parent: 'object', abstract: true, interfaces: ['user-creatable'], properties: [TYPE_PROPERTY] },
+  { name: 'tls-creds-psk', parent: 'tls-creds',
+    properties: [...TLS_CREDS_PROPERTIES, { name: 'username', type: 'string' }, LOADED_PROPERTY] },
+  { name: 'tls-creds', parent: 'object', abstract: true, interfaces: ['user-creatable'], properties: TLS_CREDS_PROPERTIES },
   { name: 'chardev-pipe', parent: 'chardev-fd', properties: [TYPE_PROPERTY] },
   { name: 'chardev-fd', parent: 'chardev', abstract: true, properties: [TYPE_PROPERTY] },
   { name: 'chardev-null', parent: 'chardev', properties: [TYPE_PROPERTY] },
@@ -189,6 +199,8 @@ const QOM_TYPES: readonly QomType[] = [
   { name: 'chardev-file', parent: 'chardev-fd', properties: [TYPE_PROPERTY] },
   { name: 'chardev-memory', parent: 'chardev-ringbuf', properties: [TYPE_PROPERTY] },
   { name: 'object', abstract: true, properties: [TYPE_PROPERTY] },
+  { name: 'tls-creds-x509', parent: 'tls-creds', properties: [...TLS_CREDS_PROPERTIES,
+    { name: 'sanity-check', type: 'bool' }, { name: 'passwordid', type: 'string' }, LOADED_PROPERTY] },
   { name: 'throttle-group', parent: 'object', interfaces: ['user-creatable'], properties: THROTTLE_GROUP_PROPERTIES },
 ];
 const typeByName = new Map(QOM_TYPES.map((t) => [t.name, t]));
@@ -212,7 +224,7 @@ const READ_ONLY_PROPERTIES = new Set(['type', 'loaded', 'connected', 'addr']);
 
 /**
  * `--object help`: the types object-add can create here, sorted by name. QEMU 7.2 also lists the
- * types it has and we lack (authz-*, tls-creds-*, main-loop, ...); we list only what works, so a
+ * types it has and we lack (authz-list*, tls-creds-anon, main-loop, ...); we list only what works, so a
  * script that checks the list for a type learns whether creating it will succeed.
  */
 export function objectTypesHelp(): string {
@@ -408,6 +420,11 @@ function prepareUserObject(daemon: Daemon, type: string, id: string, props: Reco
       return group;
     };
   }
+  if (type === 'tls-creds-x509' || type === 'tls-creds-psk') {
+    checkTlsCredsProperties(type, props);
+    return () => createTlsCreds(daemon, type, id, props);
+  }
+  if (type === 'authz-simple') return () => new AuthzSimple(id, props.identity);
   throw genericError(`Parameter 'qom-type' does not accept value '${type}'`);
 }
 
