@@ -1,5 +1,6 @@
 // One NBD client connection: fixed-newstyle handshake, then concurrent request serving.
 import type { Socket } from 'node:net';
+import type { TLSSocket } from 'node:tls';
 import * as abi from './nbd-abi.js';
 import { nbdFindExport, nbdListExports, type NbdServedExport } from './export-table.js';
 import { errorReport } from '../util/report.js';
@@ -12,6 +13,11 @@ export interface NbdConnectionHost {
   readonly handshakeMaxSeconds: number;
   /** The socket is closed and no request is in flight any more. */
   connectionClosed(conn: NbdConnection): void;
+  /**
+   * Set when the server has tls-creds: clients must NBD_OPT_STARTTLS first. Wraps the socket
+   * after the ACK; `ready` rejects with QEMU's message if the handshake or a check fails.
+   */
+  readonly tls?: (raw: Socket) => { socket: TLSSocket; ready: Promise<unknown> };
 }
 
 /** Requests served at once per connection; reading pauses beyond that. */
@@ -102,18 +108,24 @@ export class NbdConnection {
   private socketClosed = false;
   private finished = false;
   private handshakeTimer: NodeJS.Timeout | undefined;
+  /** NBD_OPT_STARTTLS succeeded: options (and everything after) go over TLS. */
+  private tlsActive = false;
+  private readonly onSocketData = (chunk: Buffer) => this.onData(chunk);
+  private readonly onSocketError = () => this.close();
+  private readonly onSocketClose = () => {
+    this.socketClosed = true;
+    this.closing = true;
+    this.clearHandshakeTimer();
+    this.abandonCurrent();
+    this.maybeFinish();
+  };
 
-  constructor(private readonly socket: Socket, private readonly host: NbdConnectionHost) {
+  /** `socket` becomes the TLS socket after STARTTLS; replies always go to the current one. */
+  constructor(private socket: Socket, private readonly host: NbdConnectionHost) {
     socket.setNoDelay(true);
-    socket.on('data', (chunk: Buffer) => this.onData(chunk));
-    socket.on('error', () => this.close());
-    socket.on('close', () => {
-      this.socketClosed = true;
-      this.closing = true;
-      this.clearHandshakeTimer();
-      this.abandonCurrent();
-      this.maybeFinish();
-    });
+    socket.on('data', this.onSocketData);
+    socket.on('error', this.onSocketError);
+    socket.on('close', this.onSocketClose);
   }
 
   /** Send the greeting and start the handshake clock. */
@@ -248,6 +260,7 @@ export class NbdConnection {
     const length = this.hdr.readUInt32BE(12);
     this.option = opt;
     if (length > abi.NBD_MAX_BUFFER_SIZE) return this.close();
+    if (this.host.tls && !this.tlsActive) return this.optionBeforeTls(opt, length);
     const known = opt >= abi.NBD_OPT_EXPORT_NAME && opt <= abi.NBD_OPT_SET_META_CONTEXT && opt !== abi.NBD_OPT_PEEK_EXPORT;
     if (known && length <= OPT_DATA_MAX) {
       this.expect('opt-data', Buffer.allocUnsafe(length), 0, length);
@@ -293,6 +306,7 @@ export class NbdConnection {
       case abi.NBD_OPT_LIST: return this.optList(data);
       case abi.NBD_OPT_STARTTLS:
         if (data.length) return this.optZeroLength(opt);
+        if (this.host.tls) return this.optError(opt, abi.NBD_REP_ERR_INVALID, 'TLS already enabled');
         return this.optError(opt, abi.NBD_REP_ERR_POLICY, 'TLS not configured');
       case abi.NBD_OPT_INFO:
       case abi.NBD_OPT_GO: return this.optInfo(opt, data);
@@ -305,6 +319,57 @@ export class NbdConnection {
       case abi.NBD_OPT_SET_META_CONTEXT: return this.optMetaContext(opt, data);
       default: return this.optUnsupported(opt);
     }
+  }
+
+  /** QEMU's rules until TLS is up: only STARTTLS is served; the payload of others is skipped. */
+  private optionBeforeTls(opt: number, length: number): void {
+    const refusal = `Option 0x${(opt >>> 0).toString(16)} not permitted before TLS`;
+    if (opt === abi.NBD_OPT_EXPORT_NAME) {
+      // No error reply exists for it: drop the connection.
+      errorReport(`option negotiation failed: ${refusal}`);
+      return this.close();
+    }
+    this.phase = 'opt-data';
+    this.afterSkip = () => {
+      this.afterSkip = undefined;
+      if (opt === abi.NBD_OPT_STARTTLS) {
+        if (length === 0) return this.startTls();
+        const msg = `option '${abi.nbdOptName(opt)}' has unexpected length`;
+        this.optError(opt, abi.NBD_REP_ERR_INVALID, msg);
+        errorReport(`option negotiation failed: ${msg}`);
+        return this.closeGracefully();
+      }
+      this.optError(opt, abi.NBD_REP_ERR_TLS_REQD, refusal);
+      if (opt === abi.NBD_OPT_ABORT) return this.closeGracefully();
+      if (!this.closing) this.expect('opt-header', this.hdr, 0, abi.NBD_OPT_HEADER_SIZE);
+    };
+    this.skip = length;
+    if (length === 0) this.afterSkip();
+  }
+
+  /** ACK, then the TLS handshake on the same socket; option haggling goes on encrypted. */
+  private startTls(): void {
+    this.optReply(abi.NBD_OPT_STARTTLS, abi.NBD_REP_ACK);
+    // A client must wait for the ACK before its ClientHello: anything read ahead is a violation.
+    if (this.pending !== null && this.pendingPos < this.pending.length) return this.close();
+    this.pending = null;
+    this.phase = 'stalled';
+    const raw = this.socket;
+    raw.off('data', this.onSocketData);
+    raw.off('close', this.onSocketClose);
+    const { socket, ready } = this.host.tls!(raw);
+    this.socket = socket;
+    socket.on('error', this.onSocketError);
+    socket.on('close', this.onSocketClose);
+    ready.then(() => {
+      if (this.closing) return;
+      this.tlsActive = true;
+      socket.on('data', this.onSocketData);
+      this.expect('opt-header', this.hdr, 0, abi.NBD_OPT_HEADER_SIZE);
+    }, (err: Error) => {
+      if (!this.closing) errorReport(`option negotiation failed: ${err.message}`);
+      this.close();
+    });
   }
 
   private optZeroLength(opt: number): void {

@@ -4,6 +4,8 @@ import { accessSync, fstatSync, unlinkSync } from 'node:fs';
 import { dirname } from 'node:path';
 import { genericError } from '../qapi/errors.js';
 import { NbdConnection, type NbdConnectionHost } from './connection.js';
+import { lookupTlsCreds, type TlsCreds } from '../objects/tls-creds.js';
+import { tlsServerSession } from './tls.js';
 
 /** NbdServerOptions with the flat SocketAddress (the command-line form). */
 export interface NbdServerConfig {
@@ -55,6 +57,7 @@ function errText(e: unknown): string {
 
 class NbdServer implements NbdConnectionHost {
   readonly handshakeMaxSeconds: number;
+  readonly tls: NbdConnectionHost['tls'];
   private readonly maxConnections: number;
   private readonly connections = new Set<NbdConnection>();
   private readonly waiting: net.Socket[] = [];
@@ -62,8 +65,11 @@ class NbdServer implements NbdConnectionHost {
   private stopped = false;
   private allGone: (() => void) | undefined;
 
-  constructor(private readonly listener: net.Server, config: NbdServerConfig) {
+  constructor(private readonly listener: net.Server, config: NbdServerConfig, creds?: TlsCreds) {
     this.handshakeMaxSeconds = config['handshake-max-seconds'] ?? DEFAULT_HANDSHAKE_MAX_SECONDS;
+    // The object stays in use even if object-del removes it from /objects (QEMU holds a reference).
+    const authz = config['tls-authz'];
+    this.tls = creds ? (raw) => tlsServerSession(raw, creds, authz) : undefined;
     this.maxConnections = config['max-connections'] ?? 0;
     listener.on('connection', (sock) => this.onConnection(sock));
     // Errors on an accepted-but-unhandled socket must never reach the process.
@@ -207,13 +213,11 @@ let starting = false;
 /** nbd-server-start / --nbd-server. */
 export async function nbdServerStart(config: NbdServerConfig): Promise<void> {
   if (server || starting) throw genericError('NBD server already running');
-  if (config['tls-creds'] !== undefined) {
-    // No TLS credential objects exist in qsd-ts, so any id is unknown (QEMU's wording).
-    throw genericError(`No TLS credentials with id '${config['tls-creds']}'`);
-  }
+  // tls-authz is looked up per connection, as QEMU does (and allowed without tls-creds in 7.2).
+  const creds = config['tls-creds'] !== undefined ? lookupTlsCreds(config['tls-creds'], 'server') : undefined;
   starting = true;
   try {
-    const s = new NbdServer(net.createServer({ pauseOnConnect: true }), config);
+    const s = new NbdServer(net.createServer({ pauseOnConnect: true }), config, creds);
     await s.listen(config);
     server = s;
   } finally {
