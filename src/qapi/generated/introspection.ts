@@ -151,7 +151,7 @@ export const introspection: readonly unknown[] = [
  {
   "arg-type": "28",
   "ret-type": "0",
-  "name": "x-blockdev-set-iothread",
+  "name": "x-blockdev-change",
   "meta-type": "command",
   "features": [
    "unstable"
@@ -160,23 +160,42 @@ export const introspection: readonly unknown[] = [
  {
   "arg-type": "29",
   "ret-type": "0",
+  "name": "x-blockdev-set-iothread",
+  "meta-type": "command",
+  "features": [
+   "unstable"
+  ]
+ },
+ {
+  "arg-type": "30",
+  "name": "QUORUM_FAILURE",
+  "meta-type": "event"
+ },
+ {
+  "arg-type": "31",
+  "name": "QUORUM_REPORT_BAD",
+  "meta-type": "event"
+ },
+ {
+  "arg-type": "32",
+  "ret-type": "0",
   "name": "blockdev-create",
   "meta-type": "command"
  },
  {
-  "arg-type": "30",
+  "arg-type": "33",
   "ret-type": "0",
   "name": "blockdev-snapshot-internal-sync",
   "meta-type": "command"
  },
  {
-  "arg-type": "31",
-  "ret-type": "32",
+  "arg-type": "34",
+  "ret-type": "35",
   "name": "blockdev-snapshot-delete-internal-sync",
   "meta-type": "command"
  },
  {
-  "arg-type": "33",
+  "arg-type": "36",
   "ret-type": "0",
   "name": "x-blockdev-amend",
   "meta-type": "command",
@@ -185,44 +204,44 @@ export const introspection: readonly unknown[] = [
   ]
  },
  {
-  "arg-type": "34",
+  "arg-type": "37",
   "ret-type": "0",
   "name": "block-dirty-bitmap-add",
   "meta-type": "command"
  },
  {
-  "arg-type": "35",
+  "arg-type": "38",
   "ret-type": "0",
   "name": "block-dirty-bitmap-remove",
   "meta-type": "command"
  },
  {
-  "arg-type": "35",
+  "arg-type": "38",
   "ret-type": "0",
   "name": "block-dirty-bitmap-clear",
   "meta-type": "command"
  },
  {
-  "arg-type": "35",
+  "arg-type": "38",
   "ret-type": "0",
   "name": "block-dirty-bitmap-enable",
   "meta-type": "command"
  },
  {
-  "arg-type": "35",
+  "arg-type": "38",
   "ret-type": "0",
   "name": "block-dirty-bitmap-disable",
   "meta-type": "command"
  },
  {
-  "arg-type": "36",
+  "arg-type": "39",
   "ret-type": "0",
   "name": "block-dirty-bitmap-merge",
   "meta-type": "command"
  },
  {
-  "arg-type": "35",
-  "ret-type": "37",
+  "arg-type": "38",
+  "ret-type": "40",
   "name": "x-debug-block-dirty-bitmap-sha256",
   "meta-type": "command",
   "features": [
@@ -230,42 +249,45 @@ export const introspection: readonly unknown[] = [
   ]
  },
  {
-  "arg-type": "38",
+  "arg-type": "41",
   "name": "BLOCK_WRITE_THRESHOLD",
   "meta-type": "event"
  },
  {
-  "arg-type": "39",
+  "arg-type": "42",
   "ret-type": "0",
   "name": "block-set-write-threshold",
   "meta-type": "command"
  },
  {
-  "arg-type": "40",
+  "arg-type": "43",
   "ret-type": "0",
   "name": "blockdev-snapshot-sync",
   "meta-type": "command"
  },
  {
-  "arg-type": "41",
+  "arg-type": "44",
   "ret-type": "0",
   "name": "blockdev-snapshot",
-  "meta-type": "command"
+  "meta-type": "command",
+  "features": [
+   "allow-write-only-overlay"
+  ]
  },
  {
-  "arg-type": "42",
+  "arg-type": "45",
   "ret-type": "0",
   "name": "block-commit",
   "meta-type": "command"
  },
  {
-  "arg-type": "43",
+  "arg-type": "46",
   "ret-type": "0",
   "name": "block-stream",
   "meta-type": "command"
  },
  {
-  "arg-type": "44",
+  "arg-type": "47",
   "ret-type": "0",
   "name": "drive-backup",
   "meta-type": "command",
@@ -274,84 +296,84 @@ export const introspection: readonly unknown[] = [
   ]
  },
  {
-  "arg-type": "45",
+  "arg-type": "48",
   "ret-type": "0",
   "name": "blockdev-backup",
   "meta-type": "command"
  },
  {
-  "arg-type": "46",
+  "arg-type": "49",
   "ret-type": "0",
   "name": "drive-mirror",
   "meta-type": "command"
  },
  {
-  "arg-type": "47",
+  "arg-type": "50",
   "ret-type": "0",
   "name": "blockdev-mirror",
   "meta-type": "command"
  },
  {
-  "arg-type": "48",
+  "arg-type": "51",
   "ret-type": "0",
   "name": "transaction",
   "meta-type": "command"
  },
  {
-  "arg-type": "49",
+  "arg-type": "52",
   "name": "JOB_STATUS_CHANGE",
   "meta-type": "event"
  },
  {
-  "arg-type": "50",
+  "arg-type": "53",
   "ret-type": "0",
   "name": "job-pause",
   "meta-type": "command"
  },
  {
-  "arg-type": "51",
+  "arg-type": "54",
   "ret-type": "0",
   "name": "job-resume",
   "meta-type": "command"
  },
  {
-  "arg-type": "52",
+  "arg-type": "55",
   "ret-type": "0",
   "name": "job-cancel",
   "meta-type": "command"
  },
  {
-  "arg-type": "53",
+  "arg-type": "56",
   "ret-type": "0",
   "name": "job-complete",
   "meta-type": "command"
  },
  {
-  "arg-type": "54",
+  "arg-type": "57",
   "ret-type": "0",
   "name": "job-dismiss",
   "meta-type": "command"
  },
  {
-  "arg-type": "55",
+  "arg-type": "58",
   "ret-type": "0",
   "name": "job-finalize",
   "meta-type": "command"
  },
  {
   "arg-type": "0",
-  "ret-type": "[56]",
+  "ret-type": "[59]",
   "name": "query-jobs",
   "meta-type": "command"
  },
  {
-  "arg-type": "57",
+  "arg-type": "60",
   "ret-type": "0",
   "name": "nbd-server-start",
   "meta-type": "command"
  },
  {
-  "arg-type": "58",
+  "arg-type": "61",
   "ret-type": "0",
   "name": "nbd-server-add",
   "meta-type": "command",
@@ -360,7 +382,7 @@ export const introspection: readonly unknown[] = [
   ]
  },
  {
-  "arg-type": "59",
+  "arg-type": "62",
   "ret-type": "0",
   "name": "nbd-server-remove",
   "meta-type": "command",
@@ -375,91 +397,96 @@ export const introspection: readonly unknown[] = [
   "meta-type": "command"
  },
  {
-  "arg-type": "60",
+  "arg-type": "63",
   "ret-type": "0",
   "name": "block-export-add",
   "meta-type": "command"
  },
  {
-  "arg-type": "61",
+  "arg-type": "64",
   "ret-type": "0",
   "name": "block-export-del",
   "meta-type": "command"
  },
  {
-  "arg-type": "62",
+  "arg-type": "65",
   "name": "BLOCK_EXPORT_DELETED",
   "meta-type": "event"
  },
  {
   "arg-type": "0",
-  "ret-type": "[63]",
+  "ret-type": "[66]",
   "name": "query-block-exports",
   "meta-type": "command"
  },
  {
   "arg-type": "0",
-  "ret-type": "[64]",
+  "ret-type": "[67]",
   "name": "query-chardev",
   "meta-type": "command"
  },
  {
   "arg-type": "0",
-  "ret-type": "[65]",
+  "ret-type": "[68]",
   "name": "query-chardev-backends",
   "meta-type": "command"
  },
  {
-  "arg-type": "66",
+  "arg-type": "69",
   "ret-type": "0",
   "name": "ringbuf-write",
   "meta-type": "command"
  },
  {
-  "arg-type": "67",
+  "arg-type": "70",
   "ret-type": "str",
   "name": "ringbuf-read",
   "meta-type": "command"
  },
  {
-  "arg-type": "68",
-  "ret-type": "69",
+  "arg-type": "71",
+  "ret-type": "72",
   "name": "chardev-add",
   "meta-type": "command"
  },
  {
-  "arg-type": "70",
-  "ret-type": "69",
+  "arg-type": "73",
+  "ret-type": "72",
   "name": "chardev-change",
   "meta-type": "command"
  },
  {
-  "arg-type": "71",
+  "arg-type": "74",
   "ret-type": "0",
   "name": "chardev-remove",
   "meta-type": "command"
  },
  {
-  "arg-type": "72",
+  "arg-type": "75",
   "ret-type": "0",
   "name": "chardev-send-break",
   "meta-type": "command"
  },
  {
-  "arg-type": "73",
+  "arg-type": "76",
+  "name": "VSERPORT_CHANGE",
+  "meta-type": "event"
+ },
+ {
+  "arg-type": "77",
   "ret-type": "0",
   "name": "qmp_capabilities",
   "meta-type": "command"
  },
  {
   "arg-type": "0",
-  "ret-type": "74",
+  "ret-type": "78",
   "name": "query-version",
   "meta-type": "command"
  },
  {
   "arg-type": "0",
-  "ret-type": "[75]",
+  "ret-type": "[79]",
   "name": "query-commands",
   "meta-type": "command"
  },
@@ -471,54 +498,54 @@ export const introspection: readonly unknown[] = [
  },
  {
   "arg-type": "0",
-  "ret-type": "[76]",
+  "ret-type": "[80]",
   "name": "query-qmp-schema",
   "meta-type": "command"
  },
  {
-  "arg-type": "77",
-  "ret-type": "[78]",
-  "name": "qom-list",
-  "meta-type": "command"
- },
- {
-  "arg-type": "79",
-  "ret-type": "[80]",
-  "name": "qom-list-get",
-  "meta-type": "command"
- },
- {
   "arg-type": "81",
-  "ret-type": "any",
-  "name": "qom-get",
-  "meta-type": "command"
- },
- {
-  "arg-type": "82",
-  "ret-type": "0",
-  "name": "qom-set",
+  "ret-type": "[82]",
+  "name": "qom-list",
   "meta-type": "command"
  },
  {
   "arg-type": "83",
   "ret-type": "[84]",
-  "name": "qom-list-types",
+  "name": "qom-list-get",
   "meta-type": "command"
  },
  {
   "arg-type": "85",
-  "ret-type": "[78]",
-  "name": "qom-list-properties",
+  "ret-type": "any",
+  "name": "qom-get",
   "meta-type": "command"
  },
  {
   "arg-type": "86",
   "ret-type": "0",
-  "name": "object-add",
+  "name": "qom-set",
   "meta-type": "command"
  },
  {
   "arg-type": "87",
+  "ret-type": "[88]",
+  "name": "qom-list-types",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "89",
+  "ret-type": "[82]",
+  "name": "qom-list-properties",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "90",
+  "ret-type": "0",
+  "name": "object-add",
+  "meta-type": "command"
+ },
+ {
+  "arg-type": "91",
   "ret-type": "0",
   "name": "object-del",
   "meta-type": "command"
@@ -568,7 +595,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "io-status",
-    "type": "88",
+    "type": "92",
     "default": null
    }
   ],
@@ -610,11 +637,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "stats",
-    "type": "89"
+    "type": "93"
    },
    {
     "name": "driver-specific",
-    "type": "90",
+    "type": "94",
     "default": null
    },
    {
@@ -668,7 +695,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "io-status",
-    "type": "88"
+    "type": "92"
    },
    {
     "name": "ready",
@@ -676,7 +703,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "status",
-    "type": "91"
+    "type": "95"
    },
    {
     "name": "auto-finalize",
@@ -765,7 +792,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "detect_zeroes",
-    "type": "92"
+    "type": "96"
    },
    {
     "name": "bps",
@@ -793,7 +820,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "image",
-    "type": "93"
+    "type": "97"
    },
    {
     "name": "bps_max",
@@ -867,7 +894,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "cache",
-    "type": "94"
+    "type": "98"
    },
    {
     "name": "write_threshold",
@@ -875,7 +902,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "dirty-bitmaps",
-    "type": "[95]",
+    "type": "[99]",
     "default": null
    }
   ],
@@ -886,11 +913,11 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "nodes",
-    "type": "[96]"
+    "type": "[100]"
    },
    {
     "name": "edges",
-    "type": "[97]"
+    "type": "[101]"
    }
   ],
   "name": "8",
@@ -942,11 +969,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "operation",
-    "type": "98"
+    "type": "102"
    },
    {
     "name": "action",
-    "type": "99"
+    "type": "103"
    },
    {
     "name": "nospace",
@@ -965,7 +992,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "type",
-    "type": "100"
+    "type": "104"
    },
    {
     "name": "device",
@@ -996,7 +1023,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "type",
-    "type": "100"
+    "type": "104"
    },
    {
     "name": "device",
@@ -1026,11 +1053,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "operation",
-    "type": "98"
+    "type": "102"
    },
    {
     "name": "action",
-    "type": "99"
+    "type": "103"
    }
   ],
   "name": "13",
@@ -1040,7 +1067,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "type",
-    "type": "100"
+    "type": "104"
    },
    {
     "name": "device",
@@ -1066,7 +1093,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "type",
-    "type": "100"
+    "type": "104"
    },
    {
     "name": "id",
@@ -1163,7 +1190,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "type",
-    "type": "100"
+    "type": "104"
    }
   ],
   "tag": "type",
@@ -1178,7 +1205,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "mirror",
-    "type": "101"
+    "type": "105"
    },
    {
     "case": "backup",
@@ -1212,7 +1239,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "driver",
-    "type": "102"
+    "type": "106"
    },
    {
     "name": "node-name",
@@ -1221,12 +1248,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "discard",
-    "type": "103",
+    "type": "107",
     "default": null
    },
    {
     "name": "cache",
-    "type": "104",
+    "type": "108",
     "default": null
    },
    {
@@ -1246,7 +1273,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "detect-zeroes",
-    "type": "92",
+    "type": "96",
     "default": null
    }
   ],
@@ -1254,47 +1281,47 @@ export const introspection: readonly unknown[] = [
   "variants": [
    {
     "case": "blkdebug",
-    "type": "105"
-   },
-   {
-    "case": "copy-on-read",
-    "type": "106"
-   },
-   {
-    "case": "file",
-    "type": "107"
-   },
-   {
-    "case": "host_device",
-    "type": "107"
-   },
-   {
-    "case": "luks",
-    "type": "108"
-   },
-   {
-    "case": "nbd",
     "type": "109"
    },
    {
-    "case": "null-aio",
+    "case": "copy-on-read",
     "type": "110"
    },
    {
-    "case": "null-co",
-    "type": "110"
-   },
-   {
-    "case": "qcow2",
+    "case": "file",
     "type": "111"
    },
    {
-    "case": "raw",
+    "case": "host_device",
+    "type": "111"
+   },
+   {
+    "case": "luks",
     "type": "112"
    },
    {
-    "case": "throttle",
+    "case": "nbd",
     "type": "113"
+   },
+   {
+    "case": "null-aio",
+    "type": "114"
+   },
+   {
+    "case": "null-co",
+    "type": "114"
+   },
+   {
+    "case": "qcow2",
+    "type": "115"
+   },
+   {
+    "case": "raw",
+    "type": "116"
+   },
+   {
+    "case": "throttle",
+    "type": "117"
    }
   ],
   "name": "24",
@@ -1341,12 +1368,32 @@ export const introspection: readonly unknown[] = [
  {
   "members": [
    {
+    "name": "parent",
+    "type": "str"
+   },
+   {
+    "name": "child",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "node",
+    "type": "str",
+    "default": null
+   }
+  ],
+  "name": "28",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
     "name": "node-name",
     "type": "str"
    },
    {
     "name": "iothread",
-    "type": "114"
+    "type": "118"
    },
    {
     "name": "force",
@@ -1354,7 +1401,52 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "28",
+  "name": "29",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "reference",
+    "type": "str"
+   },
+   {
+    "name": "sector-num",
+    "type": "int"
+   },
+   {
+    "name": "sectors-count",
+    "type": "int"
+   }
+  ],
+  "name": "30",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "type",
+    "type": "119"
+   },
+   {
+    "name": "error",
+    "type": "str",
+    "default": null
+   },
+   {
+    "name": "node-name",
+    "type": "str"
+   },
+   {
+    "name": "sector-num",
+    "type": "int"
+   },
+   {
+    "name": "sectors-count",
+    "type": "int"
+   }
+  ],
+  "name": "31",
   "meta-type": "object"
  },
  {
@@ -1365,10 +1457,10 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "options",
-    "type": "115"
+    "type": "120"
    }
   ],
-  "name": "29",
+  "name": "32",
   "meta-type": "object"
  },
  {
@@ -1382,7 +1474,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "30",
+  "name": "33",
   "meta-type": "object"
  },
  {
@@ -1402,7 +1494,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "31",
+  "name": "34",
   "meta-type": "object"
  },
  {
@@ -1441,7 +1533,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "32",
+  "name": "35",
   "meta-type": "object"
  },
  {
@@ -1456,7 +1548,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "options",
-    "type": "116"
+    "type": "121"
    },
    {
     "name": "force",
@@ -1464,7 +1556,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "33",
+  "name": "36",
   "meta-type": "object"
  },
  {
@@ -1493,7 +1585,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "34",
+  "name": "37",
   "meta-type": "object"
  },
  {
@@ -1507,7 +1599,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "35",
+  "name": "38",
   "meta-type": "object"
  },
  {
@@ -1522,10 +1614,10 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmaps",
-    "type": "[117]"
+    "type": "[122]"
    }
   ],
-  "name": "36",
+  "name": "39",
   "meta-type": "object"
  },
  {
@@ -1535,7 +1627,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "37",
+  "name": "40",
   "meta-type": "object"
  },
  {
@@ -1553,7 +1645,7 @@ export const introspection: readonly unknown[] = [
     "type": "int"
    }
   ],
-  "name": "38",
+  "name": "41",
   "meta-type": "object"
  },
  {
@@ -1567,7 +1659,7 @@ export const introspection: readonly unknown[] = [
     "type": "int"
    }
   ],
-  "name": "39",
+  "name": "42",
   "meta-type": "object"
  },
  {
@@ -1598,11 +1690,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "mode",
-    "type": "118",
+    "type": "123",
     "default": null
    }
   ],
-  "name": "40",
+  "name": "43",
   "meta-type": "object"
  },
  {
@@ -1616,7 +1708,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "41",
+  "name": "44",
   "meta-type": "object"
  },
  {
@@ -1668,7 +1760,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "on-error",
-    "type": "119",
+    "type": "124",
     "default": null
    },
    {
@@ -1687,7 +1779,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "42",
+  "name": "45",
   "meta-type": "object"
  },
  {
@@ -1728,7 +1820,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "on-error",
-    "type": "119",
+    "type": "124",
     "default": null
    },
    {
@@ -1747,7 +1839,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "43",
+  "name": "46",
   "meta-type": "object"
  },
  {
@@ -1763,7 +1855,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "sync",
-    "type": "120"
+    "type": "125"
    },
    {
     "name": "speed",
@@ -1777,7 +1869,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmap-mode",
-    "type": "121",
+    "type": "126",
     "default": null
    },
    {
@@ -1787,12 +1879,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "on-source-error",
-    "type": "119",
+    "type": "124",
     "default": null
    },
    {
     "name": "on-target-error",
-    "type": "119",
+    "type": "124",
     "default": null
    },
    {
@@ -1812,7 +1904,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "x-perf",
-    "type": "122",
+    "type": "127",
     "default": null,
     "features": [
      "unstable"
@@ -1829,11 +1921,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "mode",
-    "type": "118",
+    "type": "123",
     "default": null
    }
   ],
-  "name": "44",
+  "name": "47",
   "meta-type": "object"
  },
  {
@@ -1849,7 +1941,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "sync",
-    "type": "120"
+    "type": "125"
    },
    {
     "name": "speed",
@@ -1863,7 +1955,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmap-mode",
-    "type": "121",
+    "type": "126",
     "default": null
    },
    {
@@ -1873,12 +1965,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "on-source-error",
-    "type": "119",
+    "type": "124",
     "default": null
    },
    {
     "name": "on-target-error",
-    "type": "119",
+    "type": "124",
     "default": null
    },
    {
@@ -1898,7 +1990,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "x-perf",
-    "type": "122",
+    "type": "127",
     "default": null,
     "features": [
      "unstable"
@@ -1909,7 +2001,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "45",
+  "name": "48",
   "meta-type": "object"
  },
  {
@@ -1944,11 +2036,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "sync",
-    "type": "120"
+    "type": "125"
    },
    {
     "name": "mode",
-    "type": "118",
+    "type": "123",
     "default": null
    },
    {
@@ -1968,12 +2060,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "on-source-error",
-    "type": "119",
+    "type": "124",
     "default": null
    },
    {
     "name": "on-target-error",
-    "type": "119",
+    "type": "124",
     "default": null
    },
    {
@@ -1983,7 +2075,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "copy-mode",
-    "type": "123",
+    "type": "128",
     "default": null
    },
    {
@@ -1997,7 +2089,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "46",
+  "name": "49",
   "meta-type": "object"
  },
  {
@@ -2022,7 +2114,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "sync",
-    "type": "120"
+    "type": "125"
    },
    {
     "name": "speed",
@@ -2041,12 +2133,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "on-source-error",
-    "type": "119",
+    "type": "124",
     "default": null
    },
    {
     "name": "on-target-error",
-    "type": "119",
+    "type": "124",
     "default": null
    },
    {
@@ -2056,7 +2148,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "copy-mode",
-    "type": "123",
+    "type": "128",
     "default": null
    },
    {
@@ -2070,53 +2162,19 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "47",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "actions",
-    "type": "[124]"
-   },
-   {
-    "name": "properties",
-    "type": "125",
-    "default": null
-   }
-  ],
-  "name": "48",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "id",
-    "type": "str"
-   },
-   {
-    "name": "status",
-    "type": "91"
-   }
-  ],
-  "name": "49",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "id",
-    "type": "str"
-   }
-  ],
   "name": "50",
   "meta-type": "object"
  },
  {
   "members": [
    {
-    "name": "id",
-    "type": "str"
+    "name": "actions",
+    "type": "[129]"
+   },
+   {
+    "name": "properties",
+    "type": "130",
+    "default": null
    }
   ],
   "name": "51",
@@ -2127,6 +2185,10 @@ export const introspection: readonly unknown[] = [
    {
     "name": "id",
     "type": "str"
+   },
+   {
+    "name": "status",
+    "type": "95"
    }
   ],
   "name": "52",
@@ -2163,8 +2225,38 @@ export const introspection: readonly unknown[] = [
   "meta-type": "object"
  },
  {
-  "element-type": "56",
-  "name": "[56]",
+  "members": [
+   {
+    "name": "id",
+    "type": "str"
+   }
+  ],
+  "name": "56",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "id",
+    "type": "str"
+   }
+  ],
+  "name": "57",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "id",
+    "type": "str"
+   }
+  ],
+  "name": "58",
+  "meta-type": "object"
+ },
+ {
+  "element-type": "59",
+  "name": "[59]",
   "meta-type": "array"
  },
  {
@@ -2175,11 +2267,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "type",
-    "type": "100"
+    "type": "104"
    },
    {
     "name": "status",
-    "type": "91"
+    "type": "95"
    },
    {
     "name": "current-progress",
@@ -2195,7 +2287,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "56",
+  "name": "59",
   "meta-type": "object"
  },
  {
@@ -2222,10 +2314,10 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "addr",
-    "type": "126"
+    "type": "131"
    }
   ],
-  "name": "57",
+  "name": "60",
   "meta-type": "object"
  },
  {
@@ -2255,7 +2347,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "58",
+  "name": "61",
   "meta-type": "object"
  },
  {
@@ -2266,18 +2358,18 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "mode",
-    "type": "127",
+    "type": "132",
     "default": null
    }
   ],
-  "name": "59",
+  "name": "62",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "128"
+    "type": "133"
    },
    {
     "name": "id",
@@ -2290,7 +2382,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "iothread",
-    "type": "129",
+    "type": "134",
     "default": null
    },
    {
@@ -2317,14 +2409,14 @@ export const introspection: readonly unknown[] = [
   "variants": [
    {
     "case": "nbd",
-    "type": "130"
+    "type": "135"
    },
    {
     "case": "fuse",
-    "type": "131"
+    "type": "136"
    }
   ],
-  "name": "60",
+  "name": "63",
   "meta-type": "object"
  },
  {
@@ -2335,11 +2427,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "mode",
-    "type": "127",
+    "type": "132",
     "default": null
    }
   ],
-  "name": "61",
+  "name": "64",
   "meta-type": "object"
  },
  {
@@ -2349,12 +2441,12 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "62",
+  "name": "65",
   "meta-type": "object"
  },
  {
-  "element-type": "63",
-  "name": "[63]",
+  "element-type": "66",
+  "name": "[66]",
   "meta-type": "array"
  },
  {
@@ -2365,7 +2457,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "type",
-    "type": "128"
+    "type": "133"
    },
    {
     "name": "node-name",
@@ -2376,12 +2468,12 @@ export const introspection: readonly unknown[] = [
     "type": "bool"
    }
   ],
-  "name": "63",
+  "name": "66",
   "meta-type": "object"
  },
  {
-  "element-type": "64",
-  "name": "[64]",
+  "element-type": "67",
+  "name": "[67]",
   "meta-type": "array"
  },
  {
@@ -2399,12 +2491,12 @@ export const introspection: readonly unknown[] = [
     "type": "bool"
    }
   ],
-  "name": "64",
+  "name": "67",
   "meta-type": "object"
  },
  {
-  "element-type": "65",
-  "name": "[65]",
+  "element-type": "68",
+  "name": "[68]",
   "meta-type": "array"
  },
  {
@@ -2414,7 +2506,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "65",
+  "name": "68",
   "meta-type": "object"
  },
  {
@@ -2429,11 +2521,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "format",
-    "type": "132",
+    "type": "137",
     "default": null
    }
   ],
-  "name": "66",
+  "name": "69",
   "meta-type": "object"
  },
  {
@@ -2448,11 +2540,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "format",
-    "type": "132",
+    "type": "137",
     "default": null
    }
   ],
-  "name": "67",
+  "name": "70",
   "meta-type": "object"
  },
  {
@@ -2468,10 +2560,10 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "backend",
-    "type": "133"
+    "type": "138"
    }
   ],
-  "name": "68",
+  "name": "71",
   "meta-type": "object"
  },
  {
@@ -2482,7 +2574,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "69",
+  "name": "72",
   "meta-type": "object"
  },
  {
@@ -2493,38 +2585,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "backend",
-    "type": "133"
-   }
-  ],
-  "name": "70",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "id",
-    "type": "str"
-   }
-  ],
-  "name": "71",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "id",
-    "type": "str"
-   }
-  ],
-  "name": "72",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "enable",
-    "type": "[134]",
-    "default": null
+    "type": "138"
    }
   ],
   "name": "73",
@@ -2533,11 +2594,7 @@ export const introspection: readonly unknown[] = [
  {
   "members": [
    {
-    "name": "qemu",
-    "type": "135"
-   },
-   {
-    "name": "package",
+    "name": "id",
     "type": "str"
    }
   ],
@@ -2545,8 +2602,57 @@ export const introspection: readonly unknown[] = [
   "meta-type": "object"
  },
  {
-  "element-type": "75",
-  "name": "[75]",
+  "members": [
+   {
+    "name": "id",
+    "type": "str"
+   }
+  ],
+  "name": "75",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "id",
+    "type": "str"
+   },
+   {
+    "name": "open",
+    "type": "bool"
+   }
+  ],
+  "name": "76",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "enable",
+    "type": "[139]",
+    "default": null
+   }
+  ],
+  "name": "77",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "qemu",
+    "type": "140"
+   },
+   {
+    "name": "package",
+    "type": "str"
+   }
+  ],
+  "name": "78",
+  "meta-type": "object"
+ },
+ {
+  "element-type": "79",
+  "name": "[79]",
   "meta-type": "array"
  },
  {
@@ -2556,12 +2662,12 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "75",
+  "name": "79",
   "meta-type": "object"
  },
  {
-  "element-type": "76",
-  "name": "[76]",
+  "element-type": "80",
+  "name": "[80]",
   "meta-type": "array"
  },
  {
@@ -2572,7 +2678,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "meta-type",
-    "type": "136"
+    "type": "141"
    },
    {
     "name": "features",
@@ -2584,34 +2690,34 @@ export const introspection: readonly unknown[] = [
   "variants": [
    {
     "case": "builtin",
-    "type": "137"
-   },
-   {
-    "case": "enum",
-    "type": "138"
-   },
-   {
-    "case": "array",
-    "type": "139"
-   },
-   {
-    "case": "object",
-    "type": "140"
-   },
-   {
-    "case": "alternate",
-    "type": "141"
-   },
-   {
-    "case": "command",
     "type": "142"
    },
    {
-    "case": "event",
+    "case": "enum",
     "type": "143"
+   },
+   {
+    "case": "array",
+    "type": "144"
+   },
+   {
+    "case": "object",
+    "type": "145"
+   },
+   {
+    "case": "alternate",
+    "type": "146"
+   },
+   {
+    "case": "command",
+    "type": "147"
+   },
+   {
+    "case": "event",
+    "type": "148"
    }
   ],
-  "name": "76",
+  "name": "80",
   "meta-type": "object"
  },
  {
@@ -2621,12 +2727,12 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "77",
+  "name": "81",
   "meta-type": "object"
  },
  {
-  "element-type": "78",
-  "name": "[78]",
+  "element-type": "82",
+  "name": "[82]",
   "meta-type": "array"
  },
  {
@@ -2650,7 +2756,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "78",
+  "name": "82",
   "meta-type": "object"
  },
  {
@@ -2660,22 +2766,22 @@ export const introspection: readonly unknown[] = [
     "type": "[str]"
    }
   ],
-  "name": "79",
+  "name": "83",
   "meta-type": "object"
  },
  {
-  "element-type": "80",
-  "name": "[80]",
+  "element-type": "84",
+  "name": "[84]",
   "meta-type": "array"
  },
  {
   "members": [
    {
     "name": "properties",
-    "type": "[144]"
+    "type": "[149]"
    }
   ],
-  "name": "80",
+  "name": "84",
   "meta-type": "object"
  },
  {
@@ -2689,7 +2795,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "81",
+  "name": "85",
   "meta-type": "object"
  },
  {
@@ -2712,7 +2818,7 @@ export const introspection: readonly unknown[] = [
     "type": "any"
    }
   ],
-  "name": "82",
+  "name": "86",
   "meta-type": "object"
  },
  {
@@ -2728,12 +2834,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "83",
+  "name": "87",
   "meta-type": "object"
  },
  {
-  "element-type": "84",
-  "name": "[84]",
+  "element-type": "88",
+  "name": "[88]",
   "meta-type": "array"
  },
  {
@@ -2753,7 +2859,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "84",
+  "name": "88",
   "meta-type": "object"
  },
  {
@@ -2763,14 +2869,14 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "85",
+  "name": "89",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "qom-type",
-    "type": "145"
+    "type": "150"
    },
    {
     "name": "id",
@@ -2781,30 +2887,30 @@ export const introspection: readonly unknown[] = [
   "variants": [
    {
     "case": "authz-simple",
-    "type": "146"
+    "type": "151"
    },
    {
     "case": "iothread",
-    "type": "147"
+    "type": "152"
    },
    {
     "case": "secret",
-    "type": "148"
+    "type": "153"
    },
    {
     "case": "throttle-group",
-    "type": "149"
+    "type": "154"
    },
    {
     "case": "tls-creds-psk",
-    "type": "150"
+    "type": "155"
    },
    {
     "case": "tls-creds-x509",
-    "type": "151"
+    "type": "156"
    }
   ],
-  "name": "86",
+  "name": "90",
   "meta-type": "object"
  },
  {
@@ -2814,7 +2920,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "87",
+  "name": "91",
   "meta-type": "object"
  },
  {
@@ -2839,7 +2945,7 @@ export const introspection: readonly unknown[] = [
    "failed",
    "nospace"
   ],
-  "name": "88",
+  "name": "92",
   "meta-type": "enum"
  },
  {
@@ -2951,32 +3057,32 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "timed_stats",
-    "type": "[152]"
+    "type": "[157]"
    },
    {
     "name": "rd_latency_histogram",
-    "type": "153",
+    "type": "158",
     "default": null
    },
    {
     "name": "wr_latency_histogram",
-    "type": "153",
+    "type": "158",
     "default": null
    },
    {
     "name": "flush_latency_histogram",
-    "type": "153",
+    "type": "158",
     "default": null
    }
   ],
-  "name": "89",
+  "name": "93",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "driver",
-    "type": "102"
+    "type": "106"
    }
   ],
   "tag": "driver",
@@ -2991,11 +3097,11 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "file",
-    "type": "154"
+    "type": "159"
    },
    {
     "case": "host_device",
-    "type": "154"
+    "type": "159"
    },
    {
     "case": "luks",
@@ -3026,7 +3132,7 @@ export const introspection: readonly unknown[] = [
     "type": "0"
    }
   ],
-  "name": "90",
+  "name": "94",
   "meta-type": "object"
  },
  {
@@ -3083,7 +3189,7 @@ export const introspection: readonly unknown[] = [
    "concluded",
    "null"
   ],
-  "name": "91",
+  "name": "95",
   "meta-type": "enum"
  },
  {
@@ -3103,7 +3209,7 @@ export const introspection: readonly unknown[] = [
    "on",
    "unmap"
   ],
-  "name": "92",
+  "name": "96",
   "meta-type": "enum"
  },
  {
@@ -3162,21 +3268,21 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "snapshots",
-    "type": "[32]",
+    "type": "[35]",
     "default": null
    },
    {
     "name": "backing-image",
-    "type": "93",
+    "type": "97",
     "default": null
    },
    {
     "name": "format-specific",
-    "type": "155",
+    "type": "160",
     "default": null
    }
   ],
-  "name": "93",
+  "name": "97",
   "meta-type": "object"
  },
  {
@@ -3194,12 +3300,12 @@ export const introspection: readonly unknown[] = [
     "type": "bool"
    }
   ],
-  "name": "94",
+  "name": "98",
   "meta-type": "object"
  },
  {
-  "element-type": "95",
-  "name": "[95]",
+  "element-type": "99",
+  "name": "[99]",
   "meta-type": "array"
  },
  {
@@ -3235,12 +3341,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "95",
+  "name": "99",
   "meta-type": "object"
  },
  {
-  "element-type": "96",
-  "name": "[96]",
+  "element-type": "100",
+  "name": "[100]",
   "meta-type": "array"
  },
  {
@@ -3251,19 +3357,19 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "type",
-    "type": "156"
+    "type": "161"
    },
    {
     "name": "name",
     "type": "str"
    }
   ],
-  "name": "96",
+  "name": "100",
   "meta-type": "object"
  },
  {
-  "element-type": "97",
-  "name": "[97]",
+  "element-type": "101",
+  "name": "[101]",
   "meta-type": "array"
  },
  {
@@ -3282,14 +3388,14 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "perm",
-    "type": "[157]"
+    "type": "[162]"
    },
    {
     "name": "shared-perm",
-    "type": "[157]"
+    "type": "[162]"
    }
   ],
-  "name": "97",
+  "name": "101",
   "meta-type": "object"
  },
  {
@@ -3305,7 +3411,7 @@ export const introspection: readonly unknown[] = [
    "read",
    "write"
   ],
-  "name": "98",
+  "name": "102",
   "meta-type": "enum"
  },
  {
@@ -3325,7 +3431,7 @@ export const introspection: readonly unknown[] = [
    "report",
    "stop"
   ],
-  "name": "99",
+  "name": "103",
   "meta-type": "enum"
  },
  {
@@ -3369,17 +3475,17 @@ export const introspection: readonly unknown[] = [
    "snapshot-save",
    "snapshot-delete"
   ],
-  "name": "100",
+  "name": "104",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "copy-mode",
-    "type": "123"
+    "type": "128"
    }
   ],
-  "name": "101",
+  "name": "105",
   "meta-type": "object"
  },
  {
@@ -3431,7 +3537,7 @@ export const introspection: readonly unknown[] = [
    "raw",
    "throttle"
   ],
-  "name": "102",
+  "name": "106",
   "meta-type": "enum"
  },
  {
@@ -3447,7 +3553,7 @@ export const introspection: readonly unknown[] = [
    "ignore",
    "unmap"
   ],
-  "name": "103",
+  "name": "107",
   "meta-type": "enum"
  },
  {
@@ -3463,14 +3569,14 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "104",
+  "name": "108",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "image",
-    "type": "158"
+    "type": "163"
    },
    {
     "name": "config",
@@ -3509,33 +3615,33 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "inject-error",
-    "type": "[159]",
+    "type": "[164]",
     "default": null
    },
    {
     "name": "set-state",
-    "type": "[160]",
+    "type": "[165]",
     "default": null
    },
    {
     "name": "take-child-perms",
-    "type": "[157]",
+    "type": "[162]",
     "default": null
    },
    {
     "name": "unshare-child-perms",
-    "type": "[157]",
+    "type": "[162]",
     "default": null
    }
   ],
-  "name": "105",
+  "name": "109",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "file",
-    "type": "158"
+    "type": "163"
    },
    {
     "name": "bottom",
@@ -3543,7 +3649,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "106",
+  "name": "110",
   "meta-type": "object"
  },
  {
@@ -3559,12 +3665,12 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "locking",
-    "type": "161",
+    "type": "166",
     "default": null
    },
    {
     "name": "aio",
-    "type": "162",
+    "type": "167",
     "default": null
    },
    {
@@ -3586,7 +3692,7 @@ export const introspection: readonly unknown[] = [
     ]
    }
   ],
-  "name": "107",
+  "name": "111",
   "meta-type": "object",
   "features": [
    "dynamic-auto-read-only"
@@ -3596,7 +3702,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "file",
-    "type": "158"
+    "type": "163"
    },
    {
     "name": "key-secret",
@@ -3604,14 +3710,14 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "108",
+  "name": "112",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "server",
-    "type": "163"
+    "type": "168"
    },
    {
     "name": "export",
@@ -3647,7 +3753,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "109",
+  "name": "113",
   "meta-type": "object"
  },
  {
@@ -3668,18 +3774,18 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "110",
+  "name": "114",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "file",
-    "type": "158"
+    "type": "163"
    },
    {
     "name": "backing",
-    "type": "164",
+    "type": "169",
     "default": null
    },
    {
@@ -3709,7 +3815,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "overlap-check",
-    "type": "165",
+    "type": "170",
     "default": null
    },
    {
@@ -3739,18 +3845,18 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "data-file",
-    "type": "158",
+    "type": "163",
     "default": null
    }
   ],
-  "name": "111",
+  "name": "115",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "file",
-    "type": "158"
+    "type": "163"
    },
    {
     "name": "offset",
@@ -3763,7 +3869,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "112",
+  "name": "116",
   "meta-type": "object"
  },
  {
@@ -3774,10 +3880,10 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "file",
-    "type": "158"
+    "type": "163"
    }
   ],
-  "name": "113",
+  "name": "117",
   "meta-type": "object"
  },
  {
@@ -3794,14 +3900,34 @@ export const introspection: readonly unknown[] = [
     "type": "null"
    }
   ],
-  "name": "114",
+  "name": "118",
   "meta-type": "alternate"
  },
  {
   "members": [
    {
+    "name": "read"
+   },
+   {
+    "name": "write"
+   },
+   {
+    "name": "flush"
+   }
+  ],
+  "values": [
+   "read",
+   "write",
+   "flush"
+  ],
+  "name": "119",
+  "meta-type": "enum"
+ },
+ {
+  "members": [
+   {
     "name": "driver",
-    "type": "102"
+    "type": "106"
    }
   ],
   "tag": "driver",
@@ -3816,7 +3942,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "file",
-    "type": "166"
+    "type": "171"
    },
    {
     "case": "host_device",
@@ -3824,7 +3950,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "luks",
-    "type": "167"
+    "type": "172"
    },
    {
     "case": "nbd",
@@ -3840,7 +3966,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "qcow2",
-    "type": "168"
+    "type": "173"
    },
    {
     "case": "raw",
@@ -3851,14 +3977,14 @@ export const introspection: readonly unknown[] = [
     "type": "0"
    }
   ],
-  "name": "115",
+  "name": "120",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "driver",
-    "type": "102"
+    "type": "106"
    }
   ],
   "tag": "driver",
@@ -3881,7 +4007,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "luks",
-    "type": "169"
+    "type": "174"
    },
    {
     "case": "nbd",
@@ -3897,7 +4023,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "qcow2",
-    "type": "170"
+    "type": "175"
    },
    {
     "case": "raw",
@@ -3908,12 +4034,12 @@ export const introspection: readonly unknown[] = [
     "type": "0"
    }
   ],
-  "name": "116",
+  "name": "121",
   "meta-type": "object"
  },
  {
-  "element-type": "117",
-  "name": "[117]",
+  "element-type": "122",
+  "name": "[122]",
   "meta-type": "array"
  },
  {
@@ -3922,10 +4048,10 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    },
    {
-    "type": "35"
+    "type": "38"
    }
   ],
-  "name": "117",
+  "name": "122",
   "meta-type": "alternate"
  },
  {
@@ -3941,7 +4067,7 @@ export const introspection: readonly unknown[] = [
    "existing",
    "absolute-paths"
   ],
-  "name": "118",
+  "name": "123",
   "meta-type": "enum"
  },
  {
@@ -3969,7 +4095,7 @@ export const introspection: readonly unknown[] = [
    "stop",
    "auto"
   ],
-  "name": "119",
+  "name": "124",
   "meta-type": "enum"
  },
  {
@@ -3997,7 +4123,7 @@ export const introspection: readonly unknown[] = [
    "incremental",
    "bitmap"
   ],
-  "name": "120",
+  "name": "125",
   "meta-type": "enum"
  },
  {
@@ -4017,7 +4143,7 @@ export const introspection: readonly unknown[] = [
    "never",
    "always"
   ],
-  "name": "121",
+  "name": "126",
   "meta-type": "enum"
  },
  {
@@ -4038,7 +4164,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "122",
+  "name": "127",
   "meta-type": "object"
  },
  {
@@ -4054,113 +4180,113 @@ export const introspection: readonly unknown[] = [
    "background",
    "write-blocking"
   ],
-  "name": "123",
+  "name": "128",
   "meta-type": "enum"
  },
  {
-  "element-type": "124",
-  "name": "[124]",
+  "element-type": "129",
+  "name": "[129]",
   "meta-type": "array"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "171"
+    "type": "176"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "abort",
-    "type": "172"
-   },
-   {
-    "case": "block-dirty-bitmap-add",
-    "type": "173"
-   },
-   {
-    "case": "block-dirty-bitmap-remove",
-    "type": "174"
-   },
-   {
-    "case": "block-dirty-bitmap-clear",
-    "type": "174"
-   },
-   {
-    "case": "block-dirty-bitmap-enable",
-    "type": "174"
-   },
-   {
-    "case": "block-dirty-bitmap-disable",
-    "type": "174"
-   },
-   {
-    "case": "block-dirty-bitmap-merge",
-    "type": "175"
-   },
-   {
-    "case": "blockdev-backup",
-    "type": "176"
-   },
-   {
-    "case": "blockdev-snapshot",
     "type": "177"
    },
    {
-    "case": "blockdev-snapshot-internal-sync",
+    "case": "block-dirty-bitmap-add",
     "type": "178"
    },
    {
-    "case": "blockdev-snapshot-sync",
+    "case": "block-dirty-bitmap-remove",
     "type": "179"
    },
    {
-    "case": "drive-backup",
+    "case": "block-dirty-bitmap-clear",
+    "type": "179"
+   },
+   {
+    "case": "block-dirty-bitmap-enable",
+    "type": "179"
+   },
+   {
+    "case": "block-dirty-bitmap-disable",
+    "type": "179"
+   },
+   {
+    "case": "block-dirty-bitmap-merge",
     "type": "180"
+   },
+   {
+    "case": "blockdev-backup",
+    "type": "181"
+   },
+   {
+    "case": "blockdev-snapshot",
+    "type": "182"
+   },
+   {
+    "case": "blockdev-snapshot-internal-sync",
+    "type": "183"
+   },
+   {
+    "case": "blockdev-snapshot-sync",
+    "type": "184"
+   },
+   {
+    "case": "drive-backup",
+    "type": "185"
    }
   ],
-  "name": "124",
+  "name": "129",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "completion-mode",
-    "type": "181",
+    "type": "186",
     "default": null
    }
   ],
-  "name": "125",
+  "name": "130",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "182"
+    "type": "187"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "inet",
-    "type": "183"
+    "type": "188"
    },
    {
     "case": "unix",
-    "type": "184"
+    "type": "189"
    },
    {
     "case": "vsock",
-    "type": "185"
+    "type": "190"
    },
    {
     "case": "fd",
-    "type": "186"
+    "type": "191"
    }
   ],
-  "name": "126",
+  "name": "131",
   "meta-type": "object"
  },
  {
@@ -4176,7 +4302,7 @@ export const introspection: readonly unknown[] = [
    "safe",
    "hard"
   ],
-  "name": "127",
+  "name": "132",
   "meta-type": "enum"
  },
  {
@@ -4192,7 +4318,7 @@ export const introspection: readonly unknown[] = [
    "nbd",
    "fuse"
   ],
-  "name": "128",
+  "name": "133",
   "meta-type": "enum"
  },
  {
@@ -4204,7 +4330,7 @@ export const introspection: readonly unknown[] = [
     "type": "[str]"
    }
   ],
-  "name": "129",
+  "name": "134",
   "meta-type": "alternate"
  },
  {
@@ -4221,7 +4347,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmaps",
-    "type": "[117]",
+    "type": "[122]",
     "default": null
    },
    {
@@ -4230,7 +4356,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "130",
+  "name": "135",
   "meta-type": "object"
  },
  {
@@ -4246,7 +4372,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "allow-other",
-    "type": "187",
+    "type": "192",
     "default": null
    },
    {
@@ -4255,7 +4381,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "131",
+  "name": "136",
   "meta-type": "object"
  },
  {
@@ -4271,53 +4397,53 @@ export const introspection: readonly unknown[] = [
    "utf8",
    "base64"
   ],
-  "name": "132",
+  "name": "137",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "188"
+    "type": "193"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "file",
-    "type": "189"
+    "type": "194"
    },
    {
     "case": "pipe",
-    "type": "190"
+    "type": "195"
    },
    {
     "case": "socket",
-    "type": "191"
+    "type": "196"
    },
    {
     "case": "null",
-    "type": "192"
+    "type": "197"
    },
    {
     "case": "stdio",
-    "type": "193"
+    "type": "198"
    },
    {
     "case": "ringbuf",
-    "type": "194"
+    "type": "199"
    },
    {
     "case": "memory",
-    "type": "194"
+    "type": "199"
    }
   ],
-  "name": "133",
+  "name": "138",
   "meta-type": "object"
  },
  {
-  "element-type": "134",
-  "name": "[134]",
+  "element-type": "139",
+  "name": "[139]",
   "meta-type": "array"
  },
  {
@@ -4329,7 +4455,7 @@ export const introspection: readonly unknown[] = [
   "values": [
    "oob"
   ],
-  "name": "134",
+  "name": "139",
   "meta-type": "enum"
  },
  {
@@ -4347,7 +4473,7 @@ export const introspection: readonly unknown[] = [
     "type": "int"
    }
   ],
-  "name": "135",
+  "name": "140",
   "meta-type": "object"
  },
  {
@@ -4383,7 +4509,7 @@ export const introspection: readonly unknown[] = [
    "command",
    "event"
   ],
-  "name": "136",
+  "name": "141",
   "meta-type": "enum"
  },
  {
@@ -4395,17 +4521,17 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "json-type",
-    "type": "195"
+    "type": "200"
    }
   ],
-  "name": "137",
+  "name": "142",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "members",
-    "type": "[196]"
+    "type": "[201]"
    },
    {
     "name": "values",
@@ -4415,7 +4541,7 @@ export const introspection: readonly unknown[] = [
     ]
    }
   ],
-  "name": "138",
+  "name": "143",
   "meta-type": "object"
  },
  {
@@ -4425,14 +4551,14 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "139",
+  "name": "144",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "members",
-    "type": "[197]"
+    "type": "[202]"
    },
    {
     "name": "tag",
@@ -4441,21 +4567,21 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "variants",
-    "type": "[198]",
+    "type": "[203]",
     "default": null
    }
   ],
-  "name": "140",
+  "name": "145",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "members",
-    "type": "[199]"
+    "type": "[204]"
    }
   ],
-  "name": "141",
+  "name": "146",
   "meta-type": "object"
  },
  {
@@ -4474,7 +4600,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "142",
+  "name": "147",
   "meta-type": "object"
  },
  {
@@ -4484,12 +4610,12 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "143",
+  "name": "148",
   "meta-type": "object"
  },
  {
-  "element-type": "144",
-  "name": "[144]",
+  "element-type": "149",
+  "name": "[149]",
   "meta-type": "array"
  },
  {
@@ -4508,7 +4634,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "144",
+  "name": "149",
   "meta-type": "object"
  },
  {
@@ -4540,7 +4666,7 @@ export const introspection: readonly unknown[] = [
    "tls-creds-psk",
    "tls-creds-x509"
   ],
-  "name": "145",
+  "name": "150",
   "meta-type": "enum"
  },
  {
@@ -4550,7 +4676,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "146",
+  "name": "151",
   "meta-type": "object"
  },
  {
@@ -4586,7 +4712,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "147",
+  "name": "152",
   "meta-type": "object"
  },
  {
@@ -4598,7 +4724,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "format",
-    "type": "200",
+    "type": "205",
     "default": null
    },
    {
@@ -4622,14 +4748,14 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "148",
+  "name": "153",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "limits",
-    "type": "201",
+    "type": "206",
     "default": null
    },
    {
@@ -4785,7 +4911,7 @@ export const introspection: readonly unknown[] = [
     ]
    }
   ],
-  "name": "149",
+  "name": "154",
   "meta-type": "object"
  },
  {
@@ -4802,7 +4928,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "endpoint",
-    "type": "202",
+    "type": "207",
     "default": null
    },
    {
@@ -4821,7 +4947,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "150",
+  "name": "155",
   "meta-type": "object"
  },
  {
@@ -4838,7 +4964,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "endpoint",
-    "type": "202",
+    "type": "207",
     "default": null
    },
    {
@@ -4862,12 +4988,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "151",
+  "name": "156",
   "meta-type": "object"
  },
  {
-  "element-type": "152",
-  "name": "[152]",
+  "element-type": "157",
+  "name": "[157]",
   "meta-type": "array"
  },
  {
@@ -4921,7 +5047,7 @@ export const introspection: readonly unknown[] = [
     "type": "number"
    }
   ],
-  "name": "152",
+  "name": "157",
   "meta-type": "object"
  },
  {
@@ -4935,7 +5061,7 @@ export const introspection: readonly unknown[] = [
     "type": "[int]"
    }
   ],
-  "name": "153",
+  "name": "158",
   "meta-type": "object"
  },
  {
@@ -4953,29 +5079,29 @@ export const introspection: readonly unknown[] = [
     "type": "int"
    }
   ],
-  "name": "154",
+  "name": "159",
   "meta-type": "object"
  },
  {
-  "element-type": "32",
-  "name": "[32]",
+  "element-type": "35",
+  "name": "[35]",
   "meta-type": "array"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "203"
+    "type": "208"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "qcow2",
-    "type": "204"
+    "type": "209"
    }
   ],
-  "name": "155",
+  "name": "160",
   "meta-type": "object"
  },
  {
@@ -4995,12 +5121,12 @@ export const introspection: readonly unknown[] = [
    "block-job",
    "block-driver"
   ],
-  "name": "156",
+  "name": "161",
   "meta-type": "enum"
  },
  {
-  "element-type": "157",
-  "name": "[157]",
+  "element-type": "162",
+  "name": "[162]",
   "meta-type": "array"
  },
  {
@@ -5024,7 +5150,7 @@ export const introspection: readonly unknown[] = [
    "write-unchanged",
    "resize"
   ],
-  "name": "157",
+  "name": "162",
   "meta-type": "enum"
  },
  {
@@ -5036,19 +5162,19 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "158",
+  "name": "163",
   "meta-type": "alternate"
  },
  {
-  "element-type": "159",
-  "name": "[159]",
+  "element-type": "164",
+  "name": "[164]",
   "meta-type": "array"
  },
  {
   "members": [
    {
     "name": "event",
-    "type": "205"
+    "type": "210"
    },
    {
     "name": "state",
@@ -5057,7 +5183,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "iotype",
-    "type": "206",
+    "type": "211",
     "default": null
    },
    {
@@ -5081,19 +5207,19 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "159",
+  "name": "164",
   "meta-type": "object"
  },
  {
-  "element-type": "160",
-  "name": "[160]",
+  "element-type": "165",
+  "name": "[165]",
   "meta-type": "array"
  },
  {
   "members": [
    {
     "name": "event",
-    "type": "205"
+    "type": "210"
    },
    {
     "name": "state",
@@ -5105,7 +5231,7 @@ export const introspection: readonly unknown[] = [
     "type": "int"
    }
   ],
-  "name": "160",
+  "name": "165",
   "meta-type": "object"
  },
  {
@@ -5125,7 +5251,7 @@ export const introspection: readonly unknown[] = [
    "on",
    "off"
   ],
-  "name": "161",
+  "name": "166",
   "meta-type": "enum"
  },
  {
@@ -5145,36 +5271,36 @@ export const introspection: readonly unknown[] = [
    "native",
    "io_uring"
   ],
-  "name": "162",
+  "name": "167",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "type",
-    "type": "182"
+    "type": "187"
    }
   ],
   "tag": "type",
   "variants": [
    {
     "case": "inet",
-    "type": "207"
+    "type": "212"
    },
    {
     "case": "unix",
-    "type": "208"
+    "type": "213"
    },
    {
     "case": "vsock",
-    "type": "209"
+    "type": "214"
    },
    {
     "case": "fd",
-    "type": "210"
+    "type": "215"
    }
   ],
-  "name": "163",
+  "name": "168",
   "meta-type": "object"
  },
  {
@@ -5189,19 +5315,19 @@ export const introspection: readonly unknown[] = [
     "type": "null"
    }
   ],
-  "name": "164",
+  "name": "169",
   "meta-type": "alternate"
  },
  {
   "members": [
    {
-    "type": "211"
+    "type": "216"
    },
    {
-    "type": "212"
+    "type": "217"
    }
   ],
-  "name": "165",
+  "name": "170",
   "meta-type": "alternate"
  },
  {
@@ -5221,7 +5347,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "preallocation",
-    "type": "213",
+    "type": "218",
     "default": null
    },
    {
@@ -5235,7 +5361,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "166",
+  "name": "171",
   "meta-type": "object"
  },
  {
@@ -5247,27 +5373,27 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "cipher-alg",
-    "type": "214",
+    "type": "219",
     "default": null
    },
    {
     "name": "cipher-mode",
-    "type": "215",
+    "type": "220",
     "default": null
    },
    {
     "name": "ivgen-alg",
-    "type": "216",
+    "type": "221",
     "default": null
    },
    {
     "name": "ivgen-hash-alg",
-    "type": "217",
+    "type": "222",
     "default": null
    },
    {
     "name": "hash-alg",
-    "type": "217",
+    "type": "222",
     "default": null
    },
    {
@@ -5277,7 +5403,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "file",
-    "type": "158"
+    "type": "163"
    },
    {
     "name": "size",
@@ -5285,22 +5411,22 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "preallocation",
-    "type": "213",
+    "type": "218",
     "default": null
    }
   ],
-  "name": "167",
+  "name": "172",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "file",
-    "type": "158"
+    "type": "163"
    },
    {
     "name": "data-file",
-    "type": "158",
+    "type": "163",
     "default": null
    },
    {
@@ -5319,7 +5445,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "version",
-    "type": "218",
+    "type": "223",
     "default": null
    },
    {
@@ -5329,7 +5455,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "backing-fmt",
-    "type": "102",
+    "type": "106",
     "default": null
    },
    {
@@ -5339,7 +5465,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "preallocation",
-    "type": "213",
+    "type": "218",
     "default": null
    },
    {
@@ -5354,18 +5480,18 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "compression-type",
-    "type": "219",
+    "type": "224",
     "default": null
    }
   ],
-  "name": "168",
+  "name": "173",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "state",
-    "type": "220"
+    "type": "225"
    },
    {
     "name": "new-secret",
@@ -5393,18 +5519,18 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "169",
+  "name": "174",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "encrypt",
-    "type": "221",
+    "type": "226",
     "default": null
    }
   ],
-  "name": "170",
+  "name": "175",
   "meta-type": "object"
  },
  {
@@ -5460,64 +5586,14 @@ export const introspection: readonly unknown[] = [
    "blockdev-snapshot-sync",
    "drive-backup"
   ],
-  "name": "171",
+  "name": "176",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "222"
-   }
-  ],
-  "name": "172",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "34"
-   }
-  ],
-  "name": "173",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "35"
-   }
-  ],
-  "name": "174",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "36"
-   }
-  ],
-  "name": "175",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "45"
-   }
-  ],
-  "name": "176",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "41"
+    "type": "227"
    }
   ],
   "name": "177",
@@ -5527,7 +5603,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "30"
+    "type": "37"
    }
   ],
   "name": "178",
@@ -5537,7 +5613,7 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "40"
+    "type": "38"
    }
   ],
   "name": "179",
@@ -5547,10 +5623,60 @@ export const introspection: readonly unknown[] = [
   "members": [
    {
     "name": "data",
-    "type": "44"
+    "type": "39"
    }
   ],
   "name": "180",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "48"
+   }
+  ],
+  "name": "181",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "44"
+   }
+  ],
+  "name": "182",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "33"
+   }
+  ],
+  "name": "183",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "43"
+   }
+  ],
+  "name": "184",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "47"
+   }
+  ],
+  "name": "185",
   "meta-type": "object"
  },
  {
@@ -5566,7 +5692,7 @@ export const introspection: readonly unknown[] = [
    "individual",
    "grouped"
   ],
-  "name": "181",
+  "name": "186",
   "meta-type": "enum"
  },
  {
@@ -5590,47 +5716,47 @@ export const introspection: readonly unknown[] = [
    "vsock",
    "fd"
   ],
-  "name": "182",
+  "name": "187",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "207"
+    "type": "212"
    }
   ],
-  "name": "183",
+  "name": "188",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "208"
+    "type": "213"
    }
   ],
-  "name": "184",
+  "name": "189",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "209"
+    "type": "214"
    }
   ],
-  "name": "185",
+  "name": "190",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "210"
+    "type": "215"
    }
   ],
-  "name": "186",
+  "name": "191",
   "meta-type": "object"
  },
  {
@@ -5650,7 +5776,7 @@ export const introspection: readonly unknown[] = [
    "on",
    "auto"
   ],
-  "name": "187",
+  "name": "192",
   "meta-type": "enum"
  },
  {
@@ -5686,58 +5812,8 @@ export const introspection: readonly unknown[] = [
    "ringbuf",
    "memory"
   ],
-  "name": "188",
-  "meta-type": "enum"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "223"
-   }
-  ],
-  "name": "189",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "224"
-   }
-  ],
-  "name": "190",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "225"
-   }
-  ],
-  "name": "191",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "226"
-   }
-  ],
-  "name": "192",
-  "meta-type": "object"
- },
- {
-  "members": [
-   {
-    "name": "data",
-    "type": "227"
-   }
-  ],
   "name": "193",
-  "meta-type": "object"
+  "meta-type": "enum"
  },
  {
   "members": [
@@ -5747,6 +5823,56 @@ export const introspection: readonly unknown[] = [
    }
   ],
   "name": "194",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "229"
+   }
+  ],
+  "name": "195",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "230"
+   }
+  ],
+  "name": "196",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "231"
+   }
+  ],
+  "name": "197",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "232"
+   }
+  ],
+  "name": "198",
+  "meta-type": "object"
+ },
+ {
+  "members": [
+   {
+    "name": "data",
+    "type": "233"
+   }
+  ],
+  "name": "199",
   "meta-type": "object"
  },
  {
@@ -5786,12 +5912,12 @@ export const introspection: readonly unknown[] = [
    "array",
    "value"
   ],
-  "name": "195",
+  "name": "200",
   "meta-type": "enum"
  },
  {
-  "element-type": "196",
-  "name": "[196]",
+  "element-type": "201",
+  "name": "[201]",
   "meta-type": "array"
  },
  {
@@ -5806,12 +5932,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "196",
+  "name": "201",
   "meta-type": "object"
  },
  {
-  "element-type": "197",
-  "name": "[197]",
+  "element-type": "202",
+  "name": "[202]",
   "meta-type": "array"
  },
  {
@@ -5835,12 +5961,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "197",
+  "name": "202",
   "meta-type": "object"
  },
  {
-  "element-type": "198",
-  "name": "[198]",
+  "element-type": "203",
+  "name": "[203]",
   "meta-type": "array"
  },
  {
@@ -5854,12 +5980,12 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "198",
+  "name": "203",
   "meta-type": "object"
  },
  {
-  "element-type": "199",
-  "name": "[199]",
+  "element-type": "204",
+  "name": "[204]",
   "meta-type": "array"
  },
  {
@@ -5869,7 +5995,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "199",
+  "name": "204",
   "meta-type": "object"
  },
  {
@@ -5885,7 +6011,7 @@ export const introspection: readonly unknown[] = [
    "raw",
    "base64"
   ],
-  "name": "200",
+  "name": "205",
   "meta-type": "enum"
  },
  {
@@ -5986,7 +6112,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "201",
+  "name": "206",
   "meta-type": "object"
  },
  {
@@ -6002,7 +6128,7 @@ export const introspection: readonly unknown[] = [
    "client",
    "server"
   ],
-  "name": "202",
+  "name": "207",
   "meta-type": "enum"
  },
  {
@@ -6024,17 +6150,17 @@ export const introspection: readonly unknown[] = [
   "values": [
    "qcow2"
   ],
-  "name": "203",
+  "name": "208",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "data",
-    "type": "229"
+    "type": "234"
    }
   ],
-  "name": "204",
+  "name": "209",
   "meta-type": "object"
  },
  {
@@ -6234,7 +6360,7 @@ export const introspection: readonly unknown[] = [
    "cluster_alloc_space",
    "none"
   ],
-  "name": "205",
+  "name": "210",
   "meta-type": "enum"
  },
  {
@@ -6266,7 +6392,7 @@ export const introspection: readonly unknown[] = [
    "flush",
    "block-status"
   ],
-  "name": "206",
+  "name": "211",
   "meta-type": "enum"
  },
  {
@@ -6310,7 +6436,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "207",
+  "name": "212",
   "meta-type": "object"
  },
  {
@@ -6330,7 +6456,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "208",
+  "name": "213",
   "meta-type": "object"
  },
  {
@@ -6344,7 +6470,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "209",
+  "name": "214",
   "meta-type": "object"
  },
  {
@@ -6354,14 +6480,14 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "210",
+  "name": "215",
   "meta-type": "object"
  },
  {
   "members": [
    {
     "name": "template",
-    "type": "212",
+    "type": "217",
     "default": null
    },
    {
@@ -6410,7 +6536,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "211",
+  "name": "216",
   "meta-type": "object"
  },
  {
@@ -6434,7 +6560,7 @@ export const introspection: readonly unknown[] = [
    "cached",
    "all"
   ],
-  "name": "212",
+  "name": "217",
   "meta-type": "enum"
  },
  {
@@ -6458,7 +6584,7 @@ export const introspection: readonly unknown[] = [
    "falloc",
    "full"
   ],
-  "name": "213",
+  "name": "218",
   "meta-type": "enum"
  },
  {
@@ -6514,7 +6640,7 @@ export const introspection: readonly unknown[] = [
    "twofish-192",
    "twofish-256"
   ],
-  "name": "214",
+  "name": "219",
   "meta-type": "enum"
  },
  {
@@ -6538,7 +6664,7 @@ export const introspection: readonly unknown[] = [
    "xts",
    "ctr"
   ],
-  "name": "215",
+  "name": "220",
   "meta-type": "enum"
  },
  {
@@ -6558,7 +6684,7 @@ export const introspection: readonly unknown[] = [
    "plain64",
    "essiv"
   ],
-  "name": "216",
+  "name": "221",
   "meta-type": "enum"
  },
  {
@@ -6594,7 +6720,7 @@ export const introspection: readonly unknown[] = [
    "sha512",
    "ripemd160"
   ],
-  "name": "217",
+  "name": "222",
   "meta-type": "enum"
  },
  {
@@ -6610,7 +6736,7 @@ export const introspection: readonly unknown[] = [
    "v2",
    "v3"
   ],
-  "name": "218",
+  "name": "223",
   "meta-type": "enum"
  },
  {
@@ -6626,7 +6752,7 @@ export const introspection: readonly unknown[] = [
    "zlib",
    "zstd"
   ],
-  "name": "219",
+  "name": "224",
   "meta-type": "enum"
  },
  {
@@ -6642,14 +6768,14 @@ export const introspection: readonly unknown[] = [
    "active",
    "inactive"
   ],
-  "name": "220",
+  "name": "225",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "format",
-    "type": "230"
+    "type": "235"
    }
   ],
   "tag": "format",
@@ -6660,15 +6786,15 @@ export const introspection: readonly unknown[] = [
    },
    {
     "case": "luks",
-    "type": "231"
+    "type": "236"
    }
   ],
-  "name": "221",
+  "name": "226",
   "meta-type": "object"
  },
  {
   "members": [],
-  "name": "222",
+  "name": "227",
   "meta-type": "object"
  },
  {
@@ -6698,7 +6824,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "223",
+  "name": "228",
   "meta-type": "object"
  },
  {
@@ -6718,7 +6844,7 @@ export const introspection: readonly unknown[] = [
     "type": "str"
    }
   ],
-  "name": "224",
+  "name": "229",
   "meta-type": "object"
  },
  {
@@ -6735,7 +6861,7 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "addr",
-    "type": "126"
+    "type": "131"
    },
    {
     "name": "tls-creds",
@@ -6783,7 +6909,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "225",
+  "name": "230",
   "meta-type": "object"
  },
  {
@@ -6799,7 +6925,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "226",
+  "name": "231",
   "meta-type": "object"
  },
  {
@@ -6820,7 +6946,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "227",
+  "name": "232",
   "meta-type": "object"
  },
  {
@@ -6841,7 +6967,7 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "228",
+  "name": "233",
   "meta-type": "object"
  },
  {
@@ -6881,15 +7007,15 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "bitmaps",
-    "type": "[232]",
+    "type": "[237]",
     "default": null
    },
    {
     "name": "compression-type",
-    "type": "219"
+    "type": "224"
    }
   ],
-  "name": "229",
+  "name": "234",
   "meta-type": "object"
  },
  {
@@ -6905,14 +7031,14 @@ export const introspection: readonly unknown[] = [
    "qcow",
    "luks"
   ],
-  "name": "230",
+  "name": "235",
   "meta-type": "enum"
  },
  {
   "members": [
    {
     "name": "state",
-    "type": "220"
+    "type": "225"
    },
    {
     "name": "new-secret",
@@ -6940,12 +7066,12 @@ export const introspection: readonly unknown[] = [
     "default": null
    }
   ],
-  "name": "231",
+  "name": "236",
   "meta-type": "object"
  },
  {
-  "element-type": "232",
-  "name": "[232]",
+  "element-type": "237",
+  "name": "[237]",
   "meta-type": "array"
  },
  {
@@ -6960,15 +7086,15 @@ export const introspection: readonly unknown[] = [
    },
    {
     "name": "flags",
-    "type": "[233]"
+    "type": "[238]"
    }
   ],
-  "name": "232",
+  "name": "237",
   "meta-type": "object"
  },
  {
-  "element-type": "233",
-  "name": "[233]",
+  "element-type": "238",
+  "name": "[238]",
   "meta-type": "array"
  },
  {
@@ -6984,7 +7110,7 @@ export const introspection: readonly unknown[] = [
    "in-use",
    "auto"
   ],
-  "name": "233",
+  "name": "238",
   "meta-type": "enum"
  }
 ];

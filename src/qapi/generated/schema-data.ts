@@ -2449,6 +2449,31 @@ export const schemaData: GenSchema = {
    ],
    "implicit": true
   },
+  "q_obj_x-blockdev-change-arg": {
+   "kind": "struct",
+   "name": "q_obj_x-blockdev-change-arg",
+   "members": [
+    {
+     "name": "parent",
+     "type": "str",
+     "optional": false,
+     "doc": "the id or name of the parent node."
+    },
+    {
+     "name": "child",
+     "type": "str",
+     "optional": true,
+     "doc": "the name of a child under the given parent node."
+    },
+    {
+     "name": "node",
+     "type": "str",
+     "optional": true,
+     "doc": "the name of the node that will be added."
+    }
+   ],
+   "implicit": true
+  },
   "q_obj_x-blockdev-set-iothread-arg": {
    "kind": "struct",
    "name": "q_obj_x-blockdev-set-iothread-arg",
@@ -2470,6 +2495,78 @@ export const schemaData: GenSchema = {
      "type": "bool",
      "optional": true,
      "doc": "true if the node and its children should be moved when a BlockBackend is already attached"
+    }
+   ],
+   "implicit": true
+  },
+  "QuorumOpType": {
+   "kind": "enum",
+   "name": "QuorumOpType",
+   "values": [
+    "read",
+    "write",
+    "flush"
+   ],
+   "doc": "An enumeration of the quorum operation types."
+  },
+  "q_obj_QUORUM_FAILURE-arg": {
+   "kind": "struct",
+   "name": "q_obj_QUORUM_FAILURE-arg",
+   "members": [
+    {
+     "name": "reference",
+     "type": "str",
+     "optional": false,
+     "doc": "device name if defined else node name"
+    },
+    {
+     "name": "sector-num",
+     "type": "int",
+     "optional": false,
+     "doc": "number of the first sector of the failed read operation"
+    },
+    {
+     "name": "sectors-count",
+     "type": "int",
+     "optional": false,
+     "doc": "failed read operation sector count"
+    }
+   ],
+   "implicit": true
+  },
+  "q_obj_QUORUM_REPORT_BAD-arg": {
+   "kind": "struct",
+   "name": "q_obj_QUORUM_REPORT_BAD-arg",
+   "members": [
+    {
+     "name": "type",
+     "type": "QuorumOpType",
+     "optional": false,
+     "doc": "quorum operation type (Since 2.6)"
+    },
+    {
+     "name": "error",
+     "type": "str",
+     "optional": true,
+     "doc": "error message. Only present on failure."
+    },
+    {
+     "name": "node-name",
+     "type": "str",
+     "optional": false,
+     "doc": "the graph name of the node having the error"
+    },
+    {
+     "name": "sector-num",
+     "type": "int",
+     "optional": false,
+     "doc": "number of the first sector of the failed read operation"
+    },
+    {
+     "name": "sectors-count",
+     "type": "int",
+     "optional": false,
+     "doc": "failed read operation sector count"
     }
    ],
    "implicit": true
@@ -5043,6 +5140,25 @@ export const schemaData: GenSchema = {
    ],
    "implicit": true
   },
+  "q_obj_VSERPORT_CHANGE-arg": {
+   "kind": "struct",
+   "name": "q_obj_VSERPORT_CHANGE-arg",
+   "members": [
+    {
+     "name": "id",
+     "type": "str",
+     "optional": false,
+     "doc": "device identifier of the virtio-serial port"
+    },
+    {
+     "name": "open",
+     "type": "bool",
+     "optional": false,
+     "doc": "true if the guest has opened the virtio-serial port"
+    }
+   ],
+   "implicit": true
+  },
   "QMPCapability": {
    "kind": "enum",
    "name": "QMPCapability",
@@ -6092,6 +6208,15 @@ export const schemaData: GenSchema = {
    "argType": "q_obj_change-backing-file-arg"
   },
   {
+   "name": "x-blockdev-change",
+   "boxed": false,
+   "doc": "Dynamically reconfigure the block driver state graph: adds @node as a new child of @parent, or removes @parent's child @child. Only QEMU's quorum driver supports it; qsd-ts has no such driver, so every parent refuses with QEMU's message.",
+   "features": [
+    "unstable"
+   ],
+   "argType": "q_obj_x-blockdev-change-arg"
+  },
+  {
    "name": "x-blockdev-set-iothread",
    "boxed": false,
    "doc": "Move @node and its children into the @iothread. If @iothread is null then move @node and its children into the main loop. The node must not be attached to a BlockBackend (an export) unless @force is true.",
@@ -6190,6 +6315,9 @@ export const schemaData: GenSchema = {
    "name": "blockdev-snapshot",
    "boxed": false,
    "doc": "Takes a snapshot of a block device: @overlay, already added and without a backing file, is put on top of @node; every parent of @node (exports, other nodes) uses @overlay afterwards. qsd-ts refuses it under an export that runs in an iothread.",
+   "features": [
+    "allow-write-only-overlay"
+   ],
    "argType": "BlockdevSnapshot"
   },
   {
@@ -6486,6 +6614,16 @@ export const schemaData: GenSchema = {
    "argType": "q_obj_BLOCK_JOB_PENDING-arg"
   },
   {
+   "name": "QUORUM_FAILURE",
+   "doc": "Emitted by the Quorum block driver if it fails to establish a quorum (qsd-ts has no quorum driver: never emitted).",
+   "argType": "q_obj_QUORUM_FAILURE-arg"
+  },
+  {
+   "name": "QUORUM_REPORT_BAD",
+   "doc": "Emitted to report a corruption of a Quorum file (qsd-ts has no quorum driver: never emitted).",
+   "argType": "q_obj_QUORUM_REPORT_BAD-arg"
+  },
+  {
    "name": "BLOCK_WRITE_THRESHOLD",
    "doc": "Emitted when writes on block device reaches or exceeds the configured write threshold. For thin-provisioned devices, this means the device should be extended to avoid pausing for disk exhaustion. The event is one shot. Once triggered, it needs to be re-registered with another block-set-write-threshold command.",
    "argType": "q_obj_BLOCK_WRITE_THRESHOLD-arg"
@@ -6499,6 +6637,11 @@ export const schemaData: GenSchema = {
    "name": "BLOCK_EXPORT_DELETED",
    "doc": "Emitted when a block export is removed and its id can be reused.",
    "argType": "q_obj_BLOCK_EXPORT_DELETED-arg"
+  },
+  {
+   "name": "VSERPORT_CHANGE",
+   "doc": "Emitted when the guest opens or closes a virtio-serial port (qsd-ts has no guest: never emitted).",
+   "argType": "q_obj_VSERPORT_CHANGE-arg"
   }
  ]
 };

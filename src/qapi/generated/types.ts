@@ -753,6 +753,15 @@ export interface QObj_change_backing_file_arg {
   "backing-file": string;
 }
 
+export interface QObj_x_blockdev_change_arg {
+  /** the id or name of the parent node. */
+  "parent": string;
+  /** the name of a child under the given parent node. */
+  "child"?: string;
+  /** the name of the node that will be added. */
+  "node"?: string;
+}
+
 export interface QObj_x_blockdev_set_iothread_arg {
   /** the name of the block driver node */
   "node-name": string;
@@ -760,6 +769,31 @@ export interface QObj_x_blockdev_set_iothread_arg {
   "iothread": StrOrNull;
   /** true if the node and its children should be moved when a BlockBackend is already attached */
   "force"?: boolean;
+}
+
+/** An enumeration of the quorum operation types. @since 2.6 */
+export type QuorumOpType = "read" | "write" | "flush";
+
+export interface QObj_QUORUM_FAILURE_arg {
+  /** device name if defined else node name */
+  "reference": string;
+  /** number of the first sector of the failed read operation */
+  "sector-num": number;
+  /** failed read operation sector count */
+  "sectors-count": number;
+}
+
+export interface QObj_QUORUM_REPORT_BAD_arg {
+  /** quorum operation type (Since 2.6) */
+  "type": QuorumOpType;
+  /** error message. Only present on failure. */
+  "error"?: string;
+  /** the graph name of the node having the error */
+  "node-name": string;
+  /** number of the first sector of the failed read operation */
+  "sector-num": number;
+  /** failed read operation sector count */
+  "sectors-count": number;
 }
 
 /** Preallocation mode of QEMU image file. @since 2.2 */
@@ -1743,6 +1777,13 @@ export interface QObj_chardev_send_break_arg {
   "id": string;
 }
 
+export interface QObj_VSERPORT_CHANGE_arg {
+  /** device identifier of the virtio-serial port */
+  "id": string;
+  /** true if the guest has opened the virtio-serial port */
+  "open": boolean;
+}
+
 /** QMP protocol capabilities. @since 2.12 */
 export type QMPCapability = "oob";
 
@@ -2101,6 +2142,8 @@ export interface QmpCommands {
   "blockdev-del": { args: QObj_blockdev_del_arg; ret: Record<string, never> };
   /** Change the backing file in the image file metadata. This does not cause QEMU to reopen the image file to reparse the backing filename; it only writes the given string into the header of an image in the chain of @device. @since 2.1 */
   "change-backing-file": { args: QObj_change_backing_file_arg; ret: Record<string, never> };
+  /** Dynamically reconfigure the block driver state graph: adds @node as a new child of @parent, or removes @parent's child @child. Only QEMU's quorum driver supports it; qsd-ts has no such driver, so every parent refuses with QEMU's message. @since 2.7 features: unstable */
+  "x-blockdev-change": { args: QObj_x_blockdev_change_arg; ret: Record<string, never> };
   /** Move @node and its children into the @iothread. If @iothread is null then move @node and its children into the main loop. The node must not be attached to a BlockBackend (an export) unless @force is true. @since 2.12 features: unstable */
   "x-blockdev-set-iothread": { args: QObj_x_blockdev_set_iothread_arg; ret: Record<string, never> };
   /** Starts a job to create an image format on a given node. The job is automatically finalized, but a manual job-dismiss is required. @since 3.0 */
@@ -2129,7 +2172,7 @@ export interface QmpCommands {
   "block-set-write-threshold": { args: QObj_block_set_write_threshold_arg; ret: Record<string, never> };
   /** Takes a synchronous snapshot of a block device: creates the overlay image with the node's filename as its backing file, opens it, and puts it on top of the node. @since 0.14 */
   "blockdev-snapshot-sync": { args: BlockdevSnapshotSync; ret: Record<string, never> };
-  /** Takes a snapshot of a block device: @overlay, already added and without a backing file, is put on top of @node; every parent of @node (exports, other nodes) uses @overlay afterwards. qsd-ts refuses it under an export that runs in an iothread. @since 2.5 */
+  /** Takes a snapshot of a block device: @overlay, already added and without a backing file, is put on top of @node; every parent of @node (exports, other nodes) uses @overlay afterwards. qsd-ts refuses it under an export that runs in an iothread. @since 2.5 features: allow-write-only-overlay */
   "blockdev-snapshot": { args: BlockdevSnapshot; ret: Record<string, never> };
   /** Live commit of data from overlay image nodes into backing nodes - i.e., writes data between 'top' and 'base' into 'base'. If top is the active layer, the job reaches 'ready' (BLOCK_JOB_READY) and needs job-complete, which makes base the active layer. @since 1.3 */
   "block-commit": { args: QObj_block_commit_arg; ret: Record<string, never> };
@@ -2231,12 +2274,18 @@ export interface QmpEvents {
   "BLOCK_JOB_READY": QObj_BLOCK_JOB_READY_arg;
   /** @since 2.12 */
   "BLOCK_JOB_PENDING": QObj_BLOCK_JOB_PENDING_arg;
+  /** Emitted by the Quorum block driver if it fails to establish a quorum (qsd-ts has no quorum driver: never emitted). @since 2.0 */
+  "QUORUM_FAILURE": QObj_QUORUM_FAILURE_arg;
+  /** Emitted to report a corruption of a Quorum file (qsd-ts has no quorum driver: never emitted). @since 2.0 */
+  "QUORUM_REPORT_BAD": QObj_QUORUM_REPORT_BAD_arg;
   /** Emitted when writes on block device reaches or exceeds the configured write threshold. For thin-provisioned devices, this means the device should be extended to avoid pausing for disk exhaustion. The event is one shot. Once triggered, it needs to be re-registered with another block-set-write-threshold command. @since 2.3 */
   "BLOCK_WRITE_THRESHOLD": QObj_BLOCK_WRITE_THRESHOLD_arg;
   /** Emitted when a job transitions to a different status. @since 3.0 */
   "JOB_STATUS_CHANGE": QObj_JOB_STATUS_CHANGE_arg;
   /** Emitted when a block export is removed and its id can be reused. @since 5.2 */
   "BLOCK_EXPORT_DELETED": QObj_BLOCK_EXPORT_DELETED_arg;
+  /** Emitted when the guest opens or closes a virtio-serial port (qsd-ts has no guest: never emitted). @since 2.1 */
+  "VSERPORT_CHANGE": QObj_VSERPORT_CHANGE_arg;
 }
 
 export type QmpCommandName = keyof QmpCommands;

@@ -11,6 +11,7 @@ import { blockJobCommands } from './block-jobs.js';
 import { blockDirtyBitmapCommands } from './block-dirty-bitmap.js';
 import { blockSnapshotInternalCommands } from './block-snapshot-internal.js';
 import { blockReopenCommands } from './block-reopen.js';
+import { blockdevChangeCommands } from './blockdev-change.js';
 
 export const allCommands: Record<string, CommandHandler> = {
   ...controlCommands,
@@ -23,5 +24,6 @@ export const allCommands: Record<string, CommandHandler> = {
   ...blockDirtyBitmapCommands,
   ...blockJobCommands,
   ...blockReopenCommands,
+  ...blockdevChangeCommands,
   ...blockSnapshotInternalCommands,
 };
