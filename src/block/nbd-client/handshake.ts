@@ -1,6 +1,8 @@
 // NBD client: connecting to a server and the fixed-newstyle handshake up to transmission.
 import net from 'node:net';
 import * as abi from '../../nbd/nbd-abi.js';
+import type { TlsCreds } from '../../objects/tls-creds.js';
+import { tlsClientSession } from '../../nbd/tls.js';
 import { strerror } from '../../util/errno.js';
 
 /** The server address, as the schema's SocketAddress (flat form). */
@@ -16,6 +18,8 @@ export interface NbdHandshakeRequest {
   exportName: string;
   /** The meta context to ask for: 'base:allocation' or x-dirty-bitmap's. */
   metaContext: string;
+  /** tls-creds (a client endpoint) and the name to check the server's certificate against. */
+  tls?: { creds: TlsCreds; hostname?: string };
 }
 
 /** What the server told us about the export. */
@@ -33,6 +37,9 @@ export interface NbdExportInfo {
 
 /** An error during connect or handshake; `message` is QEMU's text, errno for "Could not open image". */
 export class NbdConnectError extends Error {
+  /** QEMU's hints (printed on the command line, not over QMP), e.g. "server reported: ...". */
+  hint?: string;
+
   constructor(message: string, readonly errno?: string) {
     super(message);
     this.name = 'NbdConnectError';
@@ -187,6 +194,14 @@ async function readOptionReply(r: HandshakeReader, opt: number): Promise<OptionR
 
 /** QEMU's nbd_handle_reply_err(): the message for an error reply to option `opt`. */
 function optionError(reply: OptionReply): NbdConnectError {
+  const err = optionErrorMessage(reply);
+  let hint = reply.type === abi.NBD_REP_ERR_TLS_REQD ? 'Did you forget a valid tls-creds?\n' : '';
+  if (reply.data.length) hint += `server reported: ${reply.data.toString('utf8')}\n`;
+  if (hint) err.hint = hint;
+  return err;
+}
+
+function optionErrorMessage(reply: OptionReply): NbdConnectError {
   const o = `${reply.opt} (${abi.nbdOptName(reply.opt)})`;
   switch (reply.type) {
     case abi.NBD_REP_ERR_UNSUP: return new NbdConnectError(`Unsupported option ${o}`, 'ENOTSUP');
@@ -280,12 +295,13 @@ async function optGo(sock: net.Socket, r: HandshakeReader, req: NbdHandshakeRequ
  * phase with the export's information; bytes read ahead are returned in `rest`.
  */
 export async function nbdHandshake(addr: NbdServerAddress, req: NbdHandshakeRequest): Promise<{ sock: net.Socket; info: NbdExportInfo; rest?: Buffer }> {
-  const sock = await connectSocket(addr);
-  const r = new HandshakeReader(sock);
+  const conn = { sock: await connectSocket(addr), r: undefined as unknown as HandshakeReader };
+  conn.r = new HandshakeReader(conn.sock);
   try {
-    const info = await negotiate(sock, r, req);
-    return { sock, info, rest: r.detach() };
+    const info = await negotiate(conn, req);
+    return { sock: conn.sock, info, rest: conn.r.detach() };
   } catch (err) {
+    const { sock, r } = conn;
     r.detach();
     // As QEMU's client: say NBD_OPT_ABORT rather than just hanging up on the server.
     const abort = Buffer.alloc(abi.NBD_OPT_HEADER_SIZE);
@@ -309,7 +325,25 @@ export function closeSocket(sock: net.Socket, last?: Buffer): void {
   }
 }
 
-async function negotiate(sock: net.Socket, r: HandshakeReader, req: NbdHandshakeRequest): Promise<NbdExportInfo> {
+/** QEMU's nbd_receive_starttls: STARTTLS, then the handshake on the same socket; `conn` switches to TLS. */
+async function startTls(conn: { sock: net.Socket; r: HandshakeReader }, tls: NonNullable<NbdHandshakeRequest['tls']>): Promise<void> {
+  sendOption(conn.sock, abi.NBD_OPT_STARTTLS, Buffer.alloc(0));
+  const reply = await readOptionReply(conn.r, abi.NBD_OPT_STARTTLS);
+  if (isError(reply.type)) throw optionError(reply);
+  if (reply.type !== abi.NBD_REP_ACK) throw new NbdConnectError(`Server rejected request to start TLS ${reply.type}`, 'EINVAL');
+  if (reply.data.length !== 0) throw new NbdConnectError(`Start TLS response was not zero ${reply.data.length}`, 'EINVAL');
+  if (conn.r.detach()) throw new NbdConnectError('Unexpected data from server before TLS', 'EINVAL');
+  try {
+    conn.sock = await tlsClientSession(conn.sock, tls.creds, tls.hostname);
+  } catch (err) {
+    throw new NbdConnectError((err as Error).message, 'EIO');
+  } finally {
+    conn.r = new HandshakeReader(conn.sock);
+  }
+}
+
+async function negotiate(conn: { sock: net.Socket; r: HandshakeReader }, req: NbdHandshakeRequest): Promise<NbdExportInfo> {
+  let { sock, r } = conn;
   const magic = await r.read(8, 'initial magic');
   if (magic.readBigUInt64BE(0) !== abi.NBD_INIT_MAGIC) throw new NbdConnectError('Bad initial magic received', 'EINVAL');
   const magic2 = await r.read(8, 'server magic');
@@ -323,6 +357,11 @@ async function negotiate(sock: net.Socket, r: HandshakeReader, req: NbdHandshake
   const clientFlags = Buffer.alloc(4);
   clientFlags.writeUInt32BE((fixed ? abi.NBD_FLAG_C_FIXED_NEWSTYLE : 0) | (noZeroes ? abi.NBD_FLAG_C_NO_ZEROES : 0), 0);
   sock.write(clientFlags);
+  if (req.tls) {
+    if (!fixed) throw new NbdConnectError('Server does not support STARTTLS', 'EINVAL');
+    await startTls(conn, req.tls);
+    ({ sock, r } = conn);
+  }
   const info: NbdExportInfo = { size: 0, flags: 0, structuredReply: false, metaContextId: -1, minBlock: 0, optBlock: 0, maxBlock: 0 };
   if (fixed) {
     // Only fixed newstyle servers may be sent options they might not know.

@@ -5,7 +5,7 @@ import { BlockIoError } from '../node.js';
 import { genericError } from '../../qapi/errors.js';
 import * as abi from '../../nbd/nbd-abi.js';
 import { strerror } from '../../util/errno.js';
-import { objectsDaemon, userObjects } from '../../objects/user-object.js';
+import { lookupTlsCreds } from '../../objects/tls-creds.js';
 import { discRequest, NbdClient, type NbdExtent } from './client.js';
 import { closeSocket, nbdHandshake, NbdConnectError, type NbdExportInfo, type NbdHandshakeRequest, type NbdServerAddress } from './handshake.js';
 
@@ -38,13 +38,6 @@ interface NbdState {
 
 function hasFlag(st: NbdState, flag: number): boolean {
   return (st.info.flags & flag) !== 0;
-}
-
-/** QEMU's tls-creds lookup: we have no TLS credential objects, so every id is refused. */
-function refuseTlsCreds(id: string): never {
-  const daemon = objectsDaemon();
-  if (daemon && userObjects(daemon).has(id)) throw genericError(`Object with id '${id}' is not TLS credentials`);
-  throw genericError(`No TLS credentials with id '${id}'`);
 }
 
 function sleep(ms: number): Promise<void> {
@@ -220,13 +213,17 @@ export const nbdDriver: BlockDriver<NbdState> = {
       server, export: exportName, 'tls-creds': tlsCreds, 'x-dirty-bitmap': dirtyBitmap,
       'reconnect-delay': reconnectDelay = 0, 'open-timeout': openTimeout = 0,
     } = options;
-    if (tlsCreds !== undefined) refuseTlsCreds(tlsCreds);
     const req: NbdHandshakeRequest = { exportName: exportName ?? '', metaContext: dirtyBitmap ?? 'base:allocation' };
+    if (tlsCreds !== undefined) {
+      // QEMU checks the server's certificate against tls-hostname, else an inet address's host.
+      const hostname = options['tls-hostname'] ?? (server.type === 'inet' ? server.host : undefined);
+      req.tls = { creds: lookupTlsCreds(tlsCreds, 'client'), hostname };
+    }
     let conn;
     try {
       conn = await firstConnect(server, req, Number(openTimeout));
     } catch (err) {
-      if (err instanceof NbdConnectError) throw genericError(err.message);
+      if (err instanceof NbdConnectError) throw genericError(err.message, err.hint);
       throw err;
     }
     const { info } = conn;
