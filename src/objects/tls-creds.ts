@@ -169,7 +169,7 @@ function loadPsk(creds: TlsCreds): void {
   }
   const username = creds.props.username ?? PSK_DEFAULT_USERNAME;
   if (creds.endpoint === 'client' && !keys.has(username)) {
-    throw genericError(`Username ${username} not found in PSK file`);
+    throw genericError(`Username ${username} not found in PSK file ${path}`);
   }
   creds.pskKeys = keys;
 }

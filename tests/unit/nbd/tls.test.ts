@@ -236,6 +236,23 @@ describe('NBD over TLS', function () {
     assert.equal(good.code, 0, good.out);
   });
 
+  it('tls-creds-psk: qemu-img connects with the right key; an unknown username is refused at object-add', async () => {
+    const pskDir = path.join(dir, 'psk');
+    fs.mkdirSync(pskDir);
+    fs.writeFileSync(path.join(pskDir, 'keys.psk'), `qemu:${'5a'.repeat(32)}\n`);
+    const wrongDir = path.join(dir, 'psk-wrong');
+    fs.mkdirSync(wrongDir);
+    fs.writeFileSync(path.join(wrongDir, 'keys.psk'), `qemu:${'a5'.repeat(32)}\n`);
+    assert.throws(() => objectAdd(daemon, { 'qom-type': 'tls-creds-psk', id: 'pu', dir: pskDir, username: 'bob' }),
+      { message: `Username bob not found in PSK file ${pskDir}/keys.psk` });
+    objectAdd(daemon, { 'qom-type': 'tls-creds-psk', id: 'ps', dir: pskDir, endpoint: 'server' });
+    await startServer({ 'tls-creds': 'ps' });
+    const ok = await tool('qemu-img', ['info', '--object', `tls-creds-psk,id=tc,dir=${pskDir},endpoint=client`, '--image-opts', image(',tls-creds=tc')]);
+    assert.equal(ok.code, 0, ok.out);
+    const wrong = await tool('qemu-img', ['info', '--object', `tls-creds-psk,id=tc,dir=${wrongDir},endpoint=client`, '--image-opts', image(',tls-creds=tc')]);
+    assert.notEqual(wrong.code, 0);
+  });
+
   describe('nbd driver as a TLS client of qemu-nbd', () => {
     let nbdSock: string;
     before(async () => {
