@@ -65,8 +65,14 @@ else
 fi
 
 # 3. Unit tests: the JSON reporter gives exact counts; failures are printed readably from it.
-run_stage "mocha" node_modules/.bin/mocha --reporter json --reporter-option "output=$tmp/mocha.json"
+# mocha runs without --exit, so a test that leaves a handle open (a timer, a socket) keeps it
+# alive after its report: the watchdog turns that into a failed check instead of a hung run.
+run_stage "mocha" timeout --signal=KILL "${MOCHA_WATCHDOG_SECONDS:-900}" \
+    node_modules/.bin/mocha --reporter json --reporter-option "output=$tmp/mocha.json"
 mocha_rc=$?
+if [ "$mocha_rc" -eq 137 ]; then
+    echo "  mocha did not exit within ${MOCHA_WATCHDOG_SECONDS:-900} s: a test left a handle open (or hung)" >&2
+fi
 if [ -s "$tmp/mocha.json" ]; then
     read -r mp mf < <(node -e '
         const r = JSON.parse(require("fs").readFileSync(process.argv[1], "utf8"));

@@ -14,7 +14,10 @@ function qemu(arg: string): string | undefined {
 
 describe('cli/object help', () => {
   it('lists only the types object-add can create, sorted', () => {
-    assert.equal(objectTypesHelp(), 'List of user creatable objects:\n  iothread\n  secret\n  throttle-group\n');
+    assert.equal(
+      objectTypesHelp(),
+      'List of user creatable objects:\n  authz-simple\n  iothread\n  secret\n  throttle-group\n  tls-creds-psk\n  tls-creds-x509\n',
+    );
   });
 
   it('prints settable properties sorted as whole lines, QEMU 7.2 byte for byte', function () {

@@ -18,12 +18,14 @@ describe('blockdev-reopen', () => {
     img = path.join(dir, 't.raw');
     fs.writeFileSync(img, Buffer.alloc(65536, 0x5a));
     daemon = new Daemon();
+    daemon.onExit = () => undefined;
     await daemon.graph.add({ driver: 'file', 'node-name': 'f0', filename: img });
     await daemon.graph.add({ driver: 'raw', 'node-name': 'r0', file: 'f0' });
   });
 
   afterEach(async () => {
-    await daemon.graph.closeAll();
+    // requestExit() closes the graph and the daemon's keep-alive timer (mocha runs without --exit).
+    await daemon.requestExit();
     fs.rmSync(dir, { recursive: true, force: true });
   });
 
