@@ -43,10 +43,8 @@ interface FileState extends FileDescription {
   /** fallocate modes that returned EOPNOTSUPP: don't ask again (like QEMU's has_write_zeroes). */
   noZeroRange: boolean;
   noPunchHole: boolean;
-  /** Buffered reads may be tried inline from the page cache (preadv2 RWF_NOWAIT). */
-  inlineReads: boolean;
-  /** Buffered writes may be done inline (see writeNow); false for aio=threads and O_DIRECT. */
-  inlineWrites: boolean;
+  /** The file system refused RWF_NOWAIT reads (tmpfs does): no inline reads. */
+  nowaitReadRefused: boolean;
   /** The file system refused RWF_NOWAIT buffered writes (ext4 does): inline writes are plain pwrites. */
   nowaitWriteRefused: boolean;
   /** performance.now() before which inline plain pwrites are off (they kept blocking). */
@@ -65,8 +63,7 @@ function makeState(desc: FileDescription, isReplica: boolean): FileState {
     isReplica,
     noZeroRange: false,
     noPunchHole: false,
-    inlineReads: !desc.direct && desc.aio !== 'threads',
-    inlineWrites: !desc.direct && desc.aio !== 'threads',
+    nowaitReadRefused: false,
     nowaitWriteRefused: false,
     inlineWritesOffUntil: 0,
     slowWrites: 0,
@@ -184,11 +181,23 @@ const INLINE_BACKOFF_MS = 1000;
  * read (not cached, short, EOF, an error) leaves it to the ring, which reads it again in full.
  */
 function readInline(state: FileState, offset: number, buf: Buffer): boolean {
-  if (!state.inlineReads) return false;
+  if (!inlineIo(state) || state.nowaitReadRefused) return false;
   const r = native.preadNow(state.fd, buf, offset, RWF_NOWAIT);
   if (r === buf.length) return true;
-  if (r === -EOPNOTSUPP) state.inlineReads = false; // tmpfs: no RWF_NOWAIT reads at all
+  if (r === -EOPNOTSUPP) state.nowaitReadRefused = true;
   return false;
+}
+
+/** O_DIRECT must wait for the disk and aio=threads asks for the thread pool: no inline I/O. */
+function inlineIo(state: FileState): boolean {
+  return !state.direct && state.aio !== 'threads';
+}
+
+/** Completes a write that pwritev2 left short; it may wait, but nothing may stay half done. */
+function finishWrite(state: FileState, offset: number, buf: Buffer, done: number): true {
+  if (done < buf.length) native.pwrite(state.fd, buf.subarray(done), offset + done);
+  growLength(state, offset + buf.length);
+  return true;
 }
 
 /**
@@ -200,19 +209,10 @@ function readInline(state: FileState, offset: number, buf: Buffer): boolean {
  * buffered writes to one file anyway. Writes that keep blocking turn inline writes off for a while.
  */
 function writeInline(state: FileState, offset: number, buf: Buffer): boolean {
-  if (!state.inlineWrites) return false;
+  if (!inlineIo(state)) return false;
   if (!state.nowaitWriteRefused) {
     const r = native.pwriteNow(state.fd, buf, offset, RWF_NOWAIT);
-    if (r === buf.length) {
-      growLength(state, offset + r);
-      return true;
-    }
-    if (r > 0) {
-      // A short write: nothing may stay half done behind a false; finish it where it may wait.
-      native.pwrite(state.fd, buf.subarray(r), offset + r);
-      growLength(state, offset + buf.length);
-      return true;
-    }
+    if (r > 0) return finishWrite(state, offset, buf, r);
     if (r !== -EOPNOTSUPP) return false; // EAGAIN (would block) or an error the ring reports
     state.nowaitWriteRefused = true;
   }
@@ -221,8 +221,7 @@ function writeInline(state: FileState, offset: number, buf: Buffer): boolean {
   if (start < state.inlineWritesOffUntil) return false;
   const r = native.pwriteNow(state.fd, buf, offset, 0);
   if (r < 0) throw new BlockIoError(-r, `${strerror(-r)}: write failed`);
-  if (r < buf.length) native.pwrite(state.fd, buf.subarray(r), offset + r);
-  growLength(state, offset + buf.length);
+  finishWrite(state, offset, buf, r);
   const end = performance.now();
   if (end - start > INLINE_SLOW_MS) noteSlowInlineWrite(state, end);
   return true;
@@ -435,7 +434,5 @@ export function fileReopenCommit(state: FileState, fd: number, direct: boolean):
   state.fd = fd;
   state.direct = direct;
   state.alignment = direct ? probeAlignment(fd) : 1;
-  state.inlineReads = !direct && state.aio !== 'threads';
-  state.inlineWrites = !direct && state.aio !== 'threads';
   return old;
 }

@@ -690,8 +690,8 @@ class FuseQueue extends FuseServer {
   private readonly replyLens: Int32Array;
   private readonly replySlots: FuseSlot[] = [];
   private replyCount = 0;
-  /** Per slot: 1 = its reply is queued, 2 = queued and the slot is done with (recycle at flush). */
-  private readonly replyState: Uint8Array;
+  /** Per slot: 1 while its reply is queued; flushReplies() recycles it (finish() released it already). */
+  private readonly replyQueued: Uint8Array;
   private inBatch = false;
   private flushScheduled = false;
   private readonly flushMicrotask = (): void => {
@@ -703,7 +703,7 @@ class FuseQueue extends FuseServer {
     super(node, params);
     const count = params.slots ?? FUSE_DEFAULT_QUEUE_SLOTS;
     this.replyLens = new Int32Array(count);
-    this.replyState = new Uint8Array(count);
+    this.replyQueued = new Uint8Array(count);
     for (let i = 0; i < count; i++) {
       const mem = native.allocAligned(SLOT_BYTES, ALIGN);
       this.slots.push({
@@ -791,7 +791,7 @@ class FuseQueue extends FuseServer {
     this.replyBufs[i] = slot.outHeader;
     this.replyLens[i] = len;
     this.replySlots[i] = slot;
-    this.replyState[slot.index] = 1;
+    this.replyQueued[slot.index] = 1;
     if (!this.inBatch && !this.flushScheduled) {
       this.flushScheduled = true;
       queueMicrotask(this.flushMicrotask);
@@ -805,7 +805,6 @@ class FuseQueue extends FuseServer {
     this.replyCount = 0;
     this.replyBufs.length = count;
     this.channel.writeMany(this.replyBufs, this.replyLens, count);
-    let recycled = false;
     for (let i = 0; i < count; i++) {
       const w = this.replyLens[i]!;
       // ENOENT: the request was interrupted and the kernel forgot it; that is not an error.
@@ -814,20 +813,14 @@ class FuseQueue extends FuseServer {
         console.error(`Export '${this.params.exportId}': Failed to write to FUSE device: ${strerror(-w)}`);
       }
       const slot = this.replySlots[i]!;
-      if (this.replyState[slot.index] === 2) {
-        this.free.push(slot.index);
-        recycled = true;
-      }
-      this.replyState[slot.index] = 0;
+      this.replyQueued[slot.index] = 0;
+      this.free.push(slot.index);
     }
-    if (recycled && !this.polling) this.updateIntake();
+    if (!this.polling) this.updateIntake();
   }
 
   protected recycle(slot: FuseSlot): void {
-    if (this.replyState[slot.index] === 1) {
-      this.replyState[slot.index] = 2; // its reply is still to be written from this slot
-      return;
-    }
+    if (this.replyQueued[slot.index]) return; // its reply is still to be written from it
     this.free.push(slot.index);
     if (!this.polling) this.updateIntake();
   }

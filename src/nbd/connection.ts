@@ -627,18 +627,21 @@ export class NbdConnection {
           return;
         }
       } catch (e) {
-        s.msg = (e as Error)?.message ?? 'I/O error';
-        this.reply(s, abi.nbdErrno((e as { errno?: number })?.errno ?? 5), 0);
+        this.replyFailed(s, e);
         return;
       }
     }
     this.serve(s).then(
       (dataLen) => { if (dataLen >= 0) this.reply(s, 0, dataLen); },
-      (e: { errno?: number; message?: string }) => {
-        s.msg = e?.message ?? 'I/O error';
-        this.reply(s, abi.nbdErrno(e?.errno ?? 5), 0);
-      },
+      (e: unknown) => this.replyFailed(s, e),
     );
+  }
+
+  /** A request the node failed: its errno as NBD's, its message for the log. */
+  private replyFailed(s: Slot, e: unknown): void {
+    const err = e as { errno?: number; message?: string } | undefined;
+    s.msg = err?.message ?? 'I/O error';
+    this.reply(s, abi.nbdErrno(err?.errno ?? 5), 0);
   }
 
   /** QEMU's request checks, in its order; sets s.msg on failure. */
