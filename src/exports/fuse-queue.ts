@@ -460,9 +460,13 @@ export abstract class FuseServer implements LocalQueue {
     o.writeUInt32LE(FUSE_MAX_WRITE_BYTES, abi.INIT_OUT_MAX_WRITE);
     o.writeUInt32LE(1, abi.INIT_OUT_TIME_GRAN);
     o.writeUInt16LE(FUSE_MAX_PAGES, abi.INIT_OUT_MAX_PAGES);
-    if (uring) {
+    // direct_io (fuseOpen) would make the kernel refuse mmap(MAP_SHARED) of the export with ENODEV;
+    // DIRECT_IO_ALLOW_MMAP (Linux >= 6.6) lets it map through the page cache again, which QEMU 7.2
+    // (no direct_io at all) allows and qemu-io/fio users rely on.
+    const flags2 = (offered2 & abi.FUSE2_DIRECT_IO_ALLOW_MMAP) | (uring ? abi.FUSE2_OVER_IO_URING : 0);
+    if (flags2 !== 0) {
       o.writeUInt32LE((flags | abi.FUSE_INIT_EXT) >>> 0, abi.INIT_OUT_FLAGS);
-      o.writeUInt32LE(abi.FUSE2_OVER_IO_URING, abi.INIT_OUT_FLAGS2);
+      o.writeUInt32LE(flags2 >>> 0, abi.INIT_OUT_FLAGS2);
     }
     // The kernel applies the reply while we write it, before the export hears of the outcome.
     queueMicrotask(() => this.initDone(uring ? 2 : 1));
