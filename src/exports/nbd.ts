@@ -62,8 +62,11 @@ export class NbdExport implements BlockExport, NbdServedExport {
     return this.common.writethrough;
   }
 
+  /** Clients holding the export: one that disconnected counts no more, closed socket or not. */
   clientCount(): number {
-    return this.connections.size;
+    let n = 0;
+    for (const c of this.connections) if (c.holdsExport) n++;
+    return n;
   }
 
   connectionGone(): void {

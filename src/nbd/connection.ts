@@ -106,12 +106,15 @@ export class NbdConnection {
 
   private closing = false;
   private socketClosed = false;
+  /** The client sent EOF: it is gone even if our side of the socket is not closed yet. */
+  private peerEnded = false;
   private finished = false;
   private handshakeTimer: NodeJS.Timeout | undefined;
   /** NBD_OPT_STARTTLS succeeded: options (and everything after) go over TLS. */
   private tlsActive = false;
   private readonly onSocketData = (chunk: Buffer) => this.onData(chunk);
   private readonly onSocketError = () => this.close();
+  private readonly onSocketEnd = () => { this.peerEnded = true; };
   private readonly onSocketClose = () => {
     this.socketClosed = true;
     this.closing = true;
@@ -125,6 +128,7 @@ export class NbdConnection {
     socket.setNoDelay(true);
     socket.on('data', this.onSocketData);
     socket.on('error', this.onSocketError);
+    socket.on('end', this.onSocketEnd);
     socket.on('close', this.onSocketClose);
   }
 
@@ -139,6 +143,16 @@ export class NbdConnection {
     g.writeBigUInt64BE(abi.NBD_OPTS_MAGIC, 8);
     g.writeUInt16BE(abi.NBD_FLAG_FIXED_NEWSTYLE | abi.NBD_FLAG_NO_ZEROES, 16);
     this.socket.write(g);
+  }
+
+  /**
+   * Whether this client still holds its export (block-export-del mode=safe refuses while one
+   * does). QEMU drops the client's reference as soon as it has handled NBD_CMD_DISC or EOF and
+   * no request is in flight, not when the socket is finally closed; so a client that has just
+   * exited never makes the next block-export-del fail with 'still in use'.
+   */
+  get holdsExport(): boolean {
+    return !(this.closing || this.peerEnded) || this.inFlight > 0;
   }
 
   /** Requests not yet answered. */
@@ -356,10 +370,12 @@ export class NbdConnection {
     this.phase = 'stalled';
     const raw = this.socket;
     raw.off('data', this.onSocketData);
+    raw.off('end', this.onSocketEnd);
     raw.off('close', this.onSocketClose);
     const { socket, ready } = this.host.tls!(raw);
     this.socket = socket;
     socket.on('error', this.onSocketError);
+    socket.on('end', this.onSocketEnd);
     socket.on('close', this.onSocketClose);
     ready.then(() => {
       if (this.closing) return;
