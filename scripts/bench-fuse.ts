@@ -1,7 +1,7 @@
 // Export benchmark: fio against QEMU's qemu-storage-daemon and qsd-ts over FUSE (1/2/4 queues, a C ceiling) and NBD, one table each.
 //
 // Usage: npm run bench -- [--quick] [--runtime S] [--repeat N] [--filter REGEX]
-//                         [--targets qemu,qsd-1q,qsd-2q,qsd-4q,qsd-ur,ceiling] [--file-cache warm|direct]
+//                         [--targets qemu,qsd-1q,qsd-2q,qsd-4q,qsd-ur,ceiling] [--file-cache warm|warm-seq|direct]
 //                         [--json FILE] [--dir DIR]
 // See docs/BENCHMARK.md for what each column means and how to read the numbers.
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
@@ -32,10 +32,14 @@ const ALL_TARGETS: readonly FuseTarget[] = ['qemu', 'qsd-1q', 'qsd-2q', 'qsd-4q'
 const ENABLE_URING = '/sys/module/fuse/parameters/enable_uring';
 /**
  * How the file and qcow2 nodes use the host page cache. warm: cache.direct=off on both daemons and
- * the image read into the page cache before every fio run, so the cells measure the daemons and not
- * the disk; direct: cache.direct=on, every request reaches the disk.
+ * the image brought into the page cache one 4 KiB page at a time before every fio run (a guest's
+ * random I/O leaves its disk cached that way), so the cells measure the daemons and not the disk;
+ * warm-seq: the same, but read sequentially, which on ext4 (Linux >= 6.16) caches it in large folios
+ * that make every 4 KiB buffered write walk up to 512 buffer heads in the kernel
+ * (scripts/page-warm.c); direct: cache.direct=on, every request reaches the disk.
  */
-type FileCache = 'warm' | 'direct';
+type FileCache = 'warm' | 'warm-seq' | 'direct';
+const FILE_CACHE_MODES: readonly FileCache[] = ['warm', 'warm-seq', 'direct'];
 
 interface Cell {
   /** Row label, also what --filter matches: "null-co randread libaio qd16 j1", "nbd file randwrite qd1". */
@@ -78,7 +82,7 @@ interface Running {
 function usage(code: number): never {
   (code ? console.error : console.log)(
     'usage: npm run bench -- [--quick] [--runtime S] [--repeat N] [--filter REGEX]\n' +
-      `                        [--targets ${ALL_TARGETS.join(',')}] [--file-cache warm|direct]\n` +
+      `                        [--targets ${ALL_TARGETS.join(',')}] [--file-cache warm|warm-seq|direct]\n` +
       '                        [--json FILE] [--dir DIR]\n' +
       '  --quick     smoke run: 5 FUSE and 8 NBD cells, 2 repeats of 2 s\n' +
       '  --runtime   seconds per fio run (default 3)\n' +
@@ -86,7 +90,8 @@ function usage(code: number): never {
       '  --filter    only cells whose name matches REGEX, e.g. "null-co rand.*libaio" or "^nbd"\n' +
       '  --targets   subset of targets, comma-separated (any qsd-* also runs the NBD qsd-ts column);\n' +
       '              qsd-ur switches FUSE-over-io_uring on in the kernel for the run and restores it after\n' +
-      '  --file-cache warm (default): file/qcow2 images in the page cache, cache.direct=off;\n' +
+      '  --file-cache warm (default): file/qcow2 images in the page cache in 4 KiB pages, cache.direct=off;\n' +
+      '              warm-seq: in the page cache as a sequential read leaves it (large folios on ext4);\n' +
       '              direct: cache.direct=on, every request reaches the disk\n' +
       '  --json      also write the raw samples to FILE\n' +
       '  --dir       where the file and qcow2 images go (default /var/tmp; must not be tmpfs)',
@@ -124,8 +129,8 @@ function parseArgs(argv: string[]): Options {
       case '--json': o.json = value(); break;
       case '--file-cache': {
         const v = value();
-        if (v !== 'warm' && v !== 'direct') usage(2);
-        o.fileCache = v;
+        if (!FILE_CACHE_MODES.includes(v as FileCache)) usage(2);
+        o.fileCache = v as FileCache;
         break;
       }
       case '--dir': o.dir = value(); break;
@@ -289,6 +294,8 @@ interface Env {
   readonly tmp: string;
   readonly imageDir: string;
   readonly ceilingBin: string | null;
+  /** scripts/page-warm.c, compiled, in --file-cache warm mode (null: fall back to warm-seq). */
+  readonly pageWarmBin: string | null;
 }
 
 function blockdevJson(target: TargetName, node: NodeKind, image: string, fileCache: FileCache): string {
@@ -470,6 +477,16 @@ function compileCeiling(tmp: string, notes: string[]): string | null {
   return bin;
 }
 
+function compilePageWarm(tmp: string, notes: string[]): string | null {
+  const bin = path.join(tmp, 'page-warm');
+  const r = spawnSync('cc', ['-O2', '-o', bin, path.join(repo, 'scripts', 'page-warm.c')], { encoding: 'utf8' });
+  if (r.status !== 0) {
+    notes.push(`page-warm: cc failed, images warmed sequentially: ${(r.stderr || String(r.error)).trim()}`);
+    return null;
+  }
+  return bin;
+}
+
 /** A preallocated image full of real data, so O_DIRECT reads reach the disk and not a hole. */
 function makeImage(file: string): void {
   const fd = fs.openSync(file, 'w');
@@ -489,7 +506,13 @@ function makeImage(file: string): void {
  * Read the whole image so every page is cached when fio starts. This VM's DAMON reclaim (kdamond)
  * evicts pages that go unused for a while, so each run warms its image again (~0.1 s when cached).
  */
-function warmImage(image: string): void {
+function warmImage(env: Env, image: string, first: boolean): void {
+  if (env.fileCache === 'direct') return;
+  if (env.pageWarmBin) {
+    // The first time, drop what making the image cached in large folios (a few seconds of disk reads).
+    runTool(env.pageWarmBin, first ? ['--drop', image] : [image]);
+    return;
+  }
   const fd = fs.openSync(image, 'r');
   try {
     const chunk = Buffer.allocUnsafe(1 << 20);
@@ -656,7 +679,10 @@ async function main(): Promise<void> {
       }
       imageDir = fs.mkdtempSync(path.join(o.dir, 'qsd-bench-fuse-'));
       const aio = 'qemu aio=threads (its default), qsd-ts aio=io_uring';
-      const cache = o.fileCache === 'warm' ? 'cache.direct=off, image read into the page cache before every run' : 'cache.direct=on';
+      const cache =
+        o.fileCache === 'direct' ? 'cache.direct=on'
+        : o.fileCache === 'warm' ? 'cache.direct=off, image read into the page cache in 4 KiB pages before every run (scripts/page-warm.c)'
+        : 'cache.direct=off, image read sequentially into the page cache before every run (large folios)';
       if (kinds.has('file')) {
         results.notes.push(`file node: raw over file, ${cache}, ${FILE_SIZE >> 20} MiB preallocated image per target in ${o.dir} (${fsType}); ${aio}`);
       }
@@ -684,6 +710,7 @@ async function main(): Promise<void> {
       tmp,
       imageDir: imageDir ?? tmp,
       ceilingBin: o.targets.includes('ceiling') && kinds.has('null-co') ? compileCeiling(tmp, results.notes) : null,
+      pageWarmBin: o.fileCache === 'warm' && (kinds.has('file') || kinds.has('qcow2')) ? compilePageWarm(tmp, results.notes) : null,
     };
 
     const fuseCount = cells.filter((c) => c.transport === 'fuse').length;
@@ -693,6 +720,7 @@ async function main(): Promise<void> {
         `${o.repeat} repeats of ${o.runtime} s (first ${RAMP_SECONDS} s discarded), ${BS / 1024} KiB blocks`,
     );
     const failed = new Set<string>(); // "transport/target/node": start-up failed once; don't retry every repeat.
+    const warmed = new Set<string>(); // images page-warm has dropped and re-read once
 
     for (let rep = 0; rep < o.repeat && !interrupted; rep++) {
       for (const { transport, node } of groups) {
@@ -721,7 +749,8 @@ async function main(): Promise<void> {
               const d = daemons.get(t)!;
               if (d.exited) continue;
               progress(`[${rep + 1}/${o.repeat}] ${cell.name} ${t}`);
-              if (o.fileCache === 'warm' && d.image) warmImage(d.image);
+              if (d.image) warmImage(env, d.image, !warmed.has(d.image));
+              if (d.image) warmed.add(d.image);
               try {
                 const iops = await runFio(cell, d.endpoint, o);
                 const perCell = results.samples.get(cell.name) ?? new Map<TargetName, number[]>();
