@@ -11,6 +11,8 @@ import { errnoOf, strerror } from '../util/errno.js';
 export interface NbdConnectionHost {
   /** Seconds the client may take until it is in transmission; 0 = no limit. */
   readonly handshakeMaxSeconds: number;
+  /** The server's max-connections; 0 = unlimited. 1 takes NBD_FLAG_CAN_MULTI_CONN away. */
+  readonly maxConnections: number;
   /** The socket is closed and no request is in flight any more. */
   connectionClosed(conn: NbdConnection): void;
   /**
@@ -407,10 +409,10 @@ export class NbdConnection {
   }
 
   private transmissionFlags(exp: NbdServedExport): number {
-    // QEMU advertises MULTI_CONN on every export: all connections share one backend, so a
-    // flush on one covers writes completed on another.
-    let f = abi.NBD_FLAG_HAS_FLAGS | abi.NBD_FLAG_SEND_FLUSH | abi.NBD_FLAG_SEND_FUA |
-      abi.NBD_FLAG_SEND_CACHE | abi.NBD_FLAG_CAN_MULTI_CONN;
+    // QEMU advertises MULTI_CONN on every export (all connections share one backend, so a
+    // flush on one covers writes completed on another) unless the server takes one client only.
+    let f = abi.NBD_FLAG_HAS_FLAGS | abi.NBD_FLAG_SEND_FLUSH | abi.NBD_FLAG_SEND_FUA | abi.NBD_FLAG_SEND_CACHE;
+    if (this.host.maxConnections !== 1) f |= abi.NBD_FLAG_CAN_MULTI_CONN;
     if (exp.writable) f |= abi.NBD_FLAG_SEND_TRIM | abi.NBD_FLAG_SEND_WRITE_ZEROES | abi.NBD_FLAG_SEND_FAST_ZERO;
     else f |= abi.NBD_FLAG_READ_ONLY;
     if (this.structured) f |= abi.NBD_FLAG_SEND_DF;

@@ -58,7 +58,7 @@ function errText(e: unknown): string {
 class NbdServer implements NbdConnectionHost {
   readonly handshakeMaxSeconds: number;
   readonly tls: NbdConnectionHost['tls'];
-  private readonly maxConnections: number;
+  readonly maxConnections: number;
   private readonly connections = new Set<NbdConnection>();
   private readonly waiting: net.Socket[] = [];
   private unixPath: string | undefined;
