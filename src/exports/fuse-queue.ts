@@ -528,6 +528,7 @@ export abstract class FuseServer implements LocalQueue {
     }
     if (valid & abi.FATTR_SIZE) {
       if (!writable) return -EACCES;
+      if (!zeroWriteTruncate(this.node)) return -ENOTSUP;
       await this.node.truncate(size, true, 'off');
     }
     if (valid & abi.FATTR_MODE) Atomics.store(this.state, FUSE_STATE_MODE, (mode & 0o7777) | abi.S_IFREG);
@@ -589,7 +590,10 @@ export abstract class FuseServer implements LocalQueue {
   /** Grow the node to at least `end`; growths on this queue run one at a time so none shrinks another's. */
   private grow(end: number): Promise<void> {
     const p = this.growChain.then(async () => {
-      if (this.node.getLength() < end) await this.node.truncate(end, true, 'off');
+      if (this.node.getLength() < end) {
+        if (!zeroWriteTruncate(this.node)) throw new BlockIoError(ENOTSUP, 'Block driver does not support requested flags');
+        await this.node.truncate(end, true, 'off');
+      }
     });
     this.growChain = p.catch(() => undefined);
     return p;
@@ -603,6 +607,7 @@ export abstract class FuseServer implements LocalQueue {
     if (mode === 0) {
       // We can only allocate at EOF, by growing.
       if (offset < blkLen) return -EOPNOTSUPP;
+      if (!zeroWriteTruncate(node)) return -ENOTSUP;
       if (offset > blkLen) await node.truncate(offset, true, 'off');
       await node.truncate(offset + length, true, 'falloc');
       return 0;
@@ -626,6 +631,8 @@ export abstract class FuseServer implements LocalQueue {
     }
     if (mode & abi.FALLOC_FL_ZERO_RANGE) {
       if (!(mode & abi.FALLOC_FL_KEEP_SIZE) && offset + length > blkLen) {
+        // QEMU 7.2 fails this growth of a block device with ENOTSUP too (observed).
+        if (!zeroWriteTruncate(node)) return -ENOTSUP;
         // The grown part reads as zeroes already; the zeroing below covers the rest.
         await node.truncate(offset + length, false, 'off');
       }
@@ -834,6 +841,18 @@ class FuseQueue extends FuseServer {
  * Start serving one FUSE queue in the calling thread (main loop or an iothread; it does not care).
  * `node` is this context's node. Reading starts immediately; see LocalQueue for drain/stop.
  */
+/**
+ * Whether a node can be truncated with QEMU's BDRV_REQ_ZERO_WRITE, which QEMU 7.2's FUSE export asks
+ * for on SETATTR(size), fallocate mode 0 and growing writes: file-posix offers it only on regular
+ * files, raw passes on its child's support, so a (raw over a) host_device export fails those with
+ * ENOTSUP, even for the same size. Drivers without truncate fail with ENOTSUP anyway.
+ */
+function zeroWriteTruncate(node: BlockNode): boolean {
+  let n: BlockNode | undefined = node;
+  while (n?.driver.name === 'raw') n = n.file;
+  return n?.driver.name !== 'host_device';
+}
+
 export function startFuseQueue(node: BlockNode, params: FuseQueueParams & { uring?: undefined }): LocalQueue;
 export function startFuseQueue(node: BlockNode, params: FuseQueueParams): LocalQueue | Promise<LocalQueue>;
 export function startFuseQueue(node: BlockNode, params: FuseQueueParams): LocalQueue | Promise<LocalQueue> {
