@@ -115,6 +115,12 @@ export class NbdConnection {
   /** NBD_OPT_STARTTLS succeeded: options (and everything after) go over TLS. */
   private tlsActive = false;
   private readonly onSocketData = (chunk: Buffer) => this.onData(chunk);
+  /** The socket corked until the replies to the requests of the last data chunk are queued. */
+  private batchCorked: Socket | null = null;
+  private readonly uncorkBatch = () => {
+    this.batchCorked?.uncork();
+    this.batchCorked = null;
+  };
   private readonly onSocketError = () => this.close();
   private readonly onSocketEnd = () => { this.peerEnded = true; };
   private readonly onSocketClose = () => {
@@ -185,6 +191,13 @@ export class NbdConnection {
 
   private onData(chunk: Buffer): void {
     if (this.closing) return;
+    if (this.exp && !this.batchCorked) {
+      // One chunk often carries many requests; their replies (sent at once, or in the promise
+      // jobs that run before the loop's check phase) leave in one writev instead of one each.
+      this.batchCorked = this.socket;
+      this.socket.cork();
+      setImmediate(this.uncorkBatch);
+    }
     if (this.pending && this.pendingPos < this.pending.length) {
       // Only reachable if data arrived while we meant to be paused; keep order.
       this.pending = Buffer.concat([this.pending.subarray(this.pendingPos), chunk]);
