@@ -242,6 +242,10 @@ export class BlockGraph {
       if (nodeName === undefined) nodeName = this.generateNodeName();
       // Children are named before their parent: QEMU lists the parent first (newest first).
       if (this.entries.has(nodeName)) throw genericError(`Duplicate nodes with node-name='${nodeName}'`);
+      // QEMU's bdrv_parse_detect_zeroes, checked once the node is named, before the driver opens.
+      if (options['detect-zeroes'] === 'unmap' && options.discard !== 'unmap') {
+        throw genericError('setting detect-zeroes to unmap is not allowed without setting discard operation to unmap');
+      }
       const node = new BlockNode({ nodeName, driver, readOnly, options, children });
       for (const { role, entry } of edges) this.checkNewUser(entry, this.parentUser(node, role, readOnly));
       node.state = await driver.open(node, options);

@@ -14,6 +14,18 @@ export class BlockIoError extends Error {
   }
 }
 
+/** Compared against in detect-zeroes checks (memcmp in native code beats a JS loop). */
+const ZERO_CHUNK = Buffer.alloc(64 * 1024);
+
+/** QEMU's qemu_iovec_is_zero for one buffer. */
+function isAllZero(buf: Buffer): boolean {
+  for (let at = 0; at < buf.length; at += ZERO_CHUNK.length) {
+    const n = Math.min(ZERO_CHUNK.length, buf.length - at);
+    if (ZERO_CHUNK.compare(buf, at, at + n, 0, n) !== 0) return false;
+  }
+  return true;
+}
+
 /** QEMU's BDRV_REQUEST_MAX_BYTES: the largest single request (INT_MAX rounded down to 512). */
 export const BDRV_REQUEST_MAX_BYTES = 0x7ffffe00;
 
@@ -115,6 +127,16 @@ export class BlockNode {
     return this.options.discard === 'unmap';
   }
 
+  /**
+   * detect-zeroes on or unmap, for a driver that can write zeroes (QEMU's bdrv_aligned_pwritev
+   * turns an all-zero write into a zero write only then). Read from the options each time:
+   * blockdev-reopen may change it.
+   */
+  private get detectsZeroes(): boolean {
+    const dz = this.options['detect-zeroes'];
+    return dz !== undefined && dz !== 'off' && this.driver.writeZeroes !== undefined;
+  }
+
   private checkWritable(): void {
     if (this.readOnly) throw new BlockIoError(EPERM, `node '${this.nodeName}' is read-only`);
   }
@@ -151,7 +173,7 @@ export class BlockNode {
    */
   tryWrite(offset: number, buf: Buffer, flags: WriteFlags): boolean {
     const writeNow = this.driver.writeNow;
-    if (writeNow === undefined || this.readOnly) return false;
+    if (writeNow === undefined || this.readOnly || this.detectsZeroes) return false;
     const t = this.tracking;
     if (t !== null && !t.idle()) return false;
     this.checkRequest(offset, buf.length);
@@ -165,6 +187,11 @@ export class BlockNode {
     this.checkRequest(offset, buf.length);
     if (!this.driver.write) throw new BlockIoError(EPERM, `driver '${this.driver.name}' is read-only`);
     if (buf.length === 0) return;
+    if (this.detectsZeroes && isAllZero(buf)) {
+      // detect-zeroes=unmap also lets the zero write deallocate (writeZeroes still requires
+      // discard=unmap for that, which opening a node with detect-zeroes=unmap enforces).
+      return this.writeZeroes(offset, buf.length, { fua: flags.fua, mayUnmap: this.options['detect-zeroes'] === 'unmap' });
+    }
     this.writeGen++;
     const t = this.tracking;
     if (t === null || t.idle()) return this.driver.write(this.state, offset, buf, flags);
