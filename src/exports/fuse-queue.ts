@@ -838,10 +838,6 @@ class FuseQueue extends FuseServer {
 }
 
 /**
- * Start serving one FUSE queue in the calling thread (main loop or an iothread; it does not care).
- * `node` is this context's node. Reading starts immediately; see LocalQueue for drain/stop.
- */
-/**
  * Whether a node can be truncated with QEMU's BDRV_REQ_ZERO_WRITE, which QEMU 7.2's FUSE export asks
  * for on SETATTR(size), fallocate mode 0 and growing writes: file-posix offers it only on regular
  * files, raw passes on its child's support, so a (raw over a) host_device export fails those with
@@ -853,6 +849,10 @@ function zeroWriteTruncate(node: BlockNode): boolean {
   return n?.driver.name !== 'host_device';
 }
 
+/**
+ * Start serving one FUSE queue in the calling thread (main loop or an iothread; it does not care).
+ * `node` is this context's node. Reading starts immediately; see LocalQueue for drain/stop.
+ */
 export function startFuseQueue(node: BlockNode, params: FuseQueueParams & { uring?: undefined }): LocalQueue;
 export function startFuseQueue(node: BlockNode, params: FuseQueueParams): LocalQueue | Promise<LocalQueue>;
 export function startFuseQueue(node: BlockNode, params: FuseQueueParams): LocalQueue | Promise<LocalQueue> {
