@@ -130,6 +130,33 @@ function probeFormat(filename: string): string {
 }
 
 /** How QEMU names a user in permission messages: a parent node, or an anonymous backend. */
+/**
+ * A node that passes its users' permissions through to its child, as QEMU's
+ * bdrv_filter_default_perms does: filters, and raw without offset or size (which QEMU opens
+ * with a FILTERED child).
+ */
+function passesThrough(node: BlockNode): boolean {
+  if (node.driver.isFilter) return true;
+  return node.driver.name === 'raw' && node.options.offset === undefined && node.options.size === undefined;
+}
+
+/**
+ * What a user really shares of its node. A pass-through parent shares only what every one of its
+ * own users shares (an NBD export over raw that unshares resize keeps raw's file from being
+ * resized too; QEMU names raw as the one unsharing it).
+ */
+function effectiveShared(user: NodeUser, depth = 0): ReadonlySet<Permission> {
+  const parent = user.parent;
+  if (!parent || depth > 32 || user.role !== 'file' || !passesThrough(parent.node)) return user.shared;
+  let shared: Set<Permission> | undefined;
+  for (const u of parent.users) {
+    const s = effectiveShared(u, depth + 1);
+    // All of consistent read, write, write unchanged and resize pass through a filter.
+    for (const p of ALL_PERMS) if (!s.has(p) && user.shared.has(p)) (shared ??= new Set(user.shared)).delete(p);
+  }
+  return shared ?? user.shared;
+}
+
 function describeUser(user: NodeUser): string {
   return user.parent ? `node '${user.name}'` : 'an unnamed block device';
 }
@@ -149,6 +176,7 @@ function permsFor(readOnly: boolean, resize: boolean): Set<Permission> {
 /** What a format parent lets others do to its file child (bdrv_default_perms_for_storage). */
 const FORMAT_SHARED: ReadonlySet<Permission> = new Set(['consistent read', 'write unchanged']);
 const SHARE_ALL: ReadonlySet<Permission> = new Set(ALL_PERMS);
+const SHARE_ALL_BUT_RESIZE: ReadonlySet<Permission> = new Set(ALL_PERMS.filter((p) => p !== 'resize'));
 
 export class BlockGraph {
   /** Every node with its name, newest first as QEMU lists them. */
@@ -269,6 +297,11 @@ export class BlockGraph {
     }
     // A backing file is read consistently; raw's file gets what raw's own users ask (not propagated).
     const perms = new Set<Permission>(role === 'backing' ? ['consistent read'] : []);
+    // raw with an offset or a size holds its file as data (QEMU's storage perms): it may assume the
+    // file's size, so nobody may resize it. Without them raw is a filter (see effectiveShared).
+    if (role === 'file' && node.driver.name === 'raw' && !passesThrough(node)) {
+      return { name: node.nodeName, role, perms, shared: SHARE_ALL_BUT_RESIZE, parent };
+    }
     return { name: node.nodeName, role, perms, shared: SHARE_ALL, parent };
   }
 
@@ -335,7 +368,8 @@ export class BlockGraph {
     for (const other of entry.users) {
       const theirs = ALL_PERMS.filter((p) => other.perms.has(p) && !user.shared.has(p));
       if (theirs.length) throw conflict(other, user, theirs);
-      const ours = ALL_PERMS.filter((p) => user.perms.has(p) && !other.shared.has(p));
+      const otherShared = effectiveShared(other);
+      const ours = ALL_PERMS.filter((p) => user.perms.has(p) && !otherShared.has(p));
       if (ours.length) throw conflict(user, other, ours);
     }
   }
