@@ -129,7 +129,6 @@ function probeFormat(filename: string): string {
   }
 }
 
-/** How QEMU names a user in permission messages: a parent node, or an anonymous backend. */
 /**
  * A node that passes its users' permissions through to its child, as QEMU's
  * bdrv_filter_default_perms does: filters, and raw without offset or size (which QEMU opens
@@ -157,6 +156,7 @@ function effectiveShared(user: NodeUser, depth = 0): ReadonlySet<Permission> {
   return shared ?? user.shared;
 }
 
+/** How QEMU names a user in permission messages: a parent node, or an anonymous backend. */
 function describeUser(user: NodeUser): string {
   return user.parent ? `node '${user.name}'` : 'an unnamed block device';
 }
