@@ -10,7 +10,7 @@ import type { ChardevBackend } from './qapi/generated/types.js';
 import { QmpError } from './qapi/errors.js';
 import { validateType } from './qapi/schema.js';
 import { parseKeyval, parseKeyvalWithHelp, isJsonArgument } from './cli/keyval.js';
-import { parseQemuOpts, checkChardevOpts, formatQemuOptsHelp } from './cli/qemu-opts.js';
+import { parseQemuOpts, checkChardevOpts, formatQemuOptsHelp, QemuOptsError } from './cli/qemu-opts.js';
 import { parseQmpJson } from './qmp/json.js';
 import { objectAdd, objectTypeHelp, objectTypesHelp } from './qmp/commands/qom.js';
 import { nbdServerStart } from './nbd/server.js';
@@ -123,7 +123,14 @@ function validated(typeName: string, text: string, impliedKey?: string): Record<
 }
 
 function chardevOptions(text: string, warn: (message: string, hint: string) => void): { id: string; backend: ChardevBackend } {
-  const parsed = parseQemuOpts(text, 'backend');
+  let parsed;
+  try {
+    parsed = parseQemuOpts(text, 'backend');
+  } catch (e) {
+    // QEMU prints each warning as it parses, so those before the failing element come first.
+    if (e instanceof QemuOptsError) for (const w of e.warnings) warn(w.message, w.hint);
+    throw e;
+  }
   for (const w of parsed.warnings) warn(w.message, w.hint);
   // `…,help`: the option list, exit 1; `help` as the backend: the backends, newest first, exit 0.
   if (parsed.help) {

@@ -55,6 +55,9 @@ function register(daemon: Daemon, chardev: Chardev): void {
  */
 export async function addChardev(daemon: Daemon, id: string, backend: ChardevBackend, origin: ChardevOrigin): Promise<Chardev> {
   if (origin === 'qmp' && daemon.chardevs.has(id)) throw genericError(`Chardev with id '${id}' already exists`);
+  // A socket backend registers its yank instance ("chardev:<id>") before it opens, so a second
+  // socket of the same id (--chardev) fails there, before the duplicate-child check below.
+  if (backend.type === 'socket' && daemon.chardevs.get(id)?.backend.type === 'socket') throw genericError('duplicate yank instance');
   const chardev = createChardev(daemon, id, backend, origin);
   daemon.openingChardevs.add(chardev);
   try {

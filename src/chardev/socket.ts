@@ -33,9 +33,20 @@ const GAI_MESSAGES: Record<string, string> = {
   EAI_SERVICE: 'Servname not supported for ai_socktype',
 };
 
-/** getaddrinfo's service lookup: a number (taken modulo 2^16, as htons does) or an /etc/services TCP name. */
-function resolvePort(host: string, port: string): number {
-  if (/^\d+$/.test(port)) return Number(BigInt(port) & 0xffffn);
+/**
+ * getaddrinfo's service lookup: glibc takes strtoul(port) when it consumes the whole string (so
+ * " 7", "+5" and "-5" are numbers) into an int, where -1 means "not a number"; htons keeps the low
+ * 16 bits (99999 listens on 34463). Anything else is an /etc/services TCP name.
+ */
+export function resolvePort(host: string, port: string): number {
+  const m = /^[ \t\n\v\f\r]*([+-]?)(\d+)$/.exec(port);
+  if (m) {
+    const U64 = (1n << 64n) - 1n;
+    let v = BigInt(m[2]!);
+    if (v > U64) v = U64; // strtoul saturates
+    if (m[1] === '-') v = (-v) & U64;
+    if ((v & 0xffffffffn) !== 0xffffffffn) return Number(v & 0xffffn);
+  }
   try {
     const services = fs.readFileSync('/etc/services', 'utf8');
     for (const line of services.split('\n')) {

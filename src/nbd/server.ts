@@ -6,6 +6,7 @@ import { genericError } from '../qapi/errors.js';
 import { NbdConnection, type NbdConnectionHost } from './connection.js';
 import { lookupTlsCreds, type TlsCreds } from '../objects/tls-creds.js';
 import { tlsServerSession } from './tls.js';
+import { resolvePort } from '../chardev/socket.js';
 
 /** NbdServerOptions with the flat SocketAddress (the command-line form). */
 export interface NbdServerConfig {
@@ -90,11 +91,8 @@ class NbdServer implements NbdConnectionHost {
       });
     switch (addr.type) {
       case 'inet': {
-        const port = Number(addr.port);
-        if (!/^\d+$/.test(addr.port) || port > 65535) {
-          // Service names are not resolved; QEMU's getaddrinfo() wording for an unknown one.
-          throw genericError(`address resolution failed for ${addr.host}:${addr.port}: Servname not supported for ai_socktype`);
-        }
+        // getaddrinfo()'s service rules (numbers modulo 2^16, /etc/services names) and its wording.
+        const port = resolvePort(addr.host, addr.port);
         const host = addr.host === '' ? (addr.ipv6 && !addr.ipv4 ? '::' : '0.0.0.0') : addr.host;
         try {
           await listenOn({ host, port, exclusive: true, ipv6Only: addr.ipv6 === true && addr.ipv4 === false });
