@@ -23,15 +23,20 @@ export const blockExportCommands: Record<string, CommandHandler> = {
     return {};
   },
   async 'nbd-server-add'(args, { daemon }) {
+    // QEMU 7.2 looks the device up (as a device name, then a node name) before anything else,
+    // even before checking that the server runs.
+    const { device } = args as { device: string };
+    if (!daemon.graph.lookup(device)) throw genericError(`Cannot find device='${device}' nor node-name='${device}'`);
     if (!nbdServerRunning()) throw genericError('NBD server not running');
     await daemon.exports.add(nbdServerAddOptionsToExport(args));
     return {};
   },
   async 'nbd-server-remove'(args: { name: string; mode?: 'safe' | 'hard' }, { daemon }) {
-    if (!nbdServerRunning()) throw genericError('NBD server not running');
+    // QEMU 7.2 only refuses exports of another type here and otherwise is block-export-del: it
+    // never says the server is not running (every NBD export is gone once it stops).
     const del = nbdServerRemoveToExportDel(args);
     const entry = daemon.exports.find(del.id);
-    if (!entry || entry.type !== 'nbd') throw genericError(`Export '${del.id}' is not found`);
+    if (entry && entry.type !== 'nbd') throw genericError(`Block export '${del.id}' is not an NBD export`);
     await daemon.exports.del(del.id, del.mode);
     return {};
   },
