@@ -190,6 +190,7 @@ interface BackupArgs {
   'job-id'?: string; device: string; target: string; sync: string; speed?: number; bitmap?: string;
   'bitmap-mode'?: BitmapSyncMode; compress?: boolean; 'auto-finalize'?: boolean; 'auto-dismiss'?: boolean;
   format?: string; mode?: string; 'filter-node-name'?: string;
+  'x-perf'?: { 'use-copy-range'?: boolean; 'max-workers'?: number; 'max-chunk'?: number };
 }
 
 /** Exports in iothreads write through replicas that cannot copy before writing: refuse. */
@@ -300,6 +301,10 @@ function createBackup(daemon: Daemon, bs: BlockNode, target: BlockNode, args: Ba
   if (args.compress && target.driver.name !== 'qcow2') throw genericError('Compression is not supported for this drive ');
   daemon.graph.checkOp(bs, 'commit-target');
   daemon.graph.checkOp(target, 'commit-target');
+  // x-perf only tunes QEMU's copy workers; qsd-ts checks its bounds at QEMU's point and ignores it.
+  const { 'max-workers': maxWorkers = 64, 'max-chunk': maxChunk = 0 } = args['x-perf'] ?? {};
+  if (maxWorkers < 1 || maxWorkers > 2147483647) throw genericError('max-workers must be between 1 and 2147483647');
+  if (maxChunk < 0) throw genericError('max-chunk must be zero (which means no limit) or positive');
   if (bitmap && mode !== 'never') checkBitmap(bitmap, BITMAP_CHECK_DEFAULT);
   if (bs.getLength() !== target.getLength()) throw genericError('Source and target image have different sizes');
   assertMainLoopWriters(daemon, bs);
