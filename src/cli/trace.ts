@@ -100,15 +100,24 @@ export function traceOption(text: string, prog: string, option: string): TraceOu
     } catch (err) {
       return { stderr: `${stderr}${prog}:${events}: ${strerror(err)}\n`, exit: { code: 1 } };
     }
-    // fgets() lines: the newline (or, on an unterminated last line, its last byte) is cut.
-    const lines = content.match(/[^\n]*\n|[^\n]+$/g) ?? [];
-    lines.forEach((raw, i) => {
-      if (raw.length <= 1) return;
+    // QEMU reads with fgets() into a 1024-byte buffer: a longer line comes in 1023-byte pieces,
+    // each counted as a line; each is a C string (cut at a NUL), and its last byte (the newline,
+    // or the last character of an unterminated last line) is cut.
+    let lineNo = 0;
+    for (let p = 0; p < content.length; ) {
+      const nl = content.indexOf('\n', p);
+      const end = Math.min(nl < 0 ? content.length : nl + 1, p + 1023);
+      let raw = content.slice(p, end);
+      p = end;
+      lineNo++;
+      const nul = raw.indexOf('\0');
+      if (nul >= 0) raw = raw.slice(0, nul);
+      if (raw.length <= 1) continue;
       const line = raw.slice(0, -1);
-      if (line.startsWith('#')) return;
+      if (line.startsWith('#')) continue;
       const warning = enableEvents(line);
-      if (warning) stderr += `${prog}:${events}:${i + 1}: warning: ${warning}\n`;
-    });
+      if (warning) stderr += `${prog}:${events}:${lineNo}: warning: ${warning}\n`;
+    }
   }
   if (file !== undefined) {
     try {
