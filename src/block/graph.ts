@@ -100,6 +100,58 @@ const BASE_OPTIONS = new Set([
 ]);
 
 /**
+ * QEMU's strong runtime options per driver: only these change what a node presents, so only they
+ * make its filename a json: one and only they appear in the json: body (with driver and filename),
+ * under their flattened keys; a key ending in '.' is a prefix. Tuning options (aio, locking, the
+ * qcow2 cache sizes, latency-ns...) do neither. A driver missing here shows all its options.
+ */
+const STRONG_OPTIONS: Record<string, readonly string[]> = {
+  file: [], host_device: [], 'copy-on-read': [],
+  raw: ['offset', 'size'],
+  'null-co': ['size', 'read-zeroes'], 'null-aio': ['size', 'read-zeroes'],
+  qcow2: ['encrypt.key-secret'],
+  luks: ['key-secret'],
+  throttle: ['throttle-group'],
+  blkdebug: ['config', 'inject-error.', 'set-state.', 'align', 'max-transfer', 'opt-write-zero', 'max-write-zero',
+    'opt-discard', 'max-discard'],
+};
+
+/** Options every driver copies into its json: body (QEMU's global options of bdrv_refresh_filename). */
+const GLOBAL_OPTIONS = ['filename'];
+
+/** The options of a node that QEMU's json: filename shows, flattened as QEMU keeps them (a.0.b). */
+function strongOptions(node: BlockNode): Record<string, unknown> {
+  const strong = STRONG_OPTIONS[node.driver.name];
+  const out: Record<string, unknown> = {};
+  if (!strong) {
+    for (const [key, value] of Object.entries(node.options)) {
+      if (!BASE_OPTIONS.has(key) && key !== 'file' && key !== 'backing') out[key] = value;
+    }
+    return out;
+  }
+  const isStrong = (key: string) => GLOBAL_OPTIONS.includes(key) ||
+    strong.some((s) => (s.endsWith('.') ? key.startsWith(s) : key === s));
+  const walk = (prefix: string, value: unknown): void => {
+    if (value !== null && typeof value === 'object') {
+      for (const [k, v] of Object.entries(value)) walk(`${prefix}.${k}`, v);
+    } else if (isStrong(prefix)) {
+      out[prefix] = value;
+    }
+  };
+  for (const [key, value] of Object.entries(node.options)) {
+    if (BASE_OPTIONS.has(key) || key === 'file' || key === 'backing') continue;
+    if (isStrong(key)) out[key] = value;
+    else if (value !== null && typeof value === 'object') walk(key, value);
+  }
+  return out;
+}
+
+/** The name of a node's primary child in QEMU (blkdebug calls it image). */
+function fileChildName(node: BlockNode): string {
+  return node.driver.name === 'blkdebug' ? 'image' : 'file';
+}
+
+/**
  * QEMU's bdrv_inherited_options for a child defined inline: unless the child sets them itself,
  * it takes the parent's discard and cache modes (a node referenced by name keeps its own).
  */
@@ -734,13 +786,9 @@ export class BlockGraph {
    * `backing` appears only when overridden: the backing node's options, or null for none.
    */
   static fullOptions(node: BlockNode, toJson?: (value: unknown) => string): Record<string, unknown> {
-    const out: Record<string, unknown> = { driver: node.driver.name };
-    for (const [key, value] of Object.entries(node.options)) {
-      if (BASE_OPTIONS.has(key) || key === 'file' || key === 'backing') continue;
-      out[key] = value;
-    }
+    const out: Record<string, unknown> = { driver: node.driver.name, ...strongOptions(node) };
     const file = node.file;
-    if (file) out.file = BlockGraph.fullOptions(file, toJson);
+    if (file) out[fileChildName(node)] = BlockGraph.fullOptions(file, toJson);
     if (toJson && backingOverridden(node, toJson)) {
       let backing = viewBacking(node);
       if (backing && implicitFilters.has(backing)) backing = node.backing;
@@ -789,9 +837,7 @@ export function nodeFilename(node: BlockNode, toJson: (value: unknown) => string
   const driver = node.driver.name;
   if (driver === 'file' || driver === 'host_device') return node.options.filename;
   if (node.driver.filename) return node.driver.filename(node, toJson);
-  const extra = Object.keys(node.options).filter(
-    (k) => !BASE_OPTIONS.has(k) && k !== 'file' && k !== 'backing' && k !== 'latency-ns',
-  );
+  const extra = Object.keys(strongOptions(node)).filter((k) => k !== 'filename');
   if (driver === 'blkdebug' && node.file) {
     // QEMU's blkdebug_refresh_filename: "blkdebug:<config>:<image>" when nothing else is set.
     const image = nodeFilename(node.file, toJson);
@@ -803,7 +849,9 @@ export function nodeFilename(node: BlockNode, toJson: (value: unknown) => string
     if (extra.length === 0) return `${driver}://`;
   } else if (extra.length === 0 && node.file && !backingOverridden(node, toJson) && driver !== 'copy-on-read') {
     // (QEMU's copy-on-read never takes its child's name: it shows as json: with its child.)
-    return nodeFilename(node.file, toJson);
+    // Only a protocol child's exact name carries over: reopening it must rebuild the same tree.
+    const name = nodeFilename(node.file, toJson);
+    if (!name.startsWith('json:') && (node.file.driver.isProtocol || STRONG_OPTIONS[driver] === undefined)) return name;
   } else if (extra.length === 0 && node.driver.isFilter && node.backing) {
     // A job's filter over a backing child (commit_top, mirror_top) shows its child's name.
     return nodeFilename(node.backing, toJson);
