@@ -433,11 +433,16 @@ export function objectAdd(daemon: Daemon, args: Record<string, any>): void {
   if (!idWellformed(id)) {
     throw genericError("Parameter 'id' expects an identifier", "Identifiers consist of letters, digits, '-', '.', '_', starting with a letter.\n");
   }
-  if (daemon.objects.has(id) || userObjects(daemon).has(id)) {
-    throw genericError(`attempt to add duplicate property '${id}' to object (type 'container')`);
-  }
+  // QEMU (user_creatable_add_type) sets the properties first, then adds the child to /objects
+  // (the duplicate check), then completes it: a bad value wins over a taken id.
+  const checkDuplicate = (): void => {
+    if (daemon.objects.has(id) || userObjects(daemon).has(id)) {
+      throw genericError(`attempt to add duplicate property '${id}' to object (type 'container')`);
+    }
+  };
   if (type !== 'iothread') {
     const complete = prepareUserObject(daemon, type, id, props);
+    checkDuplicate();
     // QEMU adds the child before completing it and deletes it on failure: the table keeps a tombstone.
     objectTable(daemon).insert(id);
     let obj: UserObject;
@@ -458,6 +463,7 @@ export function objectAdd(daemon: Daemon, args: Record<string, any>): void {
     if (v < 0) throw genericError(`${key} value must be in range [0, 9223372036854775807]`);
     checked[key] = v;
   }
+  checkDuplicate();
   checkThreadPool(checked);
   objectTable(daemon).insert(id);
   daemon.objects.set(id, new IoThread(id, checked));
