@@ -273,7 +273,8 @@ export const blkdebugDriver: BlockDriver<BlkdebugState> = {
   closeReplica() {},
   debugEvent,
   getLength: (s) => s.image.getLength(),
-  getAllocatedFileSize: (s) => s.image.getAllocatedFileSize(),
+  // QEMU's blkdebug is a protocol driver without its own allocated size: actual-size is absent.
+  getAllocatedFileSize: async () => NaN,
   requestAlignment: (s) => s.align,
   optimalTransfer: (s) => s.image.optimalTransfer(),
 

@@ -267,9 +267,13 @@ function makeFileDriver(name: 'file' | 'host_device'): BlockDriver<FileState> {
         throw genericError(`Could not open '${filename}': ${strerror(err)}`);
       }
       const st = fs.fstatSync(fd);
-      if (st.isDirectory()) {
+      // QEMU's raw_open_common: file takes regular files only, host_device devices only (a
+      // directory opened read-only gets here; read-write it already failed with EISDIR).
+      if (name === 'file' ? !st.isFile() : !(st.isBlockDevice() || st.isCharacterDevice())) {
         fs.closeSync(fd);
-        throw genericError(`Could not open '${filename}': Is a directory`);
+        throw genericError(name === 'file'
+          ? `'file' driver requires '${filename}' to be a regular file`
+          : `'host_device' driver requires '${filename}' to be either a character or block device`);
       }
       const isBlockDevice = st.isBlockDevice();
       const lengthCell = new SharedArrayBuffer(8);

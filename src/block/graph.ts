@@ -322,12 +322,21 @@ export class BlockGraph {
       if (nodeName === undefined) nodeName = this.generateNodeName();
       // Children are named before their parent: QEMU lists the parent first (newest first).
       if (this.entries.has(nodeName)) throw genericError(`Duplicate nodes with node-name='${nodeName}'`);
+      // QEMU's bdrv_open_common refuses this before it looks at anything else of the node.
+      if (options['force-share'] === true && !readOnly) {
+        throw genericError('force-share=on can only be used with read-only images');
+      }
       // QEMU's bdrv_parse_detect_zeroes, checked once the node is named, before the driver opens.
       if (options['detect-zeroes'] === 'unmap' && options.discard !== 'unmap') {
         throw genericError('setting detect-zeroes to unmap is not allowed without setting discard operation to unmap');
       }
       const node = new BlockNode({ nodeName, driver, readOnly, options, children });
-      for (const { role, entry } of edges) this.checkNewUser(entry, this.parentUser(node, role, readOnly));
+      for (const { role, entry } of edges) {
+        const user = this.parentUser(node, role, readOnly);
+        // A writable format over a read-only node it would write (its metadata): QEMU's permission update refuses.
+        if (user.perms.has('write') && entry.node.readOnly) throw genericError('Block node is read-only');
+        this.checkNewUser(entry, user);
+      }
       node.state = await driver.open(node, options);
       const entry: GraphEntry = { node, monitorOwned: false, users: new Set(), order: order ?? this.nextOrder++ };
       for (const { role, entry: child } of edges) child.users.add(this.parentUser(node, role, node.readOnly, entry));
@@ -369,7 +378,13 @@ export class BlockGraph {
     if (ref === null) return;
     let backing: GraphEntry | undefined;
     if (ref !== undefined) {
-      backing = await this.resolveRef(ref, { readOnly: true }, opened);
+      try {
+        backing = await this.resolveRef(ref, { readOnly: true }, opened);
+      } catch (err) {
+        // QEMU's bdrv_open_backing_file() prepends this to whatever went wrong.
+        if (err instanceof QmpError) throw new QmpError(err.errorClass, `Could not open backing file: ${err.message}`, err.hint);
+        throw err;
+      }
     } else {
       const info = await this.backingResolver({ driver: options.driver, file: file.node });
       if (!info.backingFile) return;
@@ -850,8 +865,9 @@ export function nodeFilename(node: BlockNode, toJson: (value: unknown) => string
   } else if (extra.length === 0 && node.file && !backingOverridden(node, toJson) && driver !== 'copy-on-read') {
     // (QEMU's copy-on-read never takes its child's name: it shows as json: with its child.)
     // Only a protocol child's exact name carries over: reopening it must rebuild the same tree.
+    // (QEMU's blkdebug is a protocol driver: it opens its image itself.)
     const name = nodeFilename(node.file, toJson);
-    if (!name.startsWith('json:') && (node.file.driver.isProtocol || STRONG_OPTIONS[driver] === undefined)) return name;
+    if (!name.startsWith('json:') && (node.file.driver.isProtocol || node.file.driver.name === 'blkdebug' || STRONG_OPTIONS[driver] === undefined)) return name;
   } else if (extra.length === 0 && node.driver.isFilter && node.backing) {
     // A job's filter over a backing child (commit_top, mirror_top) shows its child's name.
     return nodeFilename(node.backing, toJson);

@@ -105,7 +105,7 @@ export const qcow2Driver: BlockDriver<Qcow2State> = {
     if (file === undefined) throw genericError("Parameter 'file' is missing");
     const unmap = options.discard === 'unmap';
     const passDiscard = (options['pass-discard-request'] as boolean | undefined) ?? unmap;
-    const img = await openImage(file, node.children.get('backing'), { readOnly: node.readOnly, passDiscard });
+    const img = await openImage(file, node.children.get('backing'), { readOnly: node.readOnly, passDiscard, options });
     try {
       await loadBitmaps(img, node, node.readOnly);
     } catch (e) {

@@ -10,11 +10,44 @@ export interface OpenOptions {
   readOnly: boolean;
   /** Discards from the guest punch holes in the file (pass-discard-request). */
   passDiscard: boolean;
+  /** The node's blockdev-add options: the cache and refcount ones are checked against the header. */
+  options?: Record<string, any>;
+}
+
+/**
+ * QEMU's qcow2_update_options checks, in its order: the cache sizes (which need the cluster size),
+ * the cleaning interval and lazy refcounts (which need a version 3 image). The sizes themselves
+ * only tune QEMU's metadata caches; ours size themselves, so they are checked, not used.
+ */
+function checkOptions(o: Record<string, any>, clusterSize: number, version: number): void {
+  const combined = o['cache-size'];
+  const l2 = o['l2-cache-size'];
+  const refcount = o['refcount-cache-size'];
+  if (combined !== undefined) {
+    if (l2 !== undefined && refcount !== undefined) {
+      throw genericError('cache-size, l2-cache-size and refcount-cache-size may not be set at the same time');
+    } else if (l2 !== undefined && l2 > combined) {
+      throw genericError('l2-cache-size may not exceed cache-size');
+    } else if ((refcount ?? 0) > combined) {
+      throw genericError('refcount-cache-size may not exceed cache-size');
+    }
+  }
+  const entry = o['l2-cache-entry-size'] ?? clusterSize;
+  if (entry < 512 || entry > clusterSize || (entry & (entry - 1)) !== 0) {
+    throw genericError(`L2 cache entry size must be a power of two between 512 and the cluster size (${clusterSize})`);
+  }
+  // A negative interval reaches QEMU as a huge unsigned number.
+  const interval = o['cache-clean-interval'];
+  if (interval !== undefined && (interval < 0 || interval > 0xffffffff)) throw genericError('Cache clean interval too big');
+  if (o['lazy-refcounts'] === true && version < 3) {
+    throw genericError('Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level');
+  }
 }
 
 export async function openImage(file: BlockNode, backing: BlockNode | undefined, opts: OpenOptions): Promise<Qcow2Image> {
   const h = await readHeader(file);
   const cs = 2 ** h.clusterBits;
+  if (opts.options) checkOptions(opts.options, cs, h.version);
   if (!opts.readOnly && (Number(h.incompatible & 0xffn) & INCOMPAT_CORRUPT)) {
     throw genericError('qcow2: Image is corrupt; cannot be opened read/write');
   }
