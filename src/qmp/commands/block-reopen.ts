@@ -8,6 +8,7 @@ import type { BlockNode } from '../../block/node.js';
 import { fileReopenCommit, fileReopenPrepare } from '../../block/file.js';
 import { IoThread } from '../../iothread/iothread.js';
 import { setNodeIothread } from '../../iothread/node-iothread.js';
+import { qdictKeyOrder } from '../json.js';
 
 /** Options every driver lets a reopen change (QEMU's bdrv_reopen_prepare consumes them). */
 const GENERIC_MUTABLE = new Set(['node-name', 'driver', 'read-only', 'auto-read-only', 'discard', 'detect-zeroes', 'cache']);
@@ -22,6 +23,53 @@ const DRIVER_MUTABLE: Record<string, readonly string[]> = {
     'cache-size', 'l2-cache-size', 'l2-cache-entry-size', 'refcount-cache-size', 'cache-clean-interval',
   ],
 };
+
+/** Options any node's reopen may leave out (QEMU's bdrv_reset_options_allowed common list). */
+const RESETTABLE_COMMON = new Set(['node-name', 'discard', 'cache.direct', 'cache.no-flush', 'read-only', 'auto-read-only', 'detect-zeroes']);
+
+/** Driver options a reopen may leave out, back to their default (QEMU's per-driver mutable_opts). */
+const DRIVER_RESETTABLE: Record<string, readonly string[]> = {
+  file: ['x-check-cache-dropped'],
+  host_device: ['x-check-cache-dropped'],
+  raw: ['offset', 'size'],
+  throttle: ['throttle-group'],
+  qcow2: DRIVER_MUTABLE.qcow2!,
+};
+
+/** Drivers QEMU 7.2 cannot reopen (no bdrv_reopen_prepare). */
+const NO_REOPEN = new Set(['copy-on-read']);
+
+/** Option keys as QEMU's flat QDict holds them, in its order: cache.* flattened, child objects left out. */
+function flatKeys(options: Record<string, any>): string[] {
+  const keys: string[] = [];
+  for (const [key, value] of Object.entries(options)) {
+    if (key === 'cache' && value && typeof value === 'object') keys.push(...Object.keys(value).map((k) => `cache.${k}`));
+    else if (value === null || typeof value !== 'object') keys.push(key);
+  }
+  return qdictKeyOrder(keys);
+}
+
+/**
+ * QEMU's bdrv_reopen_prepare before the driver's own: detect-zeroes=unmap needs discard=unmap (an
+ * omitted discard keeps the node's), an option left out must be one that may go back to its default,
+ * and the driver must support reopening at all.
+ */
+function checkResetAndSupport(node: BlockNode, options: Record<string, any>): void {
+  const discard = options.discard ?? node.options.discard ?? 'ignore';
+  if (options['detect-zeroes'] === 'unmap' && discard !== 'unmap') {
+    throw genericError('setting detect-zeroes to unmap is not allowed without setting discard operation to unmap');
+  }
+  if (NO_REOPEN.has(node.driver.name)) {
+    throw genericError(`Block format '${node.driver.name}' used by node '${node.nodeName}' does not support reopening files`);
+  }
+  const given = new Set(flatKeys(options));
+  const resettable = DRIVER_RESETTABLE[node.driver.name] ?? [];
+  for (const key of flatKeys(node.options)) {
+    if (given.has(key) || RESETTABLE_COMMON.has(key) || resettable.includes(key)) continue;
+    if (key === 'backing' || key === childOption(node) || node.children.has(key)) continue;
+    throw genericError(`Option '${key}' cannot be reset to its default value`);
+  }
+}
 
 /** Drivers whose 'file' child a reopen may replace (their state follows the new child). */
 const FILE_CHANGE_DRIVERS = new Set(['raw', 'qcow2']);
@@ -67,6 +115,8 @@ function checkImmutable(node: BlockNode, options: Record<string, any>): void {
   if (options.driver !== node.driver.name) throw genericError("Cannot change the option 'driver'");
   const mutable = DRIVER_MUTABLE[node.driver.name] ?? [];
   for (const [key, value] of Object.entries(options)) {
+    // QEMU keeps force-share as it parsed it at open: restating it never compares equal.
+    if (key === 'force-share') throw genericError("Cannot change the option 'force-share'");
     if (GENERIC_MUTABLE.has(key) || mutable.includes(key) || key === 'backing') continue;
     if (!node.driver.isProtocol && key === childOption(node)) continue;
     if (!(key in node.options) || !sameValue(node.options[key], value)) throw genericError(`Cannot change the option '${key}'`);
@@ -144,6 +194,7 @@ export async function blockdevReopen(daemon: Daemon, list: Array<Record<string, 
   // Prepare: every check before anything changes.
   for (const entry of [...queue.values()]) {
     const { node, options } = entry;
+    checkResetAndSupport(node, options!);
     checkImmutable(node, options!);
     if (!node.driver.isProtocol) {
       const key = childOption(node);
@@ -218,8 +269,11 @@ export async function blockdevReopen(daemon: Daemon, list: Array<Record<string, 
       if (entry.file) await graph.replaceFileChild(node, entry.file, fileUser(node, node.readOnly));
       if (entry.backing !== undefined) await graph.setBacking(node, entry.backing ?? undefined);
       if (options) {
+        // QEMU keeps the node's discard flag when a reopen leaves 'discard' out.
+        const discard = 'discard' in options ? undefined : node.options.discard;
         for (const key of Object.keys(node.options)) delete node.options[key];
         Object.assign(node.options, options);
+        if (discard !== undefined) node.options.discard = discard;
       }
       if (node.driver.name === 'raw') node.state = await node.driver.open(node, node.options);
       if (node.driver.name === 'qcow2') {
