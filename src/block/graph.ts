@@ -330,6 +330,12 @@ export class BlockGraph {
       if (options['detect-zeroes'] === 'unmap' && options.discard !== 'unmap') {
         throw genericError('setting detect-zeroes to unmap is not allowed without setting discard operation to unmap');
       }
+      // QEMU's qcow2 looks its data-file reference up before it checks that the image has one
+      // (we open no external data files: the driver refuses the option past this point).
+      const dataRef = options['data-file'];
+      if (typeof dataRef === 'string' && !this.entries.has(dataRef)) {
+        throw genericError(`Cannot find device='${dataRef}' nor node-name='${dataRef}'`);
+      }
       const node = new BlockNode({ nodeName, driver, readOnly, options, children });
       for (const { role, entry } of edges) {
         const user = this.parentUser(node, role, readOnly);

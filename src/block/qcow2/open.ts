@@ -47,6 +47,10 @@ function checkOptions(o: Record<string, any>, clusterSize: number, version: numb
 export async function openImage(file: BlockNode, backing: BlockNode | undefined, opts: OpenOptions): Promise<Qcow2Image> {
   const h = await readHeader(file);
   const cs = 2 ** h.clusterBits;
+  if (opts.options?.['data-file'] !== undefined) {
+    // An image with an external data file was refused by readHeader (not supported here).
+    throw genericError("'data-file' can only be set for images with an external data file");
+  }
   if (opts.options) checkOptions(opts.options, cs, h.version);
   if (!opts.readOnly && (Number(h.incompatible & 0xffn) & INCOMPAT_CORRUPT)) {
     throw genericError('qcow2: Image is corrupt; cannot be opened read/write');
