@@ -94,9 +94,9 @@ export function traceOption(text: string, prog: string, option: string): TraceOu
     if (warning) stderr += `${prog}: ${option}: warning: ${warning}\n`;
   }
   if (events !== undefined) {
-    let content: string;
+    let content: Buffer;
     try {
-      content = fs.readFileSync(events, 'latin1');
+      content = fs.readFileSync(events);
     } catch (err) {
       return { stderr: `${stderr}${prog}:${events}: ${strerror(err)}\n`, exit: { code: 1 } };
     }
@@ -105,15 +105,15 @@ export function traceOption(text: string, prog: string, option: string): TraceOu
     // or the last character of an unterminated last line) is cut.
     let lineNo = 0;
     for (let p = 0; p < content.length; ) {
-      const nl = content.indexOf('\n', p);
-      const end = Math.min(nl < 0 ? content.length : nl + 1, p + 1023);
-      let raw = content.slice(p, end);
-      p = end;
+      const piece = content.subarray(p, p + 1023);
+      const nl = piece.indexOf(10);
+      let raw = nl < 0 ? piece : piece.subarray(0, nl + 1);
+      p += raw.length;
       lineNo++;
-      const nul = raw.indexOf('\0');
-      if (nul >= 0) raw = raw.slice(0, nul);
+      const nul = raw.indexOf(0);
+      if (nul >= 0) raw = raw.subarray(0, nul);
       if (raw.length <= 1) continue;
-      const line = raw.slice(0, -1);
+      const line = raw.toString('latin1', 0, raw.length - 1);
       if (line.startsWith('#')) continue;
       const warning = enableEvents(line);
       if (warning) stderr += `${prog}:${events}:${lineNo}: warning: ${warning}\n`;
