@@ -1,5 +1,6 @@
 // null-co and null-aio: nodes without storage, for benchmarks and tests (QEMU's block/null.c).
 import type { BlockDriver, BlockStatus } from './driver.js';
+import { genericError } from '../qapi/errors.js';
 
 interface NullState {
   size: number;
@@ -16,6 +17,14 @@ function makeNullDriver(name: 'null-co' | 'null-aio'): BlockDriver<NullState> {
     name,
     isProtocol: true,
     async open(_node, options) {
+      // QEMU 7.2 aborts on a negative size (its size parser takes it as an unsigned string); we
+      // refuse it with the message that abort prints, and keep serving.
+      if (options.size !== undefined && options.size < 0) {
+        throw genericError("Parameter 'size' expects a non-negative number below 2^64");
+      }
+      // latency-ns is a uint64 that QEMU reads back as int64: -1 (accepted as 2^64-1) is invalid.
+      const latency = options['latency-ns'];
+      if (latency !== undefined && (latency < 0 || Number(latency) >= 2 ** 63)) throw genericError('latency-ns is invalid');
       // QEMU's defaults: 1 GiB, reads leave the buffer untouched unless read-zeroes.
       return {
         size: Number(options.size ?? 1 << 30),
