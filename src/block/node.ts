@@ -4,7 +4,7 @@ import { constants as osConstants } from 'node:os';
 import type { BlockDriver, BlockStatus, PreallocMode, WriteFlags, ZeroFlags } from './driver.js';
 import { attachTracking, type NodeTracking, type TrackingDescription } from './dirty-bitmap.js';
 
-const { EIO, EPERM, EINVAL, ENOTSUP } = osConstants.errno;
+const { EACCES, EIO, EPERM, EINVAL, ENOTSUP } = osConstants.errno;
 
 /** An I/O error with a positive errno, as FUSE and NBD need it. Never thrown for QMP misuse. */
 export class BlockIoError extends Error {
@@ -274,7 +274,8 @@ export class BlockNode {
   }
 
   async truncate(size: number, exact = true, prealloc: PreallocMode = 'off'): Promise<void> {
-    this.checkWritable();
+    // QEMU's bdrv_co_truncate words it so (block_resize shows it for a read-only file under raw).
+    if (this.readOnly) throw new BlockIoError(EACCES, 'Image is read-only');
     if (!Number.isSafeInteger(size) || size < 0) throw new BlockIoError(EINVAL, 'invalid size');
     if (!this.driver.truncate) throw new BlockIoError(ENOTSUP, 'Image format driver does not support resize');
     await this.driver.truncate(this.state, size, exact, prealloc);
