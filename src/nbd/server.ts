@@ -2,6 +2,7 @@
 import * as net from 'node:net';
 import { accessSync, fstatSync, unlinkSync } from 'node:fs';
 import { dirname } from 'node:path';
+import { lookup } from 'node:dns/promises';
 import { genericError } from '../qapi/errors.js';
 import { NbdConnection, type NbdConnectionHost } from './connection.js';
 import { lookupTlsCreds, type TlsCreds } from '../objects/tls-creds.js';
@@ -92,8 +93,24 @@ class NbdServer implements NbdConnectionHost {
     switch (addr.type) {
       case 'inet': {
         // getaddrinfo()'s service rules (numbers modulo 2^16, /etc/services names) and its wording.
+        // QEMU's inet_ai_family_from_address(): ipv4=off or ipv6=on alone means IPv6 only, ipv6=off or
+        // ipv4=on alone IPv4 only; a numeric host of the other family fails getaddrinfo() (EAI_ADDRFAMILY).
+        if (addr.ipv4 === false && addr.ipv6 === false) throw genericError('Cannot disable IPv4 and IPv6 at same time');
+        const family = addr.ipv4 === true && addr.ipv6 === true ? 0
+          : addr.ipv6 === true || addr.ipv4 === false ? 6 : addr.ipv4 === true || addr.ipv6 === false ? 4 : 0;
         const port = resolvePort(addr.host, addr.port);
-        const host = addr.host === '' ? (addr.ipv6 && !addr.ipv4 ? '::' : '0.0.0.0') : addr.host;
+        const literal = net.isIP(addr.host);
+        if (family !== 0 && literal !== 0 && literal !== family) {
+          throw genericError(`address resolution failed for ${addr.host}:${addr.port}: Address family for hostname not supported`);
+        }
+        let host = addr.host === '' ? (family === 6 ? '::' : '0.0.0.0') : addr.host;
+        if (family !== 0 && literal === 0 && host === addr.host) {
+          try {
+            host = (await lookup(addr.host, { family })).address;
+          } catch {
+            throw genericError(`address resolution failed for ${addr.host}:${addr.port}: Name or service not known`);
+          }
+        }
         try {
           await listenOn({ host, port, exclusive: true, ipv6Only: addr.ipv6 === true && addr.ipv4 === false });
         } catch (e) {
@@ -135,7 +152,7 @@ class NbdServer implements NbdConnectionHost {
         try {
           await listenOn({ fd: Number(addr.str) } as net.ListenOptions);
         } catch (e) {
-          throw genericError(`Failed to listen on fd ${addr.str}: ${errText(e)}`);
+          throw genericError(`Failed to listen on fd socket: ${errText(e)}`);
         }
         return;
       }
