@@ -4,7 +4,7 @@ import { createDecipheriv } from 'node:crypto';
 import type { Daemon } from '../daemon.js';
 import { genericError } from '../qapi/errors.js';
 import { strerror } from '../util/errno.js';
-import { userObjects, type UserObject } from './user-object.js';
+import { expectPropertyEnum, expectPropertyType, userObjects, type UserObject } from './user-object.js';
 
 export type SecretFormat = 'raw' | 'base64';
 
@@ -46,13 +46,12 @@ export class Secret implements UserObject {
   /** QEMU's setters store the string; the loaded value stays as it was. */
   setProperty(name: string, value: unknown): boolean {
     if (name === 'data' || name === 'file' || name === 'keyid' || name === 'iv') {
-      if (typeof value !== 'string') throw genericError(`Invalid parameter type for '${name}', expected: string`);
+      expectPropertyType(name, value, 'string');
       this.props[name] = value;
       return true;
     }
     if (name === 'format') {
-      if (typeof value !== 'string') throw genericError(`Invalid parameter type for '${name}', expected: string`);
-      if (value !== 'raw' && value !== 'base64') throw genericError(`Parameter '${name}' does not accept value '${value}'`);
+      expectPropertyEnum(name, value, ['raw', 'base64']);
       this.props.format = value;
       return true;
     }

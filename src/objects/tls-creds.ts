@@ -5,7 +5,7 @@ import type { Daemon } from '../daemon.js';
 import { genericError } from '../qapi/errors.js';
 import { strerror } from '../util/errno.js';
 import { secretString } from './secret.js';
-import { objectsDaemon, userObjects, type UserObject } from './user-object.js';
+import { expectPropertyEnum, expectPropertyType, objectsDaemon, userObjects, type UserObject } from './user-object.js';
 
 export type TlsCredsEndpoint = 'client' | 'server';
 export type TlsCredsType = 'tls-creds-x509' | 'tls-creds-psk';
@@ -67,18 +67,17 @@ export class TlsCreds implements UserObject {
       (name === 'username' && this.qomType === 'tls-creds-psk');
     const bool = name === 'verify-peer' || (name === 'sanity-check' && this.qomType === 'tls-creds-x509');
     if (str) {
-      if (typeof value !== 'string') throw genericError(`Invalid parameter type for '${name}', expected: string`);
+      expectPropertyType(name, value, 'string');
       (this.props as Record<string, unknown>)[name] = value;
       return true;
     }
     if (bool) {
-      if (typeof value !== 'boolean') throw genericError(`Invalid parameter type for '${name}', expected: boolean`);
+      expectPropertyType(name, value, 'boolean');
       (this.props as Record<string, unknown>)[name] = value;
       return true;
     }
     if (name === 'endpoint') {
-      if (typeof value !== 'string') throw genericError(`Invalid parameter type for '${name}', expected: string`);
-      if (value !== 'client' && value !== 'server') throw genericError(`Parameter '${name}' does not accept value '${value}'`);
+      expectPropertyEnum(name, value, ['client', 'server']);
       this.props.endpoint = value;
       return true;
     }
@@ -210,7 +209,7 @@ export class AuthzSimple implements UserObject {
 
   setProperty(name: string, value: unknown): boolean {
     if (name !== 'identity') return false;
-    if (typeof value !== 'string') throw genericError(`Invalid parameter type for '${name}', expected: string`);
+    expectPropertyType(name, value, 'string');
     this.identity = value;
     return true;
   }

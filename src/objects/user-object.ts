@@ -1,5 +1,7 @@
-// User-creatable objects other than iothreads (secret, throttle-group): a per-daemon table.
+// User-creatable objects other than iothreads (secret, throttle-group, tls-creds, authz): a per-daemon
+// table, and the type checks their qom-set setters share.
 import type { Daemon } from '../daemon.js';
+import { genericError } from '../qapi/errors.js';
 
 /** One object under /objects that is not an iothread. */
 export interface UserObject {
@@ -35,4 +37,17 @@ export function userObjects(daemon: Daemon): Map<string, UserObject> {
  */
 export function objectsDaemon(): Daemon | undefined {
   return lastDaemon?.deref();
+}
+
+/** A qom-set value of the wrong JSON type, refused with QEMU's visitor message. */
+export function expectPropertyType(name: string, value: unknown, type: 'string'): asserts value is string;
+export function expectPropertyType(name: string, value: unknown, type: 'boolean'): asserts value is boolean;
+export function expectPropertyType(name: string, value: unknown, type: 'string' | 'boolean'): void {
+  if (typeof value !== type) throw genericError(`Invalid parameter type for '${name}', expected: ${type}`);
+}
+
+/** A qom-set value of an enum property: a string, and one of `allowed` (QEMU's visitor messages). */
+export function expectPropertyEnum<T extends string>(name: string, value: unknown, allowed: readonly T[]): asserts value is T {
+  expectPropertyType(name, value, 'string');
+  if (!(allowed as readonly string[]).includes(value)) throw genericError(`Parameter '${name}' does not accept value '${value}'`);
 }
